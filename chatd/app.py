@@ -1,0 +1,272 @@
+"""The composition root of the sans-I/O core: accounts in memory, rooms, sessions, and the
+rules that span them (binding, expiry, cleanup). The server supplies a Scheduler for
+timers and background tasks; tests supply a fake one."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
+
+from chatd.auth import Claims, PasswordHasher, TokenService, parse_jti
+from chatd.clock import Clock
+from chatd.config import Config
+from chatd.errors import Forbidden, Unauthorized
+from chatd.protocol.frames import event_frame
+from chatd.ratelimit import TokenBucket
+from chatd.rooms import LiveRoom, RoomManager
+from chatd.session import Cancellable, Peer, Session
+from chatd.store.base import GuestHold, MessageRecord, Snapshot, Store, UserRecord
+
+log = logging.getLogger("chatd")
+VERSION = "0.1.0"
+GUEST_ID = 0  # the user id in a guest token's jti
+
+
+class Scheduler(Protocol):
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock,
+        store: Store,
+        tokens: TokenService,
+        hasher: PasswordHasher,
+        scheduler: Scheduler,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.tokens = tokens
+        self.hasher = hasher
+        self.scheduler = scheduler
+        self.rooms = RoomManager()
+        self.users: dict[str, UserRecord] = {}
+        self.guests: dict[str, GuestHold] = {}
+        self.revoked: dict[str, int] = {}
+        self.users_version = 0
+        self.sessions: dict[Session, None] = {}
+        self.online: dict[str, dict[Session, None]] = {}
+        self.send_buckets: dict[str, TokenBucket] = {}
+        self.account_failures: dict[str, list[float]] = {}
+        # (user key, nonce) -> message: retried sends answered without a store read.
+        self.nonces: collections.OrderedDict[tuple[str, str], MessageRecord] = (
+            collections.OrderedDict()
+        )
+        self.epoch = ""
+        self.help_data: dict[str, Any] = {}
+
+    # --- start -----------------------------------------------------------------------
+
+    def load(self, snap: Snapshot) -> None:
+        self.epoch = snap.epoch
+        self.users = {u.name.lower(): u for u in snap.users}
+        now = self.clock.now()
+        self.guests = {g.name.lower(): g for g in snap.guests if g.expires_at > now}
+        self.revoked = {j: e for j, e in snap.revoked.items() if e > now}
+        self.users_version = snap.users_version
+        self.rooms.load(snap.rooms)
+
+    def hello_frame(self) -> bytes:
+        c = self.config
+        return event_frame(
+            "hello",
+            {
+                "server": "chatd",
+                "version": VERSION,
+                "protocol": 1,
+                "max_frame": c.max_frame,
+                "max_text": c.max_text,
+                "history_limit": c.history_limit,
+                "epoch": self.epoch,
+                "rev": self.store.rev,
+            },
+        )
+
+    # --- sessions --------------------------------------------------------------------
+
+    def open_session(self, peer: Peer, ip: str) -> Session:
+        now = self.clock.now()
+        c = self.config
+        bucket = TokenBucket(c.command_rate, c.command_burst, now) if c.command_rate > 0 else None
+        s = Session(peer, ip, now, bucket)
+        self.sessions[s] = None
+        return s
+
+    def close_session(self, s: Session) -> None:
+        """The connection is gone: leave every room (others see `disconnected`)."""
+        if s.closed:
+            return
+        s.closed = True
+        self.sessions.pop(s, None)
+        self._unbind(s, "disconnected")
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def check_claims(self, claims: Claims) -> UserRecord | GuestHold:
+        """Revocation and the account behind a verified token. Raises Unauthorized."""
+        if claims.jti in self.revoked:
+            raise Unauthorized("the token was revoked")
+        parsed = parse_jti(claims.jti)
+        key = claims.sub.lower()
+        if parsed is not None:
+            uid, version = parsed
+            if uid == GUEST_ID:
+                hold = self.guests.get(key)
+                if hold is not None and hold.jti == str(version) and hold.expires_at > self.clock.now():
+                    return hold
+            else:
+                user = self.users.get(key)
+                if user is not None and user.id == uid and user.token_version == version:
+                    return user
+        raise Unauthorized("the token's account no longer exists or the token was revoked")
+
+    def authenticate(self, s: Session, token: str | None) -> Claims:
+        """The token of a command: the frame's, else the bound one (contract). Binds the
+        connection to the first valid token. Raises Unauthorized, TokenExpired, Forbidden."""
+        if token is None:
+            if s.token is None:
+                raise Unauthorized("this command needs a token: login, auth, or add a token field")
+            token = s.token
+        claims = self.tokens.verify(token)
+        self.check_claims(claims)
+        if s.user_key is None:
+            self.bind(s, token, claims)
+        elif claims.sub.lower() != s.user_key:
+            raise Forbidden(f"this connection is logged in as {s.user}; log out first")
+        return claims
+
+    def bind(self, s: Session, token: str, claims: Claims) -> None:
+        key = claims.sub.lower()
+        if s.user_key is not None and s.user_key != key:
+            raise Forbidden(f"this connection is logged in as {s.user}; log out first")
+        s.cancel_timers()
+        s.user = self.display_name(claims.sub)
+        s.user_key = key
+        s.token = token
+        s.claims = claims
+        self.online.setdefault(key, {})[s] = None
+        now = self.clock.now()
+        notice = claims.exp - self.config.session_expiring_notice - now
+        exp = claims.exp
+
+        def expiring() -> None:
+            if s.claims is claims:
+                s.send(event_frame("session.expiring", {"expires_at": exp}))
+
+        def expired() -> None:
+            if s.claims is claims:
+                self.expire(s)
+
+        s.timers.append(self.scheduler.call_later(max(0.0, notice), expiring))
+        s.timers.append(self.scheduler.call_later(max(0.0, exp - now), expired))
+
+    def display_name(self, name: str) -> str:
+        key = name.lower()
+        user = self.users.get(key)
+        if user is not None:
+            return user.name
+        hold = self.guests.get(key)
+        return hold.name if hold is not None else name
+
+    def expire(self, s: Session, reason: str | None = None) -> None:
+        """The bound token expired or was revoked elsewhere: tell the client, leave rooms,
+        unbind; the connection stays open (contract)."""
+        s.send(event_frame("session.expired", {"reason": reason} if reason else {}))
+        self._unbind(s, reason or "expired")
+
+    def unbind(self, s: Session, reason: str) -> None:
+        self._unbind(s, reason)
+
+    def _unbind(self, s: Session, reason: str) -> None:
+        s.cancel_timers()
+        self.leave_all(s, reason)
+        key = s.user_key
+        if key is not None:
+            sessions = self.online.get(key)
+            if sessions is not None:
+                sessions.pop(s, None)
+                if not sessions:
+                    del self.online[key]
+        s.user = s.user_key = s.token = None
+        s.claims = None
+        s.unbound_since = self.clock.now()
+
+    # --- rooms -----------------------------------------------------------------------
+
+    def leave_all(self, s: Session, reason: str) -> None:
+        for room in list(s.rooms):
+            self.leave(room, s, reason)
+
+    def leave(self, room: LiveRoom, s: Session, reason: str) -> None:
+        user = s.user
+        if self.rooms.leave(room, s) and user is not None:
+            fanout(room.sessions, event_frame("member.left", {"room": room.name, "user": user, "reason": reason}))
+        if room.ephemeral and not room.sessions and not room.deleted:
+            self.rooms.remove(room)
+            self.scheduler.spawn(self._drop_room(room))
+
+    async def _drop_room(self, room: LiveRoom) -> None:
+        try:
+            await self.store.delete_room(room.id)
+        except Exception:  # logged: the room is gone from memory and is dropped at start
+            log.exception("could not delete ephemeral room %s", room.name)
+
+    def sessions_of(self, user_key: str) -> Iterable[Session]:
+        return list(self.online.get(user_key, ()))
+
+    def is_member(self, room: LiveRoom, user_key: str) -> bool:
+        return room.has_user(user_key)
+
+    def known_user(self, name: str) -> bool:
+        """Registered, or an online guest (one that holds its name)."""
+        key = name.lower()
+        if key in self.users:
+            return True
+        hold = self.guests.get(key)
+        return hold is not None and hold.expires_at > self.clock.now()
+
+    def remember_nonce(self, user_key: str, nonce: str, msg: MessageRecord) -> None:
+        self.nonces[(user_key, nonce)] = msg
+        if len(self.nonces) > self.config.nonce_cache:
+            self.nonces.popitem(last=False)
+
+    # --- accounts changed elsewhere --------------------------------------------------
+
+    def drop_user(self, key: str, reason: str = "deleted") -> None:
+        """The account is gone: its connections leave their rooms and are closed."""
+        self.users.pop(key, None)
+        for s in self.sessions_of(key):
+            self._unbind(s, reason)
+            # Closed on the next turn of the loop, so a reply already due still goes out.
+            self.scheduler.call_later(0, s.peer.close)
+
+    def apply_users(self, version: int, users: list[UserRecord]) -> None:
+        """Adopt the accounts as the database has them now (after `chatd user …`)."""
+        self.users_version = version
+        fresh = {u.name.lower(): u for u in users}
+        for key, old in list(self.users.items()):
+            new = fresh.get(key)
+            if new is None or new.id != old.id:
+                self.drop_user(key)
+            elif new.token_version != old.token_version:
+                self.users[key] = new
+                for s in self.sessions_of(key):
+                    if s.claims is not None:
+                        try:
+                            self.check_claims(s.claims)
+                        except Unauthorized:
+                            self.expire(s, "logout")
+        for key, u in fresh.items():
+            self.users[key] = u
+
+
+def fanout(sessions: Iterable[Session], frame: bytes) -> None:
+    """Encode once, append the same bytes to every recipient; never waits (STYLE 6)."""
+    for s in sessions:
+        s.send(frame)

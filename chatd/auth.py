@@ -1,0 +1,199 @@
+"""Tokens (PyJWT, algorithm pinned) and password hashing (argon2id, off the event loop).
+
+Wire contract, "Identity and tokens". PyJWT checks the signature and that every claim is
+present; a strict msgspec Struct then checks the claims' types (PyJWT accepts `exp` as a
+numeric string and `scope` as a list), and expiry is judged against the injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import os
+import secrets
+from collections import OrderedDict
+
+import jwt
+import msgspec
+from argon2 import PasswordHasher as _Argon2
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from chatd.clock import Clock
+from chatd.config import ALL_GRANTS
+from chatd.errors import BadRequest, RateLimited, TokenExpired, Unauthorized
+
+ISSUER = "chatd"
+ALGORITHM = "HS256"
+MIN_SECRET_BYTES = 32
+
+
+class Claims(msgspec.Struct, frozen=True):
+    sub: str
+    iat: int
+    exp: int
+    jti: str
+    iss: str
+    scope: str
+
+    @property
+    def grants(self) -> tuple[str, ...]:
+        return tuple(self.scope.split())
+
+
+def check_secret(secret: str) -> bytes:
+    key = secret.encode("utf-8")
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the secret must be at least {MIN_SECRET_BYTES} bytes (got {len(key)}); "
+            "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+    return key
+
+
+def normalize_grants(grants: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Grants in the contract's order, without repeats. Raises BadRequest on an unknown one."""
+    unknown = [g for g in grants if g not in ALL_GRANTS]
+    if unknown:
+        raise BadRequest(f"unknown grant {unknown[0]!r}; grants are: {' '.join(ALL_GRANTS)}")
+    wanted = set(grants)
+    return tuple(g for g in ALL_GRANTS if g in wanted)
+
+
+class TokenService:
+    """Mints and verifies chatd tokens. Verified signatures are cached; claims are not trusted
+    beyond that: expiry, revocation and the account are checked by the caller every time."""
+
+    def __init__(self, secret: str, clock: Clock, *, max_bytes: int = 4096, iat_leeway: int = 30):
+        self._key = check_secret(secret)
+        self._clock = clock
+        self._max_bytes = max_bytes
+        self._iat_leeway = iat_leeway
+        self._cache: OrderedDict[str, Claims] = OrderedDict()
+        self._cache_size = 4096
+
+    def mint(self, sub: str, jti: str, grants: tuple[str, ...], ttl: int) -> tuple[str, Claims]:
+        now = self._clock.now()
+        iat = int(now)
+        # exp rounded up so the token lives at least its ttl (contract).
+        exp = math.ceil(now + ttl)
+        claims = Claims(sub=sub, iat=iat, exp=exp, jti=jti, iss=ISSUER, scope=" ".join(grants))
+        token = jwt.encode(msgspec.structs.asdict(claims), self._key, algorithm=ALGORITHM)
+        return token, claims
+
+    def verify(self, token: str) -> Claims:
+        """Signature, claims, `iat` and `exp`. Raises Unauthorized or TokenExpired."""
+        claims = self._cache.get(token)
+        if claims is None:
+            claims = self._decode(token)
+            self._cache[token] = claims
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        now = self._clock.now()
+        if claims.exp <= now:
+            raise TokenExpired("the token has expired; log in again or refresh before expiry")
+        if claims.iat > now + self._iat_leeway:
+            raise Unauthorized("the token is not valid yet (iat is in the future)")
+        return claims
+
+    def _decode(self, token: str) -> Claims:
+        if len(token) > self._max_bytes:
+            raise Unauthorized("the token is too long")
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                options={
+                    "require": ["sub", "iat", "exp", "jti", "iss", "scope"],
+                    # exp and iat are judged by our clock below, after the type check.
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+            claims = msgspec.convert(payload, Claims, strict=True)
+        except (jwt.PyJWTError, msgspec.ValidationError, ValueError, TypeError):
+            raise Unauthorized("the token is invalid") from None
+        if claims.iss != ISSUER or any(g not in ALL_GRANTS for g in claims.grants):
+            raise Unauthorized("the token is invalid")
+        return claims
+
+
+def new_jti(user_id: int, token_version: int) -> str:
+    """A token id that names the account and its token generation.
+
+    A deleted account's tokens then fail even if the name is registered again (new id), and
+    `logout all` revokes every token at once by bumping the generation.
+    """
+    return f"{user_id}.{token_version}.{secrets.token_urlsafe(12)}"
+
+
+def parse_jti(jti: str) -> tuple[int, int] | None:
+    parts = jti.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+
+
+class PasswordHasher:
+    """argon2id off the event loop, at most one hash per core at once, a bounded queue.
+
+    Raises RateLimited when more than ``queue`` hashes are waiting, so a login storm
+    neither stalls other clients nor grows memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory_kib: int = 19 * 1024,
+        time_cost: int = 2,
+        parallelism: int = 1,
+        queue: int = 256,
+        workers: int | None = None,
+    ) -> None:
+        self._argon = _Argon2(
+            time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism
+        )
+        self._workers = workers or os.cpu_count() or 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._workers, thread_name_prefix="chatd-hash"
+        )
+        self._queue = queue
+        self._waiting = 0
+        self._dummy = self._argon.hash("chatd-dummy-password")
+
+    async def _run(self, fn: object, *args: str) -> object:
+        if self._waiting >= self._queue:
+            raise RateLimited("too many logins at once; try again shortly", 1.0)
+        self._waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+        finally:
+            self._waiting -= 1
+
+    async def hash(self, password: str) -> str:
+        return str(await self._run(self._argon.hash, password))
+
+    async def verify(self, pw_hash: str | None, password: str) -> bool:
+        """True when the password matches. With no hash (unknown user) a dummy is checked, so
+        both failures take about the same time."""
+        return bool(await self._run(self._check, pw_hash or self._dummy, password, pw_hash or ""))
+
+    def _check(self, pw_hash: str, password: str, real: str) -> bool:
+        try:
+            self._argon.verify(pw_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        return bool(real)
+
+    def hash_sync(self, password: str) -> str:
+        return self._argon.hash(password)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,290 @@
+"""The command line (wire contract, "Running"): serve, user add|list|delete, token, backup."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import secrets
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+
+from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
+from chatd.clock import SystemClock
+from chatd.config import ALL_GRANTS, Config
+from chatd.store.sqlite import SQLiteStore, StoreOpenError, bump_users_version, migrate
+
+log = logging.getLogger("chatd")
+_DEFAULTS = Config()
+
+
+class CliError(Exception):
+    """A clear message for the operator, exit status 2."""
+
+
+def secret_path(db: str) -> str:
+    return db + ".secret"
+
+
+def resolve_secret(flag: str | None, db: str, *, create: bool = True) -> str:
+    """--secret, else CHATD_SECRET (empty counts as unset), else the file beside the
+    database (made once, mode 0600); with :memory: a fresh one per process."""
+    secret = flag or os.environ.get("CHATD_SECRET") or None
+    if secret is None and db == ":memory:":
+        secret = secrets.token_urlsafe(48)
+    if secret is None:
+        path = secret_path(db)
+        try:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except FileNotFoundError:
+            if not create:
+                raise CliError(f"no secret: pass --secret, set CHATD_SECRET or create {path}") from None
+            secret = secrets.token_urlsafe(48)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secret + "\n")
+    try:
+        check_secret(secret)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return secret
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=_DEFAULTS.db, help="database file, or :memory:")
+    p.add_argument("--secret", default=None, help="token signing secret (>= 32 bytes)")
+
+
+def _grants(value: str) -> tuple[str, ...]:
+    names = [g for g in value.replace(",", " ").split() if g]
+    try:
+        return normalize_grants(names)
+    except Exception as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatd", description="chat server over TCP, JSON lines")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the server (the default)")
+    _add_common(serve)
+    d = _DEFAULTS
+    serve.add_argument("--host", default=d.host)
+    serve.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+    serve.add_argument("--token-ttl", type=int, default=d.token_ttl, help="max token life, s")
+    serve.add_argument("--max-frame", type=int, default=d.max_frame, help="bytes per line")
+    serve.add_argument("--rate-limit", type=float, default=d.rate_limit,
+                       help="msg.send/msg.edit per user per second, burst 3x; 0 = off")
+    serve.add_argument("--no-guests", action="store_true", help="refuse guest logins")
+    serve.add_argument("--login-grants", type=_grants, default=d.login_grants,
+                       help="grants a login gets by default (comma separated)")
+    serve.add_argument("--outbox-soft", type=int, default=d.outbox_soft)
+    serve.add_argument("--outbox-hard", type=int, default=d.outbox_hard)
+    serve.add_argument("--write-deadline", type=float, default=d.write_deadline)
+    serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
+    serve.add_argument("--max-connections", type=int, default=d.max_connections)
+    serve.add_argument("--per-ip-connections", type=int, default=d.per_ip_connections)
+    serve.add_argument("--command-rate", type=float, default=d.command_rate,
+                       help="other commands per connection per second (burst 2x); 0 = off")
+    serve.add_argument("--log-level", default="INFO")
+
+    user = sub.add_parser("user", help="manage accounts")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    add = usub.add_parser("add", help="create an account")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _add_common(add)
+    lst = usub.add_parser("list", help="one name a line")
+    _add_common(lst)
+    rm = usub.add_parser("delete", help="delete an account (closes its connections)")
+    rm.add_argument("name")
+    _add_common(rm)
+
+    tok = sub.add_parser("token", help="print a token for a bot")
+    tok.add_argument("name")
+    tok.add_argument("--grants", type=_grants, default=None)
+    tok.add_argument("--ttl", type=int, default=None)
+    _add_common(tok)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")  # `chatd` alone is `chatd serve` (contract)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "user":
+            return user_command(args)
+        if args.command == "token":
+            return token_command(args)
+    except CliError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return Config(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        token_ttl=args.token_ttl,
+        max_frame=args.max_frame,
+        rate_limit=args.rate_limit,
+        guests=not args.no_guests,
+        login_grants=tuple(args.login_grants),
+        outbox_soft=args.outbox_soft,
+        outbox_low=min(_DEFAULTS.outbox_low, args.outbox_soft // 4),
+        outbox_hard=args.outbox_hard,
+        write_deadline=args.write_deadline,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        per_ip_connections=args.per_ip_connections,
+        command_rate=args.command_rate,
+        command_burst=int(args.command_rate * 2),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from(args)
+    secret = resolve_secret(args.secret, config.db)
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run  # type: ignore[assignment]
+    try:
+        return runner(_serve(config, secret))
+    except StoreOpenError as exc:
+        raise CliError(f"cannot open {config.db}: {exc}") from None
+
+
+async def _serve(config: Config, secret: str) -> int:
+    from chatd.server import ChatServer
+
+    store = SQLiteStore(config.db)
+    server = ChatServer(config, store, secret)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0
+
+
+# --- offline commands (work while a server runs on the same database) ----------------
+
+
+def _open_db(path: str) -> sqlite3.Connection:
+    if path == ":memory:":
+        raise CliError("--db :memory: keeps nothing; name a database file")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=5000")
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        migrate(db)
+    except (StoreOpenError, sqlite3.DatabaseError) as exc:
+        raise CliError(f"cannot open {path}: {exc}") from None
+    return db
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise CliError("the passwords differ")
+    return first
+
+
+def user_command(args: argparse.Namespace) -> int:
+    db = _open_db(args.db)
+    if args.user_command == "list":
+        for (name,) in db.execute("SELECT name FROM users ORDER BY name_key"):
+            print(name)
+        return 0
+    if args.user_command == "add":
+        password = _read_password(args.password_stdin)
+        n = len(password.encode())
+        if n < _DEFAULTS.password_min or n > _DEFAULTS.password_max:
+            raise CliError(
+                f"password must be {_DEFAULTS.password_min} to {_DEFAULTS.password_max} bytes"
+            )
+        from chatd.protocol.commands import Register
+        import msgspec
+
+        try:
+            msgspec.convert({"cmd": "register", "user": args.name, "password": "x"}, Register)
+        except msgspec.ValidationError:
+            raise CliError(
+                "invalid name: 1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
+            ) from None
+        hasher = PasswordHasher(workers=1)
+        pw_hash = hasher.hash_sync(password)
+        hasher.close()
+        db.execute("BEGIN IMMEDIATE")
+        cur = db.execute(
+            "INSERT INTO users (name, name_key, pw_hash, admin, created_at) "
+            "VALUES (?, ?, ?, ?, strftime('%s','now')) ON CONFLICT(name_key) DO NOTHING",
+            (args.name, args.name.lower(), pw_hash, int(args.admin)),
+        )
+        if cur.rowcount == 0:
+            db.execute("ROLLBACK")
+            raise CliError(f"user {args.name!r} already exists")
+        bump_users_version(db)
+        db.execute("COMMIT")
+        print(args.name)
+        return 0
+    if args.user_command == "delete":
+        db.execute("BEGIN IMMEDIATE")
+        cur = db.execute("DELETE FROM users WHERE name_key = ?", (args.name.lower(),))
+        if cur.rowcount == 0:
+            db.execute("ROLLBACK")
+            raise CliError(f"no user {args.name!r}")
+        bump_users_version(db)
+        db.execute("COMMIT")
+        return 0
+    return 2
+
+
+def token_command(args: argparse.Namespace) -> int:
+    db = _open_db(args.db)
+    row = db.execute(
+        "SELECT id, name, admin, token_version FROM users WHERE name_key = ?", (args.name.lower(),)
+    ).fetchone()
+    if row is None:
+        raise CliError(f"no user {args.name!r}; add it first with: chatd user add {args.name}")
+    uid, name, admin, version = row
+    secret = resolve_secret(args.secret, args.db)
+    base = _DEFAULTS.login_grants + (("admin",) if admin else ())
+    grants = tuple(g for g in ALL_GRANTS if g in base and (args.grants is None or g in args.grants))
+    ttl = args.ttl if args.ttl is not None else _DEFAULTS.token_ttl
+    if ttl <= 0:
+        raise CliError("--ttl must be a positive number of seconds")
+    ttl = min(ttl, _DEFAULTS.max_token_ttl)
+    tokens = TokenService(secret, SystemClock())
+    token, _ = tokens.mint(name, new_jti(uid, version), grants, ttl)
+    print(token)
+    return 0

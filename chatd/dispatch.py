@@ -1,0 +1,249 @@
+"""The command table and the one place where frames become replies.
+
+Each command declares its handler, whether it needs a token, the grant it needs and a
+one-line usage; `help` is generated from the table. Auth and grant checks and the mapping
+of errors to frames happen here and nowhere else (STYLE 3). Order of checks (contract,
+"Client frames"): JSON, command and fields, then token and grants.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any, Union
+
+from chatd.app import App
+from chatd.config import Config
+from chatd.errors import ChatError, Forbidden, Internal
+from chatd.protocol.commands import Command, command_name
+from chatd.protocol.decode import FrameError, decode_command
+from chatd.protocol.frames import RequestId, error_frame, ok_frame
+from chatd.session import Session
+
+log = logging.getLogger("chatd")
+
+Events = list[tuple[Any, bytes]]
+Handler = Callable[[App, "Request", Any], Awaitable[Any]]
+
+
+class Request:
+    """One command in flight: who sent it, with which token, and the events it causes
+    (sent after its reply, so the caller sees the reply first — contract)."""
+
+    __slots__ = ("app", "session", "claims", "events")
+
+    def __init__(self, app: App, session: Session) -> None:
+        self.app = app
+        self.session = session
+        self.claims: Any = None
+        self.events: Events = []
+
+    @property
+    def user(self) -> str:
+        assert self.session.user is not None
+        return self.session.user
+
+    @property
+    def user_key(self) -> str:
+        assert self.session.user_key is not None
+        return self.session.user_key
+
+    def has(self, grant: str) -> bool:
+        return self.claims is not None and grant in self.claims.grants
+
+    def emit(self, sessions: Any, frame: bytes) -> None:
+        self.events.append((sessions, frame))
+
+
+@dataclass(frozen=True)
+class Spec:
+    command: type[Command]
+    handler: Handler
+    usage: str
+    auth: bool = True
+    grant: str | None = None
+    # May start while earlier commands of the same connection still wait for the store:
+    # message writes pipeline into one group commit, their replies still in order.
+    overlap: bool = False
+    # Counted against the per-connection command rate (backpressure, limits.md).
+    metered: bool = True
+    # Field rules msgspec cannot express; run before the token is looked at (contract).
+    check: Callable[[Any, Config], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return command_name(self.command)
+
+
+class Outcome:
+    __slots__ = ("reply", "events")
+
+    def __init__(self, reply: bytes, events: Events | None = None) -> None:
+        self.reply = reply
+        self.events = events
+
+
+class Throttle:
+    """Not executed: the connection's command bucket is empty; retry after ``delay``."""
+
+    __slots__ = ("delay",)
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+
+Result = Union[Outcome, Throttle, "Pending"]
+
+
+class Pending:
+    """A command that waits for the store or a hash; ``run()`` finishes it."""
+
+    __slots__ = ("coro", "overlap")
+
+    def __init__(self, coro: Coroutine[Any, Any, Outcome], overlap: bool) -> None:
+        self.coro = coro
+        self.overlap = overlap
+
+
+class Dispatcher:
+    def __init__(self, app: App, table: list[Spec]) -> None:
+        self.app = app
+        self.specs = {spec.command: spec for spec in table}
+        self.by_name = {spec.name: spec for spec in table}
+        app.help_data = self.help()
+
+    def help(self) -> dict[str, Any]:
+        return {
+            "commands": [
+                {"cmd": s.name, "usage": s.usage, "auth": s.auth, "grant": s.grant}
+                for s in self.specs.values()
+            ]
+        }
+
+    def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
+        """Decode a frame and find its command, or the error frame to answer with."""
+        try:
+            cmd = decode_command(line)
+        except FrameError as exc:
+            return Outcome(error_frame(exc.request_id, exc.error))
+        return cmd, self.specs[type(cmd)]
+
+    def handle(self, session: Session, line: bytes) -> Result:
+        prepared = self.prepare(line)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return self.execute(session, *prepared)
+
+    def execute(self, session: Session, cmd: Command, spec: Spec) -> Result:
+        """Run one command. Most finish here, synchronously; those that wait for the store
+        or a hash come back as Pending, to be awaited in order by the connection."""
+        if spec.metered and session.commands is not None:
+            delay = session.commands.take(self.app.clock.now())
+            if delay:
+                return Throttle(delay)
+        req = Request(self.app, session)
+        rid = cmd.id
+        try:
+            if spec.check is not None:
+                spec.check(cmd, self.app.config)
+            if spec.auth:
+                req.claims = self.app.authenticate(session, cmd.token)
+                if spec.grant is not None and spec.grant not in req.claims.grants:
+                    raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
+            coro = spec.handler(self.app, req, cmd)
+            assert isinstance(coro, types.CoroutineType)
+            try:
+                first = coro.send(None)
+            except StopIteration as stop:
+                return Outcome(ok_frame(rid, stop.value), req.events)
+        except ChatError as exc:
+            return Outcome(error_frame(rid, exc))
+        except Exception:
+            log.exception("internal error in %s", spec.name)
+            return Outcome(error_frame(rid, Internal("internal error")))
+        return Pending(self._finish(coro, first, rid, req, spec.name), spec.overlap)
+
+    async def _finish(
+        self, coro: Coroutine[Any, Any, Any], first: Any, rid: RequestId, req: Request, name: str
+    ) -> Outcome:
+        try:
+            value = await _resume(coro, first)
+        except ChatError as exc:
+            return Outcome(error_frame(rid, exc))
+        except Exception:
+            log.exception("internal error in %s", name)
+            return Outcome(error_frame(rid, Internal("internal error")))
+        return Outcome(ok_frame(rid, value), req.events)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on driving a coroutine that was started by hand and stopped at its first await.
+
+    Starting handlers with ``send(None)`` lets the common case (no await) finish without a
+    Task; only commands that really wait pay for one.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # cancellation and friends go into the handler
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+def command_table() -> list[Spec]:
+    """Every command: the single source for dispatch, auth needs, grants and `help`."""
+    from chatd.handlers import accounts, messages, rooms, system
+    from chatd.protocol import commands as c
+
+    return [
+        Spec(c.Ping, system.ping, "ping — answers {pong:true}", auth=False, metered=False),
+        Spec(c.Help, system.help_, "help — this list", auth=False),
+        Spec(c.Register, accounts.register, "register user password — create an account",
+             auth=False, check=accounts.check_register),
+        Spec(c.Login, accounts.login,
+             "login user [password] [grants] [ttl] — get a token (no password: guest)",
+             auth=False, check=accounts.check_login),
+        Spec(c.Auth, accounts.auth, "auth token — bind this connection to a token",
+             auth=False, check=accounts.check_auth),
+        Spec(c.Refresh, accounts.refresh, "refresh — a new token with a fresh lifetime"),
+        Spec(c.Logout, accounts.logout, "logout [all] — revoke this token (all: every token)"),
+        Spec(c.WhoAmI, accounts.whoami, "whoami — user, grants and expiry of the token"),
+        Spec(c.UserDelete, accounts.user_delete, "user.delete user — delete an account",
+             grant="admin"),
+        Spec(c.RoomCreate, rooms.create,
+             "room.create room [topic] [ephemeral] [open] — create and join a room",
+             grant="room:create"),
+        Spec(c.RoomEdit, rooms.edit, "room.edit room [topic] [name] — change topic or rename",
+             grant="room:edit", check=rooms.check_edit),
+        Spec(c.RoomDelete, rooms.delete, "room.delete room — delete a room and its history",
+             grant="room:delete"),
+        Spec(c.RoomList, rooms.list_, "room.list — every room"),
+        Spec(c.RoomJoin, rooms.join, "room.join room — join a room"),
+        Spec(c.RoomLeave, rooms.leave, "room.leave room — leave a room"),
+        Spec(c.RoomMembers, rooms.members, "room.members room — who is in a room"),
+        Spec(c.RoomHistory, messages.room_history,
+             "room.history room [before] [after] [limit] — a page of messages, oldest first",
+             check=messages.check_limit),
+        Spec(c.MsgSend, messages.send, "msg.send room|to text [nonce] — post a message",
+             overlap=True, metered=False, check=messages.check_send),
+        Spec(c.MsgEdit, messages.edit, "msg.edit message_id text — edit a message",
+             overlap=True, metered=False, check=messages.check_edit),
+        Spec(c.MsgDelete, messages.delete, "msg.delete message_id — delete a message",
+             overlap=True),
+        Spec(c.DmHistory, messages.dm_history,
+             "dm.history [with] [before] [after] [limit] — direct messages, oldest first",
+             check=messages.check_limit),
+        Spec(c.Sync, messages.sync, "sync since [limit] — every change after a revision",
+             check=messages.check_limit),
+        Spec(c.Channels, rooms.channels, "channels — rooms and known users"),
+    ]

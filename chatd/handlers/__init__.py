@@ -1,0 +1,1 @@
+"""Command handlers: plain async functions by area, each ``(app, req, cmd) -> reply data``."""

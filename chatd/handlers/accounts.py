@@ -1,0 +1,230 @@
+"""register, login, auth, refresh, logout, whoami, user.delete (wire contract,
+"Identity and tokens")."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from chatd.app import GUEST_ID
+from chatd.auth import Claims, new_jti, normalize_grants
+from chatd.config import Config
+from chatd.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
+from chatd.protocol import commands as c
+from chatd.store.base import GuestHold
+
+if TYPE_CHECKING:
+    from chatd.app import App
+    from chatd.dispatch import Request
+    from chatd.session import Session
+
+_FAILURE_WINDOW = 60.0
+
+
+def check_password(password: str, config: Config) -> None:
+    n = len(password.encode("utf-8"))
+    if n < config.password_min or n > config.password_max:
+        raise BadRequest(
+            f"password must be {config.password_min} to {config.password_max} bytes long"
+        )
+
+
+def check_register(cmd: c.Register, config: Config) -> None:
+    check_password(cmd.password, config)
+
+
+def check_login(cmd: c.Login, config: Config) -> None:
+    if cmd.ttl is not None and cmd.ttl <= 0:
+        raise BadRequest("ttl must be a positive number of seconds")
+    if cmd.grants is not None:
+        normalize_grants(cmd.grants)
+    if cmd.password is not None:
+        check_password(cmd.password, config)
+
+
+def check_auth(cmd: c.Auth, config: Config) -> None:
+    if cmd.token is None:
+        raise BadRequest("Object missing required field `token`")
+
+
+async def register(app: App, req: Request, cmd: c.Register) -> Any:
+    key = cmd.user.lower()
+    if key in app.users or _guest_holds(app, key):
+        raise Conflict(f"the name {cmd.user!r} is taken")
+    pw_hash = await app.hasher.hash(cmd.password)
+    user = await app.store.create_user(cmd.user, pw_hash, admin=False)
+    app.users[key] = user
+    return {"user": user.name}
+
+
+def _guest_holds(app: App, key: str) -> bool:
+    hold = app.guests.get(key)
+    return hold is not None and hold.expires_at > app.clock.now()
+
+
+def _recent_failures(failures: list[float], now: float) -> list[float]:
+    failures[:] = [t for t in failures if now - t < _FAILURE_WINDOW]
+    return failures
+
+
+def _check_failures(app: App, session: Session, key: str) -> None:
+    now = app.clock.now()
+    limit = app.config.login_failures_per_minute
+    for failures in (session.login_failures, app.account_failures.get(key, [])):
+        recent = _recent_failures(failures, now)
+        if len(recent) >= limit:
+            raise RateLimited(
+                "too many failed logins; wait before trying again",
+                _FAILURE_WINDOW - (now - recent[0]),
+            )
+
+
+def _fail(app: App, session: Session, key: str) -> Unauthorized:
+    now = app.clock.now()
+    session.login_failures.append(now)
+    app.account_failures.setdefault(key, []).append(now)
+    return Unauthorized("wrong user name or password")
+
+
+def _ttl(app: App, asked: int | None) -> int:
+    # Larger than --token-ttl is clamped (contract).
+    return min(asked or app.config.token_ttl, app.config.token_ttl)
+
+
+def _token_reply(token: str, claims: Claims, user: str) -> dict[str, Any]:
+    return {"token": token, "user": user, "grants": list(claims.grants), "expires_at": claims.exp}
+
+
+def _check_not_bound_elsewhere(session: Session, key: str) -> None:
+    if session.user_key is not None and session.user_key != key:
+        raise Forbidden(f"this connection is logged in as {session.user}; log out first")
+
+
+async def login(app: App, req: Request, cmd: c.Login) -> Any:
+    s = req.session
+    key = cmd.user.lower()
+    _check_not_bound_elsewhere(s, key)
+    wanted = normalize_grants(cmd.grants) if cmd.grants is not None else None
+    if cmd.password is None:
+        return await _guest_login(app, req, cmd, wanted)
+    _check_failures(app, s, key)
+    user = app.users.get(key)
+    ok = await app.hasher.verify(user.pw_hash if user else None, cmd.password)
+    user = app.users.get(key) if ok else None  # the account may have gone meanwhile
+    if user is None:
+        raise _fail(app, s, key)
+    _check_not_bound_elsewhere(s, key)
+    base = app.config.login_grants + (("admin",) if user.admin else ())
+    grants = normalize_grants([g for g in base if wanted is None or g in wanted])
+    token, claims = app.tokens.mint(
+        user.name, new_jti(user.id, user.token_version), grants, _ttl(app, cmd.ttl)
+    )
+    app.bind(s, token, claims)
+    return _token_reply(token, claims, user.name)
+
+
+async def _guest_login(
+    app: App, req: Request, cmd: c.Login, wanted: tuple[str, ...] | None
+) -> Any:
+    key = cmd.user.lower()
+    if not app.config.guests:
+        raise Forbidden("guest logins are turned off on this server")
+    if key in app.users:
+        raise Unauthorized("that name is registered: log in with its password")
+    if _guest_holds(app, key):
+        raise Conflict(f"the guest name {cmd.user!r} is in use")
+    grants = normalize_grants([g for g in app.config.login_grants if wanted is None or g in wanted])
+    hold_id = str(secrets.randbelow(2**62))
+    token, claims = app.tokens.mint(
+        cmd.user, f"{GUEST_ID}.{hold_id}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
+    )
+    hold = GuestHold(cmd.user, hold_id, claims.exp)
+    app.guests[key] = hold  # reserved now, so a racing guest login gets conflict
+    try:
+        await app.store.hold_guest(hold)
+    except BaseException:
+        app.guests.pop(key, None)
+        raise
+    app.bind(req.session, token, claims)
+    return _token_reply(token, claims, cmd.user)
+
+
+async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
+    assert cmd.token is not None
+    claims = app.tokens.verify(cmd.token)
+    app.check_claims(claims)
+    app.bind(req.session, cmd.token, claims)
+    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+
+
+async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> Any:
+    claims = req.claims
+    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+
+
+async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
+    old: Claims = req.claims
+    ttl = min(max(1, old.exp - old.iat), app.config.token_ttl)
+    key = req.user_key
+    hold = app.guests.get(key)
+    if old.jti.startswith(f"{GUEST_ID}.") and hold is not None:
+        token, claims = app.tokens.mint(
+            old.sub, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", old.grants, ttl
+        )
+        longer = GuestHold(hold.name, hold.jti, max(hold.expires_at, claims.exp))
+        await app.store.hold_guest(longer)
+        app.guests[key] = longer
+    else:
+        user = app.users[key]
+        token, claims = app.tokens.mint(
+            user.name, new_jti(user.id, user.token_version), old.grants, ttl
+        )
+    if req.session.user_key == key:
+        app.bind(req.session, token, claims)
+    return {"token": token, "expires_at": claims.exp}
+
+
+async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
+    claims: Claims = req.claims
+    key = req.user_key
+    s = req.session
+    hold = app.guests.get(key)
+    guest = claims.jti.startswith(f"{GUEST_ID}.")
+    await app.store.revoke(claims.jti, claims.exp)
+    app.revoked[claims.jti] = claims.exp
+    if guest and hold is not None:
+        # A guest that logs out gives its name back; its other tokens die with the hold.
+        await app.store.release_guest(hold.name, hold.jti)
+        if app.guests.get(key) is hold:
+            del app.guests[key]
+    elif cmd.all:
+        version = await app.store.bump_token_version(key)
+        user = app.users.get(key)
+        if user is not None:
+            user.token_version = version
+    app.unbind(s, "logout")
+    for other in app.sessions_of(key):
+        if other.claims is None:
+            continue
+        try:
+            app.check_claims(other.claims)
+        except Unauthorized:
+            app.expire(other, "logout")
+    return {}
+
+
+async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
+    key = cmd.user.lower()
+    if key not in app.users:
+        raise NotFound(f"no user {cmd.user!r}")
+    if not await app.store.delete_user(cmd.user):
+        raise NotFound(f"no user {cmd.user!r}")
+    app.drop_user(key, "deleted")
+    return {}

@@ -1,0 +1,227 @@
+"""msg.*, room.history, dm.history and sync (wire contract, "Commands", "Revisions")."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from chatd.config import Config
+from chatd.errors import BadRequest, ChatError, Forbidden, NotFound, RateLimited
+from chatd.protocol import commands as c
+from chatd.protocol.frames import encode_json, event_frame
+from chatd.protocol.models import Message, rfc3339
+from chatd.ratelimit import TokenBucket
+from chatd.store.base import MessageRecord, NewMessage
+
+if TYPE_CHECKING:
+    from chatd.app import App
+    from chatd.dispatch import Request
+    from chatd.session import Session
+
+
+def check_text(text: str, config: Config) -> None:
+    if not text or len(text) > config.max_text:
+        raise BadRequest(f"text must be 1 to {config.max_text} characters")
+    if text.isspace():
+        raise BadRequest("text must not be only whitespace")
+
+
+def check_send(cmd: c.MsgSend, config: Config) -> None:
+    if (cmd.room is None) == (cmd.to is None):
+        raise BadRequest("msg.send needs exactly one of `room` or `to`")
+    check_text(cmd.text, config)
+
+
+def check_edit(cmd: c.MsgEdit, config: Config) -> None:
+    check_text(cmd.text, config)
+
+
+def check_limit(cmd: c.RoomHistory | c.DmHistory | c.Sync, config: Config) -> None:
+    if cmd.limit is not None and cmd.limit <= 0:
+        raise BadRequest("limit must be at least 1")
+
+
+def to_wire(app: App, m: MessageRecord) -> Message:
+    room = None
+    if m.room_id is not None:
+        live = app.rooms.by_id.get(m.room_id)
+        room = live.name if live is not None else None
+    return Message(
+        id=m.id,
+        rev=m.rev,
+        room=room,
+        to=m.recipient,
+        from_=m.sender,
+        text=m.text,
+        ts=rfc3339(m.ts),
+        edited_ts=rfc3339(m.edited_ts) if m.edited_ts is not None else None,
+        edited_by=m.edited_by,
+        deleted=m.deleted,
+    )
+
+
+def audience(app: App, m: MessageRecord) -> list[Session]:
+    """Who gets the events of a message: the room's connections, or both users' (DM)."""
+    if m.room_id is not None:
+        room = app.rooms.by_id.get(m.room_id)
+        return list(room.sessions) if room is not None else []
+    sessions = list(app.sessions_of(m.sender.lower()))
+    if m.recipient is not None and m.recipient.lower() != m.sender.lower():
+        sessions += app.sessions_of(m.recipient.lower())
+    return sessions
+
+
+def _rate(app: App, req: Request) -> None:
+    c_ = app.config
+    if c_.rate_limit <= 0:
+        return
+    now = app.clock.now()
+    bucket = app.send_buckets.get(req.user_key)
+    if bucket is None:
+        bucket = app.send_buckets[req.user_key] = TokenBucket(c_.rate_limit, c_.rate_burst, now)
+    wait = bucket.take(now)
+    if wait:
+        raise RateLimited("sending too fast; slow down", wait)
+
+
+async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
+    key = req.user_key
+    if cmd.nonce is not None:
+        seen = app.nonces.get((key, cmd.nonce))
+        if seen is not None:
+            return {"message": to_wire(app, seen)}
+    try:
+        room_id = _may_send(app, req, cmd)
+        _rate(app, req)
+    except ChatError:
+        # A retry after a dropped connection may come before re-joining: a nonce
+        # already used answers with the original message (contract, "Revisions").
+        if cmd.nonce is not None:
+            old = await app.store.find_nonce(req.user, cmd.nonce)
+            if old is not None:
+                return {"message": to_wire(app, old)}
+        raise
+    rec, created = await app.store.add_message(
+        NewMessage(room_id, req.user, _recipient(app, cmd), cmd.text, app.clock.now(), cmd.nonce)
+    )
+    msg = to_wire(app, rec)
+    if cmd.nonce is not None:
+        app.remember_nonce(key, cmd.nonce, rec)
+    if created:
+        req.emit(audience(app, rec), event_frame("message", msg))
+    return {"message": msg}
+
+
+def _recipient(app: App, cmd: c.MsgSend) -> str | None:
+    return app.display_name(cmd.to) if cmd.to is not None else None
+
+
+def _may_send(app: App, req: Request, cmd: c.MsgSend) -> int | None:
+    if cmd.room is not None:
+        room = app.rooms.get(cmd.room)
+        if not room.open and not room.has_user(req.user_key):
+            raise Forbidden(f"join {room.name} before sending to it")
+        return room.id
+    assert cmd.to is not None
+    if not app.known_user(cmd.to):
+        raise NotFound(f"no user {cmd.to!r}")
+    return None
+
+
+async def _visible(app: App, req: Request, message_id: int) -> MessageRecord:
+    m = await app.store.get_message(message_id)
+    if m is None or m.deleted:
+        raise NotFound(f"no message {message_id}")
+    if m.room_id is None:
+        me = req.user_key
+        if me not in (m.sender.lower(), (m.recipient or "").lower()):
+            raise NotFound(f"no message {message_id}")  # a DM is only its two users'
+    elif m.room_id not in app.rooms.by_id:
+        raise NotFound(f"no message {message_id}")
+    return m
+
+
+def _may_change(req: Request, m: MessageRecord, verb: str) -> None:
+    own = m.sender.lower() == req.user_key
+    if req.has(f"msg:{verb}:any") or (own and req.has(f"msg:{verb}")):
+        return
+    need = f"msg:{verb}" if own else f"msg:{verb}:any"
+    raise Forbidden(f"{verb}ing this message needs the {need} grant")
+
+
+async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
+    m = await _visible(app, req, cmd.message_id)
+    _may_change(req, m, "edit")
+    _rate(app, req)
+    rec = await app.store.edit_message(m.id, cmd.text, app.clock.now(), req.user)
+    if rec is None:
+        raise NotFound(f"no message {cmd.message_id}")
+    msg = to_wire(app, rec)
+    req.emit(audience(app, rec), event_frame("message.edited", msg))
+    return {"message": msg}
+
+
+async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Any:
+    m = await _visible(app, req, cmd.message_id)
+    _may_change(req, m, "delete")
+    rec = await app.store.delete_message(m.id)
+    if rec is None:
+        raise NotFound(f"no message {cmd.message_id}")
+    wire = to_wire(app, rec)
+    data = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient, "by": req.user}
+    req.emit(audience(app, rec), event_frame("message.deleted", data))
+    return {}
+
+
+def _limit(app: App, asked: int | None, default: int) -> int:
+    return min(asked or default, app.config.history_limit)
+
+
+def cap_page(app: App, messages: list[Message], more: bool, keep_newest: bool) -> tuple[list[Message], bool]:
+    """Trim a page to the configured byte budget, dropping from the far end of travel."""
+    budget = app.config.history_page_bytes - 64
+    sizes = [len(encode_json(m)) + 1 for m in messages]
+    if sum(sizes) <= budget:
+        return messages, more
+    total = 0
+    order = range(len(messages) - 1, -1, -1) if keep_newest else range(len(messages))
+    kept: list[int] = []
+    for i in order:
+        if total + sizes[i] > budget:
+            break
+        total += sizes[i]
+        kept.append(i)
+    kept.sort()
+    return [messages[i] for i in kept], True
+
+
+async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> Any:
+    room = app.rooms.get(cmd.room)
+    limit = _limit(app, cmd.limit, app.config.history_default)
+    recs, more = await app.store.room_history(room.id, cmd.before, cmd.after, limit)
+    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, cmd.after is None)
+    return {"messages": page, "more": more}
+
+
+async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
+    other = cmd.with_
+    if other is not None and other.lower() not in app.users:
+        if not await app.store.has_dms_between(req.user, other):
+            raise NotFound(f"no user {other!r}")
+    limit = _limit(app, cmd.limit, app.config.history_default)
+    recs, more = await app.store.dm_history(req.user, other, cmd.before, cmd.after, limit)
+    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, cmd.after is None)
+    return {"messages": page, "more": more}
+
+
+async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
+    # Everything committed up to `now_rev` is visible to the read that follows.
+    now_rev = app.store.rev
+    limit = _limit(app, cmd.limit, app.config.history_limit)
+    room_ids = [r.id for r in req.session.rooms]
+    recs, more = await app.store.changes_since(cmd.since, room_ids, req.user, limit)
+    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, keep_newest=False)
+    if more:
+        rev = page[-1].rev if page else cmd.since
+    else:
+        rev = max([now_rev] + [m.rev for m in page])
+    return {"changes": page, "rev": rev, "more": more}

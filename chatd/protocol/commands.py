@@ -1,0 +1,194 @@
+"""One msgspec Struct per client command, a tagged union on ``cmd`` (wire contract,
+"Client frames" and "Commands"). Field constraints here are checked while decoding,
+so a malformed field is ``bad_request`` before any token is looked at.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+
+# Contract: integers in frames are 0 … 2^63−1 (SQLite overflows past int64).
+UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+RequestId = Union[UInt, Annotated[str, msgspec.Meta(max_length=128)], None]
+# Names: 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -.
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]
+Topic = Annotated[str, msgspec.Meta(max_length=256)]
+Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Command(msgspec.Struct, tag_field="cmd", kw_only=True, frozen=True):
+    id: RequestId = None
+    token: Union[str, None] = None
+
+
+class Ping(Command, tag="ping", frozen=True):
+    pass
+
+
+class Help(Command, tag="help", frozen=True):
+    pass
+
+
+class Register(Command, tag="register", frozen=True):
+    user: Name
+    password: str
+
+
+class Login(Command, tag="login", frozen=True):
+    user: Name
+    password: Union[str, None] = None
+    grants: Union[list[str], None] = None
+    ttl: Union[UInt, None] = None
+
+
+class Auth(Command, tag="auth", frozen=True):
+    pass
+
+
+class Refresh(Command, tag="refresh", frozen=True):
+    pass
+
+
+class Logout(Command, tag="logout", frozen=True):
+    all: bool = False
+
+
+class WhoAmI(Command, tag="whoami", frozen=True):
+    pass
+
+
+class UserDelete(Command, tag="user.delete", frozen=True):
+    user: Name
+
+
+class RoomCreate(Command, tag="room.create", frozen=True):
+    room: Name
+    topic: Union[Topic, None] = None
+    ephemeral: bool = False
+    open: bool = False
+
+
+class RoomEdit(Command, tag="room.edit", frozen=True):
+    room: Name
+    topic: Union[Topic, None] = None
+    name: Union[Name, None] = None
+
+
+class RoomDelete(Command, tag="room.delete", frozen=True):
+    room: Name
+
+
+class RoomList(Command, tag="room.list", frozen=True):
+    pass
+
+
+class RoomJoin(Command, tag="room.join", frozen=True):
+    room: Name
+
+
+class RoomLeave(Command, tag="room.leave", frozen=True):
+    room: Name
+
+
+class RoomMembers(Command, tag="room.members", frozen=True):
+    room: Name
+
+
+class RoomHistory(Command, tag="room.history", frozen=True):
+    room: Name
+    before: Union[UInt, None] = None
+    after: Union[UInt, None] = None
+    limit: Union[UInt, None] = None
+
+
+class MsgSend(Command, tag="msg.send", frozen=True):
+    text: str
+    room: Union[Name, None] = None
+    to: Union[Name, None] = None
+    nonce: Union[Nonce, None] = None
+
+
+class MsgEdit(Command, tag="msg.edit", frozen=True):
+    message_id: UInt
+    text: str
+
+
+class MsgDelete(Command, tag="msg.delete", frozen=True):
+    message_id: UInt
+
+
+class DmHistory(Command, tag="dm.history", frozen=True):
+    with_: Union[Name, None] = msgspec.field(default=None, name="with")
+    before: Union[UInt, None] = None
+    after: Union[UInt, None] = None
+    limit: Union[UInt, None] = None
+
+
+class Sync(Command, tag="sync", frozen=True):
+    since: UInt
+    limit: Union[UInt, None] = None
+
+
+class Channels(Command, tag="channels", frozen=True):
+    pass
+
+
+ALL_COMMANDS: tuple[type[Command], ...] = (
+    Ping,
+    Help,
+    Register,
+    Login,
+    Auth,
+    Refresh,
+    Logout,
+    WhoAmI,
+    UserDelete,
+    RoomCreate,
+    RoomEdit,
+    RoomDelete,
+    RoomList,
+    RoomJoin,
+    RoomLeave,
+    RoomMembers,
+    RoomHistory,
+    MsgSend,
+    MsgEdit,
+    MsgDelete,
+    DmHistory,
+    Sync,
+    Channels,
+)
+
+AnyCommand = Union[
+    Ping,
+    Help,
+    Register,
+    Login,
+    Auth,
+    Refresh,
+    Logout,
+    WhoAmI,
+    UserDelete,
+    RoomCreate,
+    RoomEdit,
+    RoomDelete,
+    RoomList,
+    RoomJoin,
+    RoomLeave,
+    RoomMembers,
+    RoomHistory,
+    MsgSend,
+    MsgEdit,
+    MsgDelete,
+    DmHistory,
+    Sync,
+    Channels,
+]
+
+
+def command_name(cls: type[Command]) -> str:
+    tag = cls.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

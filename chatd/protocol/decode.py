@@ -1,0 +1,76 @@
+"""Turn one line into a Command, or a typed error that names what is wrong.
+
+The happy path is one pass of one shared msgspec Decoder. Only a failed frame pays for a
+second, lenient look, which finds the request id to echo and picks the error code in the
+contract's order: JSON (`bad_frame`), then command (`unknown_command`/`bad_request`),
+then fields (`bad_request`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from chatd.errors import BadFrame, BadRequest, ChatError, UnknownCommand
+from chatd.protocol.commands import AnyCommand, Command
+
+_decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)  # type: ignore[arg-type]
+_lenient = msgspec.json.Decoder()
+_MAX_ID = 2**63 - 1
+
+
+class FrameError(Exception):
+    """A frame that cannot be executed: the error to send and the id to echo."""
+
+    def __init__(self, error: ChatError, request_id: int | str | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request_id = request_id
+
+
+def decode_command(line: bytes) -> Command:
+    """Decode a line (without terminator). Raises FrameError."""
+    try:
+        if not line.isascii():
+            line.decode("utf-8")  # msgspec skips invalid UTF-8 in ignored fields
+        cmd: Command = _decoder.decode(line)
+        return cmd
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: first
+        raise _explain(line, str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise FrameError(BadFrame("frame is not valid JSON"), None) from None
+    except RecursionError:
+        raise FrameError(BadFrame("frame is nested too deeply"), None) from None
+
+
+def _explain(line: bytes, detail: str) -> FrameError:
+    try:
+        raw: Any = _lenient.decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return FrameError(BadFrame("frame is not valid JSON"), None)
+    if not isinstance(raw, dict):
+        return FrameError(BadFrame("frame must be a JSON object"), None)
+    rid = _request_id(raw.get("id"))
+    cmd = raw.get("cmd")
+    if cmd is None and "cmd" not in raw:
+        return FrameError(BadRequest("missing required field `cmd`"), rid)
+    if not isinstance(cmd, str):
+        return FrameError(BadRequest("field `cmd` must be a string"), rid)
+    if detail.endswith("at `$.cmd`"):
+        return FrameError(UnknownCommand(f"unknown command {cmd[:64]!r}; send help"), rid)
+    if "matching regex" in detail:
+        where = detail.rpartition(" - at ")[2]
+        detail = f"invalid name at {where}: 1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
+    return FrameError(BadRequest(detail), rid)
+
+
+def _request_id(value: object) -> int | str | None:
+    # Echo the id only when it is itself valid; otherwise the reply's id is null.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and 0 <= value <= _MAX_ID:
+        return value
+    if isinstance(value, str) and len(value) <= 128:
+        return value
+    return None

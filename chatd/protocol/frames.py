@@ -1,0 +1,52 @@
+"""Server frames as bytes, each ending in a newline (wire contract, "Server frames").
+
+One shared Encoder; an event is encoded once and the same bytes go to every recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from chatd.errors import ChatError, RateLimited
+
+RequestId = Union[int, str, None]
+
+
+class _Ok(msgspec.Struct, tag_field="type", tag="ok"):
+    id: RequestId
+    data: Any
+
+
+class _Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
+    id: RequestId
+    code: str
+    message: str
+    retry_after: Union[float, None] = None
+
+
+class _Event(msgspec.Struct, tag_field="type", tag="event"):
+    event: str
+    data: Any
+
+
+_encoder = msgspec.json.Encoder()
+_encode = _encoder.encode
+
+
+def encode_json(value: Any) -> bytes:
+    return _encode(value)
+
+
+def ok_frame(request_id: RequestId, data: Any) -> bytes:
+    return _encode(_Ok(request_id, data)) + b"\n"
+
+
+def error_frame(request_id: RequestId, error: ChatError) -> bytes:
+    retry = error.retry_after if isinstance(error, RateLimited) else None
+    return _encode(_Error(request_id, error.code, error.message, retry)) + b"\n"
+
+
+def event_frame(event: str, data: Any) -> bytes:
+    return _encode(_Event(event, data)) + b"\n"

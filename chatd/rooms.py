@@ -1,0 +1,160 @@
+"""Live room state: which connections are in which room. Returns who to notify; never
+touches sockets (STYLE). Membership belongs to connections; member events are per user
+(wire contract, "Rules": first connection in, last connection out)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from chatd.errors import Conflict, NotFound
+from chatd.protocol.models import RenamedRoomInfo, RoomInfo, rfc3339
+from chatd.store.base import RoomRecord
+
+if TYPE_CHECKING:
+    from chatd.session import Session
+
+
+class LiveRoom:
+    __slots__ = (
+        "id",
+        "name",
+        "topic",
+        "owner",
+        "created_at",
+        "ephemeral",
+        "open",
+        "sessions",
+        "users",
+        "deleted",
+        "__weakref__",
+    )
+
+    def __init__(self, rec: RoomRecord) -> None:
+        self.id = rec.id
+        self.name = rec.name
+        self.topic = rec.topic
+        self.owner = rec.owner
+        self.created_at = rec.created_at
+        self.ephemeral = rec.ephemeral
+        self.open = rec.open
+        # Insertion-ordered set of member connections; fan-out walks it.
+        self.sessions: dict[Session, None] = {}
+        # user key -> how many of that user's connections are in the room
+        self.users: dict[str, int] = {}
+        self.deleted = False
+
+    def __repr__(self) -> str:
+        return f"<LiveRoom {self.name}>"
+
+    def info(self) -> RoomInfo:
+        return RoomInfo(
+            name=self.name,
+            topic=self.topic,
+            owner=self.owner,
+            created_at=rfc3339(self.created_at),
+            members=len(self.users),
+            ephemeral=self.ephemeral,
+            open=self.open,
+        )
+
+    def renamed_info(self, previous: str) -> RenamedRoomInfo:
+        i = self.info()
+        return RenamedRoomInfo(
+            i.name, i.topic, i.owner, i.created_at, i.members, i.ephemeral, i.open, previous
+        )
+
+    def member_names(self) -> list[str]:
+        names: dict[str, str] = {}
+        for s in self.sessions:
+            if s.user_key is not None and s.user is not None:
+                names.setdefault(s.user_key, s.user)
+        return sorted(names.values(), key=str.lower)
+
+    def has_user(self, user_key: str) -> bool:
+        return user_key in self.users
+
+
+class RoomManager:
+    """Rooms by case-folded name. Names are reserved as soon as a create starts, so two
+    racing creates of one name cannot both reach the store."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, LiveRoom] = {}
+        self.by_id: dict[int, LiveRoom] = {}
+        self._reserved: set[str] = set()
+
+    def load(self, records: list[RoomRecord]) -> None:
+        for rec in records:
+            self._add(LiveRoom(rec))
+
+    def _add(self, room: LiveRoom) -> None:
+        self.rooms[room.name.lower()] = room
+        self.by_id[room.id] = room
+
+    def get(self, name: str) -> LiveRoom:
+        room = self.rooms.get(name.lower())
+        if room is None:
+            raise NotFound(f"no room {name!r}")
+        return room
+
+    def reserve(self, name: str) -> None:
+        key = name.lower()
+        if key in self.rooms or key in self._reserved:
+            raise Conflict(f"room {name!r} already exists")
+        self._reserved.add(key)
+
+    def release(self, name: str) -> None:
+        self._reserved.discard(name.lower())
+
+    def add(self, rec: RoomRecord) -> LiveRoom:
+        self._reserved.discard(rec.name.lower())
+        room = LiveRoom(rec)
+        self._add(room)
+        return room
+
+    def rename(self, room: LiveRoom, new_name: str) -> None:
+        del self.rooms[room.name.lower()]
+        self._reserved.discard(new_name.lower())
+        room.name = new_name
+        self.rooms[new_name.lower()] = room
+
+    def remove(self, room: LiveRoom) -> list[Session]:
+        """Forget a room; returns the connections that were in it (no longer members)."""
+        self.rooms.pop(room.name.lower(), None)
+        self.by_id.pop(room.id, None)
+        room.deleted = True
+        members = list(room.sessions)
+        for s in members:
+            s.rooms.pop(room, None)
+        room.sessions.clear()
+        room.users.clear()
+        return members
+
+    @staticmethod
+    def join(room: LiveRoom, session: Session) -> bool:
+        """Add a connection; True when it is the user's first connection in the room."""
+        if session in room.sessions:
+            return False
+        key = session.user_key
+        assert key is not None
+        room.sessions[session] = None
+        session.rooms[room] = None
+        n = room.users.get(key, 0)
+        room.users[key] = n + 1
+        return n == 0
+
+    @staticmethod
+    def leave(room: LiveRoom, session: Session) -> bool:
+        """Remove a connection; True when it was the user's last connection in the room."""
+        if session not in room.sessions:
+            return False
+        del room.sessions[session]
+        session.rooms.pop(room, None)
+        key = session.user_key
+        assert key is not None
+        n = room.users.get(key, 1) - 1
+        if n <= 0:
+            room.users.pop(key, None)
+            return True
+        room.users[key] = n
+        return False

@@ -1,0 +1,560 @@
+"""The asyncio edge: listening, one Protocol object per connection, bounded outboxes,
+slow-consumer drop, sweeps for idle and stuck connections, and ordered shutdown.
+
+A frame's path: data_received → LineSplitter → Dispatcher.prepare/execute → reply and
+events as bytes into outboxes → one flush per loop turn (many frames, one write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from chatd.app import App
+from chatd.auth import PasswordHasher, TokenService
+from chatd.clock import Clock, SystemClock
+from chatd.config import Config
+from chatd.dispatch import Dispatcher, Outcome, Pending, Spec, Throttle, command_table
+from chatd.errors import FrameTooLarge, RateLimited, Unauthorized
+from chatd.protocol.commands import Command
+from chatd.protocol.frames import error_frame, event_frame
+from chatd.protocol.framing import TOO_LARGE, LineSplitter
+from chatd.session import Cancellable, Session
+from chatd.store.base import Store
+
+log = logging.getLogger("chatd")
+
+_PAUSE_WRITE = 1  # the client does not read: outbox above the soft limit
+_PAUSE_BACKLOG = 2  # frames read but not yet run (input memory stays bounded)
+_PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
+_TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
+_SLOW = event_frame("slow_consumer", {})
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+class _Slot:
+    """A reply position: commands may finish out of order, replies go out in order."""
+
+    __slots__ = ("outcome", "overlap")
+
+    def __init__(self, overlap: bool) -> None:
+        self.outcome: Outcome | None = None
+        self.overlap = overlap
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "srv",
+        "transport",
+        "session",
+        "splitter",
+        "queue",
+        "slots",
+        "held",
+        "paused",
+        "out",
+        "out_bytes",
+        "tbuf",
+        "dead",
+        "ip",
+        "stall_size",
+        "stall_since",
+    )
+
+    def __init__(self, srv: ChatServer) -> None:
+        self.srv = srv
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.splitter = LineSplitter(srv.config.max_frame)
+        self.queue: collections.deque[Any] | None = None
+        self.slots: collections.deque[_Slot] | None = None
+        self.held: tuple[Command, Spec] | None = None
+        self.paused = 0
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.tbuf = 0
+        self.dead = False
+        self.ip = ""
+        self.stall_size = 0
+        self.stall_since = 0.0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        srv = self.srv
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if isinstance(peer, tuple) else ""
+        refusal = srv.admit(self.ip)
+        if refusal is not None:
+            self.dead = True
+            self.transport.write(error_frame(None, refusal))
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            srv.tune_socket(sock)
+        c = srv.config
+        self.transport.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
+        self.session = srv.app.open_session(self, self.ip)
+        srv.connections[self] = None
+        srv.watch_idle(self.session)
+        self.send(srv.app.hello_frame())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        srv = self.srv
+        srv.connections.pop(self, None)
+        srv.stalled.pop(self, None)
+        srv.forget_ip(self.ip)
+        self.out.clear()
+        if self.session is not None:
+            srv.app.close_session(self.session)
+
+    def eof_received(self) -> bool | None:
+        return None  # close; a partial frame left in the splitter is never executed
+
+    # --- output ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; flushed once per loop turn. Never waits: past the hard limit the
+        connection is dropped (limits.md, outbox hard limit)."""
+        if self.dead:
+            return
+        if not self.out:
+            self.srv.dirty.append(self)
+            if not self.srv.flush_scheduled:
+                self.srv.schedule_flush()
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if self.out_bytes + self.tbuf > self.srv.config.outbox_hard:
+            self.drop_slow()
+
+    def flush(self) -> None:
+        t = self.transport
+        if self.dead or t is None or not self.out:
+            return
+        out = self.out
+        t.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        self.out_bytes = 0
+        self.tbuf = t.get_write_buffer_size()
+
+    def drop_slow(self) -> None:
+        """Best effort slow_consumer, then abort: never wait for a client that does not read."""
+        if self.dead:
+            return
+        self.dead = True
+        self.out.clear()
+        t = self.transport
+        log.info("dropping slow consumer %s", self.ip)
+        if t is not None:
+            sock = t.get_extra_info("socket")
+            try:
+                # "\n" first: it ends whatever partial line the kernel already holds.
+                if sock is not None:
+                    os.write(sock.fileno(), b"\n" + _SLOW)
+            except OSError:
+                pass
+            t.abort()
+
+    def close(self) -> None:
+        """Flush what is queued, then close (the Peer interface)."""
+        if self.dead or self.transport is None:
+            return
+        self.flush()
+        self.dead = True
+        self.transport.close()
+        self.srv.abort_later(self.transport)
+
+    def pause_writing(self) -> None:
+        self._pause(_PAUSE_WRITE)
+        self.stall_size = self.transport.get_write_buffer_size() if self.transport else 0
+        self.stall_since = time.monotonic()
+        self.srv.stalled[self] = None
+
+    def resume_writing(self) -> None:
+        self.srv.stalled.pop(self, None)
+        self._resume(_PAUSE_WRITE)
+
+    def _pause(self, flag: int) -> None:
+        if not self.paused and self.transport is not None and not self.dead:
+            self.transport.pause_reading()
+        self.paused |= flag
+
+    def _resume(self, flag: int) -> None:
+        if not self.paused & flag:
+            return
+        self.paused &= ~flag
+        if not self.paused and self.transport is not None and not self.dead:
+            self.transport.resume_reading()
+            if flag != _PAUSE_BACKLOG:
+                self.pump()
+
+    # --- input -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.dead:
+            return
+        lines = self.splitter.feed(data)
+        if not lines:
+            return
+        q = self.queue
+        if q is None:
+            q = self.queue = collections.deque(lines)
+        else:
+            q.extend(lines)
+        self.pump()
+
+    def pump(self) -> None:
+        """Run queued frames in order, at most frames_per_batch per turn (fairness)."""
+        q = self.queue
+        session = self.session
+        if self.dead or session is None:
+            return
+        srv = self.srv
+        dispatcher = srv.dispatcher
+        budget = srv.config.frames_per_batch
+        while True:
+            if self.held is not None:
+                cmd, spec = self.held
+            elif q:
+                if budget <= 0:
+                    self._pause(_PAUSE_BACKLOG)
+                    srv.loop.call_soon(self._continue)
+                    return
+                budget -= 1
+                line = q.popleft()
+                if line is TOO_LARGE:
+                    self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
+                    continue
+                prepared = dispatcher.prepare(line)
+                if isinstance(prepared, Outcome):
+                    self.reply(prepared)
+                    continue
+                cmd, spec = prepared
+            else:
+                break
+            slots = self.slots
+            if slots and not (spec.overlap and all(s.overlap for s in slots)):
+                self.held = (cmd, spec)  # starts when what is in flight has finished
+                self._pause(_PAUSE_BACKLOG)
+                return
+            self.held = None
+            result = dispatcher.execute(session, cmd, spec)
+            if isinstance(result, Outcome):
+                self.reply(result)
+            elif isinstance(result, Pending):
+                slot = _Slot(result.overlap)
+                if slots is None:
+                    slots = self.slots = collections.deque()
+                slots.append(slot)
+                srv.spawn_command(self, slot, result.coro)
+            else:
+                assert isinstance(result, Throttle)
+                self.held = (cmd, spec)
+                self._pause(_PAUSE_THROTTLE)
+                srv.loop.call_later(result.delay, self._resume, _PAUSE_THROTTLE)
+                return
+            if self.dead:
+                return
+        self._resume(_PAUSE_BACKLOG)
+
+    def _continue(self) -> None:
+        if self.paused == _PAUSE_BACKLOG:
+            self.paused = 0
+            if self.transport is not None and not self.dead:
+                self.transport.resume_reading()
+        self.pump()
+
+    def reply(self, outcome: Outcome) -> None:
+        if self.slots:
+            slot = _Slot(False)
+            slot.outcome = outcome
+            self.slots.append(slot)
+        else:
+            self.deliver(outcome)
+
+    def deliver(self, outcome: Outcome) -> None:
+        self.send(outcome.reply)
+        if outcome.events:
+            for sessions, frame in outcome.events:
+                for s in sessions:
+                    s.send(frame)
+
+    def finished(self, slot: _Slot, outcome: Outcome) -> None:
+        slot.outcome = outcome
+        slots = self.slots
+        assert slots is not None
+        while slots and slots[0].outcome is not None:
+            done = slots.popleft().outcome
+            assert done is not None
+            self.deliver(done)
+        if not slots and (self.held is not None or self.queue):
+            self.pump()
+
+
+class _Timer:
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: asyncio.TimerHandle) -> None:
+        self.handle = handle
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+class ChatServer:
+    """Owns the listening socket, every connection and every background task."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        secret: str,
+        *,
+        clock: Clock | None = None,
+        hasher: PasswordHasher | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.store = store
+        self.loop = asyncio.get_running_loop()
+        self.hasher = hasher or PasswordHasher(
+            memory_kib=config.argon2_memory_kib,
+            time_cost=config.argon2_time_cost,
+            parallelism=config.argon2_parallelism,
+            queue=config.hash_queue,
+        )
+        tokens = TokenService(
+            secret, self.clock, max_bytes=config.max_token_bytes, iat_leeway=config.iat_leeway
+        )
+        self.app = App(config, self.clock, store, tokens, self.hasher, self)
+        self.dispatcher = Dispatcher(self.app, command_table())
+        self.connections: dict[Connection, None] = {}
+        self.stalled: dict[Connection, None] = {}
+        self.dirty: list[Connection] = []
+        self.flush_scheduled = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.commands: set[asyncio.Task[Any]] = set()
+        self.per_ip: dict[str, int] = {}
+        self.ip_new: dict[str, collections.deque[float]] = {}
+        self.idle: collections.deque[tuple[float, Session, float]] = collections.deque()
+        self.server: asyncio.AbstractServer | None = None
+        self.max_connections = config.max_connections
+        self.stopping = False
+        self.port = 0
+
+    # --- Scheduler (for the core) ----------------------------------------------------
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable:
+        return _Timer(self.loop.call_later(delay, fn))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def spawn_command(self, conn: Connection, slot: _Slot, coro: Coroutine[Any, Any, Outcome]) -> None:
+        task = self.loop.create_task(coro)
+        self.commands.add(task)
+
+        def done(t: asyncio.Task[Outcome]) -> None:
+            self.commands.discard(t)
+            if t.cancelled():
+                return
+            conn.finished(slot, t.result())
+
+        task.add_done_callback(done)
+
+    # --- output batching -------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        self.flush_scheduled = True
+        self.loop.call_soon(self.flush_all)
+
+    def flush_all(self) -> None:
+        self.flush_scheduled = False
+        dirty = self.dirty
+        self.dirty = []
+        for conn in dirty:
+            conn.flush()
+
+    # --- admission -------------------------------------------------------------------
+
+    def admit(self, ip: str) -> RateLimited | None:
+        c = self.config
+        if self.stopping:
+            return RateLimited("the server is shutting down", 5.0)
+        if len(self.connections) >= self.max_connections:
+            return RateLimited("the server is full; try again later", 5.0)
+        if c.per_ip_connections and ip not in _LOOPBACK:
+            if self.per_ip.get(ip, 0) >= c.per_ip_connections:
+                return RateLimited("too many connections from your address", 5.0)
+            now = time.monotonic()
+            recent = self.ip_new.setdefault(ip, collections.deque())
+            while recent and now - recent[0] > 60:
+                recent.popleft()
+            if len(recent) >= c.per_ip_new_per_minute:
+                return RateLimited("connecting too often from your address", 60 - (now - recent[0]))
+            recent.append(now)
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def forget_ip(self, ip: str) -> None:
+        n = self.per_ip.get(ip)
+        if n is not None:
+            if n <= 1:
+                del self.per_ip[ip]
+            else:
+                self.per_ip[ip] = n - 1
+
+    def tune_socket(self, sock: Any) -> None:
+        c = self.config
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, c.keepalive_idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, c.keepalive_interval)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, c.keepalive_count)
+        except OSError:
+            pass
+
+    def watch_idle(self, s: Session) -> None:
+        self.idle.append((s.unbound_since + self.config.idle_timeout, s, s.unbound_since))
+
+    # --- sweeps ----------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Once a second: unauthenticated idle connections, stuck writers."""
+        now = self.clock.now()
+        idle = self.idle
+        while idle and idle[0][0] <= now:
+            _, s, since = idle.popleft()
+            if s.closed:
+                continue
+            if s.user_key is None and s.unbound_since == since:
+                s.send(error_frame(None, Unauthorized("not logged in in time; closing")))
+                s.peer.close()
+            elif s.user_key is None:
+                self.watch_idle(s)
+        mono = time.monotonic()
+        for conn in list(self.stalled):
+            t = conn.transport
+            if t is None or conn.dead:
+                self.stalled.pop(conn, None)
+                continue
+            size = t.get_write_buffer_size()
+            if size < conn.stall_size:
+                conn.stall_size, conn.stall_since = size, mono
+            elif mono - conn.stall_since > self.config.write_deadline:
+                log.info("dropping stuck writer %s", conn.ip)
+                self.stalled.pop(conn, None)
+                conn.drop_slow()
+
+    async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                result = fn()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("periodic task failed")
+
+    async def _poll_users(self) -> None:
+        version = await self.store.users_version()
+        if version != self.app.users_version:
+            version, users = await self.store.reload_users()
+            self.app.apply_users(version, users)
+
+    async def _purge(self) -> None:
+        now = int(self.clock.now())
+        app = self.app
+        app.revoked = {j: e for j, e in app.revoked.items() if e > now}
+        app.guests = {k: g for k, g in app.guests.items() if g.expires_at > now}
+        await self.store.purge_expired(now)
+
+    # --- start and stop --------------------------------------------------------------
+
+    async def start(self) -> None:
+        snap = await self.loop.run_in_executor(None, self.store.open)
+        self.app.load(snap)
+        self.max_connections = min(self.config.max_connections, _raise_nofile() - 64)
+        self.server = await self.loop.create_server(
+            lambda: Connection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=4096,
+        )
+        sockets = self.server.sockets
+        addr = sockets[0].getsockname()
+        self.port = addr[1]
+        self.spawn(self._every(1.0, self.sweep))
+        self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
+        self.spawn(self._every(60.0, self._purge))
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        log.info("chatd listening on %s:%d", host, self.port)
+
+    async def stop(self, reason: str = "shutting down") -> None:
+        """Stop accepting, tell everyone, commit what is queued, give writers a grace
+        period, then abort whatever is left (limits.md, shutdown)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        frame = event_frame("server.shutdown", {"reason": reason})
+        for conn in list(self.connections):
+            conn.send(frame)
+        self.flush_all()
+        # Commands already running (a send waiting for its commit) get to finish.
+        if self.commands:
+            await asyncio.wait(list(self.commands), timeout=self.config.shutdown_grace / 2)
+        for t in list(self.tasks) + list(self.commands):
+            t.cancel()
+        await self.store.close()
+        self.flush_all()
+        deadline = time.monotonic() + self.config.shutdown_grace
+        for conn in list(self.connections):
+            if conn.transport is not None and not conn.dead:
+                conn.dead = True
+                conn.transport.close()
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.hasher.close()
+
+    def abort_later(self, transport: asyncio.Transport) -> None:
+        # close() waits for the buffer to drain; a peer that never reads must not pin it.
+        self.loop.call_later(self.config.shutdown_grace, transport.abort)
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

@@ -1,0 +1,76 @@
+"""Per-connection state, free of I/O: who the connection is bound to and where it is.
+
+The server gives each Session a Peer (its socket side); everything else in chatd talks to
+the Session only, so the core runs in tests without sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Protocol
+
+from chatd.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from chatd.auth import Claims
+    from chatd.rooms import LiveRoom
+
+_ids = itertools.count(1)
+
+
+class Peer(Protocol):
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client; never waits (past the hard limit the peer drops)."""
+        ...
+
+    def close(self) -> None:
+        """Flush what is queued (best effort) and close the connection."""
+        ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Session:
+    __slots__ = (
+        "id",
+        "peer",
+        "send",
+        "ip",
+        "user",
+        "user_key",
+        "token",
+        "claims",
+        "rooms",
+        "timers",
+        "login_failures",
+        "commands",
+        "unbound_since",
+        "closed",
+        "__weakref__",
+    )
+
+    def __init__(self, peer: Peer, ip: str, now: float, commands: TokenBucket | None) -> None:
+        self.id = next(_ids)
+        self.peer = peer
+        self.send = peer.send  # bound once: fan-out calls it per recipient
+        self.ip = ip
+        self.user: str | None = None  # display name of the bound user
+        self.user_key: str | None = None
+        self.token: str | None = None
+        self.claims: Claims | None = None
+        self.rooms: dict[LiveRoom, None] = {}
+        self.timers: list[Cancellable] = []
+        self.login_failures: list[float] = []
+        self.commands = commands
+        self.unbound_since = now
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.user or '-'}>"
+
+    def cancel_timers(self) -> None:
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()

@@ -1,0 +1,112 @@
+"""The one storage interface chatd uses (a typing.Protocol) and the records it moves.
+
+Writes resolve only after their transaction has committed (group commit), so whatever
+the server acknowledges survives a crash. Ids and revisions are assigned by the store.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class UserRecord(msgspec.Struct):
+    id: int
+    name: str
+    pw_hash: str
+    admin: bool
+    token_version: int
+
+
+class GuestHold(msgspec.Struct):
+    name: str
+    jti: str
+    expires_at: int
+
+
+class RoomRecord(msgspec.Struct):
+    id: int
+    name: str
+    topic: str
+    owner: str
+    created_at: float
+    ephemeral: bool
+    open: bool
+
+
+class MessageRecord(msgspec.Struct):
+    id: int
+    rev: int
+    room_id: int | None
+    sender: str
+    recipient: str | None
+    text: str
+    ts: float
+    edited_ts: float | None
+    edited_by: str | None
+    deleted: bool
+
+
+class Snapshot(msgspec.Struct):
+    """What the server loads into memory at start."""
+
+    epoch: str
+    rev: int
+    users: list[UserRecord]
+    guests: list[GuestHold]
+    revoked: dict[str, int]
+    rooms: list[RoomRecord]
+    users_version: int
+
+
+class NewMessage(msgspec.Struct):
+    room_id: int | None
+    sender: str
+    recipient: str | None
+    text: str
+    ts: float
+    nonce: str | None
+
+
+class Store(Protocol):
+    """Everything durable. Writes are group-committed; reads run off the event loop."""
+
+    rev: int
+    epoch: str
+
+    def open(self) -> Snapshot: ...
+    async def close(self) -> None: ...
+
+    # accounts
+    async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord: ...
+    async def delete_user(self, name: str) -> bool: ...
+    async def bump_token_version(self, name: str) -> int: ...
+    async def revoke(self, jti: str, expires_at: int) -> None: ...
+    async def hold_guest(self, hold: GuestHold) -> None: ...
+    async def release_guest(self, name: str, jti: str) -> None: ...
+    async def purge_expired(self, now: int) -> None: ...
+    async def reload_users(self) -> tuple[int, list[UserRecord]]: ...
+    async def users_version(self) -> int: ...
+
+    # rooms
+    async def create_room(self, room: RoomRecord) -> RoomRecord: ...
+    async def update_room(self, room_id: int, name: str, topic: str) -> None: ...
+    async def delete_room(self, room_id: int) -> None: ...
+
+    # messages
+    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]: ...
+    async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None: ...
+    async def delete_message(self, message_id: int) -> MessageRecord | None: ...
+    async def get_message(self, message_id: int) -> MessageRecord | None: ...
+    async def find_nonce(self, sender: str, nonce: str) -> MessageRecord | None: ...
+    async def room_history(
+        self, room_id: int, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]: ...
+    async def dm_history(
+        self, user: str, other: str | None, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]: ...
+    async def changes_since(
+        self, rev: int, room_ids: list[int], user: str, limit: int
+    ) -> tuple[list[MessageRecord], bool]: ...
+    async def has_dms_between(self, user: str, other: str) -> bool: ...

@@ -1,0 +1,614 @@
+"""The embedded default store: SQLite in WAL mode with one writer thread doing group commit.
+
+Durability (see README "Durability"): `synchronous=FULL` fsyncs the WAL on every commit, so an
+acknowledged change survives a process crash and a power loss; WAL keeps readers off the
+writer's lock. Every write is a small function run by the single writer thread inside one
+`BEGIN IMMEDIATE` transaction shared with whatever else is queued (group commit); its future
+resolves on the event loop only after COMMIT returns. Reads run on a small thread pool with
+their own connections, so neither blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from chatd.errors import ChatError, Conflict, Internal, NotFound
+from chatd.store.base import (
+    GuestHold,
+    MessageRecord,
+    NewMessage,
+    RoomRecord,
+    Snapshot,
+    UserRecord,
+)
+from chatd.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+
+T = TypeVar("T")
+_MSG_COLS = "id, rev, room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted"
+_MAX_BATCH = 2_000
+
+
+class StoreOpenError(Exception):
+    """The database cannot be used: newer than this program, not chatd's, or unreadable."""
+
+
+def dm_key(a: str, b: str) -> str:
+    x, y = sorted((a.lower(), b.lower()))
+    return f"{x}\n{y}"
+
+
+def _msg(row: tuple[Any, ...]) -> MessageRecord:
+    return MessageRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], bool(row[9])
+    )
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database to SCHEMA_VERSION, or raise StoreOpenError saying why not."""
+    try:
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreOpenError(f"not a chatd database ({exc})") from None
+    if app_id != APPLICATION_ID and (app_id != 0 or tables):
+        raise StoreOpenError("not a chatd database (it holds other tables)")
+    if version > SCHEMA_VERSION:
+        raise StoreOpenError(
+            f"database schema {version} is newer than this chatd ({SCHEMA_VERSION}); upgrade chatd"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[v].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        if version == 0:
+            db.execute("INSERT INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            db.execute("INSERT INTO meta VALUES ('rev', '0')")
+            db.execute("INSERT INTO meta VALUES ('users_version', '0')")
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def bump_users_version(db: sqlite3.Connection) -> None:
+    """Tell a running server that accounts changed (it polls this value)."""
+    db.execute(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'users_version'"
+    )
+
+
+class SQLiteStore:
+    """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer)."""
+
+    def __init__(self, path: str, *, readers: int = 2) -> None:
+        self.path = path
+        self.memory = path == ":memory:"
+        self.rev = 0
+        self.epoch = ""
+        self._rev_w = 0  # the writer thread's view; becomes self.rev once committed
+        self._db: sqlite3.Connection | None = None
+        self._pending: collections.deque[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]
+        ] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers_n = readers
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._local = threading.local()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> Snapshot:
+        """Open (creating or migrating) the database and load what lives in memory."""
+        if not self.memory and os.path.dirname(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            db = _connect(self.path)
+            if not self.memory:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreOpenError(f"cannot use WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            migrate(db)
+        except sqlite3.DatabaseError as exc:
+            raise StoreOpenError(str(exc)) from None
+        self._db = db
+        db.execute("BEGIN IMMEDIATE")
+        # Ephemeral rooms die at start: nobody is connected then (contract).
+        db.execute(
+            "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE ephemeral = 1)"
+        )
+        db.execute("DELETE FROM rooms WHERE ephemeral = 1")
+        db.execute("COMMIT")
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        self.epoch = meta["epoch"]
+        self.rev = self._rev_w = int(meta["rev"])
+        snap = Snapshot(
+            epoch=self.epoch,
+            rev=self.rev,
+            users=self._users(db),
+            guests=[
+                GuestHold(n, j, e)
+                for n, j, e in db.execute("SELECT name, jti, expires_at FROM guests")
+            ],
+            revoked=dict(db.execute("SELECT jti, expires_at FROM revoked").fetchall()),
+            rooms=[
+                RoomRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]))
+                for r in db.execute(
+                    "SELECT id, name, topic, owner, created_at, ephemeral, open FROM rooms"
+                )
+            ],
+            users_version=int(meta["users_version"]),
+        )
+        self._thread = threading.Thread(target=self._writer, name="chatd-writer", daemon=True)
+        self._thread.start()
+        if not self.memory:
+            self._readers = concurrent.futures.ThreadPoolExecutor(
+                self._readers_n, thread_name_prefix="chatd-reader"
+            )
+        return snap
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer and the readers."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        if self._readers is not None:
+            self._readers.shutdown(wait=False)
+        if self._db is not None:
+            self._db.close()
+
+    # --- the writer ------------------------------------------------------------------
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T], multi: bool = False) -> asyncio.Future[T]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        if self._stopping:
+            fut.set_exception(Internal("the server is shutting down"))
+            return fut
+        self._pending.append((fn, fut, multi))
+        self._wake.set()
+        return fut
+
+    def _writer(self) -> None:
+        pending = self._pending
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while pending:
+                batch = []
+                while pending and len(batch) < _MAX_BATCH:
+                    batch.append(pending.popleft())
+                self._run_batch(batch)
+            if self._stopping and not pending:
+                return
+
+    def _run_batch(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
+        db = self._db
+        assert db is not None
+        rev0 = self._rev_w
+        results: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, fut, multi in batch:
+                if multi:
+                    db.execute("SAVEPOINT op")
+                try:
+                    value = fn(db)
+                except (ChatError, sqlite3.Error) as exc:
+                    if multi:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                    results.append((fut, None, _as_chat_error(exc)))
+                else:
+                    if multi:
+                        db.execute("RELEASE op")
+                    results.append((fut, value, None))
+            if self._rev_w != rev0:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'rev'", (str(self._rev_w),))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._rev_w = rev0
+            err = _as_chat_error(exc)
+            results = [(fut, None, err) for _, fut, _ in batch]
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, results, self._rev_w)
+
+    def _deliver(self, results: list[tuple[Any, Any, BaseException | None]], rev: int) -> None:
+        self.rev = rev
+        for fut, value, exc in results:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+    def _next_rev(self) -> int:
+        return self._rev_w + 1
+
+    # --- reads -----------------------------------------------------------------------
+
+    def _reader_db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect(self.path)
+            self._local.db = db
+        return db
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers is None:
+            return await self._write(fn)
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(self._reader_db())
+            except sqlite3.Error as exc:
+                raise _as_chat_error(exc) from None
+
+        return await loop.run_in_executor(self._readers, run)
+
+    # --- accounts --------------------------------------------------------------------
+
+    @staticmethod
+    def _users(db: sqlite3.Connection) -> list[UserRecord]:
+        return [
+            UserRecord(i, n, h, bool(a), v)
+            for i, n, h, a, v in db.execute(
+                "SELECT id, name, pw_hash, admin, token_version FROM users"
+            )
+        ]
+
+    async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
+        def op(db: sqlite3.Connection) -> UserRecord:
+            cur = db.execute(
+                "INSERT INTO users (name, name_key, pw_hash, admin, created_at) "
+                "VALUES (?, ?, ?, ?, strftime('%s','now')) ON CONFLICT(name_key) DO NOTHING",
+                (name, name.lower(), pw_hash, int(admin)),
+            )
+            if cur.rowcount == 0:
+                raise Conflict(f"user {name!r} already exists")
+            return UserRecord(int(cur.lastrowid or 0), name, pw_hash, admin, 0)
+
+        return await self._write(op)
+
+    async def delete_user(self, name: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM users WHERE name_key = ?", (name.lower(),))
+            return cur.rowcount > 0
+
+        return await self._write(op)
+
+    async def bump_token_version(self, name: str) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "UPDATE users SET token_version = token_version + 1 WHERE name_key = ? "
+                "RETURNING token_version",
+                (name.lower(),),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._write(op)
+
+    async def revoke(self, jti: str, expires_at: int) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO revoked VALUES (?, ?)", (jti, expires_at))
+
+        await self._write(op)
+
+    async def hold_guest(self, hold: GuestHold) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO guests VALUES (?, ?, ?, ?)",
+                (hold.name.lower(), hold.name, hold.jti, hold.expires_at),
+            )
+
+        await self._write(op)
+
+    async def release_guest(self, name: str, jti: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM guests WHERE name_key = ? AND jti = ?", (name.lower(), jti))
+
+        await self._write(op)
+
+    async def purge_expired(self, now: int) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM revoked WHERE expires_at <= ?", (now,))
+            db.execute("DELETE FROM guests WHERE expires_at <= ?", (now,))
+
+        await self._write(op, multi=True)
+
+    async def users_version(self) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT value FROM meta WHERE key = 'users_version'").fetchone()
+            return int(row[0])
+
+        return await self._read(op)
+
+    async def reload_users(self) -> tuple[int, list[UserRecord]]:
+        def op(db: sqlite3.Connection) -> tuple[int, list[UserRecord]]:
+            db.execute("BEGIN")
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'users_version'").fetchone()
+                return int(row[0]), self._users(db)
+            finally:
+                db.execute("COMMIT")
+
+        if self._readers is None:
+            return await self._write(lambda db: (0, self._users(db)))
+        return await self._read(op)
+
+    # --- rooms -----------------------------------------------------------------------
+
+    async def create_room(self, room: RoomRecord) -> RoomRecord:
+        def op(db: sqlite3.Connection) -> RoomRecord:
+            cur = db.execute(
+                "INSERT INTO rooms (name, name_key, topic, owner, created_at, ephemeral, open) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    room.name,
+                    room.name.lower(),
+                    room.topic,
+                    room.owner,
+                    room.created_at,
+                    int(room.ephemeral),
+                    int(room.open),
+                ),
+            )
+            room.id = int(cur.lastrowid or 0)
+            return room
+
+        return await self._write(op)
+
+    async def update_room(self, room_id: int, name: str, topic: str) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE rooms SET name = ?, name_key = ?, topic = ? WHERE id = ?",
+                (name, name.lower(), topic, room_id),
+            )
+
+        await self._write(op)
+
+    async def delete_room(self, room_id: int) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM messages WHERE room_id = ?", (room_id,))
+            db.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
+
+        await self._write(op, multi=True)
+
+    # --- messages --------------------------------------------------------------------
+
+    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+        """Store a message; (record, True). A nonce the sender already used returns the
+        original instead: (original, False) — checked here, in the one writer, so two
+        racing retries cannot both post."""
+
+        def op(db: sqlite3.Connection) -> tuple[MessageRecord, bool]:
+            if msg.nonce is not None:
+                row = db.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE sender_key = ? AND nonce = ?",
+                    (msg.sender.lower(), msg.nonce),
+                ).fetchone()
+                if row is not None:
+                    return _msg(row), False
+            if msg.room_id is not None and not db.execute(
+                "SELECT 1 FROM rooms WHERE id = ?", (msg.room_id,)
+            ).fetchone():
+                raise NotFound("the room was deleted")
+            rev = self._rev_w + 1
+            recipient_key = msg.recipient.lower() if msg.recipient is not None else None
+            cur = db.execute(
+                "INSERT INTO messages (rev, room_id, sender, sender_key, recipient, recipient_key,"
+                " dm_key, text, ts, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rev,
+                    msg.room_id,
+                    msg.sender,
+                    msg.sender.lower(),
+                    msg.recipient,
+                    recipient_key,
+                    dm_key(msg.sender, msg.recipient) if msg.recipient is not None else None,
+                    msg.text,
+                    msg.ts,
+                    msg.nonce,
+                ),
+            )
+            self._rev_w = rev
+            return MessageRecord(
+                int(cur.lastrowid or 0),
+                rev,
+                msg.room_id,
+                msg.sender,
+                msg.recipient,
+                msg.text,
+                msg.ts,
+                None,
+                None,
+                False,
+            ), True
+
+        return await self._write(op)
+
+    async def edit_message(
+        self, message_id: int, text: str, ts: float, by: str
+    ) -> MessageRecord | None:
+        def op(db: sqlite3.Connection) -> MessageRecord | None:
+            rev = self._rev_w + 1
+            row = db.execute(
+                "UPDATE messages SET text = ?, edited_ts = ?, edited_by = ?, rev = ? "
+                f"WHERE id = ? AND deleted = 0 RETURNING {_MSG_COLS}",
+                (text, ts, by, rev, message_id),
+            ).fetchone()
+            if row is None:
+                return None
+            self._rev_w = rev
+            return _msg(row)
+
+        return await self._write(op)
+
+    async def delete_message(self, message_id: int) -> MessageRecord | None:
+        def op(db: sqlite3.Connection) -> MessageRecord | None:
+            rev = self._rev_w + 1
+            row = db.execute(
+                "UPDATE messages SET text = '', deleted = 1, rev = ? "
+                f"WHERE id = ? AND deleted = 0 RETURNING {_MSG_COLS}",
+                (rev, message_id),
+            ).fetchone()
+            if row is None:
+                return None
+            self._rev_w = rev
+            return _msg(row)
+
+        return await self._write(op)
+
+    async def get_message(self, message_id: int) -> MessageRecord | None:
+        def op(db: sqlite3.Connection) -> MessageRecord | None:
+            row = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            return _msg(row) if row else None
+
+        return await self._read(op)
+
+    async def find_nonce(self, sender: str, nonce: str) -> MessageRecord | None:
+        def op(db: sqlite3.Connection) -> MessageRecord | None:
+            row = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE sender_key = ? AND nonce = ?",
+                (sender.lower(), nonce),
+            ).fetchone()
+            return _msg(row) if row else None
+
+        return await self._read(op)
+
+    async def room_history(
+        self, room_id: int, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        return await self._read(
+            lambda db: _page(db, "room_id = ?", (room_id,), before, after, limit)
+        )
+
+    async def dm_history(
+        self, user: str, other: str | None, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        if other is not None:
+            key = dm_key(user, other)
+            return await self._read(
+                lambda db: _page(db, "dm_key = ? AND room_id IS NULL", (key,), before, after, limit)
+            )
+        me = user.lower()
+
+        def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
+            return _page(
+                db,
+                "room_id IS NULL AND id IN ("
+                "SELECT id FROM messages WHERE sender_key = ? AND room_id IS NULL "
+                "UNION SELECT id FROM messages WHERE recipient_key = ? AND room_id IS NULL)",
+                (me, me),
+                before,
+                after,
+                limit,
+            )
+
+        return await self._read(op)
+
+    async def changes_since(
+        self, rev: int, room_ids: list[int], user: str, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        me = user.lower()
+        marks = ",".join("?" * len(room_ids))
+
+        def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
+            rows = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages WHERE rev > ? AND ("
+                f"room_id IN ({marks}) OR "
+                "(room_id IS NULL AND (sender_key = ? OR recipient_key = ?))) "
+                "ORDER BY rev LIMIT ?",
+                (rev, *room_ids, me, me, limit + 1),
+            ).fetchall()
+            return [_msg(r) for r in rows[:limit]], len(rows) > limit
+
+        return await self._read(op)
+
+    async def has_dms_between(self, user: str, other: str) -> bool:
+        key = dm_key(user, other)
+
+        def op(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM messages WHERE dm_key = ? AND room_id IS NULL LIMIT 1", (key,)
+            ).fetchone()
+            return row is not None
+
+        return await self._read(op)
+
+
+def _page(
+    db: sqlite3.Connection,
+    where: str,
+    args: tuple[Any, ...],
+    before: int | None,
+    after: int | None,
+    limit: int,
+) -> tuple[list[MessageRecord], bool]:
+    """A history page by the contract's paging rules, oldest first, with `more`."""
+    sql = f"SELECT {_MSG_COLS} FROM messages WHERE {where} AND deleted = 0"
+    params: list[Any] = list(args)
+    if after is not None:
+        sql += " AND id > ?"
+        params.append(after)
+    if before is not None:
+        sql += " AND id < ?"
+        params.append(before)
+    ascending = after is not None
+    sql += " ORDER BY id " + ("ASC" if ascending else "DESC") + " LIMIT ?"
+    params.append(limit + 1)
+    rows = db.execute(sql, params).fetchall()
+    more = len(rows) > limit
+    page = [_msg(r) for r in rows[:limit]]
+    if not ascending:
+        page.reverse()
+    return page, more
+
+
+def _as_chat_error(exc: BaseException) -> ChatError:
+    if isinstance(exc, ChatError):
+        return exc
+    text = str(exc)
+    if "full" in text:
+        return Internal("storage is full; the change was not saved, try again later")
+    if "readonly" in text or "read-only" in text:
+        return Internal("storage is read-only; the change was not saved")
+    if "locked" in text or "busy" in text:
+        return Internal("storage is busy; the change was not saved, try again")
+    return Internal("storage error; the change was not saved")

@@ -1,0 +1,135 @@
+"""Test helpers: an in-process server on 127.0.0.1:0 and a line client. Every wait has a
+timeout (STYLE 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from chatd.config import Config
+from chatd.server import ChatServer
+from chatd.store.sqlite import SQLiteStore
+
+SECRET = "test-secret-that-is-long-enough-for-hs256!"
+TIMEOUT = 5.0
+# Cheap argon2 in tests: the cost is a parameter, the code path is the same.
+TEST_CONFIG = Config(
+    port=0,
+    db=":memory:",
+    argon2_memory_kib=1024,
+    argon2_time_cost=1,
+    idle_timeout=300.0,
+)
+
+
+@asynccontextmanager
+async def running_server(config: Config | None = None, **changes: Any) -> AsyncIterator[ChatServer]:
+    cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
+    server = ChatServer(cfg, SQLiteStore(cfg.db), SECRET)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class Client:
+    """One connection speaking JSON lines. Replies are matched by id; events are kept."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.events: list[dict[str, Any]] = []
+        self.hello: dict[str, Any] = {}
+        self.token: str | None = None
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> Client:
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=16 * 1024 * 1024), TIMEOUT
+        )
+        c = cls(r, w)
+        c.hello = await c.recv()
+        assert c.hello["event"] == "hello", c.hello
+        return c
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await asyncio.wait_for(self.writer.drain(), TIMEOUT)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.send_raw(json.dumps(frame).encode() + b"\n")
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise EOFError("connection closed")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def reply(self, rid: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next reply with this id; events met on the way are kept in .events."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == "event":
+                self.events.append(frame)
+                continue
+            if frame.get("id") == rid:
+                return frame
+            raise AssertionError(f"unexpected frame {frame}")
+
+    async def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        rid = next(self._ids)
+        await self.send({"cmd": cmd, "id": rid, **fields})
+        return await self.reply(rid)
+
+    async def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        frame = await self.call(cmd, **fields)
+        assert frame["type"] == "ok", frame
+        data: dict[str, Any] = frame["data"]
+        return data
+
+    async def error(self, cmd: str, code: str, **fields: Any) -> dict[str, Any]:
+        frame = await self.call(cmd, **fields)
+        assert frame["type"] == "error" and frame["code"] == code, frame
+        return frame
+
+    async def event(self, name: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next event called `name` (from those kept, else from the socket)."""
+        for i, e in enumerate(self.events):
+            if e["event"] == name:
+                return self.events.pop(i)["data"]  # type: ignore[no-any-return]
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == "event" and frame["event"] == name:
+                return frame["data"]  # type: ignore[no-any-return]
+            if frame["type"] == "event":
+                self.events.append(frame)
+            else:
+                raise AssertionError(f"unexpected frame {frame}")
+
+    async def no_frame(self, within: float = 0.2) -> None:
+        """Assert nothing arrives: a bounded wait for an absence."""
+        try:
+            frame = await self.recv(within)
+        except asyncio.TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {frame}")
+
+    async def guest(self, name: str) -> dict[str, Any]:
+        data = await self.ok("login", user=name)
+        self.token = data["token"]
+        return data
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
