@@ -54,6 +54,9 @@ class App:
         self.online: dict[str, dict[Session, None]] = {}
         self.send_buckets: dict[str, TokenBucket] = {}
         self.account_failures: dict[str, list[float]] = {}
+        # Names being registered right now (the hash and the write take a while): a guest
+        # login or a second register of one of them is a conflict, not a double owner.
+        self.registering: set[str] = set()
         # (user key, nonce) -> message: retried sends answered without a store read.
         self.nonces: collections.OrderedDict[tuple[str, str], MessageRecord] = (
             collections.OrderedDict()
@@ -145,6 +148,8 @@ class App:
         key = claims.sub.lower()
         if s.user_key is not None and s.user_key != key:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")
+        if s.claims is not None and s.claims.jti == claims.jti:
+            return  # `auth` again with the bound token: its timers stand (notice once per token)
         s.cancel_timers()
         s.user = self.display_name(claims.sub)
         s.user_key = key

@@ -74,9 +74,22 @@ class TokenService:
 
     def mint(self, sub: str, jti: str, grants: tuple[str, ...], ttl: int) -> tuple[str, Claims]:
         now = self._clock.now()
-        iat = int(now)
-        # exp rounded up so the token lives at least its ttl (contract).
-        exp = math.ceil(now + ttl)
+        # iat is the whole second now falls in, never in the future (a client's own JWT
+        # library may refuse that); exp is rounded up so the token lives at least its ttl.
+        return self._sign(sub, jti, grants, math.floor(now), math.ceil(now + ttl))
+
+    def renew(self, old: Claims, jti: str, max_ttl: int) -> tuple[str, Claims]:
+        """A token like ``old`` with a fresh lifetime of the same length, ``exp - iat``, at
+        most ``max_ttl`` (contract, `refresh`). Keeping ``exp - iat`` rather than minting
+        with it as a ttl stops the lifetime growing by the rounding second at every refresh."""
+        now = self._clock.now()
+        iat = math.floor(now)
+        exp = min(iat + max(1, old.exp - old.iat), math.ceil(now + max_ttl))
+        return self._sign(old.sub, jti, old.grants, iat, exp)
+
+    def _sign(
+        self, sub: str, jti: str, grants: tuple[str, ...], iat: int, exp: int
+    ) -> tuple[str, Claims]:
         claims = Claims(sub=sub, iat=iat, exp=exp, jti=jti, iss=ISSUER, scope=" ".join(grants))
         token = jwt.encode(msgspec.structs.asdict(claims), self._key, algorithm=ALGORITHM)
         return token, claims
@@ -97,8 +110,12 @@ class TokenService:
         return claims
 
     def _decode(self, token: str) -> Claims:
+        # limits.md: at most max_bytes, checked before decoding. A JWT is ASCII, so a
+        # character count is a byte count once the non-ASCII ones are turned away.
         if len(token) > self._max_bytes:
-            raise Unauthorized("the token is too long")
+            raise Unauthorized(f"the token is too long (more than {self._max_bytes} bytes)")
+        if not token.isascii():
+            raise Unauthorized("the token is invalid")
         try:
             payload = jwt.decode(
                 token,

@@ -11,6 +11,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--per-ip-connections", type=int, default=d.per_ip_connections)
     serve.add_argument("--command-rate", type=float, default=d.command_rate,
                        help="other commands per connection per second (burst 2x); 0 = off")
+    serve.add_argument("--commit-batch", type=int, default=d.commit_batch,
+                       help="writes per transaction (group commit); 1 = commit each")
     serve.add_argument("--log-level", default="INFO")
 
     user = sub.add_parser("user", help="manage accounts")
@@ -152,6 +155,7 @@ def config_from(args: argparse.Namespace) -> Config:
         per_ip_connections=args.per_ip_connections,
         command_rate=args.command_rate,
         command_burst=int(args.command_rate * 2),
+        commit_batch=max(1, args.commit_batch),
     )
 
 
@@ -178,7 +182,7 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(config: Config, secret: str) -> int:
     from chatd.server import ChatServer
 
-    store = SQLiteStore(config.db)
+    store = SQLiteStore(config.db, max_batch=config.commit_batch)
     server = ChatServer(config, store, secret)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -227,14 +231,16 @@ def user_command(args: argparse.Namespace) -> int:
         return 0
     if args.user_command == "add":
         password = _read_password(args.password_stdin)
-        n = len(password.encode())
-        if n < _DEFAULTS.password_min or n > _DEFAULTS.password_max:
-            raise CliError(
-                f"password must be {_DEFAULTS.password_min} to {_DEFAULTS.password_max} bytes"
-            )
-        from chatd.protocol.commands import Register
         import msgspec
 
+        from chatd.errors import BadRequest
+        from chatd.handlers.accounts import check_password
+        from chatd.protocol.commands import Register
+
+        try:
+            check_password(password, _DEFAULTS)  # the same rule as `register`
+        except BadRequest as exc:
+            raise CliError(exc.message) from None
         try:
             msgspec.convert({"cmd": "register", "user": args.name, "password": "x"}, Register)
         except msgspec.ValidationError:
@@ -245,6 +251,14 @@ def user_command(args: argparse.Namespace) -> int:
         pw_hash = hasher.hash_sync(password)
         hasher.close()
         db.execute("BEGIN IMMEDIATE")
+        # Contract: registering a name an online guest holds is a conflict, here too.
+        held = db.execute(
+            "SELECT name FROM guests WHERE name_key = ? AND expires_at > ?",
+            (args.name.lower(), int(time.time())),
+        ).fetchone()
+        if held is not None:
+            db.execute("ROLLBACK")
+            raise CliError(f"the name {args.name!r} is held by an online guest; try again later")
         cur = db.execute(
             "INSERT INTO users (name, name_key, pw_hash, admin, created_at) "
             "VALUES (?, ?, ?, ?, strftime('%s','now')) ON CONFLICT(name_key) DO NOTHING",

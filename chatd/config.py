@@ -71,6 +71,8 @@ class Config:
     hash_queue: int = 256
     nonce_cache: int = 65_536
     shutdown_grace: float = 2.0
+    # Writes per SQLite transaction (group commit); 1 = one commit per write, for comparison.
+    commit_batch: int = 2_000
     # How often the server looks for changes made by `chatd user …` on the same database.
     db_poll_interval: float = 0.5
 

@@ -98,13 +98,51 @@ Result = Union[Outcome, Throttle, "Pending"]
 
 
 class Pending:
-    """A command that waits for the store or a hash; ``run()`` finishes it."""
+    """A command that waits for the store or a hash. The server drives ``handler`` from
+    the future it first yielded (``first``) and hands the result to ``finish`` or the
+    exception to ``fail``; ``coro`` does the same as one awaitable (tests, tools).
 
-    __slots__ = ("coro", "overlap")
+    Handlers are driven without a Task of their own, so they must not rely on
+    ``asyncio.current_task()`` (no ``asyncio.timeout`` inside a handler).
+    """
 
-    def __init__(self, coro: Coroutine[Any, Any, Outcome], overlap: bool) -> None:
-        self.coro = coro
+    __slots__ = ("handler", "first", "rid", "req", "name", "overlap")
+
+    def __init__(
+        self,
+        handler: Coroutine[Any, Any, Any],
+        first: Any,
+        rid: RequestId,
+        req: Request,
+        name: str,
+        overlap: bool,
+    ) -> None:
+        self.handler = handler
+        self.first = first
+        self.rid = rid
+        self.req = req
+        self.name = name
         self.overlap = overlap
+
+    def finish(self, value: Any) -> Outcome:
+        return Outcome(ok_frame(self.rid, value), self.req.events)
+
+    def fail(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, ChatError):
+            return Outcome(error_frame(self.rid, exc))
+        log.error("internal error in %s", self.name, exc_info=exc)
+        return Outcome(error_frame(self.rid, Internal("internal error")))
+
+    @property
+    def coro(self) -> Coroutine[Any, Any, Outcome]:
+        return self._run()
+
+    async def _run(self) -> Outcome:
+        try:
+            value = await _resume(self.handler, self.first)
+        except Exception as exc:
+            return self.fail(exc)
+        return self.finish(value)
 
 
 class Dispatcher:
@@ -163,19 +201,7 @@ class Dispatcher:
         except Exception:
             log.exception("internal error in %s", spec.name)
             return Outcome(error_frame(rid, Internal("internal error")))
-        return Pending(self._finish(coro, first, rid, req, spec.name), spec.overlap)
-
-    async def _finish(
-        self, coro: Coroutine[Any, Any, Any], first: Any, rid: RequestId, req: Request, name: str
-    ) -> Outcome:
-        try:
-            value = await _resume(coro, first)
-        except ChatError as exc:
-            return Outcome(error_frame(rid, exc))
-        except Exception:
-            log.exception("internal error in %s", name)
-            return Outcome(error_frame(rid, Internal("internal error")))
-        return Outcome(ok_frame(rid, value), req.events)
+        return Pending(coro, first, rid, req, spec.name, spec.overlap)
 
 
 @types.coroutine
@@ -236,10 +262,12 @@ def command_table() -> list[Spec]:
              check=messages.check_limit),
         Spec(c.MsgSend, messages.send, "msg.send room|to text [nonce] — post a message",
              overlap=True, metered=False, check=messages.check_send),
+        # msg.edit/msg.delete look the message up before they write, so a send pipelined
+        # behind one would take an earlier revision yet reach the room later: they do not
+        # overlap (contract: each connection gets message events in revision order).
         Spec(c.MsgEdit, messages.edit, "msg.edit message_id text — edit a message",
-             overlap=True, metered=False, check=messages.check_edit),
-        Spec(c.MsgDelete, messages.delete, "msg.delete message_id — delete a message",
-             overlap=True),
+             metered=False, check=messages.check_edit),
+        Spec(c.MsgDelete, messages.delete, "msg.delete message_id — delete a message"),
         Spec(c.DmHistory, messages.dm_history,
              "dm.history [with] [before] [after] [limit] — direct messages, oldest first",
              check=messages.check_limit),

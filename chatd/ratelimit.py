@@ -14,10 +14,12 @@ class TokenBucket:
 
     def take(self, now: float) -> float:
         """Take one token. Returns 0.0 on success, else the seconds until one is available."""
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # A wall clock may step back: that must not drain the bucket below empty.
+        tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        # The epsilon absorbs float error, so waiting exactly the advised delay succeeds.
+        if tokens >= 1.0 - 1e-9:
+            self.tokens = max(0.0, tokens - 1.0)
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate

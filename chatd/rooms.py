@@ -11,6 +11,8 @@ from chatd.protocol.models import RenamedRoomInfo, RoomInfo, rfc3339
 from chatd.store.base import RoomRecord
 
 if TYPE_CHECKING:
+    import asyncio
+
     from chatd.session import Session
 
 
@@ -26,6 +28,7 @@ class LiveRoom:
         "sessions",
         "users",
         "deleted",
+        "edit_lock",
         "__weakref__",
     )
 
@@ -42,6 +45,9 @@ class LiveRoom:
         # user key -> how many of that user's connections are in the room
         self.users: dict[str, int] = {}
         self.deleted = False
+        # room.edit reads name and topic before its write: edits of one room take turns,
+        # so a topic change never writes back a name a concurrent rename just replaced.
+        self.edit_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"<LiveRoom {self.name}>"

@@ -66,6 +66,8 @@ class Connection(asyncio.Protocol):
         "ip",
         "stall_size",
         "stall_since",
+        "waiting",
+        "barriers",
     )
 
     def __init__(self, srv: ChatServer) -> None:
@@ -84,6 +86,8 @@ class Connection(asyncio.Protocol):
         self.ip = ""
         self.stall_size = 0
         self.stall_since = 0.0
+        self.waiting = 0  # commands started and not finished
+        self.barriers = 0  # of those, the ones later commands must wait for
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -113,7 +117,8 @@ class Connection(asyncio.Protocol):
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
-        srv.forget_ip(self.ip)
+        if self.session is not None:  # a refused connection never took a per-IP slot
+            srv.forget_ip(self.ip)
         self.out.clear()
         if self.session is not None:
             srv.app.close_session(self.session)
@@ -135,7 +140,11 @@ class Connection(asyncio.Protocol):
         self.out.append(data)
         self.out_bytes += len(data)
         if self.out_bytes + self.tbuf > self.srv.config.outbox_hard:
-            self.drop_slow()
+            # A burst within one loop turn (a group commit fanning out many messages) is
+            # not a slow consumer: hand it to the kernel first, judge what is left after.
+            self.flush()
+            if self.tbuf > self.srv.config.outbox_hard:
+                self.drop_slow()
 
     def flush(self) -> None:
         t = self.transport
@@ -243,7 +252,7 @@ class Connection(asyncio.Protocol):
             else:
                 break
             slots = self.slots
-            if slots and not (spec.overlap and all(s.overlap for s in slots)):
+            if self.waiting and (self.barriers or not spec.overlap):
                 self.held = (cmd, spec)  # starts when what is in flight has finished
                 self._pause(_PAUSE_BACKLOG)
                 return
@@ -256,7 +265,10 @@ class Connection(asyncio.Protocol):
                 if slots is None:
                     slots = self.slots = collections.deque()
                 slots.append(slot)
-                srv.spawn_command(self, slot, result.coro)
+                self.waiting += 1
+                if not result.overlap:
+                    self.barriers += 1
+                _Drive(srv, self, slot, result)
             else:
                 assert isinstance(result, Throttle)
                 self.held = (cmd, spec)
@@ -291,6 +303,9 @@ class Connection(asyncio.Protocol):
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         slot.outcome = outcome
+        self.waiting -= 1
+        if not slot.overlap:
+            self.barriers -= 1
         slots = self.slots
         assert slots is not None
         while slots and slots[0].outcome is not None:
@@ -299,6 +314,57 @@ class Connection(asyncio.Protocol):
             self.deliver(done)
         if not slots and (self.held is not None or self.queue):
             self.pump()
+
+
+class _Drive:
+    """Runs a waiting command on its futures' callbacks, without a Task per command: a
+    group commit resolves thousands of sends at once, and each Task costs more than the
+    send itself. Tracked in ``srv.commands`` so shutdown can wait for them."""
+
+    __slots__ = ("srv", "conn", "slot", "pending")
+
+    def __init__(self, srv: ChatServer, conn: Connection, slot: _Slot, pending: Pending) -> None:
+        self.srv = srv
+        self.conn = conn
+        self.slot = slot
+        self.pending = pending
+        srv.commands[self] = None
+        self._wait(pending.first)
+
+    def _wait(self, yielded: Any) -> None:
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): go on next turn
+            self.srv.loop.call_soon(self._step, None)
+            return
+        if getattr(yielded, "_asyncio_future_blocking", None) is None:
+            self._end(self.pending.fail(RuntimeError(f"handler awaited {yielded!r}")))
+            return
+        yielded._asyncio_future_blocking = False
+        yielded.add_done_callback(self._step)
+
+    def _step(self, fut: asyncio.Future[Any] | None) -> None:
+        handler = self.pending.handler
+        try:
+            if fut is None:
+                yielded = handler.send(None)
+            elif fut.cancelled():
+                yielded = handler.throw(asyncio.CancelledError())
+            else:
+                exc = fut.exception()
+                yielded = handler.throw(exc) if exc is not None else handler.send(fut.result())
+        except StopIteration as stop:
+            self._end(self.pending.finish(stop.value))
+            return
+        except Exception as exc:
+            self._end(self.pending.fail(exc))
+            return
+        except BaseException as exc:  # CancelledError and friends: answer, then let go
+            self._end(self.pending.fail(exc))
+            raise
+        self._wait(yielded)
+
+    def _end(self, outcome: Outcome) -> None:
+        self.srv.commands.pop(self, None)
+        self.conn.finished(self.slot, outcome)
 
 
 class _Timer:
@@ -343,7 +409,7 @@ class ChatServer:
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.commands: set[asyncio.Task[Any]] = set()
+        self.commands: dict[_Drive, None] = {}
         self.per_ip: dict[str, int] = {}
         self.ip_new: dict[str, collections.deque[float]] = {}
         self.idle: collections.deque[tuple[float, Session, float]] = collections.deque()
@@ -366,18 +432,6 @@ class ChatServer:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
-
-    def spawn_command(self, conn: Connection, slot: _Slot, coro: Coroutine[Any, Any, Outcome]) -> None:
-        task = self.loop.create_task(coro)
-        self.commands.add(task)
-
-        def done(t: asyncio.Task[Outcome]) -> None:
-            self.commands.discard(t)
-            if t.cancelled():
-                return
-            conn.finished(slot, t.result())
-
-        task.add_done_callback(done)
 
     # --- output batching -------------------------------------------------------------
 
@@ -450,6 +504,10 @@ class ChatServer:
                 s.peer.close()
             elif s.user_key is None:
                 self.watch_idle(s)
+            else:
+                # Bound now, but logout or expiry may unbind it later (limits.md: "or of
+                # being unbound"): look again, so it is not forgotten.
+                idle.append((now + max(self.config.idle_timeout, 1.0), s, -1.0))
         mono = time.monotonic()
         for conn in list(self.stalled):
             t = conn.transport
@@ -524,9 +582,10 @@ class ChatServer:
             conn.send(frame)
         self.flush_all()
         # Commands already running (a send waiting for its commit) get to finish.
-        if self.commands:
-            await asyncio.wait(list(self.commands), timeout=self.config.shutdown_grace / 2)
-        for t in list(self.tasks) + list(self.commands):
+        deadline = time.monotonic() + self.config.shutdown_grace / 2
+        while self.commands and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for t in list(self.tasks):
             t.cancel()
         await self.store.close()
         self.flush_all()

@@ -26,13 +26,20 @@ if TYPE_CHECKING:
     from chatd.session import Session
 
 _FAILURE_WINDOW = 60.0
+# Account names with recent failures kept before the stale ones are swept out.
+_FAILURE_KEYS = 10_000
 
 
 def check_password(password: str, config: Config) -> None:
-    n = len(password.encode("utf-8"))
-    if n < config.password_min or n > config.password_max:
+    """At least password_min characters (contract: "≥ 8 chars") and 8 … 1,024 bytes of UTF-8
+    (limits.md), checked before hashing so a huge password never costs a KDF run."""
+    if len(password) < config.password_min or (
+        len(password) * 4 > config.password_max  # cheap: most passwords end here
+        and len(password.encode("utf-8")) > config.password_max
+    ):
         raise BadRequest(
-            f"password must be {config.password_min} to {config.password_max} bytes long"
+            f"password must be at least {config.password_min} characters "
+            f"and at most {config.password_max} bytes (UTF-8)"
         )
 
 
@@ -56,10 +63,14 @@ def check_auth(cmd: c.Auth, config: Config) -> None:
 
 async def register(app: App, req: Request, cmd: c.Register) -> Any:
     key = cmd.user.lower()
-    if key in app.users or _guest_holds(app, key):
+    if key in app.users or key in app.registering or _guest_holds(app, key):
         raise Conflict(f"the name {cmd.user!r} is taken")
-    pw_hash = await app.hasher.hash(cmd.password)
-    user = await app.store.create_user(cmd.user, pw_hash, admin=False)
+    app.registering.add(key)  # reserved until written: a racing guest login gets conflict
+    try:
+        pw_hash = await app.hasher.hash(cmd.password)
+        user = await app.store.create_user(cmd.user, pw_hash, admin=False)
+    finally:
+        app.registering.discard(key)
     app.users[key] = user
     return {"user": user.name}
 
@@ -89,7 +100,13 @@ def _check_failures(app: App, session: Session, key: str) -> None:
 def _fail(app: App, session: Session, key: str) -> Unauthorized:
     now = app.clock.now()
     session.login_failures.append(now)
-    app.account_failures.setdefault(key, []).append(now)
+    failures = app.account_failures
+    if len(failures) >= _FAILURE_KEYS and key not in failures:
+        # Guessing at random names must not grow memory: forget the names whose
+        # failures are older than the window.
+        for name in [k for k, v in failures.items() if not _recent_failures(v, now)]:
+            del failures[name]
+    failures.setdefault(key, []).append(now)
     return Unauthorized("wrong user name or password")
 
 
@@ -138,9 +155,26 @@ async def _guest_login(
         raise Forbidden("guest logins are turned off on this server")
     if key in app.users:
         raise Unauthorized("that name is registered: log in with its password")
-    if _guest_holds(app, key):
+    own = _own_hold(app, req.session, key)
+    if own is None and _guest_holds(app, key):
         raise Conflict(f"the guest name {cmd.user!r} is in use")
+    if key in app.registering:
+        raise Conflict(f"the name {cmd.user!r} is being registered")
     grants = normalize_grants([g for g in app.config.login_grants if wanted is None or g in wanted])
+    if own is not None:
+        # The holder itself, on its bound connection, is not "another guest": a new token
+        # under the same hold, which lives as long as the longest of its tokens.
+        token, claims = app.tokens.mint(
+            own.name, f"{GUEST_ID}.{own.jti}.{secrets.token_urlsafe(12)}", grants,
+            _ttl(app, cmd.ttl),
+        )
+        if claims.exp > own.expires_at:
+            longer = GuestHold(own.name, own.jti, claims.exp)
+            await app.store.hold_guest(longer)
+            if app.guests.get(key) is own:
+                app.guests[key] = longer
+        app.bind(req.session, token, claims)
+        return _token_reply(token, claims, own.name)
     hold_id = str(secrets.randbelow(2**62))
     token, claims = app.tokens.mint(
         cmd.user, f"{GUEST_ID}.{hold_id}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
@@ -154,6 +188,19 @@ async def _guest_login(
         raise
     app.bind(req.session, token, claims)
     return _token_reply(token, claims, cmd.user)
+
+
+def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
+    """The hold of guest `key` when this connection is bound to that very guest."""
+    hold = app.guests.get(key)
+    claims = session.claims
+    if hold is None or claims is None or session.user_key != key:
+        return None
+    try:
+        app.check_claims(claims)
+    except Unauthorized:
+        return None
+    return hold if claims.jti.startswith(f"{GUEST_ID}.{hold.jti}.") else None
 
 
 async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
@@ -171,21 +218,20 @@ async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> Any:
 
 async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
     old: Claims = req.claims
-    ttl = min(max(1, old.exp - old.iat), app.config.token_ttl)
     key = req.user_key
     hold = app.guests.get(key)
+    max_ttl = app.config.token_ttl
     if old.jti.startswith(f"{GUEST_ID}.") and hold is not None:
-        token, claims = app.tokens.mint(
-            old.sub, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", old.grants, ttl
+        token, claims = app.tokens.renew(
+            old, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", max_ttl
         )
         longer = GuestHold(hold.name, hold.jti, max(hold.expires_at, claims.exp))
         await app.store.hold_guest(longer)
-        app.guests[key] = longer
+        if app.guests.get(key) is hold:  # not released by a logout meanwhile
+            app.guests[key] = longer
     else:
         user = app.users[key]
-        token, claims = app.tokens.mint(
-            user.name, new_jti(user.id, user.token_version), old.grants, ttl
-        )
+        token, claims = app.tokens.renew(old, new_jti(user.id, user.token_version), max_ttl)
     if req.session.user_key == key:
         app.bind(req.session, token, claims)
     return {"token": token, "expires_at": claims.exp}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatError, Forbidden, NotFound, RateLimited
 from chatd.protocol import commands as c
@@ -103,7 +105,8 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
     rec, created = await app.store.add_message(
         NewMessage(room_id, req.user, _recipient(app, cmd), cmd.text, app.clock.now(), cmd.nonce)
     )
-    msg = to_wire(app, rec)
+    # Encoded once: the same bytes go into the reply and the event for every member.
+    msg = msgspec.Raw(encode_json(to_wire(app, rec)))
     if cmd.nonce is not None:
         app.remember_nonce(key, cmd.nonce, rec)
     if created:

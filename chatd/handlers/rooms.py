@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from chatd.config import Config
@@ -48,6 +49,15 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> Any:
 async def edit(app: App, req: Request, cmd: c.RoomEdit) -> Any:
     room = app.rooms.get(cmd.room)
     _may_manage(req, room)
+    if room.edit_lock is None:
+        room.edit_lock = asyncio.Lock()
+    async with room.edit_lock:
+        return await _edit(app, req, cmd, room)
+
+
+async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
+    if room.deleted:
+        raise NotFound(f"room {cmd.room!r} was deleted")
     new_name = cmd.name if cmd.name is not None else room.name
     topic = cmd.topic if cmd.topic is not None else room.topic
     renamed = new_name != room.name

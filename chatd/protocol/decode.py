@@ -13,11 +13,12 @@ from typing import Any
 import msgspec
 
 from chatd.errors import BadFrame, BadRequest, ChatError, UnknownCommand
-from chatd.protocol.commands import AnyCommand, Command
+from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, Command, command_name
 
 _decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)  # type: ignore[arg-type]
 _lenient = msgspec.json.Decoder()
 _MAX_ID = 2**63 - 1
+_NAMES = frozenset(command_name(cls) for cls in ALL_COMMANDS)
 
 
 class FrameError(Exception):
@@ -58,6 +59,8 @@ def _explain(line: bytes, detail: str) -> FrameError:
     if not isinstance(cmd, str):
         return FrameError(BadRequest("field `cmd` must be a string"), rid)
     if detail.endswith("at `$.cmd`"):
+        if cmd in _NAMES:  # `cmd` given twice, with different values
+            return FrameError(BadRequest("field `cmd` is given more than once"), rid)
         return FrameError(UnknownCommand(f"unknown command {cmd[:64]!r}; send help"), rid)
     if "matching regex" in detail:
         where = detail.rpartition(" - at ")[2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import time
 from typing import Union
 
 import msgspec
@@ -42,7 +42,25 @@ class Message(msgspec.Struct):
     deleted: bool = False
 
 
+class _SecondCache:
+    """The date-and-time part changes once a second; formatting it is the slow part."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+
+_last = _SecondCache()
+
+
 def rfc3339(unix: float) -> str:
     """RFC 3339 UTC with millisecond precision, e.g. 2026-12-01T07:57:40.123Z."""
-    dt = datetime.datetime.fromtimestamp(unix, datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    ms = int(unix * 1000)
+    second, millis = divmod(ms, 1000)
+    cache = _last
+    if cache.second != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cache.second, cache.prefix = second, prefix
+    return f"{cache.prefix}.{millis:03d}Z"

@@ -101,17 +101,24 @@ def bump_users_version(db: sqlite3.Connection) -> None:
 class SQLiteStore:
     """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer)."""
 
-    def __init__(self, path: str, *, readers: int = 2) -> None:
+    def __init__(self, path: str, *, readers: int = 2, max_batch: int = _MAX_BATCH) -> None:
         self.path = path
+        self.max_batch = max_batch
         self.memory = path == ":memory:"
         self.rev = 0
         self.epoch = ""
         self._rev_w = 0  # the writer thread's view; becomes self.rev once committed
+        # Room ids are never reused (AUTOINCREMENT), so a send to a deleted room is caught
+        # in memory instead of by a SELECT per message. Writer thread only.
+        self._deleted_rooms: set[int] = set()
+        self._batch_deleted: set[int] = set()
+        self._next_id = 0  # the last message id handed out (writer thread)
         self._db: sqlite3.Connection | None = None
         self._pending: collections.deque[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]
         ] = collections.deque()
         self._wake = threading.Event()
+        self._idle = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +153,9 @@ class SQLiteStore:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         self.epoch = meta["epoch"]
         self.rev = self._rev_w = int(meta["rev"])
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        top = db.execute("SELECT max(id) FROM messages").fetchone()
+        self._next_id = max(seq[0] if seq else 0, top[0] or 0)
         snap = Snapshot(
             epoch=self.epoch,
             rev=self.rev,
@@ -193,17 +203,24 @@ class SQLiteStore:
             fut.set_exception(Internal("the server is shutting down"))
             return fut
         self._pending.append((fn, fut, multi))
-        self._wake.set()
+        if self._idle:
+            self._wake.set()
         return fut
 
     def _writer(self) -> None:
         pending = self._pending
         while True:
-            self._wake.wait()
+            # Producers set the Event only while the writer sleeps (Event.set takes a lock:
+            # too dear per message); looking at `pending` again after raising the flag
+            # closes the gap between the last look and the wait.
+            self._idle = True
+            if not pending and not self._stopping:
+                self._wake.wait()
+            self._idle = False
             self._wake.clear()
             while pending:
                 batch = []
-                while pending and len(batch) < _MAX_BATCH:
+                while pending and len(batch) < self.max_batch:
                     batch.append(pending.popleft())
                 self._run_batch(batch)
             if self._stopping and not pending:
@@ -213,10 +230,21 @@ class SQLiteStore:
         db = self._db
         assert db is not None
         rev0 = self._rev_w
+        id0 = self._next_id
         results: list[tuple[Any, Any, BaseException | None]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            for fn, fut, multi in batch:
+            i, n = 0, len(batch)
+            while i < n:
+                fn, fut, multi = batch[i]
+                if isinstance(fn, _Insert):
+                    j = i
+                    while j < n and isinstance(batch[j][0], _Insert):
+                        j += 1
+                    results += self._insert_run(db, [(b[0], b[1]) for b in batch[i:j]])  # type: ignore[misc]
+                    i = j
+                    continue
+                i += 1
                 if multi:
                     db.execute("SAVEPOINT op")
                 try:
@@ -233,12 +261,16 @@ class SQLiteStore:
             if self._rev_w != rev0:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'rev'", (str(self._rev_w),))
             db.execute("COMMIT")
+            self._deleted_rooms |= self._batch_deleted
+            self._batch_deleted.clear()
         except sqlite3.Error as exc:
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             self._rev_w = rev0
+            self._next_id = id0
+            self._batch_deleted.clear()
             err = _as_chat_error(exc)
             results = [(fut, None, err) for _, fut, _ in batch]
         loop = self._loop
@@ -405,6 +437,7 @@ class SQLiteStore:
         def op(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM messages WHERE room_id = ?", (room_id,))
             db.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
+            self._batch_deleted.add(room_id)
 
         await self._write(op, multi=True)
 
@@ -412,54 +445,69 @@ class SQLiteStore:
 
     async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
         """Store a message; (record, True). A nonce the sender already used returns the
-        original instead: (original, False) — checked here, in the one writer, so two
-        racing retries cannot both post."""
+        original instead: (original, False) — checked in the one writer, so two racing
+        retries cannot both post. Consecutive sends in a batch become one executemany."""
+        return await self._write(_Insert(msg))  # type: ignore[arg-type]
 
-        def op(db: sqlite3.Connection) -> tuple[MessageRecord, bool]:
+    def _insert_run(
+        self, db: sqlite3.Connection, run: list[tuple[_Insert, Any]]
+    ) -> list[tuple[Any, Any, BaseException | None]]:
+        out: list[tuple[Any, Any, BaseException | None]] = []
+        rows: list[tuple[Any, ...]] = []
+        fresh: dict[tuple[str, str], MessageRecord] = {}
+        for op, fut in run:
+            msg = op.msg
+            sender_key = msg.sender.lower()
             if msg.nonce is not None:
-                row = db.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE sender_key = ? AND nonce = ?",
-                    (msg.sender.lower(), msg.nonce),
-                ).fetchone()
-                if row is not None:
-                    return _msg(row), False
-            if msg.room_id is not None and not db.execute(
-                "SELECT 1 FROM rooms WHERE id = ?", (msg.room_id,)
-            ).fetchone():
-                raise NotFound("the room was deleted")
-            rev = self._rev_w + 1
-            recipient_key = msg.recipient.lower() if msg.recipient is not None else None
-            cur = db.execute(
-                "INSERT INTO messages (rev, room_id, sender, sender_key, recipient, recipient_key,"
-                " dm_key, text, ts, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                old = fresh.get((sender_key, msg.nonce))
+                if old is None:
+                    row = db.execute(
+                        f"SELECT {_MSG_COLS} FROM messages WHERE sender_key = ? AND nonce = ?",
+                        (sender_key, msg.nonce),
+                    ).fetchone()
+                    old = _msg(row) if row is not None else None
+                if old is not None:
+                    out.append((fut, (old, False), None))
+                    continue
+            if msg.room_id is not None and (
+                msg.room_id in self._deleted_rooms or msg.room_id in self._batch_deleted
+            ):
+                out.append((fut, None, NotFound("the room was deleted")))
+                continue
+            self._rev_w += 1
+            self._next_id += 1
+            rec = MessageRecord(
+                self._next_id, self._rev_w, msg.room_id, msg.sender, msg.recipient,
+                msg.text, msg.ts, None, None, False,
+            )  # fmt: skip
+            recipient = msg.recipient
+            rows.append(
                 (
-                    rev,
+                    rec.id,
+                    rec.rev,
                     msg.room_id,
                     msg.sender,
-                    msg.sender.lower(),
-                    msg.recipient,
-                    recipient_key,
-                    dm_key(msg.sender, msg.recipient) if msg.recipient is not None else None,
+                    sender_key,
+                    recipient,
+                    recipient.lower() if recipient is not None else None,
+                    dm_key(msg.sender, recipient) if recipient is not None else None,
                     msg.text,
                     msg.ts,
                     msg.nonce,
-                ),
+                )
             )
-            self._rev_w = rev
-            return MessageRecord(
-                int(cur.lastrowid or 0),
-                rev,
-                msg.room_id,
-                msg.sender,
-                msg.recipient,
-                msg.text,
-                msg.ts,
-                None,
-                None,
-                False,
-            ), True
-
-        return await self._write(op)
+            if msg.nonce is not None:
+                fresh[(sender_key, msg.nonce)] = rec
+            out.append((fut, (rec, True), None))
+        if rows:
+            # Explicit ids: AUTOINCREMENT still records them in sqlite_sequence, so an id
+            # is never handed out twice, and the one writer knows them without lastrowid.
+            db.executemany(
+                "INSERT INTO messages (id, rev, room_id, sender, sender_key, recipient,"
+                " recipient_key, dm_key, text, ts, nonce) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+        return out
 
     async def edit_message(
         self, message_id: int, text: str, ts: float, by: str
@@ -571,6 +619,15 @@ class SQLiteStore:
             return row is not None
 
         return await self._read(op)
+
+
+class _Insert:
+    """A queued msg.send: the writer turns a run of these into one executemany."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: NewMessage) -> None:
+        self.msg = msg
 
 
 def _page(

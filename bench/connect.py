@@ -1,0 +1,76 @@
+"""Connect + login + join per second: W workers each loop connect → hello → guest login →
+room.join → close, for a fixed time (ids are fresh names, so each login takes a name and
+writes its hold to the store).
+
+    python3 dev.py bench connect [--workers 64] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+
+from bench.common import Server, new_loop, open_line, percentile, pin_self
+
+
+async def run(port: int, workers: int, seconds: float) -> dict[str, float]:
+    setup = await open_line(port)
+    await setup.call({"cmd": "login", "id": 1, "user": "host"})
+    await setup.call({"cmd": "room.create", "id": 2, "room": "lobby"})
+    names = itertools.count()
+    done = 0
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < stop_at:
+            t = time.monotonic()
+            c = await open_line(port)
+            r = await c.call({"cmd": "login", "id": 1, "user": f"u{next(names)}"})
+            assert r["type"] == "ok", r
+            r = await c.call({"cmd": "room.join", "id": 2, "room": "lobby"})
+            assert r["type"] == "ok", r
+            assert c.transport is not None
+            c.transport.close()
+            latencies.append(time.monotonic() - t)
+            done += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    elapsed = time.monotonic() - t0
+    assert setup.transport is not None
+    setup.transport.close()
+    return {
+        "workers": workers,
+        "sessions": done,
+        "seconds": round(elapsed, 2),
+        "connect_login_join_per_s": round(done / elapsed),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=5)
+    args = ap.parse_args(argv)
+    pin_self()
+    with Server() as srv:
+        loop = new_loop()
+        try:
+            cpu0 = srv.cpu_seconds()
+            r = loop.run_until_complete(run(srv.port, args.workers, args.seconds))
+            r["server_cpu"] = round((srv.cpu_seconds() - cpu0) / r["seconds"], 2)
+        finally:
+            loop.close()
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

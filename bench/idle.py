@@ -1,0 +1,72 @@
+"""Idle connections: open N connections (each gets its hello), and report the server's
+resident memory per connection, and the same after each one logs in and joins a room.
+
+    python3 dev.py bench idle [--conns 19000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import resource
+import time
+
+from bench.common import Line, Server, new_loop, open_line, pin_self
+
+
+async def run(srv: Server, conns: int) -> dict[str, float]:
+    base = srv.rss_kib()
+    lines: list[Line] = []
+    t0 = time.monotonic()
+    for i in range(0, conns, 500):
+        lines += await asyncio.gather(*(open_line(srv.port) for _ in range(min(500, conns - i))))
+    opened = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    idle = srv.rss_kib()
+    # Now bind each to a user in one room: the state a chat member really holds.
+    first = lines[0]
+    await first.call({"cmd": "login", "id": 1, "user": "idle0"})
+    await first.call({"cmd": "room.create", "id": 2, "room": "idle", "ephemeral": True})
+    for i in range(1, len(lines), 500):
+        chunk = lines[i : i + 500]
+        await asyncio.gather(
+            *(c.call({"cmd": "login", "id": 1, "user": f"idle{i + k}"}) for k, c in enumerate(chunk))
+        )
+        await asyncio.gather(*(c.call({"cmd": "room.join", "id": 2, "room": "idle"}) for c in chunk))
+    await asyncio.sleep(1.0)
+    joined = srv.rss_kib()
+    for c in lines:
+        assert c.transport is not None
+        c.transport.close()
+    return {
+        "connections": len(lines),
+        "open_seconds": round(opened, 2),
+        "server_rss_base_kib": base,
+        "idle_kib_per_conn": round((idle - base) / len(lines), 2),
+        "logged_in_joined_kib_per_conn": round((joined - base) / len(lines), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--conns", type=int, default=19_000)
+    args = ap.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    conns = min(args.conns, hard - 100)
+    pin_self()
+    gc.disable()  # the load generator's own garbage collector is not what is measured
+    with Server("--max-connections", str(conns + 10), "--db", ":memory:") as srv:
+        loop = new_loop()
+        try:
+            r = loop.run_until_complete(run(srv, conns))
+        finally:
+            loop.close()
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

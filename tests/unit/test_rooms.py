@@ -1,0 +1,126 @@
+"""RoomManager: membership of connections, member events per user (wire contract, "Rules")."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatd.errors import Conflict, NotFound
+from chatd.rooms import LiveRoom, RoomManager
+from chatd.session import Session
+from chatd.store.base import RoomRecord
+from tests.unit.fakes import FakePeer
+
+
+def record(rid: int, name: str, *, ephemeral: bool = False) -> RoomRecord:
+    return RoomRecord(
+        id=rid, name=name, topic="", owner="ann", created_at=1_700_000_000.0,
+        ephemeral=ephemeral, open=False,
+    )  # fmt: skip
+
+
+def conn(user: str) -> Session:
+    s = Session(FakePeer(), "127.0.0.1", 0.0, None)
+    s.user, s.user_key = user, user.lower()
+    return s
+
+
+@pytest.fixture
+def rooms() -> RoomManager:
+    m = RoomManager()
+    m.load([record(1, "Lobby")])
+    return m
+
+
+def test_rooms_are_found_case_insensitively(rooms: RoomManager) -> None:
+    assert rooms.get("lobby") is rooms.get("LOBBY") is rooms.by_id[1]
+    assert rooms.get("lobby").name == "Lobby"
+    with pytest.raises(NotFound):
+        rooms.get("nope")
+
+
+def test_first_connection_of_a_user_joins_last_one_leaves(rooms: RoomManager) -> None:
+    room = rooms.get("lobby")
+    a1, a2, b = conn("Ann"), conn("ANN"), conn("bob")
+    assert RoomManager.join(room, a1) is True
+    assert RoomManager.join(room, a2) is False  # same user, second connection
+    assert RoomManager.join(room, b) is True
+    assert room.info().members == 2 and len(room.sessions) == 3
+    assert room.member_names() == ["Ann", "bob"]
+    assert RoomManager.leave(room, a1) is False  # Ann is still there on a2
+    assert room.has_user("ann")
+    assert RoomManager.leave(room, a2) is True
+    assert not room.has_user("ann") and room.info().members == 1
+    assert room.member_names() == ["bob"]
+
+
+def test_join_is_idempotent_per_connection(rooms: RoomManager) -> None:
+    room = rooms.get("lobby")
+    a = conn("ann")
+    assert RoomManager.join(room, a) is True
+    assert RoomManager.join(room, a) is False
+    assert room.users == {"ann": 1}
+    assert RoomManager.leave(room, a) is True
+    assert room.users == {} and room.sessions == {} and a.rooms == {}
+
+
+def test_leaving_a_room_one_is_not_in_is_a_no_op(rooms: RoomManager) -> None:
+    room = rooms.get("lobby")
+    a, b = conn("ann"), conn("ann")
+    RoomManager.join(room, a)
+    assert RoomManager.leave(room, b) is False
+    assert room.users == {"ann": 1}
+
+
+def test_session_knows_its_rooms(rooms: RoomManager) -> None:
+    other = rooms.add(record(2, "dev"))
+    a = conn("ann")
+    RoomManager.join(rooms.get("lobby"), a)
+    RoomManager.join(other, a)
+    assert list(a.rooms) == [rooms.get("lobby"), other]
+
+
+def test_remove_returns_the_members_and_forgets_the_room(rooms: RoomManager) -> None:
+    room = rooms.get("lobby")
+    a, b = conn("ann"), conn("bob")
+    RoomManager.join(room, a)
+    RoomManager.join(room, b)
+    assert rooms.remove(room) == [a, b]
+    assert room.deleted and a.rooms == {} and b.rooms == {} and room.users == {}
+    assert 1 not in rooms.by_id
+    with pytest.raises(NotFound):
+        rooms.get("lobby")
+
+
+def test_reserve_blocks_a_second_create_of_the_same_name(rooms: RoomManager) -> None:
+    with pytest.raises(Conflict):
+        rooms.reserve("LOBBY")
+    rooms.reserve("dev")
+    with pytest.raises(Conflict):
+        rooms.reserve("Dev")
+    rooms.release("dev")
+    rooms.reserve("dev")
+    room = rooms.add(record(2, "Dev"))
+    assert rooms.get("dev") is room
+    with pytest.raises(Conflict):
+        rooms.reserve("dev")
+
+
+def test_rename_keeps_identity_and_members(rooms: RoomManager) -> None:
+    room = rooms.get("lobby")
+    a = conn("ann")
+    RoomManager.join(room, a)
+    rooms.rename(room, "Hall")
+    assert rooms.get("hall") is room and room.name == "Hall" and rooms.by_id[1] is room
+    with pytest.raises(NotFound):
+        rooms.get("lobby")
+    assert room.has_user("ann")
+    assert room.renamed_info("Lobby").previous_name == "Lobby"
+    rooms.rename(room, "HALL")  # another letter case of its own name
+    assert rooms.get("hall").name == "HALL"
+
+
+def test_room_info_shape(rooms: RoomManager) -> None:
+    info = rooms.get("lobby").info()
+    assert info.name == "Lobby" and info.topic == "" and info.members == 0
+    assert info.created_at == "2023-11-14T22:13:20.000Z"
+    assert isinstance(rooms.get("lobby"), LiveRoom)

@@ -1,0 +1,305 @@
+"""Limits and faults over real sockets (limits.md): slow consumers, the soft outbox limit,
+the unauthenticated idle timeout, and connection caps."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from chatd.server import ChatServer, Connection
+from tests.helpers import TIMEOUT, Client, running_server
+
+TEXT = "x" * 4000
+SMALL_OUTBOX: dict[str, Any] = {
+    "rate_limit": 0,
+    "outbox_soft": 8 * 1024,
+    "outbox_low": 2 * 1024,
+}
+
+
+async def deaf_client(port: int, source: str | None = None) -> Client:
+    """A client that reads only when told to: a small kernel receive buffer and a small
+    StreamReader limit, so what it does not read piles up on the server."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if source is not None:
+        sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+    r, w = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    c = Client(r, w)
+    c.hello = await c.recv()
+    return c
+
+
+async def connect_from(port: int, source: str) -> Client:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+    r, w = await asyncio.open_connection(sock=sock, limit=1024 * 1024)
+    return Client(r, w)
+
+
+def conn_of(srv: ChatServer, user: str) -> Connection:
+    for conn in srv.connections:
+        if conn.session is not None and conn.session.user == user:
+            return conn
+    raise AssertionError(f"no connection of {user}")
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def read_to_end(c: Client, timeout: float = TIMEOUT) -> list[bytes]:
+    """Every line until EOF or reset; the last one may be partial."""
+    lines: list[bytes] = []
+
+    async def run() -> None:
+        while True:
+            try:
+                line = await c.reader.readline()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return
+            except ValueError:  # a line over the reader's limit: skip it
+                continue
+            if not line:
+                return
+            lines.append(line)
+
+    await asyncio.wait_for(run(), timeout)
+    return lines
+
+
+async def expect_closed(c: Client, timeout: float = TIMEOUT) -> None:
+    lines = await read_to_end(c, timeout)
+    assert lines == [], lines
+
+
+# --- outbox limits -------------------------------------------------------------------
+
+
+async def test_a_client_that_never_reads_is_dropped_while_others_receive_everything() -> None:
+    async with running_server(**SMALL_OUTBOX, outbox_hard=64 * 1024) as srv:
+        sender = await Client.connect(srv.port)
+        await sender.guest("sender")
+        await sender.ok("room.create", room="lobby")
+        reader = await Client.connect(srv.port)
+        await reader.guest("reader")
+        await reader.ok("room.join", room="lobby")
+        slow = await deaf_client(srv.port)
+        await slow.guest("slow")
+        await slow.ok("room.join", room="lobby")
+        slow_conn = conn_of(srv, "slow")
+        await sender.event("member.joined")
+        await sender.event("member.joined")
+        await reader.event("member.joined")
+
+        received: list[int] = []
+
+        async def collect() -> None:
+            while True:
+                frame = await reader.recv()
+                if frame.get("event") == "message":
+                    received.append(frame["data"]["id"])
+                else:
+                    reader.events.append(frame)
+
+        collector = asyncio.create_task(collect())
+        sent: list[int] = []
+        try:
+            for _ in range(5000):
+                data = await sender.ok("msg.send", room="lobby", text=TEXT)
+                sent.append(data["message"]["id"])
+                if slow_conn.dead:
+                    break
+            assert slow_conn.dead, "the non-reading client was never dropped"
+            await wait_until(lambda: slow_conn not in srv.connections)
+            # Everyone else got every message, in order.
+            await wait_until(lambda: len(received) >= len(sent))
+            assert received == sent
+            # The sender is still served and sees the slow client leave.
+            left = await sender.event("member.left")
+            assert left == {"room": "lobby", "user": "slow", "reason": "disconnected"}
+            members = await sender.ok("room.members", room="lobby")
+            assert members["members"] == ["reader", "sender"]
+        finally:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+        # The dropped client finds its stream ended; slow_consumer, if it got through, last.
+        lines = await read_to_end(slow)
+        complete = [line for line in lines if line.endswith(b"\n")]
+        assert len(complete) < len(sent)
+        slow_frames = [i for i, line in enumerate(lines) if b'"slow_consumer"' in line]
+        assert slow_frames in ([], [len(lines) - 1])
+        for c in (sender, reader, slow):
+            await c.close()
+
+
+async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
+    async with running_server(**SMALL_OUTBOX, outbox_hard=256 * 1024 * 1024) as srv:
+        sender = await Client.connect(srv.port)
+        await sender.guest("sender")
+        await sender.ok("room.create", room="lobby")
+        slow = await deaf_client(srv.port)
+        await slow.guest("slow")
+        await slow.ok("room.join", room="lobby")
+        await sender.event("member.joined")
+        slow_conn = conn_of(srv, "slow")
+        sent = 0
+        while not slow_conn.paused:
+            assert sent < 5000, "the server never stopped reading the non-reading client"
+            await sender.ok("msg.send", room="lobby", text=TEXT)
+            sent += 1
+        assert slow_conn.transport is not None and not slow_conn.transport.is_reading()
+        sender_conn = conn_of(srv, "sender")
+        assert sender_conn.transport is not None and sender_conn.transport.is_reading()
+        # A command from the paused client is not read: it is still in the room.
+        await slow.send({"cmd": "room.leave", "id": "leave", "room": "lobby"})
+        await asyncio.sleep(0.3)  # a bounded wait for an absence
+        assert slow_conn.session is not None and slow_conn.session.rooms
+        assert slow_conn.paused
+        assert (await sender.ok("ping")) == {"pong": True}
+        other = await Client.connect(srv.port)
+        assert (await other.ok("ping")) == {"pong": True}
+        # Once it reads again it gets everything, in order, then the reply, and is resumed.
+        got = 0
+        while True:
+            frame = await slow.recv()
+            if frame["type"] == "event":
+                assert frame["event"] == "message"
+                got += 1
+                continue
+            assert frame["id"] == "leave" and frame["type"] == "ok"
+            break
+        assert got == sent
+        left = await sender.event("member.left")
+        assert left == {"room": "lobby", "user": "slow", "reason": "left"}
+        assert not slow_conn.dead and slow_conn.paused == 0
+        assert (await slow.ok("ping")) == {"pong": True}
+        for c in (sender, slow, other):
+            await c.close()
+
+
+# --- idle connections ------------------------------------------------------------------
+
+
+async def test_unauthenticated_idle_connection_is_closed_and_pings_do_not_extend_it() -> None:
+    async with running_server(idle_timeout=1.0) as srv:
+        c = await Client.connect(srv.port)
+        start = time.monotonic()
+        frame: dict[str, Any] = {}
+        while time.monotonic() - start < 4.0:
+            await c.send({"cmd": "ping", "id": "p"})
+            frame = await c.recv()
+            if frame["type"] == "error":
+                break
+            assert frame == {"type": "ok", "id": "p", "data": {"pong": True}}
+            await asyncio.sleep(0.2)
+        assert frame["type"] == "error", "never closed"
+        assert frame["code"] == "unauthorized" and frame["id"] is None
+        await expect_closed(c)
+        assert 0.9 <= time.monotonic() - start < 3.5
+        await c.close()
+        await wait_until(lambda: not srv.connections)
+
+
+async def test_a_logged_in_connection_is_not_closed_when_idle() -> None:
+    async with running_server(idle_timeout=1.0) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("ann")
+        await c.no_frame(2.5)
+        assert (await c.ok("ping")) == {"pong": True}
+        await c.close()
+
+
+async def test_the_idle_timer_restarts_when_a_connection_is_unbound() -> None:
+    async with running_server(idle_timeout=1.0) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("ann")
+        await c.no_frame(2.2)  # the first deadline passes while bound
+        await c.ok("logout")
+        start = time.monotonic()
+        frame = await c.recv(timeout=4.0)
+        assert frame["type"] == "error" and frame["code"] == "unauthorized"
+        assert frame["id"] is None
+        await expect_closed(c)
+        assert time.monotonic() - start < 3.5
+        await c.close()
+
+
+# --- connection caps -------------------------------------------------------------------
+
+
+async def refused(c: Client) -> dict[str, Any]:
+    frame = await c.recv()
+    assert frame["type"] == "error" and frame["code"] == "rate_limited", frame
+    assert frame["id"] is None
+    assert isinstance(frame["retry_after"], (int, float)) and frame["retry_after"] > 0
+    await expect_closed(c)
+    return frame
+
+
+async def test_max_connections_refuses_the_next_one_with_rate_limited() -> None:
+    async with running_server(max_connections=2) as srv:
+        a = await Client.connect(srv.port)
+        b = await Client.connect(srv.port)
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        extra = Client(r, w)
+        await refused(extra)  # instead of hello
+        await extra.close()
+        assert (await a.ok("ping")) == {"pong": True}
+        assert (await b.ok("ping")) == {"pong": True}
+        await b.close()
+        await wait_until(lambda: len(srv.connections) == 1)
+        c = await Client.connect(srv.port)  # a slot came free
+        assert (await c.ok("ping")) == {"pong": True}
+        for x in (a, c):
+            await x.close()
+
+
+async def test_refused_connections_do_not_free_per_ip_slots() -> None:
+    # 127.0.0.2 is not exempt (limits.md): only 127.0.0.1 and ::1 are.
+    async with running_server(per_ip_connections=2) as srv:
+        kept = []
+        for _ in range(2):
+            c = await connect_from(srv.port, "127.0.0.2")
+            assert (await c.recv())["event"] == "hello"
+            kept.append(c)
+        for _ in range(3):
+            c = await connect_from(srv.port, "127.0.0.2")
+            await refused(c)
+            await c.close()
+        await kept.pop().close()
+        await wait_until(lambda: len(srv.connections) == 1)
+        c = await connect_from(srv.port, "127.0.0.2")
+        assert (await c.recv())["event"] == "hello"
+        kept.append(c)
+        # Loopback 127.0.0.1 is exempt.
+        local = await Client.connect(srv.port)
+        for x in [*kept, local]:
+            await x.close()
+
+
+@pytest.mark.parametrize("cap", [1])
+async def test_a_refused_client_never_gets_hello(cap: int) -> None:
+    async with running_server(max_connections=cap) as srv:
+        a = await Client.connect(srv.port)
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        extra = Client(r, w)
+        lines = await read_to_end(extra)
+        assert len(lines) == 1 and b'"hello"' not in lines[0] and b"rate_limited" in lines[0]
+        await extra.close()
+        await a.close()
