@@ -36,7 +36,6 @@ async def run(
     latencies: list[float] = []
     stop_at = time.monotonic() + seconds
     loop = asyncio.get_running_loop()
-    finished: list[asyncio.Future[None]] = []
 
     def lean(c: Line, frame: dict[str, object]) -> asyncio.Future[None]:
         """Keep `window` sends in flight on c, counting acks straight from the bytes."""
@@ -81,7 +80,7 @@ async def run(
     cpu0 = cpu() if cpu else 0.0
     t0 = time.monotonic()
     await asyncio.wait_for(
-        asyncio.gather(*(lean(c, f) for c, f in zip(conns, frames))), seconds + 60
+        asyncio.gather(*(lean(c, f) for c, f in zip(conns, frames, strict=True))), seconds + 60
     )
     elapsed = time.monotonic() - t0
     server_cpu = (cpu() - cpu0) / elapsed if cpu else float("nan")

@@ -172,7 +172,7 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     else:
-        runner = uvloop.run  # type: ignore[assignment]
+        runner = uvloop.run
     try:
         return runner(_serve(config, secret))
     except StoreOpenError as exc:

@@ -32,7 +32,7 @@ class Request:
     """One command in flight: who sent it, with which token, and the events it causes
     (sent after its reply, so the caller sees the reply first — contract)."""
 
-    __slots__ = ("app", "session", "claims", "events")
+    __slots__ = ("app", "claims", "events", "session")
 
     def __init__(self, app: App, session: Session) -> None:
         self.app = app
@@ -78,7 +78,7 @@ class Spec:
 
 
 class Outcome:
-    __slots__ = ("reply", "events")
+    __slots__ = ("events", "reply")
 
     def __init__(self, reply: bytes, events: Events | None = None) -> None:
         self.reply = reply
@@ -106,7 +106,7 @@ class Pending:
     ``asyncio.current_task()`` (no ``asyncio.timeout`` inside a handler).
     """
 
-    __slots__ = ("handler", "first", "rid", "req", "name", "overlap")
+    __slots__ = ("first", "handler", "name", "overlap", "req", "rid")
 
     def __init__(
         self,

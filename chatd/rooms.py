@@ -18,18 +18,18 @@ if TYPE_CHECKING:
 
 class LiveRoom:
     __slots__ = (
-        "id",
-        "name",
-        "topic",
-        "owner",
+        "__weakref__",
         "created_at",
-        "ephemeral",
-        "open",
-        "sessions",
-        "users",
         "deleted",
         "edit_lock",
-        "__weakref__",
+        "ephemeral",
+        "id",
+        "name",
+        "open",
+        "owner",
+        "sessions",
+        "topic",
+        "users",
     )
 
     def __init__(self, rec: RoomRecord) -> None:

@@ -15,7 +15,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from chatd.app import App
 from chatd.auth import PasswordHasher, TokenService
@@ -51,23 +51,23 @@ class _Slot:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "srv",
-        "transport",
-        "session",
-        "splitter",
-        "queue",
-        "slots",
+        "barriers",
+        "dead",
         "held",
-        "paused",
+        "ip",
         "out",
         "out_bytes",
-        "tbuf",
-        "dead",
-        "ip",
-        "stall_size",
+        "paused",
+        "queue",
+        "session",
+        "slots",
+        "splitter",
+        "srv",
         "stall_since",
+        "stall_size",
+        "tbuf",
+        "transport",
         "waiting",
-        "barriers",
     )
 
     def __init__(self, srv: ChatServer) -> None:
@@ -92,21 +92,22 @@ class Connection(asyncio.Protocol):
     # --- lifecycle -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        t = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
+        self.transport = t
         srv = self.srv
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else ""
         refusal = srv.admit(self.ip)
         if refusal is not None:
             self.dead = True
-            self.transport.write(error_frame(None, refusal))
-            transport.close()
+            t.write(error_frame(None, refusal))
+            t.close()
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             srv.tune_socket(sock)
         c = srv.config
-        self.transport.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
+        t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
         self.session = srv.app.open_session(self, self.ip)
         srv.connections[self] = None
         srv.watch_idle(self.session)
@@ -321,7 +322,7 @@ class _Drive:
     group commit resolves thousands of sends at once, and each Task costs more than the
     send itself. Tracked in ``srv.commands`` so shutdown can wait for them."""
 
-    __slots__ = ("srv", "conn", "slot", "pending")
+    __slots__ = ("conn", "pending", "slot", "srv")
 
     def __init__(self, srv: ChatServer, conn: Connection, slot: _Slot, pending: Pending) -> None:
         self.srv = srv

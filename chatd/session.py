@@ -34,21 +34,21 @@ class Cancellable(Protocol):
 
 class Session:
     __slots__ = (
+        "__weakref__",
+        "claims",
+        "closed",
+        "commands",
         "id",
-        "peer",
-        "send",
         "ip",
+        "login_failures",
+        "peer",
+        "rooms",
+        "send",
+        "timers",
+        "token",
+        "unbound_since",
         "user",
         "user_key",
-        "token",
-        "claims",
-        "rooms",
-        "timers",
-        "login_failures",
-        "commands",
-        "unbound_since",
-        "closed",
-        "__weakref__",
     )
 
     def __init__(self, peer: Peer, ip: str, now: float, commands: TokenBucket | None) -> None:

@@ -118,7 +118,7 @@ class Client:
         """Assert nothing arrives: a bounded wait for an absence."""
         try:
             frame = await self.recv(within)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise AssertionError(f"unexpected frame {frame}")
 
@@ -131,5 +131,5 @@ class Client:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), TIMEOUT)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass

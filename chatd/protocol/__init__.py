@@ -8,6 +8,7 @@ from chatd.protocol.models import Message, RenamedRoomInfo, RoomInfo, rfc3339
 
 __all__ = [
     "ALL_COMMANDS",
+    "TOO_LARGE",
     "AnyCommand",
     "Command",
     "FrameError",
@@ -15,7 +16,6 @@ __all__ = [
     "Message",
     "RenamedRoomInfo",
     "RoomInfo",
-    "TOO_LARGE",
     "command_name",
     "decode_command",
     "encode_json",

@@ -20,7 +20,7 @@ Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 class Command(msgspec.Struct, tag_field="cmd", kw_only=True, frozen=True):
     id: RequestId = None
-    token: Union[str, None] = None
+    token: str | None = None
 
 
 class Ping(Command, tag="ping", frozen=True):
@@ -38,9 +38,9 @@ class Register(Command, tag="register", frozen=True):
 
 class Login(Command, tag="login", frozen=True):
     user: Name
-    password: Union[str, None] = None
-    grants: Union[list[str], None] = None
-    ttl: Union[UInt, None] = None
+    password: str | None = None
+    grants: list[str] | None = None
+    ttl: UInt | None = None
 
 
 class Auth(Command, tag="auth", frozen=True):
@@ -65,15 +65,15 @@ class UserDelete(Command, tag="user.delete", frozen=True):
 
 class RoomCreate(Command, tag="room.create", frozen=True):
     room: Name
-    topic: Union[Topic, None] = None
+    topic: Topic | None = None
     ephemeral: bool = False
     open: bool = False
 
 
 class RoomEdit(Command, tag="room.edit", frozen=True):
     room: Name
-    topic: Union[Topic, None] = None
-    name: Union[Name, None] = None
+    topic: Topic | None = None
+    name: Name | None = None
 
 
 class RoomDelete(Command, tag="room.delete", frozen=True):
@@ -98,16 +98,16 @@ class RoomMembers(Command, tag="room.members", frozen=True):
 
 class RoomHistory(Command, tag="room.history", frozen=True):
     room: Name
-    before: Union[UInt, None] = None
-    after: Union[UInt, None] = None
-    limit: Union[UInt, None] = None
+    before: UInt | None = None
+    after: UInt | None = None
+    limit: UInt | None = None
 
 
 class MsgSend(Command, tag="msg.send", frozen=True):
     text: str
-    room: Union[Name, None] = None
-    to: Union[Name, None] = None
-    nonce: Union[Nonce, None] = None
+    room: Name | None = None
+    to: Name | None = None
+    nonce: Nonce | None = None
 
 
 class MsgEdit(Command, tag="msg.edit", frozen=True):
@@ -120,15 +120,15 @@ class MsgDelete(Command, tag="msg.delete", frozen=True):
 
 
 class DmHistory(Command, tag="dm.history", frozen=True):
-    with_: Union[Name, None] = msgspec.field(default=None, name="with")
-    before: Union[UInt, None] = None
-    after: Union[UInt, None] = None
-    limit: Union[UInt, None] = None
+    with_: Name | None = msgspec.field(default=None, name="with")
+    before: UInt | None = None
+    after: UInt | None = None
+    limit: UInt | None = None
 
 
 class Sync(Command, tag="sync", frozen=True):
     since: UInt
-    limit: Union[UInt, None] = None
+    limit: UInt | None = None
 
 
 class Channels(Command, tag="channels", frozen=True):

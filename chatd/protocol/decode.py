@@ -15,7 +15,7 @@ import msgspec
 from chatd.errors import BadFrame, BadRequest, ChatError, UnknownCommand
 from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, Command, command_name
 
-_decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)  # type: ignore[arg-type]
+_decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
 _lenient = msgspec.json.Decoder()
 _MAX_ID = 2**63 - 1
 _NAMES = frozenset(command_name(cls) for cls in ALL_COMMANDS)

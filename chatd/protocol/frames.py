@@ -23,7 +23,7 @@ class _Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
     id: RequestId
     code: str
     message: str
-    retry_after: Union[float, None] = None
+    retry_after: float | None = None
 
 
 class _Event(msgspec.Struct, tag_field="type", tag="event"):

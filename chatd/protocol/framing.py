@@ -27,7 +27,7 @@ class LineSplitter:
     left in the buffer at EOF is a partial frame and is simply never returned.
     """
 
-    __slots__ = ("max_frame", "_buf", "_discarding")
+    __slots__ = ("_buf", "_discarding", "max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Union
 
 import msgspec
 
@@ -32,20 +31,20 @@ class RenamedRoomInfo(msgspec.Struct, frozen=True):
 class Message(msgspec.Struct):
     id: int
     rev: int
-    room: Union[str, None]
-    to: Union[str, None]
+    room: str | None
+    to: str | None
     from_: str = msgspec.field(name="from")
     text: str = ""
     ts: str = ""
-    edited_ts: Union[str, None] = None
-    edited_by: Union[str, None] = None
+    edited_ts: str | None = None
+    edited_by: str | None = None
     deleted: bool = False
 
 
 class _SecondCache:
     """The date-and-time part changes once a second; formatting it is the slow part."""
 
-    __slots__ = ("second", "prefix")
+    __slots__ = ("prefix", "second")
 
     def __init__(self) -> None:
         self.second = -1

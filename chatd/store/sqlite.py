@@ -36,6 +36,18 @@ _MSG_COLS = "id, rev, room_id, sender, recipient, text, ts, edited_ts, edited_by
 _MAX_BATCH = 2_000
 
 
+class _Insert:
+    """A queued msg.send: the writer turns a run of these into one executemany."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: NewMessage) -> None:
+        self.msg = msg
+
+
+_Op = Callable[[sqlite3.Connection], Any] | _Insert
+
+
 class StoreOpenError(Exception):
     """The database cannot be used: newer than this program, not chatd's, or unreadable."""
 
@@ -114,9 +126,9 @@ class SQLiteStore:
         self._batch_deleted: set[int] = set()
         self._next_id = 0  # the last message id handed out (writer thread)
         self._db: sqlite3.Connection | None = None
-        self._pending: collections.deque[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]
-        ] = collections.deque()
+        self._pending: collections.deque[tuple[_Op, asyncio.Future[Any], bool]] = (
+            collections.deque()
+        )
         self._wake = threading.Event()
         self._idle = False
         self._stopping = False
@@ -195,10 +207,13 @@ class SQLiteStore:
     # --- the writer ------------------------------------------------------------------
 
     def _write(self, fn: Callable[[sqlite3.Connection], T], multi: bool = False) -> asyncio.Future[T]:
+        return self._enqueue(fn, multi)
+
+    def _enqueue(self, fn: _Op, multi: bool = False) -> asyncio.Future[Any]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         if self._stopping:
             fut.set_exception(Internal("the server is shutting down"))
             return fut
@@ -219,14 +234,14 @@ class SQLiteStore:
             self._idle = False
             self._wake.clear()
             while pending:
-                batch = []
+                batch: list[tuple[_Op, asyncio.Future[Any], bool]] = []
                 while pending and len(batch) < self.max_batch:
                     batch.append(pending.popleft())
                 self._run_batch(batch)
             if self._stopping and not pending:
                 return
 
-    def _run_batch(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
+    def _run_batch(self, batch: list[tuple[_Op, asyncio.Future[Any], bool]]) -> None:
         db = self._db
         assert db is not None
         rev0 = self._rev_w
@@ -238,11 +253,14 @@ class SQLiteStore:
             while i < n:
                 fn, fut, multi = batch[i]
                 if isinstance(fn, _Insert):
-                    j = i
-                    while j < n and isinstance(batch[j][0], _Insert):
-                        j += 1
-                    results += self._insert_run(db, [(b[0], b[1]) for b in batch[i:j]])  # type: ignore[misc]
-                    i = j
+                    run: list[tuple[_Insert, Any]] = []
+                    while i < n:
+                        op = batch[i][0]
+                        if not isinstance(op, _Insert):
+                            break
+                        run.append((op, batch[i][1]))
+                        i += 1
+                    results += self._insert_run(db, run)
                     continue
                 i += 1
                 if multi:
@@ -447,7 +465,8 @@ class SQLiteStore:
         """Store a message; (record, True). A nonce the sender already used returns the
         original instead: (original, False) — checked in the one writer, so two racing
         retries cannot both post. Consecutive sends in a batch become one executemany."""
-        return await self._write(_Insert(msg))  # type: ignore[arg-type]
+        result: tuple[MessageRecord, bool] = await self._enqueue(_Insert(msg))
+        return result
 
     def _insert_run(
         self, db: sqlite3.Connection, run: list[tuple[_Insert, Any]]
@@ -619,15 +638,6 @@ class SQLiteStore:
             return row is not None
 
         return await self._read(op)
-
-
-class _Insert:
-    """A queued msg.send: the writer turns a run of these into one executemany."""
-
-    __slots__ = ("msg",)
-
-    def __init__(self, msg: NewMessage) -> None:
-        self.msg = msg
 
 
 def _page(

@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC109 -- a per-call timeout is this library's contract (every request has one)
+
 """The asyncio client: one awaitable method per command, events as an async iterator,
 and a reconnect loop that recovers what was missed (wire contract, "Revisions").
 

@@ -53,7 +53,7 @@ def test_expiry_is_exactly_at_exp(tokens: TokenService, clock: FakeClock) -> Non
 
 
 def test_the_cache_does_not_bypass_expiry(tokens: TokenService, clock: FakeClock) -> None:
-    token, claims = tokens.mint("ann", "1.0.a", (), 10)
+    token, _claims = tokens.mint("ann", "1.0.a", (), 10)
     for _ in range(3):
         tokens.verify(token)  # cached after the first
     clock.advance(11)

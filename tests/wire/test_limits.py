@@ -303,3 +303,29 @@ async def test_a_refused_client_never_gets_hello(cap: int) -> None:
         assert len(lines) == 1 and b'"hello"' not in lines[0] and b"rate_limited" in lines[0]
         await extra.close()
         await a.close()
+
+
+async def test_a_stuck_writer_is_dropped_after_the_write_deadline() -> None:
+    config = {**SMALL_OUTBOX, "outbox_hard": 256 * 1024 * 1024, "write_deadline": 1.0}
+    async with running_server(**config) as srv:
+        sender = await Client.connect(srv.port)
+        await sender.guest("sender")
+        await sender.ok("room.create", room="lobby")
+        stuck = await deaf_client(srv.port)
+        await stuck.guest("stuck")
+        await stuck.ok("room.join", room="lobby")
+        conn = conn_of(srv, "stuck")
+        sent = 0
+        while not conn.paused:
+            assert sent < 5000
+            await sender.ok("msg.send", room="lobby", text=TEXT)
+            sent += 1
+        start = time.monotonic()
+        await wait_until(lambda: conn.dead, timeout=4.0)
+        assert time.monotonic() - start >= 0.9
+        left = await sender.event("member.left")
+        assert left == {"room": "lobby", "user": "stuck", "reason": "disconnected"}
+        assert (await sender.ok("ping")) == {"pong": True}
+        await read_to_end(stuck)
+        for c in (sender, stuck):
+            await c.close()

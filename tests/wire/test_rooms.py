@@ -43,7 +43,7 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
     """Poll a condition the server reaches on its own (a closed socket's cleanup)."""
     async with asyncio.timeout(TIMEOUT):
         # No event tells an outsider that an empty room went: poll, bounded.
-        while not await check():  # noqa: ASYNC110
+        while not await check():
             await asyncio.sleep(0.02)
 
 

@@ -196,9 +196,9 @@ async def test_shutdown_is_prompt_with_a_client_that_never_reads(sig: int) -> No
 async def test_a_short_secret_is_refused_with_a_clear_message(how: str) -> None:
     short = "x" * 31
     if how == "flag":
-        rc, out, err = await run(*MEMORY, "--secret", short)
+        rc, _out, err = await run(*MEMORY, "--secret", short)
     else:
-        rc, out, err = await run(*MEMORY, CHATD_SECRET=short)
+        rc, _out, err = await run(*MEMORY, CHATD_SECRET=short)
     assert rc != 0
     assert "32 bytes" in err and "secret" in err
     assert "Traceback" not in err
