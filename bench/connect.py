@@ -16,10 +16,11 @@ import time
 from bench.common import Server, new_loop, open_line, percentile, pin_self
 
 
-async def run(port: int, workers: int, seconds: float) -> dict[str, float]:
+async def run(port: int, workers: int, seconds: float, rooms: int = 1) -> dict[str, float]:
     setup = await open_line(port)
     await setup.call({"cmd": "login", "id": 1, "user": "host"})
-    await setup.call({"cmd": "room.create", "id": 2, "room": "lobby"})
+    for r in range(rooms):
+        await setup.call({"cmd": "room.create", "id": 2, "room": f"lobby{r}"})
     names = itertools.count()
     done = 0
     latencies: list[float] = []
@@ -32,7 +33,7 @@ async def run(port: int, workers: int, seconds: float) -> dict[str, float]:
             c = await open_line(port)
             r = await c.call({"cmd": "login", "id": 1, "user": f"u{next(names)}"})
             assert r["type"] == "ok", r
-            r = await c.call({"cmd": "room.join", "id": 2, "room": "lobby"})
+            r = await c.call({"cmd": "room.join", "id": 2, "room": f"lobby{done % rooms}"})
             assert r["type"] == "ok", r
             assert c.transport is not None
             c.transport.close()
@@ -46,6 +47,7 @@ async def run(port: int, workers: int, seconds: float) -> dict[str, float]:
     setup.transport.close()
     return {
         "workers": workers,
+        "rooms": rooms,
         "sessions": done,
         "seconds": round(elapsed, 2),
         "connect_login_join_per_s": round(done / elapsed),
@@ -58,13 +60,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rooms", type=int, default=1,
+                    help="joins spread over this many rooms (1: everyone sees every join)")
     args = ap.parse_args(argv)
     pin_self()
     with Server() as srv:
         loop = new_loop()
         try:
             cpu0 = srv.cpu_seconds()
-            r = loop.run_until_complete(run(srv.port, args.workers, args.seconds))
+            r = loop.run_until_complete(run(srv.port, args.workers, args.seconds, args.rooms))
             r["server_cpu"] = round((srv.cpu_seconds() - cpu0) / r["seconds"], 2)
         finally:
             loop.close()

@@ -13,8 +13,11 @@ import math
 import os
 import secrets
 from collections import OrderedDict
+from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
 import msgspec
 from argon2 import PasswordHasher as _Argon2
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -60,6 +63,26 @@ def normalize_grants(grants: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(g for g in ALL_GRANTS if g in wanted)
 
 
+_claims_decoder = msgspec.json.Decoder(Claims)
+
+
+class _PreparedKeyHMAC(HMACAlgorithm):
+    """PyJWT's HS256, with the key's preparation (its asymmetric-key and JWK checks, a
+    json.loads each time) done once for our one key instead of at every sign and verify."""
+
+    def __init__(self) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+        self._prepared: tuple[Any, bytes] | None = None
+
+    def prepare_key(self, key: Any) -> bytes:
+        cached = self._prepared
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        prepared = super().prepare_key(key)
+        self._prepared = (key, prepared)
+        return prepared
+
+
 class TokenService:
     """Mints and verifies chatd tokens. Verified signatures are cached; claims are not trusted
     beyond that: expiry, revocation and the account are checked by the caller every time."""
@@ -71,6 +94,9 @@ class TokenService:
         self._iat_leeway = iat_leeway
         self._cache: OrderedDict[str, Claims] = OrderedDict()
         self._cache_size = 4096
+        self._jws = PyJWS(algorithms=[ALGORITHM])
+        self._jws.unregister_algorithm(ALGORITHM)
+        self._jws.register_algorithm(ALGORITHM, _PreparedKeyHMAC())
 
     def mint(self, sub: str, jti: str, grants: tuple[str, ...], ttl: int) -> tuple[str, Claims]:
         now = self._clock.now()
@@ -91,17 +117,24 @@ class TokenService:
         self, sub: str, jti: str, grants: tuple[str, ...], iat: int, exp: int
     ) -> tuple[str, Claims]:
         claims = Claims(sub=sub, iat=iat, exp=exp, jti=jti, iss=ISSUER, scope=" ".join(grants))
-        token = jwt.encode(msgspec.structs.asdict(claims), self._key, algorithm=ALGORITHM)
+        # PyJWT signs; msgspec writes the payload (PyJWT's json.dumps is the slow part).
+        token = self._jws.encode(msgspec.json.encode(claims), self._key, algorithm=ALGORITHM)
+        # A token we just signed needs no signature check when it comes back (usually the
+        # very next command); expiry and revocation are still checked every time.
+        self._remember(token, claims)
         return token, claims
+
+    def _remember(self, token: str, claims: Claims) -> None:
+        self._cache[token] = claims
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def verify(self, token: str) -> Claims:
         """Signature, claims, `iat` and `exp`. Raises Unauthorized or TokenExpired."""
         claims = self._cache.get(token)
         if claims is None:
             claims = self._decode(token)
-            self._cache[token] = claims
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._remember(token, claims)
         now = self._clock.now()
         if claims.exp <= now:
             raise TokenExpired("the token has expired; log in again or refresh before expiry")
@@ -117,21 +150,12 @@ class TokenService:
         if not token.isascii():
             raise Unauthorized("the token is invalid")
         try:
-            payload = jwt.decode(
-                token,
-                self._key,
-                algorithms=[ALGORITHM],
-                issuer=ISSUER,
-                options={
-                    "require": ["sub", "iat", "exp", "jti", "iss", "scope"],
-                    # exp and iat are judged by our clock below, after the type check.
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-            claims = msgspec.convert(payload, Claims, strict=True)
-        except (jwt.PyJWTError, msgspec.ValidationError, ValueError, TypeError):
+            # PyJWT checks the header, the pinned algorithm and the signature; the claims are
+            # then read by a strict Struct: every claim required, each of the right type
+            # (PyJWT would take `exp` as a numeric string and `scope` as a list).
+            signed = self._jws.decode_complete(token, self._key, algorithms=[ALGORITHM])
+            claims = _claims_decoder.decode(signed["payload"])
+        except (jwt.PyJWTError, msgspec.DecodeError, ValueError, TypeError):
             raise Unauthorized("the token is invalid") from None
         if claims.iss != ISSUER or any(g not in ALL_GRANTS for g in claims.grants):
             raise Unauthorized("the token is invalid")

@@ -37,6 +37,10 @@ _PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
 _SLOW = event_frame("slow_consumer", {})
 _LOOPBACK = ("127.0.0.1", "::1")
+# Commands of one connection waiting for the store at once. A pipelining client still
+# fills a group commit, but one commit's replies and events for it stay well under the
+# outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
+_MAX_WAITING = 64
 
 
 class _Slot:
@@ -253,7 +257,9 @@ class Connection(asyncio.Protocol):
             else:
                 break
             slots = self.slots
-            if self.waiting and (self.barriers or not spec.overlap):
+            if self.waiting and (
+                self.barriers or not spec.overlap or self.waiting >= _MAX_WAITING
+            ):
                 self.held = (cmd, spec)  # starts when what is in flight has finished
                 self._pause(_PAUSE_BACKLOG)
                 return
@@ -313,7 +319,7 @@ class Connection(asyncio.Protocol):
             done = slots.popleft().outcome
             assert done is not None
             self.deliver(done)
-        if not slots and (self.held is not None or self.queue):
+        if (self.held is not None or self.queue) and (not slots or self.waiting < _MAX_WAITING):
             self.pump()
 
 
