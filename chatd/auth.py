@@ -16,11 +16,11 @@ from collections import OrderedDict
 from typing import Any
 
 import jwt
-from jwt.algorithms import HMACAlgorithm
-from jwt.api_jws import PyJWS
 import msgspec
 from argon2 import PasswordHasher as _Argon2
 from argon2.exceptions import InvalidHashError, VerificationError
+from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
 
 from chatd.clock import Clock
 from chatd.config import ALL_GRANTS

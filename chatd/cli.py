@@ -12,12 +12,19 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
-from chatd.store.sqlite import SQLiteStore, StoreOpenError, bump_users_version, migrate
+from chatd.store.sqlite import (
+    SQLiteStore,
+    StoreOpenError,
+    backup,
+    bump_users_version,
+    identify,
+    migrate,
+)
 
 log = logging.getLogger("chatd")
 _DEFAULTS = Config()
@@ -95,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="other commands per connection per second (burst 2x); 0 = off")
     serve.add_argument("--commit-batch", type=int, default=d.commit_batch,
                        help="writes per transaction (group commit); 1 = commit each")
+    serve.add_argument("--history-days", type=_non_negative(int), default=d.history_days,
+                       help="delete messages older than N days; 0 = keep forever")
+    serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
+                       help="keep at most the newest N messages per room and DM pair; 0 = all")
     serve.add_argument("--log-level", default="INFO")
 
     user = sub.add_parser("user", help="manage accounts")
@@ -115,7 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--grants", type=_grants, default=None)
     tok.add_argument("--ttl", type=int, default=None)
     _add_common(tok)
+
+    bak = sub.add_parser(
+        "backup",
+        help="online consistent copy of the database (safe while a server runs)",
+        description="Copy the database to PATH with SQLite's backup API, while a server may "
+        "be running on it. To restore: stop the server, copy the backup over the database "
+        "file, delete DB-wal and DB-shm, start the server.",
+    )
+    bak.add_argument("path", help="where to write the copy (replaced whole if it exists)")
+    bak.add_argument("--db", default=_DEFAULTS.db, help="database file")
     return parser
+
+
+def _non_negative(kind: type[int]) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError("must be 0 (off) or more")
+        return n
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return user_command(args)
         if args.command == "token":
             return token_command(args)
+        if args.command == "backup":
+            return backup_command(args)
     except CliError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
@@ -156,6 +192,8 @@ def config_from(args: argparse.Namespace) -> Config:
         command_rate=args.command_rate,
         command_burst=int(args.command_rate * 2),
         commit_batch=max(1, args.commit_batch),
+        history_days=args.history_days,
+        history_max=args.history_max,
     )
 
 
@@ -207,6 +245,7 @@ def _open_db(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA busy_timeout=5000")
     try:
+        identify(db)  # before WAL: never convert someone else's file
         db.execute("PRAGMA journal_mode=WAL")
         migrate(db)
     except (StoreOpenError, sqlite3.DatabaseError) as exc:
@@ -301,4 +340,20 @@ def token_command(args: argparse.Namespace) -> int:
     tokens = TokenService(secret, SystemClock())
     token, _ = tokens.mint(name, new_jti(uid, version), grants, ttl)
     print(token)
+    return 0
+
+
+def backup_command(args: argparse.Namespace) -> int:
+    """`chatd backup PATH [--db FILE]`: see SQLiteStore's backup(); takes no lock."""
+    if args.db == ":memory:":
+        raise CliError("--db :memory: keeps nothing; name a database file")
+    if os.path.abspath(args.path) == os.path.abspath(args.db):
+        raise CliError("the backup must not be the database itself")
+    try:
+        count = backup(args.db, args.path)
+    except StoreOpenError as exc:
+        raise CliError(f"cannot back up {args.db}: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.path}: {exc.strerror or exc}") from None
+    print(f"chatd: backed up {args.db} to {args.path} ({count} messages)", file=sys.stderr)
     return 0

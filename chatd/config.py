@@ -75,6 +75,13 @@ class Config:
     commit_batch: int = 2_000
     # How often the server looks for changes made by `chatd user …` on the same database.
     db_poll_interval: float = 0.5
+    # Retention, off by default (0): drop messages older than this many days, and keep at
+    # most this many of the newest per room and per DM pair. Pruning runs at start and then
+    # every prune_interval seconds, through the writer, prune_batch rows per write.
+    history_days: float = 0
+    history_max: int = 0
+    prune_interval: float = 60.0
+    prune_batch: int = 500
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -107,9 +107,6 @@ class Connection(asyncio.Protocol):
             t.write(error_frame(None, refusal))
             t.close()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            srv.tune_socket(sock)
         c = srv.config
         t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
         self.session = srv.app.open_session(self, self.ip)
@@ -423,6 +420,7 @@ class ChatServer:
         self.server: asyncio.AbstractServer | None = None
         self.max_connections = config.max_connections
         self.stopping = False
+        self._pruning = False
         self.port = 0
 
     # --- Scheduler (for the core) ----------------------------------------------------
@@ -554,25 +552,53 @@ class ChatServer:
         app.guests = {k: g for k, g in app.guests.items() if g.expires_at > now}
         await self.store.purge_expired(now)
 
+    async def prune_history(self) -> int:
+        """Retention (--history-days, --history-max; off when both are 0): one pass, in
+        small writes through the writer. Returns how many messages left history."""
+        c = self.config
+        if not (c.history_days > 0 or c.history_max > 0) or self._pruning:
+            return 0
+        self._pruning = True  # a slow pass is not overtaken by the next tick
+        try:
+            n = await self.store.prune(
+                self.clock.now(), c.history_days * 86400.0, c.history_max, c.prune_batch
+            )
+        finally:
+            self._pruning = False
+        if n:
+            log.info("retention: %d messages removed from history", n)
+        return n
+
     # --- start and stop --------------------------------------------------------------
 
     async def start(self) -> None:
         snap = await self.loop.run_in_executor(None, self.store.open)
         self.app.load(snap)
         self.max_connections = min(self.config.max_connections, _raise_nofile() - 64)
-        self.server = await self.loop.create_server(
-            lambda: Connection(self),
-            self.config.host,
-            self.config.port,
-            reuse_address=True,
-            backlog=4096,
-        )
+        try:
+            self.server = await self.loop.create_server(
+                lambda: Connection(self),
+                self.config.host,
+                self.config.port,
+                reuse_address=True,
+                backlog=4096,
+            )
+        except BaseException:
+            await self.store.close()  # and its lock: the database is free again
+            raise
         sockets = self.server.sockets
+        for sock in sockets:
+            # Accepted sockets inherit these from the listener (Linux), so each new
+            # connection costs no setsockopt calls of its own.
+            self.tune_socket(sock)
         addr = sockets[0].getsockname()
         self.port = addr[1]
         self.spawn(self._every(1.0, self.sweep))
         self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
         self.spawn(self._every(60.0, self._purge))
+        if self.config.history_days > 0 or self.config.history_max > 0:
+            self.spawn(self.prune_history())  # once at start, then periodically
+            self.spawn(self._every(self.config.prune_interval, self.prune_history))
         host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
         log.info("chatd listening on %s:%d", host, self.port)
 

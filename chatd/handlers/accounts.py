@@ -175,7 +175,7 @@ async def _guest_login(
                 app.guests[key] = longer
         app.bind(req.session, token, claims)
         return _token_reply(token, claims, own.name)
-    hold_id = str(secrets.randbelow(2**62))
+    hold_id = str(secrets.randbits(62))
     token, claims = app.tokens.mint(
         cmd.user, f"{GUEST_ID}.{hold_id}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -32,8 +34,12 @@ from chatd.store.base import (
 from chatd.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
+log = logging.getLogger("chatd")
 _MSG_COLS = "id, rev, room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted"
 _MAX_BATCH = 2_000
+# Contract: a nonce is kept at least 24 h, so retention blanks such a message instead of
+# deleting its row until then.
+NONCE_KEEP = 24 * 3600.0
 
 
 class _Insert:
@@ -69,20 +75,29 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring a database to SCHEMA_VERSION, or raise StoreOpenError saying why not."""
+def identify(db: sqlite3.Connection) -> int:
+    """The schema version of a chatd database (0: empty, a new one); StoreOpenError if
+    the file is not chatd's or is newer than this program. Reads only: it runs before
+    anything (journal mode included) is changed in a file that may be someone else's."""
     try:
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         raise StoreOpenError(f"not a chatd database ({exc})") from None
     if app_id != APPLICATION_ID and (app_id != 0 or tables):
-        raise StoreOpenError("not a chatd database (it holds other tables)")
+        raise StoreOpenError("not a chatd database (it is an SQLite file holding other tables)")
     if version > SCHEMA_VERSION:
         raise StoreOpenError(
-            f"database schema {version} is newer than this chatd ({SCHEMA_VERSION}); upgrade chatd"
+            f"the database has schema version {version}, newer than this chatd understands"
+            f" ({SCHEMA_VERSION}); run a newer chatd, or restore a backup made by this one"
         )
+    return version
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database to SCHEMA_VERSION, or raise StoreOpenError saying why not."""
+    version = identify(db)
     if version == SCHEMA_VERSION:
         return
     db.execute("BEGIN IMMEDIATE")
@@ -110,8 +125,41 @@ def bump_users_version(db: sqlite3.Connection) -> None:
     )
 
 
+def lock_path(path: str) -> str:
+    return path + ".lock"
+
+
+def _lock(path: str) -> int:
+    """Take the exclusive lock beside the database for this process's life: a second
+    server on the same file would hand out the same message ids. The kernel drops a
+    flock when its holder dies, so a crashed server never blocks the next start."""
+    where = lock_path(path)
+    try:
+        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreOpenError(f"cannot create the lock file {where}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise StoreOpenError(
+                f"it is in use by another chatd server{pid}; stop that one first"
+                f" (lock file {where})"
+            ) from None
+        raise StoreOpenError(f"cannot lock {where}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class SQLiteStore:
-    """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer)."""
+    """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer).
+
+    A file database is locked (``PATH.lock``) from ``open`` to ``close``: one server per
+    database; ``chatd user``/``token``/``backup`` do not take the lock."""
 
     def __init__(self, path: str, *, readers: int = 2, max_batch: int = _MAX_BATCH) -> None:
         self.path = path
@@ -137,23 +185,34 @@ class SQLiteStore:
         self._readers_n = readers
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._lock_fd: int | None = None
+        self._failing = False  # the last batch failed (logged once, and once on recovery)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def open(self) -> Snapshot:
         """Open (creating or migrating) the database and load what lives in memory."""
-        if not self.memory and os.path.dirname(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not self.memory:
+            if os.path.dirname(self.path):
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._lock_fd = _lock(self.path)
         try:
-            db = _connect(self.path)
-            if not self.memory:
-                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode != "wal":
-                    raise StoreOpenError(f"cannot use WAL mode (got {mode})")
-            db.execute("PRAGMA synchronous=FULL")
-            migrate(db)
-        except sqlite3.DatabaseError as exc:
-            raise StoreOpenError(str(exc)) from None
+            try:
+                db = _connect(self.path)
+                identify(db)  # before WAL: never convert someone else's file
+                if not self.memory:
+                    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    if mode != "wal":
+                        raise StoreOpenError(f"cannot use WAL mode (got {mode})")
+                # FULL: the WAL is fsynced at every commit, so an acknowledged write
+                # survives power loss too, not only a crash of this process.
+                db.execute("PRAGMA synchronous=FULL")
+                migrate(db)
+            except sqlite3.DatabaseError as exc:
+                raise StoreOpenError(str(exc)) from None
+        except BaseException:
+            self._unlock()
+            raise
         self._db = db
         db.execute("BEGIN IMMEDIATE")
         # Ephemeral rooms die at start: nobody is connected then (contract).
@@ -203,6 +262,12 @@ class SQLiteStore:
             self._readers.shutdown(wait=False)
         if self._db is not None:
             self._db.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     # --- the writer ------------------------------------------------------------------
 
@@ -268,6 +333,10 @@ class SQLiteStore:
                 try:
                     value = fn(db)
                 except (ChatError, sqlite3.Error) as exc:
+                    if not db.in_transaction:
+                        # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR…):
+                        # fail the batch, or later ops would run in autocommit.
+                        raise
                     if multi:
                         db.execute("ROLLBACK TO op")
                         db.execute("RELEASE op")
@@ -281,7 +350,12 @@ class SQLiteStore:
             db.execute("COMMIT")
             self._deleted_rooms |= self._batch_deleted
             self._batch_deleted.clear()
-        except sqlite3.Error as exc:
+            if self._failing:
+                self._failing = False
+                log.warning("storage is writable again")
+        except Exception as exc:
+            # Disk full, read-only, I/O error (or a bug): nothing of the batch is saved, so
+            # the counters go back and every write in it fails; the next batch tries anew.
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
@@ -290,6 +364,10 @@ class SQLiteStore:
             self._next_id = id0
             self._batch_deleted.clear()
             err = _as_chat_error(exc)
+            if not self._failing:
+                self._failing = True
+                bug = not isinstance(exc, sqlite3.Error)
+                log.error("writing to the database failed: %s", exc, exc_info=bug)
             results = [(fut, None, err) for _, fut, _ in batch]
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -638,6 +716,154 @@ class SQLiteStore:
             return row is not None
 
         return await self._read(op)
+
+    # --- retention -------------------------------------------------------------------
+
+    async def prune(self, now: float, max_age: float, keep: int, batch: int = 500) -> int:
+        """Retention: remove messages older than ``max_age`` seconds, and all but the newest
+        ``keep`` per room and per DM pair (0 turns a rule off). Runs as many small writes
+        (at most ``batch`` rows each) so other writes interleave and the writer never stalls
+        for long; the groups to trim are found on a reader. No events, no revisions: a
+        pruned message just leaves history. A message whose nonce is younger than
+        NONCE_KEEP is blanked (a tombstone) rather than deleted, so a retried send still
+        finds it. Returns how many messages left history."""
+        total = 0
+        if max_age > 0:
+            total += await self._prune_range("1", (), None, now - max_age, now, batch)
+        if keep > 0:
+            for where, key in await self._read(lambda db: _over_keep(db, keep)):
+
+                def cutoff(db: sqlite3.Connection, where: str = where, key: Any = key) -> Any:
+                    # The oldest of the newest `keep`: a reader's snapshot may be a little
+                    # old, which only keeps more, never less.
+                    return db.execute(
+                        f"SELECT id FROM messages WHERE {where} AND deleted = 0 "
+                        "ORDER BY id DESC LIMIT 1 OFFSET ?",
+                        (key, keep - 1),
+                    ).fetchone()
+
+                below = await self._read(cutoff)
+                if below is not None:
+                    total += await self._prune_range(where, (key,), below[0], None, now, batch)
+        return total
+
+    async def _prune_range(
+        self,
+        where: str,
+        args: tuple[Any, ...],
+        below: int | None,
+        older_than: float | None,
+        now: float,
+        batch: int,
+    ) -> int:
+        total, after, more = 0, 0, True
+        while more:
+
+            def op(db: sqlite3.Connection, after: int = after) -> tuple[int, int, bool]:
+                return _prune_step(db, where, args, after, below, older_than, now, batch)
+
+            n, after, more = await self._write(op, multi=True)
+            total += n
+        return total
+
+
+def _over_keep(db: sqlite3.Connection, keep: int) -> list[tuple[str, Any]]:
+    """The rooms and DM pairs holding more than ``keep`` messages (tombstones not counted)."""
+    rooms = db.execute(
+        "SELECT room_id FROM messages WHERE room_id IS NOT NULL AND deleted = 0 "
+        "GROUP BY room_id HAVING count(*) > ?",
+        (keep,),
+    ).fetchall()
+    pairs = db.execute(
+        "SELECT dm_key FROM messages WHERE room_id IS NULL AND deleted = 0 "
+        "GROUP BY dm_key HAVING count(*) > ?",
+        (keep,),
+    ).fetchall()
+    return [("room_id = ?", r[0]) for r in rooms] + [
+        ("room_id IS NULL AND dm_key = ?", p[0]) for p in pairs
+    ]
+
+
+def _prune_step(
+    db: sqlite3.Connection,
+    where: str,
+    args: tuple[Any, ...],
+    after: int,
+    below: int | None,
+    older_than: float | None,
+    now: float,
+    batch: int,
+) -> tuple[int, int, bool]:
+    """One batch of retention in id order from ``after``: (messages removed, last id
+    looked at, more to look at). With ``older_than`` it stops at the first message that
+    is young enough (ids grow with time, so this is the frontier; no index on ts needed)."""
+    sql = f"SELECT id, ts, nonce, deleted FROM messages WHERE {where} AND id > ?"
+    params: list[Any] = [*args, after]
+    if below is not None:
+        sql += " AND id < ?"
+        params.append(below)
+    rows = db.execute(sql + " ORDER BY id LIMIT ?", (*params, batch)).fetchall()
+    drop: list[tuple[int]] = []
+    blank: list[tuple[int]] = []
+    removed = 0
+    last = after
+    more = len(rows) == batch
+    for mid, ts, nonce, deleted in rows:
+        if older_than is not None and ts >= older_than:
+            more = False
+            break
+        last = mid
+        if nonce is not None and ts > now - NONCE_KEEP:
+            if not deleted:
+                blank.append((mid,))
+        else:
+            drop.append((mid,))
+        removed += not deleted
+    if drop:
+        db.executemany("DELETE FROM messages WHERE id = ?", drop)
+    if blank:
+        db.executemany("UPDATE messages SET text = '', deleted = 1 WHERE id = ?", blank)
+    return removed, last, more
+
+
+def backup(source: str, dest: str) -> int:
+    """An online, consistent copy of the chatd database ``source`` into ``dest`` with
+    SQLite's backup API, while a server may be writing to it: the copy is taken in one
+    step inside one read transaction (WAL lets the writer go on meanwhile), written beside
+    ``dest`` and renamed over it, so ``dest`` is always whole. Returns the number of
+    messages in the copy. Raises StoreOpenError when ``source`` is not usable."""
+    if not os.path.isfile(source):
+        raise StoreOpenError("no such database file")
+    src = _connect(source)
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    try:
+        try:
+            if identify(src) == 0:
+                raise StoreOpenError("not a chatd database (it is empty)")
+            out = sqlite3.connect(tmp)
+            try:
+                src.backup(out)  # pages=-1: all at once, one consistent snapshot
+                out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                count = int(
+                    out.execute("SELECT count(*) FROM messages WHERE deleted = 0").fetchone()[0]
+                )
+            finally:
+                out.close()
+        except sqlite3.DatabaseError as exc:
+            raise StoreOpenError(str(exc)) from None
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)
+    finally:
+        src.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return count
 
 
 def _page(

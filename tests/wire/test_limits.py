@@ -329,3 +329,18 @@ async def test_a_stuck_writer_is_dropped_after_the_write_deadline() -> None:
         await read_to_end(stuck)
         for c in (sender, stuck):
             await c.close()
+
+
+async def test_accepted_connections_have_tcp_keepalive(server, connect) -> None:
+    """limits.md: idle 60 s, interval 15 s, 4 probes (set once on the listener, inherited)."""
+    import socket
+
+    c = await connect()
+    await c.ok("ping")
+    conn = next(iter(server.connections))
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
