@@ -10,7 +10,6 @@ The room is filled straight into a fresh database through the store's own schema
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sqlite3

@@ -243,9 +243,10 @@ class App:
 
     # --- accounts changed elsewhere --------------------------------------------------
 
-    def drop_user(self, key: str, reason: str = "deleted") -> None:
+    def drop_user(self, key: str, reason: str = "deleted", *, forget: bool = True) -> None:
         """The account is gone: its connections leave their rooms and are closed."""
-        self.users.pop(key, None)
+        if forget:
+            self.users.pop(key, None)
         for s in self.sessions_of(key):
             self._unbind(s, reason)
             # Closed on the next turn of the loop, so a reply already due still goes out.

@@ -272,5 +272,9 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
         raise NotFound(f"no user {cmd.user!r}")
     if not await app.store.delete_user(cmd.user):
         raise NotFound(f"no user {cmd.user!r}")
-    app.drop_user(key, "deleted")
+    # Its tokens stop working now; the member.left events and closes follow on the next
+    # turn of the loop, so the caller's reply comes before the events it causes.
+    user = app.users.pop(key, None)
+    if user is not None:
+        app.scheduler.call_later(0, lambda: app.drop_user(key, "deleted", forget=False))
     return {}

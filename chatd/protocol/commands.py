@@ -13,7 +13,7 @@ import msgspec
 UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 RequestId = Union[UInt, Annotated[str, msgspec.Meta(max_length=128)], None]
 # Names: 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -.
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\Z")]
 Topic = Annotated[str, msgspec.Meta(max_length=256)]
 Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 

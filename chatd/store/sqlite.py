@@ -830,8 +830,10 @@ def backup(source: str, dest: str) -> int:
     """An online, consistent copy of the chatd database ``source`` into ``dest`` with
     SQLite's backup API, while a server may be writing to it: the copy is taken in one
     step inside one read transaction (WAL lets the writer go on meanwhile), written beside
-    ``dest`` and renamed over it, so ``dest`` is always whole. Returns the number of
-    messages in the copy. Raises StoreOpenError when ``source`` is not usable."""
+    ``dest`` and renamed over it, so ``dest`` is always whole. The copy gets a new epoch:
+    restored, it rewinds ids and revisions, and clients must know their cursors are void
+    (contract, Revisions). Returns the number of messages in the copy. Raises
+    StoreOpenError when ``source`` is not usable."""
     if not os.path.isfile(source):
         raise StoreOpenError("no such database file")
     src = _connect(source)
@@ -844,6 +846,10 @@ def backup(source: str, dest: str) -> int:
             try:
                 src.backup(out)  # pages=-1: all at once, one consistent snapshot
                 out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                with out:
+                    out.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'epoch'", (uuid.uuid4().hex,)
+                    )
                 count = int(
                     out.execute("SELECT count(*) FROM messages WHERE deleted = 0").fetchone()[0]
                 )

@@ -1156,3 +1156,31 @@ async def test_login_storm_does_not_stall_other_clients(server: ChatServer, conn
     done, results = await asyncio.wait_for(asyncio.gather(pings(), storm()), 15)
     assert done == 20
     assert all(r["type"] == "ok" for r in results), [r for r in results if r["type"] != "ok"]
+
+
+async def test_user_delete_reply_comes_before_member_left(server, connect) -> None:
+    """Contract: a command's reply comes before the events it causes, on the caller's
+    connection too (here: the admin shares a room with the deleted user)."""
+    from chatd.auth import PasswordHasher
+
+    admin = await connect()
+    store = server.store
+    hasher = PasswordHasher(memory_kib=1024, time_cost=1, workers=1)
+    try:
+        rec = await store.create_user("root", hasher.hash_sync("root-password"), admin=True)
+    finally:
+        hasher.close()
+    server.app.users["root"] = rec
+    await admin.ok("login", user="root", password="root-password")
+    await admin.ok("room.create", room="shared")
+    await admin.ok("register", user="doomed", password="doomed-password")
+    other = await connect()
+    await other.ok("login", user="doomed", password="doomed-password")
+    await other.ok("room.join", room="shared")
+    assert (await admin.event("member.joined"))["user"] == "doomed"
+    rid = "del-1"
+    await admin.send({"cmd": "user.delete", "id": rid, "user": "doomed"})
+    first = await admin.recv()
+    assert first["type"] == "ok" and first["id"] == rid, first
+    left = await admin.event("member.left")
+    assert left == {"room": "shared", "user": "doomed", "reason": "deleted"}
