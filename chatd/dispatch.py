@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -25,7 +25,8 @@ from chatd.session import Session
 log = logging.getLogger("chatd")
 
 Events = list[tuple[Any, bytes]]
-Handler = Callable[[App, "Request", Any], Awaitable[Any]]
+# Plain functions for commands that never wait; async functions for the others.
+Handler = Callable[[App, "Request", Any], Any]
 
 
 class Request:
@@ -191,7 +192,9 @@ class Dispatcher:
                 if spec.grant is not None and spec.grant not in req.claims.grants:
                     raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
             coro = spec.handler(self.app, req, cmd)
-            assert isinstance(coro, types.CoroutineType)
+            if type(coro) is not types.CoroutineType:
+                # A plain function (ping, help): its value is the reply, no coroutine.
+                return Outcome(ok_frame(rid, coro), req.events)
             try:
                 first = coro.send(None)
             except StopIteration as stop:

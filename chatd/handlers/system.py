@@ -13,9 +13,9 @@ if TYPE_CHECKING:
 PONG = {"pong": True}
 
 
-async def ping(app: App, req: Request, cmd: c.Ping) -> Any:
+def ping(app: App, req: Request, cmd: c.Ping) -> Any:
     return PONG
 
 
-async def help_(app: App, req: Request, cmd: c.Help) -> Any:
+def help_(app: App, req: Request, cmd: c.Help) -> Any:
     return app.help_data
