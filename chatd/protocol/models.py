@@ -17,14 +17,9 @@ class RoomInfo(msgspec.Struct, frozen=True):
     open: bool
 
 
-class RenamedRoomInfo(msgspec.Struct, frozen=True):
-    name: str
-    topic: str
-    owner: str
-    created_at: str
-    members: int
-    ephemeral: bool
-    open: bool
+class RenamedRoomInfo(RoomInfo, frozen=True):
+    """A Room in `room.updated` after a rename."""
+
     previous_name: str
 
 

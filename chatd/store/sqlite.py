@@ -609,34 +609,31 @@ class SQLiteStore:
     async def edit_message(
         self, message_id: int, text: str, ts: float, by: str
     ) -> MessageRecord | None:
-        def op(db: sqlite3.Connection) -> MessageRecord | None:
-            rev = self._rev_w + 1
-            row = db.execute(
-                "UPDATE messages SET text = ?, edited_ts = ?, edited_by = ?, rev = ? "
-                f"WHERE id = ? AND deleted = 0 RETURNING {_MSG_COLS}",
-                (text, ts, by, rev, message_id),
-            ).fetchone()
-            if row is None:
-                return None
-            self._rev_w = rev
-            return _msg(row)
-
-        return await self._write(op)
+        return await self._change_message(
+            "text = ?, edited_ts = ?, edited_by = ?", (text, ts, by), message_id
+        )
 
     async def delete_message(self, message_id: int) -> MessageRecord | None:
+        return await self._change_message("text = '', deleted = 1", (), message_id)
+
+    def _change_message(
+        self, assignments: str, params: tuple[Any, ...], message_id: int
+    ) -> asyncio.Future[MessageRecord | None]:
+        """Change a live message, stamping the next revision on it; None if it is gone."""
+
         def op(db: sqlite3.Connection) -> MessageRecord | None:
             rev = self._rev_w + 1
             row = db.execute(
-                "UPDATE messages SET text = '', deleted = 1, rev = ? "
+                f"UPDATE messages SET {assignments}, rev = ? "
                 f"WHERE id = ? AND deleted = 0 RETURNING {_MSG_COLS}",
-                (rev, message_id),
+                (*params, rev, message_id),
             ).fetchone()
             if row is None:
                 return None
             self._rev_w = rev
             return _msg(row)
 
-        return await self._write(op)
+        return self._write(op)
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
         def op(db: sqlite3.Connection) -> MessageRecord | None:
