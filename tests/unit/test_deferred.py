@@ -1,0 +1,55 @@
+"""The store's eager result object behaves like a Future for asyncio code, and runs the
+command driver's callback at once (chatd.store.sqlite._Deferred)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatd.store.sqlite import _Deferred
+
+
+async def test_awaiting_from_a_task_gets_the_value() -> None:
+    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+
+    async def waiter() -> int:
+        return await d
+
+    task = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0)
+    d.set_result(7)
+    assert await asyncio.wait_for(task, 1) == 7
+
+
+async def test_awaiting_from_a_task_gets_the_exception() -> None:
+    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+    task = asyncio.ensure_future(_await(d))
+    await asyncio.sleep(0)
+    d.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        await asyncio.wait_for(task, 1)
+
+
+async def _await(d: _Deferred[int]) -> int:
+    return await d
+
+
+async def test_a_callback_without_context_runs_at_once_and_errors_are_contained() -> None:
+    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+    seen: list[int] = []
+
+    def bad(_: object) -> None:
+        raise RuntimeError("a failing command")
+
+    d.add_done_callback(bad)
+    d.add_done_callback(lambda fut: seen.append(fut.result()))
+    d.set_result(3)
+    assert seen == [3]  # ran inside set_result, despite the first callback failing
+    assert d.done() and not d.cancelled() and d.exception() is None
+
+
+async def test_a_finished_result_is_returned_without_waiting() -> None:
+    d: _Deferred[str] = _Deferred(asyncio.get_running_loop())
+    d.set_result("done")
+    assert await d == "done"
