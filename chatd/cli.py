@@ -270,22 +270,16 @@ def user_command(args: argparse.Namespace) -> int:
         return 0
     if args.user_command == "add":
         password = _read_password(args.password_stdin)
-        import msgspec
-
         from chatd.errors import BadRequest
         from chatd.handlers.accounts import check_password
-        from chatd.protocol.commands import Register
+        from chatd.protocol.commands import NAME_HELP, is_valid_name
 
         try:
             check_password(password, _DEFAULTS)  # the same rule as `register`
         except BadRequest as exc:
             raise CliError(exc.message) from None
-        try:
-            msgspec.convert({"cmd": "register", "user": args.name, "password": "x"}, Register)
-        except msgspec.ValidationError:
-            raise CliError(
-                "invalid name: 1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
-            ) from None
+        if not is_valid_name(args.name):
+            raise CliError(f"invalid name: {NAME_HELP}")
         hasher = PasswordHasher(workers=1)
         pw_hash = hasher.hash_sync(password)
         hasher.close()

@@ -8,6 +8,7 @@ of errors to frames happen here and nowhere else (STYLE 3). Order of checks (con
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable, Coroutine, Generator
@@ -73,7 +74,7 @@ class Spec:
     # Field rules msgspec cannot express; run before the token is looked at (contract).
     check: Callable[[Any, Config], None] | None = None
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return command_name(self.command)
 

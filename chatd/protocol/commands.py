@@ -5,6 +5,7 @@ so a malformed field is ``bad_request`` before any token is looked at.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Union
 
@@ -14,7 +15,16 @@ import msgspec
 UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 RequestId = Union[UInt, Annotated[str, msgspec.Meta(max_length=128)], None]
 # Names: 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -.
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\Z")]
+# The character rule is checked after decoding (decode.py), with a cache: a regex in the
+# Struct costs more than the rest of decoding a frame.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+_NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+NAME_HELP = "1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
+
+
+def is_valid_name(name: str) -> bool:
+    """Contract, "Identity and tokens": 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -."""
+    return _NAME_RULE.fullmatch(name) is not None
 Topic = Annotated[str, msgspec.Meta(max_length=256)]
 Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
@@ -165,6 +175,17 @@ AnyCommand = Union[
 
 # The union is the one list of commands; the decoder and the command table both use it.
 ALL_COMMANDS: tuple[type[Command], ...] = typing.get_args(AnyCommand)
+
+
+def name_fields(cls: type[Command]) -> tuple[tuple[str, str], ...]:
+    """(attribute, wire name) of every field of `cls` that holds a name."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in msgspec.structs.fields(cls):
+        hint = hints[f.name]
+        if hint == Name or hint == Union[Name, None]:
+            out.append((f.name, f.encode_name))
+    return tuple(out)
 
 
 def command_name(cls: type[Command]) -> str:

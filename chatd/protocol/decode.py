@@ -13,10 +13,21 @@ from typing import Any
 import msgspec
 
 from chatd.errors import BadFrame, BadRequest, ChatError, UnknownCommand
-from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, Command, command_name
+from chatd.protocol.commands import (
+    ALL_COMMANDS,
+    NAME_HELP,
+    AnyCommand,
+    Command,
+    command_name,
+    is_valid_name,
+    name_fields,
+)
 
 _decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
 _lenient = msgspec.json.Decoder()
+_NAME_FIELDS = {cls: name_fields(cls) for cls in ALL_COMMANDS}
+# Names already found valid (a pure check, memoized: the same rooms and users recur).
+_good_names: set[str] = set()
 _MAX_ID = 2**63 - 1
 _NAMES = frozenset(command_name(cls) for cls in ALL_COMMANDS)
 
@@ -36,13 +47,21 @@ def decode_command(line: bytes) -> Command:
         if not line.isascii():
             line.decode("utf-8")  # msgspec skips invalid UTF-8 in ignored fields
         cmd: Command = _decoder.decode(line)
-        return cmd
     except msgspec.ValidationError as exc:  # a subclass of DecodeError: first
         raise _explain(line, str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise FrameError(BadFrame("frame is not valid JSON"), None) from None
     except RecursionError:
         raise FrameError(BadFrame("frame is nested too deeply"), None) from None
+    for attr, wire in _NAME_FIELDS[type(cmd)]:
+        name = getattr(cmd, attr)
+        if name is not None and name not in _good_names:
+            if not is_valid_name(name):
+                raise FrameError(BadRequest(f"invalid name at `$.{wire}`: {NAME_HELP}"), cmd.id)
+            if len(_good_names) >= 65_536:
+                _good_names.clear()
+            _good_names.add(name)
+    return cmd
 
 
 def _explain(line: bytes, detail: str) -> FrameError:
@@ -62,9 +81,6 @@ def _explain(line: bytes, detail: str) -> FrameError:
         if cmd in _NAMES:  # `cmd` given twice, with different values
             return FrameError(BadRequest("field `cmd` is given more than once"), rid)
         return FrameError(UnknownCommand(f"unknown command {cmd[:64]!r}; send help"), rid)
-    if "matching regex" in detail:
-        where = detail.rpartition(" - at ")[2]
-        detail = f"invalid name at {where}: 1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
     return FrameError(BadRequest(detail), rid)
 
 
