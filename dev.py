@@ -39,8 +39,18 @@ def ensure_env() -> None:
     STAMP.write_text(digest)
 
 
-def run(args: list[str]) -> int:
-    return subprocess.call(args, cwd=ROOT)
+def run(args: list[str], *, replace: bool = False) -> int:
+    """Run a tool from .venv. With replace (serve, test) this process becomes the tool, so
+    Ctrl-C and SIGTERM reach it directly and it exits as the tool does."""
+    if replace and os.name == "posix":
+        os.chdir(ROOT)
+        os.execv(args[0], args)
+    proc = subprocess.Popen(args, cwd=ROOT)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the child got the same Ctrl-C and is shutting down
 
 
 def main(argv: list[str]) -> int:
@@ -50,9 +60,9 @@ def main(argv: list[str]) -> int:
     what, rest = argv[0], argv[1:]
     ensure_env()
     if what == "serve":
-        return run([str(BIN / "chatd"), "serve", *rest])
+        return run([str(BIN / "chatd"), "serve", *rest], replace=True)
     if what == "test":
-        return run([str(PY), "-m", "pytest", *rest])
+        return run([str(PY), "-m", "pytest", *rest], replace=True)
     if what == "lint":
         code = run([str(PY), "-m", "ruff", "check", "chatd", "clients", "tests", "bench"])
         return code or run([str(PY), "-m", "mypy"])
