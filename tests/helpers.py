@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -133,3 +134,34 @@ class Client:
             await asyncio.wait_for(self.writer.wait_closed(), TIMEOUT)
         except (TimeoutError, ConnectionError):
             pass
+
+
+Connect = Callable[[], Awaitable[Client]]
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+async def guest(connect: Connect, name: str, **login: Any) -> Client:
+    """A new connection logged in as guest `name`."""
+    c = await connect()
+    data = await c.ok("login", user=name, **login)
+    c.token = data["token"]
+    return c
+
+
+async def second(connect: Connect, first: Client) -> Client:
+    """Another connection of the same user."""
+    c = await connect()
+    await c.ok("auth", token=first.token)
+    return c
+
+
+async def admin(server: ChatServer, connect: Connect, name: str = "root") -> Client:
+    """A connection logged in as a fresh admin account (made through the store)."""
+    pw = "admin-password"
+    rec = await server.store.create_user(name, await server.app.hasher.hash(pw), True)
+    server.app.users[name.lower()] = rec
+    c = await connect()
+    data = await c.ok("login", user=name, password=pw)
+    assert "admin" in data["grants"]
+    c.token = data["token"]
+    return c

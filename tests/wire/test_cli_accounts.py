@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import stat
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,40 +16,13 @@ import jwt
 import pytest
 
 from chatd.server import ChatServer
-from tests.helpers import SECRET, TIMEOUT, Client, running_server
+from tests.helpers import SECRET, Client, running_server
+from tests.process import chatd_run, chatd_serving
 
-ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
-LISTEN = re.compile(rb"listening on \S+:(\d+)")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CHATD_SECRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-async def chatd(*args: str, stdin: str | None = None, **env: str) -> tuple[int, str, str]:
-    """Run `python -m chatd ARGS`; its exit status, stdout and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=_env(**env),
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if stdin is not None else None), 20
-        )
-    except TimeoutError:
-        proc.kill()
-        await asyncio.wait_for(proc.wait(), TIMEOUT)
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+chatd = chatd_run
 
 
 async def add_user(db: str, name: str, *extra: str, password: str = PASSWORD) -> None:
@@ -359,31 +330,10 @@ async def test_empty_chatd_secret_counts_as_unset_and_the_file_is_used(tmp_path:
     rc, again, _ = await chatd("token", "lou", "--db", db, CHATD_SECRET="")
     jwt.decode(again.strip(), secret, algorithms=["HS256"])
     assert read_text(secret_file) == secret
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", "serve", "--port", "0", "--db", db,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=_env(CHATD_SECRET=""),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    try:
-        port = 0
-        deadline = time.monotonic() + 15
-        while not port:
-            line = await asyncio.wait_for(proc.stderr.readline(), deadline - time.monotonic())
-            assert line, "chatd exited before listening"
-            m = LISTEN.search(line)
-            if m:
-                port = int(m.group(1))
-        c = await Client.connect(port)
+    async with chatd_serving("serve", "--port", "0", "--db", db, CHATD_SECRET="") as srv:
+        c = await Client.connect(srv.port)
         assert (await c.ok("auth", token=out.strip()))["user"] == "lou"
         await c.close()
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), TIMEOUT)
-        await asyncio.wait_for(proc.stderr.read(), TIMEOUT)
 
 
 async def test_a_token_signed_with_another_secret_is_refused(tmp_path: Path) -> None:

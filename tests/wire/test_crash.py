@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import re
 import signal
 import sqlite3
-import sys
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import SECRET, TIMEOUT, Client
+from tests.process import Served, chatd_serving
 
-ROOT = Path(__file__).resolve().parents[2]
-LISTEN = re.compile(rb"listening on \S+:(\d+)")
 STORM = ("--rate-limit", "0", "--command-rate", "0")
 CLIENTS = 20
 ROUNDS = 4
@@ -29,85 +23,9 @@ WINDOW = 64  # sends in flight per client
 ROOM = "storm"
 
 
-def chatd_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CHATD_SECRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-class Served:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: list[bytes]) -> None:
-        self.proc = proc
-        self.port = port
-        self.log = log
-        self.started_in = 0.0
-
-
-@asynccontextmanager
-async def chatd_serving(db: str, *extra: str) -> AsyncIterator[Served]:
-    """`python -m chatd serve --db DB --port 0 …` until its listening line; killed on exit
-    if still running."""
-    began = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", "serve", "--db", db, "--port", "0", "--secret", SECRET,
-        *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=chatd_env(),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    stderr = proc.stderr
-    log: list[bytes] = []
-    drain: asyncio.Task[None] | None = None
-    try:
-        port = 0
-        deadline = began + 15
-        while not port:
-            line = await asyncio.wait_for(stderr.readline(), deadline - time.monotonic())
-            assert line, f"chatd exited before listening: {b''.join(log)!r}"
-            log.append(line)
-            if m := LISTEN.search(line):
-                port = int(m.group(1))
-
-        async def keep_reading() -> None:
-            while line := await stderr.readline():
-                log.append(line)
-
-        drain = asyncio.create_task(keep_reading())
-        served = Served(proc, port, log)
-        served.started_in = time.monotonic() - began
-        yield served
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await asyncio.wait_for(proc.wait(), TIMEOUT)
-        if drain is not None:
-            await asyncio.wait_for(drain, TIMEOUT)
-
-
-async def chatd_run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    """Run `python -m chatd ARGS` to its end: exit status, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=chatd_env(),
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if stdin is not None else None), 20
-        )
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), TIMEOUT)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+def serving(db: str, *extra: str) -> AbstractAsyncContextManager[Served]:
+    """`chatd serve --db DB --port 0` with the test secret, until its listening line."""
+    return chatd_serving("serve", "--db", db, "--port", "0", "--secret", SECRET, *extra)
 
 
 class Sender:
@@ -217,7 +135,7 @@ async def test_acknowledged_sends_survive_repeated_sigkill_mid_storm(tmp_path: P
     senders: list[Sender] = []
     top_id = 0  # the highest id any server has shown so far
     top_rev = 0
-    async with chatd_serving(db, *STORM) as srv:
+    async with serving(db, *STORM) as srv:
         owner = await Client.connect(srv.port)
         await owner.guest("owner")
         await owner.ok("room.create", room=ROOM, open=True)
@@ -225,7 +143,7 @@ async def test_acknowledged_sends_survive_repeated_sigkill_mid_storm(tmp_path: P
         srv.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(srv.proc.wait(), TIMEOUT) == 0
     for rnd in range(ROUNDS + 1):
-        async with chatd_serving(db, *STORM) as srv:
+        async with serving(db, *STORM) as srv:
             assert srv.started_in < 5, f"start took {srv.started_in:.1f} s"
             history = await whole_history(srv.port, f"check{rnd}")
             check_history(history, senders)

@@ -27,7 +27,8 @@ from chatd.store.base import NewMessage
 from chatd.store.schema import SCHEMA_VERSION
 from chatd.store.sqlite import SQLiteStore, _Insert
 from tests.helpers import SECRET, TEST_CONFIG, TIMEOUT, Client, running_server
-from tests.wire.test_crash import chatd_run, chatd_serving
+from tests.process import chatd_run
+from tests.wire.test_crash import serving
 
 PASSWORD = "correct horse battery"
 
@@ -135,7 +136,7 @@ async def test_a_second_server_on_the_same_database_exits_2_but_cli_commands_wor
         rc, _, err = await chatd_run("backup", str(tmp_path / "copy.db"), "--db", db)
         assert rc == 0, err
     # The lock goes with the server that held it.
-    async with chatd_serving(db) as srv:
+    async with serving(db) as srv:
         srv.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(srv.proc.wait(), TIMEOUT) == 0
 

@@ -4,42 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.server import ChatServer
-from tests.helpers import TIMEOUT, Client, running_server
-
-Connect = Callable[[], Awaitable[Client]]
-RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-
-async def guest(connect: Connect, name: str, **login: Any) -> Client:
-    c = await connect()
-    data = await c.ok("login", user=name, **login)
-    c.token = data["token"]
-    return c
-
-
-async def second(connect: Connect, first: Client) -> Client:
-    c = await connect()
-    await c.ok("auth", token=first.token)
-    return c
+from tests.helpers import (
+    RFC3339,
+    TIMEOUT,
+    Client,
+    Connect,
+    admin,
+    guest,
+    running_server,
+    second,
+)
 
 
 async def registered(connect: Connect, name: str, pw: str = "password123") -> Client:
     c = await connect()
     await c.ok("register", user=name, password=pw)
-    c.token = (await c.ok("login", user=name, password=pw))["token"]
-    return c
-
-
-async def admin(server: ChatServer, connect: Connect, name: str = "root") -> Client:
-    pw = "admin-password"
-    rec = await server.store.create_user(name, await server.app.hasher.hash(pw), True)
-    server.app.users[name.lower()] = rec
-    c = await connect()
     c.token = (await c.ok("login", user=name, password=pw))["token"]
     return c
 

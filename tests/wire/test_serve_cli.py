@@ -3,96 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers import SECRET, TIMEOUT, Client
+from tests.process import chatd_env, chatd_run, chatd_serving
 
-ROOT = Path(__file__).resolve().parents[2]
-LISTEN = re.compile(rb"listening on (\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:.]+\]):(\d+)")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CHATD_SECRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-class Served:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: list[bytes]) -> None:
-        self.proc = proc
-        self.port = port
-        self.log = log
-
-
-@asynccontextmanager
-async def serve(*args: str, cwd: Path | None = None, **env: str) -> AsyncIterator[Served]:
-    """Start `python -m chatd …`, wait for its listening line, stop it if still running."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd or ROOT,
-        env=_env(**env),
-    )  # fmt: skip
-    assert proc.stderr is not None and proc.stdout is not None
-    log: list[bytes] = []
-    drain: asyncio.Task[None] | None = None
-    try:
-        port = 0
-        deadline = time.monotonic() + 15
-        while not port:
-            line = await asyncio.wait_for(proc.stderr.readline(), deadline - time.monotonic())
-            assert line, f"chatd exited before listening: {b''.join(log)!r}"
-            log.append(line)
-            m = LISTEN.search(line)
-            if m:
-                port = int(m.group(2))
-
-        async def keep_reading(stream: asyncio.StreamReader) -> None:
-            while line := await stream.readline():
-                log.append(line)
-
-        drain = asyncio.create_task(keep_reading(proc.stderr))
-        yield Served(proc, port, log)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await asyncio.wait_for(proc.wait(), TIMEOUT)
-        if drain is not None:
-            await asyncio.wait_for(drain, TIMEOUT)
-        await asyncio.wait_for(proc.stdout.read(), TIMEOUT)
-
-
-async def run(*args: str, cwd: Path | None = None, **env: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatd", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd or ROOT,
-        env=_env(**env),
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+serve = chatd_serving
+run = chatd_run
 
 
 async def shutdown_then_eof(c: Client) -> dict[str, Any]:
@@ -227,7 +151,7 @@ async def test_chatd_alone_is_serve_with_defaults(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=tmp_path,
-        env=_env(),
+        env=chatd_env(),
     )  # fmt: skip
     assert proc.stderr is not None
     try:
