@@ -293,10 +293,30 @@ class Connection(asyncio.Protocol):
     def reply(self, outcome: Outcome) -> None:
         if self.slots:
             slot = _Slot(False)
-            slot.outcome = outcome
+            slot.outcome = self._others_now(outcome)
             self.slots.append(slot)
         else:
             self.deliver(outcome)
+
+    def _others_now(self, outcome: Outcome) -> Outcome:
+        """Send a finished command's events to the other connections at once, so every
+        connection sees changes in commit (revision) order; keep this connection's own
+        copies to follow its reply, which waits for the replies before it."""
+        if not outcome.events:
+            return outcome
+        me = self.session
+        own: list[tuple[Any, bytes]] = []
+        for sessions, frame in outcome.events:
+            mine = False
+            for s in sessions:
+                if s is me:
+                    mine = True
+                else:
+                    s.send(frame)
+            if mine:
+                own.append(((me,), frame))
+        outcome.events = own
+        return outcome
 
     def deliver(self, outcome: Outcome) -> None:
         self.send(outcome.reply)
@@ -306,12 +326,12 @@ class Connection(asyncio.Protocol):
                     s.send(frame)
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
-        slot.outcome = outcome
+        slots = self.slots
+        assert slots is not None
+        slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
         self.waiting -= 1
         if not slot.overlap:
             self.barriers -= 1
-        slots = self.slots
-        assert slots is not None
         while slots and slots[0].outcome is not None:
             done = slots.popleft().outcome
             assert done is not None

@@ -59,7 +59,7 @@ _Op = Callable[[sqlite3.Connection], Any] | _Insert
 
 
 class _Deferred(Generic[T]):
-    """The result of one queued send: awaitable like an asyncio.Future, but a callback
+    """The result of one queued write: awaitable like an asyncio.Future, but a callback
     added without a context (the server's command driver) runs at once when the batch is
     delivered, instead of one loop turn later. A group commit then finishes thousands of
     sends in one callback. Tasks (which always pass a context) are scheduled as asyncio
@@ -132,7 +132,7 @@ class _Deferred(Generic[T]):
                 continue
             try:
                 fn(self)
-            except Exception:  # one command's failure must not stop the batch's others
+            except BaseException:  # one command's failure must not stop the batch's others
                 log.exception("a command failed while its write was delivered")
 
 
@@ -361,11 +361,8 @@ class SQLiteStore:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = (
-            cast("asyncio.Future[Any]", _Deferred(loop))
-            if type(fn) is _Insert
-            else loop.create_future()
-        )
+        # Every write resolves eagerly, in batch order: events then leave in revision order.
+        fut = cast("asyncio.Future[Any]", _Deferred(loop))
         if self._stopping:
             fut.set_exception(Internal("the server is shutting down"))
             return fut

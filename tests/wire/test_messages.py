@@ -543,3 +543,91 @@ async def test_room_delete_while_messages_are_in_flight() -> None:
         finally:
             for c in [owner, *senders]:
                 await c.close()
+
+
+async def _revisions_seen(obs: Client, count: int) -> list[int]:
+    revs: list[int] = []
+    while len(revs) < count:
+        frame = await obs.recv()
+        if frame.get("event") in ("message", "message.edited", "message.deleted"):
+            revs.append(frame["data"]["rev"])
+    return revs
+
+
+async def test_events_arrive_in_revision_order_while_edits_and_sends_interleave() -> None:
+    """Contract: each connection receives message events in revision order, also when
+    edits (which look the message up first) and pipelined sends share group commits."""
+    async with running_server(rate_limit=0) as srv:
+        obs = await Client.connect(srv.port)
+        editors = [await Client.connect(srv.port) for _ in range(4)]
+        senders = [await Client.connect(srv.port) for _ in range(4)]
+        everyone = [obs, *editors, *senders]
+        try:
+            await obs.guest("observer")
+            await obs.ok("room.create", room="order")
+            for i, c in enumerate(editors + senders):
+                await c.guest(f"user{i}")
+                await c.ok("room.join", room="order")
+            edits = 40
+            ids = [(await e.ok("msg.send", room="order", text="edit me"))["message"]["id"] for e in editors]
+
+            async def edit_loop(e: Client, mid: int) -> None:
+                for i in range(edits):
+                    await e.ok("msg.edit", message_id=mid, text=f"edit {i}")
+
+            sends = 100
+
+            async def pipeline(c: Client) -> None:
+                for _ in range(4):
+                    await c.send_raw(b"".join(
+                        json.dumps({"cmd": "msg.send", "room": "order", "text": f"s{i}"}).encode()
+                        + b"\n"
+                        for i in range(sends // 4)
+                    ))  # fmt: skip
+                    await asyncio.sleep(0.002)
+
+            await asyncio.gather(
+                *(edit_loop(e, mid) for e, mid in zip(editors, ids, strict=True)),
+                *(pipeline(c) for c in senders),
+            )
+            total = len(editors) * (1 + edits) + len(senders) * sends
+            revs = await _revisions_seen(obs, total)
+            assert revs == sorted(revs) and len(set(revs)) == len(revs)
+        finally:
+            for c in everyone:
+                await c.close()
+
+
+async def test_a_slow_failing_nonce_send_does_not_hold_back_others_events() -> None:
+    """A send that fails and looks its nonce up in the store must not delay the events
+    of the sends pipelined behind it, seen by others, past newer revisions."""
+    async with running_server(rate_limit=0) as srv:
+        obs = await Client.connect(srv.port)
+        a = await Client.connect(srv.port)
+        b = await Client.connect(srv.port)
+        try:
+            await obs.guest("watcher")
+            await obs.ok("room.create", room="main")
+            await obs.ok("room.create", room="closed")  # `a` is not a member of it
+            for c, name in ((a, "ann"), (b, "ben")):
+                await c.guest(name)
+                await c.ok("room.join", room="main")
+            await a.ok("room.leave", room="closed")
+            rounds = 150
+            a_frames = b"".join(
+                json.dumps({"cmd": "msg.send", "room": "closed", "text": "x", "nonce": f"n{i}"}).encode()
+                + b"\n"
+                + json.dumps({"cmd": "msg.send", "room": "main", "text": f"a{i}"}).encode()
+                + b"\n"
+                for i in range(rounds)
+            )
+            b_frames = b"".join(
+                json.dumps({"cmd": "msg.send", "room": "main", "text": f"b{i}"}).encode() + b"\n"
+                for i in range(rounds)
+            )
+            await asyncio.gather(a.send_raw(a_frames), b.send_raw(b_frames))
+            revs = await _revisions_seen(obs, 2 * rounds)
+            assert revs == sorted(revs)
+        finally:
+            for c in (obs, a, b):
+                await c.close()
