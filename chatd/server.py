@@ -206,8 +206,10 @@ class Connection(asyncio.Protocol):
         self.paused &= ~flag
         if not self.paused and self.transport is not None and not self.dead:
             self.transport.resume_reading()
-            if flag != _PAUSE_BACKLOG:
-                self.pump()
+        # A backlog is pump's own business: with only that left, pump picks up the held
+        # command (a throttled one behind a finished send would otherwise wait forever).
+        if flag != _PAUSE_BACKLOG and not self.paused & ~_PAUSE_BACKLOG:
+            self.pump()
 
     # --- input -----------------------------------------------------------------------
 

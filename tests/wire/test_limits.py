@@ -4,6 +4,7 @@ the unauthenticated idle timeout, and connection caps."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -344,3 +345,28 @@ async def test_accepted_connections_have_tcp_keepalive(server, connect) -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+
+
+async def test_a_throttled_command_behind_a_finished_send_still_runs() -> None:
+    """A command held behind a send, then throttled by the per-connection rate when the
+    send finishes, runs once the bucket refills (the connection never wedges)."""
+    async with running_server(command_rate=50.0, command_burst=5, rate_limit=0) as srv:
+        c = await Client.connect(srv.port)
+        try:
+            await c.guest("busy")
+            await c.ok("room.create", room="r")
+            frames = [{"cmd": "whoami", "id": f"w{i}"} for i in range(5)]
+            frames.append({"cmd": "msg.send", "id": "s", "room": "r", "text": "hi"})
+            frames += [{"cmd": "whoami", "id": f"v{i}"} for i in range(3)]
+            frames.append({"cmd": "whoami", "id": "final"})
+            await c.send_raw(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+            ids = []
+            while not ids or ids[-1] != "final":
+                frame = await c.recv()
+                if frame["type"] != "event":
+                    assert frame["type"] == "ok", frame
+                    ids.append(frame["id"])
+            assert ids == [f["id"] for f in frames]
+            assert (await c.ok("ping")) == {"pong": True}
+        finally:
+            await c.close()
