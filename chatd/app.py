@@ -145,6 +145,8 @@ class App:
         return claims
 
     def bind(self, s: Session, token: str, claims: Claims) -> None:
+        if s.closed:
+            return  # gone while its login waited: nothing to bind, no timers to leak
         key = claims.sub.lower()
         if s.user_key is not None and s.user_key != key:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")

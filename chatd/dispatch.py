@@ -34,23 +34,34 @@ class Request:
     """One command in flight: who sent it, with which token, and the events it causes
     (sent after its reply, so the caller sees the reply first — contract)."""
 
-    __slots__ = ("app", "claims", "events", "session")
+    __slots__ = ("_user", "_user_key", "app", "claims", "events", "session")
 
     def __init__(self, app: App, session: Session) -> None:
         self.app = app
         self.session = session
         self.claims: Any = None
         self.events: Events = []
+        self._user: str | None = None
+        self._user_key: str | None = None
+
+    def authenticated(self, claims: Any) -> None:
+        """Remember who the command runs as: the session may be unbound (closed, expired,
+        logged out elsewhere) while the command waits for the store."""
+        self.claims = claims
+        self._user = self.session.user
+        self._user_key = self.session.user_key
 
     @property
     def user(self) -> str:
-        assert self.session.user is not None
-        return self.session.user
+        user = self._user or self.session.user
+        assert user is not None
+        return user
 
     @property
     def user_key(self) -> str:
-        assert self.session.user_key is not None
-        return self.session.user_key
+        key = self._user_key or self.session.user_key
+        assert key is not None
+        return key
 
     def has(self, grant: str) -> bool:
         return self.claims is not None and grant in self.claims.grants
@@ -189,7 +200,7 @@ class Dispatcher:
             if spec.check is not None:
                 spec.check(cmd, self.app.config)
             if spec.auth:
-                req.claims = self.app.authenticate(session, cmd.token)
+                req.authenticated(self.app.authenticate(session, cmd.token))
                 if spec.grant is not None and spec.grant not in req.claims.grants:
                     raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
             coro = spec.handler(self.app, req, cmd)

@@ -423,3 +423,28 @@ async def test_concurrent_rename_and_topic_edit_both_stick_across_a_restart(tmp_
             (r["name"], r["topic"]) for r in listed
         ]
         await c.close()
+
+
+async def test_room_delete_finishes_when_its_sender_hangs_up_at_once(server, connect) -> None:
+    """A command waiting for the store runs to its end after the connection is gone:
+    the other members still get room.closed (nothing half-done)."""
+    owner = await guest(connect, "leaver")
+    await owner.ok("room.create", room="doomed")
+    member = await guest(connect, "stayer")
+    await member.ok("room.join", room="doomed")
+    await owner.send({"cmd": "room.delete", "room": "doomed"})
+    await owner.close()
+    closed = await member.event("room.closed")
+    assert closed == {"room": "doomed", "by": "leaver"}
+    assert (await member.call("room.members", room="doomed"))["code"] == "not_found"
+
+
+async def test_a_login_abandoned_mid_hash_leaves_no_session_behind(server, connect) -> None:
+    c = await connect()
+    await c.send({"cmd": "login", "user": "ghostly"})
+    await c.close()
+    other = await guest(connect, "lookout")
+    await other.ok("ping")
+    for _ in range(100):  # the abandoned login's write commits within a few turns
+        await asyncio.sleep(0.01)
+    assert "ghostly" not in server.app.online
