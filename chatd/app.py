@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from chatd.auth import Claims, PasswordHasher, TokenService, parse_jti
@@ -17,7 +17,7 @@ from chatd.protocol.frames import event_frame
 from chatd.ratelimit import TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
-from chatd.store.base import GuestHold, MessageRecord, Snapshot, Store, UserRecord
+from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
 
 log = logging.getLogger("chatd")
 VERSION = "0.1.0"
@@ -57,10 +57,9 @@ class App:
         # Names being registered right now (the hash and the write take a while): a guest
         # login or a second register of one of them is a conflict, not a double owner.
         self.registering: set[str] = set()
-        # (user key, nonce) -> message: retried sends answered without a store read.
-        self.nonces: collections.OrderedDict[tuple[str, str], MessageRecord] = (
-            collections.OrderedDict()
-        )
+        # (user key, nonce) -> message id: a retry is recognised before the membership and
+        # rate checks without a store read per send; ids only, so memory stays small.
+        self.nonces: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self.epoch = ""
         self.help_data: dict[str, Any] = {}
 
@@ -216,11 +215,12 @@ class App:
             fanout(room.sessions, event_frame("member.left", {"room": room.name, "user": user, "reason": reason}))
         if room.ephemeral and not room.sessions and not room.deleted:
             self.rooms.remove(room)
-            self.scheduler.spawn(self._drop_room(room))
+            # Queued now, before anything that could reuse the name is (store order).
+            self.scheduler.spawn(self._drop_room(room, self.store.delete_room(room.id)))
 
-    async def _drop_room(self, room: LiveRoom) -> None:
+    async def _drop_room(self, room: LiveRoom, deleting: Awaitable[None]) -> None:
         try:
-            await self.store.delete_room(room.id)
+            await deleting
         except Exception:  # logged: the room is gone from memory and is dropped at start
             log.exception("could not delete ephemeral room %s", room.name)
 
@@ -238,8 +238,8 @@ class App:
         hold = self.guests.get(key)
         return hold is not None and hold.expires_at > self.clock.now()
 
-    def remember_nonce(self, user_key: str, nonce: str, msg: MessageRecord) -> None:
-        self.nonces[(user_key, nonce)] = msg
+    def remember_nonce(self, user_key: str, nonce: str, message_id: int) -> None:
+        self.nonces[(user_key, nonce)] = message_id
         if len(self.nonces) > self.config.nonce_cache:
             self.nonces.popitem(last=False)
 

@@ -90,7 +90,10 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
     if cmd.nonce is not None:
         seen = app.nonces.get((key, cmd.nonce))
         if seen is not None:
-            return {"message": to_wire(app, seen)}
+            # The message as it is now (edited or deleted since), as after a restart.
+            current = await app.store.get_message(seen)
+            if current is not None:
+                return {"message": to_wire(app, current)}
     try:
         room_id = _may_send(app, req, cmd)
         _rate(app, req)
@@ -105,13 +108,21 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
     rec, created = await app.store.add_message(
         NewMessage(room_id, req.user, _recipient(app, cmd), cmd.text, app.clock.now(), cmd.nonce)
     )
+    _room_still_there(app, rec)
     # Encoded once: the same bytes go into the reply and the event for every member.
     msg = msgspec.Raw(encode_json(to_wire(app, rec)))
     if cmd.nonce is not None:
-        app.remember_nonce(key, cmd.nonce, rec)
+        app.remember_nonce(key, cmd.nonce, rec.id)
     if created:
         req.emit(audience(app, rec), event_frame("message", msg))
     return {"message": msg}
+
+
+def _room_still_there(app: App, rec: MessageRecord) -> None:
+    """A room can go (deleted, or ephemeral and emptied) while a write waits; its message
+    goes with it, so the answer is not_found, never a message with no room."""
+    if rec.room_id is not None and rec.room_id not in app.rooms.by_id:
+        raise NotFound("the room was deleted")
 
 
 def _recipient(app: App, cmd: c.MsgSend) -> str | None:
@@ -158,6 +169,7 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
     rec = await app.store.edit_message(m.id, cmd.text, app.clock.now(), req.user)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
+    _room_still_there(app, rec)
     msg = to_wire(app, rec)
     req.emit(audience(app, rec), event_frame("message.edited", msg))
     return {"message": msg}
@@ -169,6 +181,7 @@ async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Any:
     rec = await app.store.delete_message(m.id)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
+    _room_still_there(app, rec)
     wire = to_wire(app, rec)
     data = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient, "by": req.user}
     req.emit(audience(app, rec), event_frame("message.deleted", data))

@@ -6,6 +6,7 @@ the server acknowledges survives a crash. Ids and revisions are assigned by the 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 import msgspec
@@ -92,7 +93,7 @@ class Store(Protocol):
     # rooms
     async def create_room(self, room: RoomRecord) -> RoomRecord: ...
     async def update_room(self, room_id: int, name: str, topic: str) -> None: ...
-    async def delete_room(self, room_id: int) -> None: ...
+    def delete_room(self, room_id: int) -> Awaitable[None]: ...
 
     # messages
     async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]: ...

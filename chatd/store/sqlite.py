@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar, cast
 
 from chatd.errors import ChatError, Conflict, Internal, NotFound
@@ -619,13 +619,16 @@ class SQLiteStore:
 
         await self._write(op)
 
-    async def delete_room(self, room_id: int) -> None:
+    def delete_room(self, room_id: int) -> Awaitable[None]:
+        """Queued at the call, not at the first await: a create of the same name that
+        follows (an emptied ephemeral room's name reused at once) then comes after it."""
+
         def op(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM messages WHERE room_id = ?", (room_id,))
             db.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
             self._batch_deleted.add(room_id)
 
-        await self._write(op, multi=True)
+        return self._write(op, multi=True)
 
     # --- messages --------------------------------------------------------------------
 

@@ -448,3 +448,37 @@ async def test_a_login_abandoned_mid_hash_leaves_no_session_behind(server, conne
     for _ in range(100):  # the abandoned login's write commits within a few turns
         await asyncio.sleep(0.01)
     assert "ghostly" not in server.app.online
+
+
+async def test_an_emptied_ephemeral_rooms_name_can_be_reused_in_the_same_breath(
+    server, connect
+) -> None:
+    ann = await guest(connect, "ann")
+    await ann.ok("room.create", room="eph", ephemeral=True)
+    await ann.send_raw(
+        b'{"cmd":"room.leave","room":"eph","id":"l"}\n'
+        b'{"cmd":"room.create","room":"eph","ephemeral":true,"id":"c"}\n'
+    )
+    assert (await ann.reply("l"))["type"] == "ok"
+    created = await ann.reply("c")
+    assert created["type"] == "ok", created
+
+
+async def test_sends_racing_an_ephemeral_rooms_end_never_ack_a_message_without_a_room(
+    server, connect
+) -> None:
+    server.app.send_buckets.clear()
+    owner = await guest(connect, "host")
+    await owner.ok("room.create", room="brief", ephemeral=True, open=True)
+    poster = await guest(connect, "poster")
+    frames = b"".join(
+        b'{"cmd":"msg.send","room":"brief","text":"t%d","id":%d}\n' % (i, i) for i in range(20)
+    )
+    await poster.send_raw(frames)
+    await owner.ok("room.leave", room="brief")
+    for i in range(20):
+        frame = await poster.reply(i)
+        if frame["type"] == "ok":
+            assert frame["data"]["message"]["room"] == "brief", frame
+        else:
+            assert frame["code"] in ("not_found", "rate_limited"), frame
