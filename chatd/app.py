@@ -54,6 +54,7 @@ class App:
         self.online: dict[str, dict[Session, None]] = {}
         self.send_buckets: dict[str, TokenBucket] = {}
         self.account_failures: dict[str, list[float]] = {}
+        self.logins_hashing: dict[str, int] = {}  # account -> password checks under way
         # Names being registered right now (the hash and the write take a while): a guest
         # login or a second register of one of them is a conflict, not a double owner.
         self.registering: set[str] = set()

@@ -90,7 +90,10 @@ def _check_failures(app: App, session: Session, key: str) -> None:
     limit = app.config.login_failures_per_minute
     for failures in (session.login_failures, app.account_failures.get(key, [])):
         recent = _recent_failures(failures, now)
-        if len(recent) >= limit:
+        # Once an account is failing, attempts still hashing count too, so guesses sent
+        # in parallel cannot all slip past the limit while they wait.
+        hashing = app.logins_hashing.get(key, 0) if recent else 0
+        if recent and len(recent) + hashing >= limit:
             raise RateLimited(
                 "too many failed logins; wait before trying again",
                 _FAILURE_WINDOW - (now - recent[0]),
@@ -133,7 +136,15 @@ async def login(app: App, req: Request, cmd: c.Login) -> Any:
         return await _guest_login(app, req, cmd, wanted)
     _check_failures(app, s, key)
     user = app.users.get(key)
-    ok = await app.hasher.verify(user.pw_hash if user else None, cmd.password)
+    hashing = app.logins_hashing
+    hashing[key] = hashing.get(key, 0) + 1
+    try:
+        ok = await app.hasher.verify(user.pw_hash if user else None, cmd.password)
+    finally:
+        if hashing[key] <= 1:
+            del hashing[key]
+        else:
+            hashing[key] -= 1
     user = app.users.get(key) if ok else None  # the account may have gone meanwhile
     if user is None:
         raise _fail(app, s, key)

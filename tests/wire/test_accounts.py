@@ -1184,3 +1184,22 @@ async def test_user_delete_reply_comes_before_member_left(server, connect) -> No
     assert first["type"] == "ok" and first["id"] == rid, first
     left = await admin.event("member.left")
     assert left == {"room": "shared", "user": "doomed", "reason": "deleted"}
+
+
+async def test_parallel_guesses_at_a_failing_account_stay_within_the_limit(
+    server: ChatServer, connect: Connect
+) -> None:
+    setup = await connect()
+    await setup.ok("register", user="target", password=PASSWORD)
+    await setup.error("login", "unauthorized", user="target", password="wrong-guess-0")
+    guessers = [await connect() for _ in range(30)]
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(g.call("login", user="target", password=f"wrong-guess-{i}") for i, g in enumerate(guessers))
+        ),
+        15,
+    )
+    codes = [r["code"] for r in results]
+    # One failure was already recorded: at most four more guesses may be checked.
+    assert codes.count("unauthorized") <= 4, codes
+    assert set(codes) <= {"unauthorized", "rate_limited"}
