@@ -137,7 +137,12 @@ class App:
                 raise Unauthorized("this command needs a token: login, auth, or add a token field")
             token = s.token
         claims = self.tokens.verify(token)
-        self.check_claims(claims)
+        try:
+            self.check_claims(claims)
+        except Unauthorized:
+            if token == s.token:
+                self.expire(s)  # the bound token died without expiring: unbind, don't wedge
+            raise
         if s.user_key is None:
             self.bind(s, token, claims)
         elif claims.sub.lower() != s.user_key:

@@ -23,3 +23,7 @@ class TokenBucket:
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
+
+    def full(self, now: float) -> bool:
+        """True when the bucket has refilled: dropping it changes nothing."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import logging
 import os
 import resource
@@ -34,6 +36,7 @@ log = logging.getLogger("chatd")
 _PAUSE_WRITE = 1  # the client does not read: outbox above the soft limit
 _PAUSE_BACKLOG = 2  # frames read but not yet run (input memory stays bounded)
 _PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
+_PAUSE_STOP = 8  # the server is shutting down: never read again
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
 _SLOW = event_frame("slow_consumer", {})
 _LOOPBACK = ("127.0.0.1", "::1")
@@ -438,7 +441,10 @@ class ChatServer:
         self.commands: dict[_Drive, None] = {}
         self.per_ip: dict[str, int] = {}
         self.ip_new: dict[str, collections.deque[float]] = {}
-        self.idle: collections.deque[tuple[float, Session, float]] = collections.deque()
+        # (deadline, tiebreak, session, unbound_since): a heap, since a logout's deadline
+        # can be earlier than one queued before it.
+        self.idle: list[tuple[float, int, Session, float]] = []
+        self._idle_seq = itertools.count()
         self.server: asyncio.AbstractServer | None = None
         self.max_connections = config.max_connections
         self.stopping = False
@@ -514,7 +520,10 @@ class ChatServer:
             pass
 
     def watch_idle(self, s: Session) -> None:
-        self.idle.append((s.unbound_since + self.config.idle_timeout, s, s.unbound_since))
+        self._idle_at(s.unbound_since + self.config.idle_timeout, s, s.unbound_since)
+
+    def _idle_at(self, deadline: float, s: Session, since: float) -> None:
+        heapq.heappush(self.idle, (deadline, next(self._idle_seq), s, since))
 
     # --- sweeps ----------------------------------------------------------------------
 
@@ -523,7 +532,7 @@ class ChatServer:
         now = self.clock.now()
         idle = self.idle
         while idle and idle[0][0] <= now:
-            _, s, since = idle.popleft()
+            _, _, s, since = heapq.heappop(idle)
             if s.closed:
                 continue
             if s.user_key is None and s.unbound_since == since:
@@ -534,7 +543,7 @@ class ChatServer:
             else:
                 # Bound now, but logout or expiry may unbind it later (limits.md: "or of
                 # being unbound"): look again, so it is not forgotten.
-                idle.append((now + max(self.config.idle_timeout, 1.0), s, -1.0))
+                self._idle_at(now + max(self.config.idle_timeout, 1.0), s, -1.0)
         mono = time.monotonic()
         for conn in list(self.stalled):
             t = conn.transport
@@ -572,6 +581,12 @@ class ChatServer:
         app = self.app
         app.revoked = {j: e for j, e in app.revoked.items() if e > now}
         app.guests = {k: g for k, g in app.guests.items() if g.expires_at > now}
+        # Per-user send buckets that have refilled hold no state worth keeping.
+        app.send_buckets = {
+            k: b for k, b in app.send_buckets.items() if not b.full(now)
+        }
+        mono = time.monotonic()
+        self.ip_new = {ip: d for ip, d in self.ip_new.items() if d and mono - d[-1] <= 60}
         await self.store.purge_expired(now)
 
     async def prune_history(self) -> int:
@@ -634,6 +649,10 @@ class ChatServer:
             self.server.close()
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
+            # Nothing read after the notice runs: replies would follow server.shutdown.
+            conn._pause(_PAUSE_STOP)
+            conn.queue = None
+            conn.held = None
             conn.send(frame)
         self.flush_all()
         # Commands already running (a send waiting for its commit) get to finish.
