@@ -160,6 +160,7 @@ class App:
         s.cancel_timers()
         s.user = self.display_name(claims.sub)
         s.user_key = key
+        s.identity = identity(claims)
         s.token = token
         s.claims = claims
         self.online.setdefault(key, {})[s] = None
@@ -205,7 +206,7 @@ class App:
                 sessions.pop(s, None)
                 if not sessions:
                     del self.online[key]
-        s.user = s.user_key = s.token = None
+        s.user = s.user_key = s.token = s.identity = None
         s.claims = None
         s.unbound_since = self.clock.now()
 
@@ -244,6 +245,17 @@ class App:
         hold = self.guests.get(key)
         return hold is not None and hold.expires_at > self.clock.now()
 
+    def current_identity(self, name: str) -> str | None:
+        """The identity that holds `name` now: its account, or its online guest."""
+        key = name.lower()
+        user = self.users.get(key)
+        if user is not None:
+            return f"{key}#{user.id}"
+        hold = self.guests.get(key)
+        if hold is not None and hold.expires_at > self.clock.now():
+            return f"{key}#g{hold.jti}"
+        return None
+
     def remember_nonce(self, user_key: str, nonce: str, message_id: int) -> None:
         self.nonces[(user_key, nonce)] = message_id
         if len(self.nonces) > self.config.nonce_cache:
@@ -278,6 +290,18 @@ class App:
                             self.expire(s, "logout")
         for key, u in fresh.items():
             self.users[key] = u
+
+
+def identity(claims: Claims) -> str:
+    """Who a token speaks for, beyond the name: "name#<account id>", or for a guest
+    "name#g<hold>". A name registered again, or taken by the next guest, is a different
+    identity, and sees none of the former holder's direct messages."""
+    parsed = parse_jti(claims.jti)
+    key = claims.sub.lower()
+    if parsed is None:
+        return key
+    uid, version = parsed
+    return f"{key}#g{version}" if uid == GUEST_ID else f"{key}#{uid}"
 
 
 def fanout(sessions: Iterable[Session], frame: bytes) -> None:

@@ -34,7 +34,7 @@ class Request:
     """One command in flight: who sent it, with which token, and the events it causes
     (sent after its reply, so the caller sees the reply first — contract)."""
 
-    __slots__ = ("_user", "_user_key", "app", "claims", "events", "session")
+    __slots__ = ("_identity", "_user", "_user_key", "app", "claims", "events", "session")
 
     def __init__(self, app: App, session: Session) -> None:
         self.app = app
@@ -43,6 +43,7 @@ class Request:
         self.events: Events = []
         self._user: str | None = None
         self._user_key: str | None = None
+        self._identity: str | None = None
 
     def authenticated(self, claims: Any) -> None:
         """Remember who the command runs as: the session may be unbound (closed, expired,
@@ -50,12 +51,20 @@ class Request:
         self.claims = claims
         self._user = self.session.user
         self._user_key = self.session.user_key
+        self._identity = self.session.identity
 
     @property
     def user(self) -> str:
         user = self._user or self.session.user
         assert user is not None
         return user
+
+    @property
+    def identity(self) -> str:
+        """The account the command runs as (chatd.app.identity)."""
+        ident = self._identity or self.session.identity
+        assert ident is not None
+        return ident
 
     @property
     def user_key(self) -> str:

@@ -39,6 +39,7 @@ class Session:
         "closed",
         "commands",
         "id",
+        "identity",
         "ip",
         "login_failures",
         "peer",
@@ -58,6 +59,7 @@ class Session:
         self.ip = ip
         self.user: str | None = None  # display name of the bound user
         self.user_key: str | None = None
+        self.identity: str | None = None  # the account behind the name (App.identity)
         self.token: str | None = None
         self.claims: Claims | None = None
         self.rooms: dict[LiveRoom, None] = {}

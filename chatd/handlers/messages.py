@@ -66,9 +66,12 @@ def audience(app: App, m: MessageRecord) -> list[Session]:
     if m.room_id is not None:
         room = app.rooms.by_id.get(m.room_id)
         return list(room.sessions) if room is not None else []
-    sessions = list(app.sessions_of(m.sender.lower()))
-    if m.recipient is not None and m.recipient.lower() != m.sender.lower():
-        sessions += app.sessions_of(m.recipient.lower())
+    # The two identities' connections, not whoever holds those names now.
+    sessions = [s for s in app.sessions_of(m.sender.lower()) if s.identity == m.sender_key]
+    if m.recipient is not None and m.recipient_key != m.sender_key:
+        sessions += [
+            s for s in app.sessions_of(m.recipient.lower()) if s.identity == m.recipient_key
+        ]
     return sessions
 
 
@@ -86,7 +89,7 @@ def _rate(app: App, req: Request) -> None:
 
 
 async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
-    key = req.user_key
+    key = req.identity  # nonces are the sender's own, not its name's next holder's
     if cmd.nonce is not None:
         seen = app.nonces.get((key, cmd.nonce))
         if seen is not None:
@@ -101,12 +104,21 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
         # A retry after a dropped connection may come before re-joining: a nonce
         # already used answers with the original message (contract, "Revisions").
         if cmd.nonce is not None:
-            old = await app.store.find_nonce(req.user, cmd.nonce)
+            old = await app.store.find_nonce(key, cmd.nonce)
             if old is not None:
                 return {"message": to_wire(app, old)}
         raise
     rec, created = await app.store.add_message(
-        NewMessage(room_id, req.user, _recipient(app, cmd), cmd.text, app.clock.now(), cmd.nonce)
+        NewMessage(
+            room_id,
+            req.user,
+            _recipient(app, cmd),
+            cmd.text,
+            app.clock.now(),
+            cmd.nonce,
+            key,
+            app.current_identity(cmd.to) if cmd.to is not None else None,
+        )
     )
     _room_still_there(app, rec)
     # Encoded once: the same bytes go into the reply and the event for every member.
@@ -146,8 +158,8 @@ async def _visible(app: App, req: Request, message_id: int) -> MessageRecord:
     if m is None or m.deleted:
         raise NotFound(f"no message {message_id}")
     if m.room_id is None:
-        me = req.user_key
-        if me not in (m.sender.lower(), (m.recipient or "").lower()):
+        me = req.identity
+        if me not in (m.sender_key, m.recipient_key):
             raise NotFound(f"no message {message_id}")  # a DM is only its two users'
     elif m.room_id not in app.rooms.by_id:
         raise NotFound(f"no message {message_id}")
@@ -155,7 +167,7 @@ async def _visible(app: App, req: Request, message_id: int) -> MessageRecord:
 
 
 def _may_change(req: Request, m: MessageRecord, verb: str) -> None:
-    own = m.sender.lower() == req.user_key
+    own = m.sender_key == req.identity
     if req.has(f"msg:{verb}:any") or (own and req.has(f"msg:{verb}")):
         return
     need = f"msg:{verb}" if own else f"msg:{verb}:any"
@@ -221,10 +233,10 @@ async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> Any:
 async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
     other = cmd.with_
     if other is not None and other.lower() not in app.users:
-        if not await app.store.has_dms_between(req.user, other):
+        if not await app.store.has_dms_between(req.identity, other):
             raise NotFound(f"no user {other!r}")
     limit = _limit(app, cmd.limit, app.config.history_default)
-    recs, more = await app.store.dm_history(req.user, other, cmd.before, cmd.after, limit)
+    recs, more = await app.store.dm_history(req.identity, other, cmd.before, cmd.after, limit)
     page, more = cap_page(app, [to_wire(app, r) for r in recs], more, cmd.after is None)
     return {"messages": page, "more": more}
 
@@ -234,7 +246,7 @@ async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
     now_rev = app.store.rev
     limit = _limit(app, cmd.limit, app.config.history_limit)
     room_ids = [r.id for r in req.session.rooms]
-    recs, more = await app.store.changes_since(cmd.since, room_ids, req.user, limit)
+    recs, more = await app.store.changes_since(cmd.since, room_ids, req.identity, limit)
     page, more = cap_page(app, [to_wire(app, r) for r in recs], more, keep_newest=False)
     if more:
         rev = page[-1].rev if page else cmd.since

@@ -47,6 +47,10 @@ class MessageRecord(msgspec.Struct):
     edited_ts: float | None
     edited_by: str | None
     deleted: bool
+    # Who sent it and to whom, as account identities ("name#id", a guest "name#g<hold>"):
+    # a later holder of the same name is someone else (DMs stay their two users').
+    sender_key: str = ""
+    recipient_key: str | None = None
 
 
 class Snapshot(msgspec.Struct):
@@ -68,6 +72,8 @@ class NewMessage(msgspec.Struct):
     text: str
     ts: float
     nonce: str | None
+    sender_key: str = ""  # identities, see MessageRecord; "" = the name itself
+    recipient_key: str | None = None
 
 
 class Store(Protocol):
@@ -100,17 +106,19 @@ class Store(Protocol):
     async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None: ...
     async def delete_message(self, message_id: int) -> MessageRecord | None: ...
     async def get_message(self, message_id: int) -> MessageRecord | None: ...
-    async def find_nonce(self, sender: str, nonce: str) -> MessageRecord | None: ...
+    async def find_nonce(self, sender_key: str, nonce: str) -> MessageRecord | None: ...
     async def room_history(
         self, room_id: int, before: int | None, after: int | None, limit: int
     ) -> tuple[list[MessageRecord], bool]: ...
     async def dm_history(
-        self, user: str, other: str | None, before: int | None, after: int | None, limit: int
-    ) -> tuple[list[MessageRecord], bool]: ...
+        self, me: str, other: str | None, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        """DMs of identity `me`; with `other`, only those with whoever held that name."""
+        ...
     async def changes_since(
-        self, rev: int, room_ids: list[int], user: str, limit: int
+        self, rev: int, room_ids: list[int], me: str, limit: int
     ) -> tuple[list[MessageRecord], bool]: ...
-    async def has_dms_between(self, user: str, other: str) -> bool: ...
+    async def has_dms_between(self, me: str, other: str) -> bool: ...
 
     # retention: messages older than max_age seconds, all but the newest `keep` per room
     # and DM pair (0 = off); returns how many left history

@@ -36,7 +36,10 @@ from chatd.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
 log = logging.getLogger("chatd")
-_MSG_COLS = "id, rev, room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted"
+_MSG_COLS = (
+    "id, rev, room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted,"
+    " sender_key, recipient_key"
+)
 _MAX_BATCH = 2_000
 _SMALL_BATCH = 8  # fewer queued writes than this ...
 _BUSY = 0.002  # ... within this long of the last commit ...
@@ -147,8 +150,9 @@ def dm_key(a: str, b: str) -> str:
 
 def _msg(row: tuple[Any, ...]) -> MessageRecord:
     return MessageRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], bool(row[9])
-    )
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], bool(row[9]),
+        row[10], row[11],
+    )  # fmt: skip
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -647,7 +651,7 @@ class SQLiteStore:
         fresh: dict[tuple[str, str], MessageRecord] = {}
         for op, fut in run:
             msg = op.msg
-            sender_key = msg.sender.lower()
+            sender_key = msg.sender_key or msg.sender.lower()
             if msg.nonce is not None:
                 old = fresh.get((sender_key, msg.nonce))
                 if old is None:
@@ -666,11 +670,14 @@ class SQLiteStore:
                 continue
             self._rev_w += 1
             self._next_id += 1
-            rec = MessageRecord(
-                self._next_id, self._rev_w, msg.room_id, msg.sender, msg.recipient,
-                msg.text, msg.ts, None, None, False,
-            )  # fmt: skip
             recipient = msg.recipient
+            recipient_key = (
+                (msg.recipient_key or recipient.lower()) if recipient is not None else None
+            )
+            rec = MessageRecord(
+                self._next_id, self._rev_w, msg.room_id, msg.sender, recipient,
+                msg.text, msg.ts, None, None, False, sender_key, recipient_key,
+            )  # fmt: skip
             rows.append(
                 (
                     rec.id,
@@ -679,8 +686,8 @@ class SQLiteStore:
                     msg.sender,
                     sender_key,
                     recipient,
-                    recipient.lower() if recipient is not None else None,
-                    dm_key(msg.sender, recipient) if recipient is not None else None,
+                    recipient_key,
+                    dm_key(sender_key, recipient_key) if recipient_key is not None else None,
                     msg.text,
                     msg.ts,
                     msg.nonce,
@@ -737,11 +744,11 @@ class SQLiteStore:
 
         return await self._read(op)
 
-    async def find_nonce(self, sender: str, nonce: str) -> MessageRecord | None:
+    async def find_nonce(self, sender_key: str, nonce: str) -> MessageRecord | None:
         def op(db: sqlite3.Connection) -> MessageRecord | None:
             row = db.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE sender_key = ? AND nonce = ?",
-                (sender.lower(), nonce),
+                (sender_key, nonce),
             ).fetchone()
             return _msg(row) if row else None
 
@@ -755,14 +762,23 @@ class SQLiteStore:
         )
 
     async def dm_history(
-        self, user: str, other: str | None, before: int | None, after: int | None, limit: int
+        self, me: str, other: str | None, before: int | None, after: int | None, limit: int
     ) -> tuple[list[MessageRecord], bool]:
+        """DMs of identity `me`, oldest first; with `other` (a name), only those with
+        whoever held that name. Another holder of `me`'s name sees none of them."""
         if other is not None:
-            key = dm_key(user, other)
+            who = other.lower()
             return await self._read(
-                lambda db: _page(db, "dm_key = ? AND room_id IS NULL", (key,), before, after, limit)
+                lambda db: _page(
+                    db,
+                    "room_id IS NULL AND ((sender_key = ? AND lower(recipient) = ?)"
+                    " OR (recipient_key = ? AND lower(sender) = ?))",
+                    (me, who, me, who),
+                    before,
+                    after,
+                    limit,
+                )
             )
-        me = user.lower()
 
         def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
             return _page(
@@ -779,9 +795,8 @@ class SQLiteStore:
         return await self._read(op)
 
     async def changes_since(
-        self, rev: int, room_ids: list[int], user: str, limit: int
+        self, rev: int, room_ids: list[int], me: str, limit: int
     ) -> tuple[list[MessageRecord], bool]:
-        me = user.lower()
         marks = ",".join("?" * len(room_ids))
 
         def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
@@ -796,12 +811,15 @@ class SQLiteStore:
 
         return await self._read(op)
 
-    async def has_dms_between(self, user: str, other: str) -> bool:
-        key = dm_key(user, other)
+    async def has_dms_between(self, me: str, other: str) -> bool:
+        who = other.lower()
 
         def op(db: sqlite3.Connection) -> bool:
             row = db.execute(
-                "SELECT 1 FROM messages WHERE dm_key = ? AND room_id IS NULL LIMIT 1", (key,)
+                "SELECT 1 FROM messages WHERE room_id IS NULL AND ("
+                "(sender_key = ? AND lower(recipient) = ?) OR (recipient_key = ? AND lower(sender) = ?)"
+                ") LIMIT 1",
+                (me, who, me, who),
             ).fetchone()
             return row is not None
 

@@ -631,3 +631,27 @@ async def test_a_slow_failing_nonce_send_does_not_hold_back_others_events() -> N
         finally:
             for c in (obs, a, b):
                 await c.close()
+
+
+async def test_the_next_holder_of_a_guest_name_sees_none_of_the_former_holders_dms(
+    connect: Connect,
+) -> None:
+    alice = await guest(connect, "alice")
+    bob = await guest(connect, "bob")
+    secret = (await alice.ok("msg.send", to="bob", text="for the first bob"))["message"]
+    await bob.event("message")
+    await bob.ok("logout")
+    await bob.close()
+    impostor = await guest(connect, "bob")
+    # alice is a guest it never wrote to: not someone it has DMs with (contract).
+    await impostor.error("dm.history", "not_found", **{"with": "alice"})
+    assert (await impostor.ok("dm.history"))["messages"] == []
+    assert (await impostor.ok("sync", since=0))["changes"] == []
+    await impostor.error("msg.delete", "not_found", message_id=secret["id"])
+    await impostor.error("msg.edit", "not_found", message_id=secret["id"], text="mine now")
+    # alice still has her side of it, under the name it was sent to.
+    mine = (await alice.ok("dm.history", **{"with": "bob"}))["messages"]
+    assert [m["text"] for m in mine] == ["for the first bob"]
+    # A new DM to the name reaches the new holder only.
+    await alice.ok("msg.send", to="bob", text="for the second bob")
+    assert (await impostor.event("message"))["text"] == "for the second bob"
