@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x63686174  # "chat": tells a chatd database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -57,5 +57,12 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX messages_dm_from ON messages(sender_key, id) WHERE room_id IS NULL;
     CREATE INDEX messages_dm_to ON messages(recipient_key, id) WHERE room_id IS NULL;
     CREATE UNIQUE INDEX messages_nonce ON messages(sender_key, nonce) WHERE nonce IS NOT NULL;
+    """,
+    # sync reads each source by revision: its rooms, and its DMs either way.
+    2: """
+    DROP INDEX messages_rev;
+    CREATE INDEX messages_room_rev ON messages(room_id, rev) WHERE room_id IS NOT NULL;
+    CREATE INDEX messages_dm_from_rev ON messages(sender_key, rev) WHERE room_id IS NULL;
+    CREATE INDEX messages_dm_to_rev ON messages(recipient_key, rev) WHERE room_id IS NULL;
     """,
 }

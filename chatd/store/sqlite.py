@@ -766,47 +766,48 @@ class SQLiteStore:
     ) -> tuple[list[MessageRecord], bool]:
         """DMs of identity `me`, oldest first; with `other` (a name), only those with
         whoever held that name. Another holder of `me`'s name sees none of them."""
+        sent: tuple[str, tuple[Any, ...]]
+        got: tuple[str, tuple[Any, ...]]
         if other is not None:
             who = other.lower()
-            return await self._read(
-                lambda db: _page(
-                    db,
-                    "room_id IS NULL AND ((sender_key = ? AND lower(recipient) = ?)"
-                    " OR (recipient_key = ? AND lower(sender) = ?))",
-                    (me, who, me, who),
-                    before,
-                    after,
-                    limit,
-                )
-            )
-
-        def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
-            return _page(
-                db,
-                "room_id IS NULL AND id IN ("
-                "SELECT id FROM messages WHERE sender_key = ? AND room_id IS NULL "
-                "UNION SELECT id FROM messages WHERE recipient_key = ? AND room_id IS NULL)",
-                (me, me),
-                before,
-                after,
-                limit,
-            )
-
-        return await self._read(op)
+            sent = ("room_id IS NULL AND sender_key = ? AND lower(recipient) = ?", (me, who))
+            got = ("room_id IS NULL AND recipient_key = ? AND lower(sender) = ?", (me, who))
+        else:
+            sent = ("room_id IS NULL AND sender_key = ?", (me,))
+            got = ("room_id IS NULL AND recipient_key = ?", (me,))
+        return await self._read(
+            lambda db: _page(db, sent[0], sent[1], before, after, limit, got)
+        )
 
     async def changes_since(
         self, rev: int, room_ids: list[int], me: str, limit: int
     ) -> tuple[list[MessageRecord], bool]:
-        marks = ",".join("?" * len(room_ids))
+        """Every message with rev > `rev` in those rooms and in `me`'s DMs, oldest
+        revision first. Each source is read through its own (…, rev) index, so the cost
+        is what the caller missed, not every change on the server since."""
+        arms = [
+            "SELECT {cols} FROM messages WHERE room_id IS NULL AND sender_key = ? AND rev > ?",
+            "SELECT {cols} FROM messages WHERE room_id IS NULL AND recipient_key = ?"
+            " AND sender_key != recipient_key AND rev > ?",
+        ]
+        params: list[Any] = [me, rev, me, rev]
+        # Rooms in chunks: SQLite caps the variables of one statement.
+        for i in range(0, len(room_ids), 500):
+            chunk = room_ids[i : i + 500]
+            arms.append(
+                "SELECT {cols} FROM messages WHERE room_id IN ("
+                + ",".join("?" * len(chunk))
+                + ") AND rev > ?"
+            )
+            params += [*chunk, rev]
+        sql = (
+            " UNION ALL ".join(f"SELECT * FROM ({a.format(cols=_MSG_COLS)})" for a in arms)
+            + " ORDER BY rev LIMIT ?"
+        )
+        params.append(limit + 1)
 
         def op(db: sqlite3.Connection) -> tuple[list[MessageRecord], bool]:
-            rows = db.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE rev > ? AND ("
-                f"room_id IN ({marks}) OR "
-                "(room_id IS NULL AND (sender_key = ? OR recipient_key = ?))) "
-                "ORDER BY rev LIMIT ?",
-                (rev, *room_ids, me, me, limit + 1),
-            ).fetchall()
+            rows = db.execute(sql, params).fetchall()
             return [_msg(r) for r in rows[:limit]], len(rows) > limit
 
         return await self._read(op)
@@ -987,19 +988,36 @@ def _page(
     before: int | None,
     after: int | None,
     limit: int,
+    *more_arms: tuple[str, tuple[Any, ...]],
 ) -> tuple[list[MessageRecord], bool]:
-    """A history page by the contract's paging rules, oldest first, with `more`."""
-    sql = f"SELECT {_MSG_COLS} FROM messages WHERE {where} AND deleted = 0"
-    params: list[Any] = list(args)
-    if after is not None:
-        sql += " AND id > ?"
-        params.append(after)
-    if before is not None:
-        sql += " AND id < ?"
-        params.append(before)
+    """A history page by the contract's paging rules, oldest first, with `more`.
+
+    Several (where, args) arms are each read through their own index with the cursor and
+    the limit applied, then merged (UNION also drops a DM to oneself met twice), so a
+    page costs its size, not the size of everything that matches."""
     ascending = after is not None
-    sql += " ORDER BY id " + ("ASC" if ascending else "DESC") + " LIMIT ?"
-    params.append(limit + 1)
+    order = " ORDER BY id " + ("ASC" if ascending else "DESC") + " LIMIT ?"
+    cursor = ""
+    cursor_args: list[Any] = []
+    if after is not None:
+        cursor += " AND id > ?"
+        cursor_args.append(after)
+    if before is not None:
+        cursor += " AND id < ?"
+        cursor_args.append(before)
+    arms = [(where, args), *more_arms]
+    parts = []
+    params: list[Any] = []
+    for arm_where, arm_args in arms:
+        parts.append(
+            f"SELECT {_MSG_COLS} FROM messages WHERE {arm_where} AND deleted = 0{cursor}{order}"
+        )
+        params += [*arm_args, *cursor_args, limit + 1]
+    if len(parts) == 1:
+        sql = parts[0]
+    else:
+        sql = " UNION ".join(f"SELECT * FROM ({p})" for p in parts) + order
+        params.append(limit + 1)
     rows = db.execute(sql, params).fetchall()
     more = len(rows) > limit
     page = [_msg(r) for r in rows[:limit]]
