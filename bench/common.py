@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 SERVER_CORE = "0"
@@ -162,3 +162,23 @@ def percentile(values: list[float], p: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def against_server(
+    run: Callable[[Server], Awaitable[dict[str, Any]]], *flags: str, cpu: bool = True
+) -> dict[str, Any]:
+    """Start a server with `flags`, pin this process to the client core, run `run(server)`
+    on a fresh loop, add the server's CPU share over the run, print the figures as one
+    JSON line and return them."""
+    pin_self()
+    with Server(*flags) as srv:
+        loop = new_loop()
+        try:
+            cpu0 = srv.cpu_seconds()
+            result = loop.run_until_complete(run(srv))
+            if cpu and "seconds" in result and "server_cpu" not in result:
+                result["server_cpu"] = round((srv.cpu_seconds() - cpu0) / result["seconds"], 2)
+        finally:
+            loop.close()
+    print(json.dumps(result))
+    return result

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import time
 
-from bench.common import Server, new_loop, open_line, percentile, pin_self
+from bench.common import against_server, open_line, percentile
 
 
 async def run(port: int, workers: int, seconds: float, rooms: int = 1) -> dict[str, float]:
@@ -63,17 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--rooms", type=int, default=1,
                     help="joins spread over this many rooms (1: everyone sees every join)")
     args = ap.parse_args(argv)
-    pin_self()
-    with Server() as srv:
-        loop = new_loop()
-        try:
-            cpu0 = srv.cpu_seconds()
-            r = loop.run_until_complete(run(srv.port, args.workers, args.seconds, args.rooms))
-            r["server_cpu"] = round((srv.cpu_seconds() - cpu0) / r["seconds"], 2)
-        finally:
-            loop.close()
-    print(json.dumps(r))
-    return r
+    return against_server(lambda srv: run(srv.port, args.workers, args.seconds, args.rooms))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 
-from bench.common import Line, Server, new_loop, open_line, percentile, pin_self
+from bench.common import Line, against_server, open_line, percentile
 
 PING = b'{"cmd":"ping","id":1}\n'
 
@@ -70,17 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=5)
     args = ap.parse_args(argv)
-    pin_self()
-    with Server() as srv:
-        loop = new_loop()
-        try:
-            cpu0 = srv.cpu_seconds()
-            r = loop.run_until_complete(run(srv.port, args.clients, args.seconds))
-            r["server_cpu"] = round((srv.cpu_seconds() - cpu0) / r["seconds"], 2)
-        finally:
-            loop.close()
-    print(json.dumps(r))
-    return r
+    return against_server(lambda srv: run(srv.port, args.clients, args.seconds))
 
 
 if __name__ == "__main__":

@@ -165,3 +165,16 @@ async def admin(server: ChatServer, connect: Connect, name: str = "root") -> Cli
     assert "admin" in data["grants"]
     c.token = data["token"]
     return c
+
+
+async def until(check: Callable[[], Awaitable[Any]], within: float = TIMEOUT) -> Any:
+    """Poll an async check until it returns something truthy: for effects no event
+    announces (a periodic task, the server seeing `chatd user …`). Bounded by `within`."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("not seen in time")
+        await asyncio.sleep(0.02)

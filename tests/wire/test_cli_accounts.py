@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import time
@@ -16,7 +15,7 @@ import jwt
 import pytest
 
 from chatd.server import ChatServer
-from tests.helpers import SECRET, Client, running_server
+from tests.helpers import SECRET, Client, running_server, until
 from tests.process import chatd_run, chatd_serving
 
 PASSWORD = "correct horse battery"
@@ -36,19 +35,6 @@ async def add_user(db: str, name: str, *extra: str, password: str = PASSWORD) ->
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
-
-
-async def until(check: Any, within: float = 3.0) -> Any:
-    """Poll an async check until it returns something truthy (the server polls the
-    database for changes every 0.5 s; the contract allows a second)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("not seen in time")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -10,7 +10,6 @@ import shutil
 import signal
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from chatd.server import ChatServer
 from chatd.store.base import NewMessage
 from chatd.store.schema import SCHEMA_VERSION
 from chatd.store.sqlite import SQLiteStore, _Insert
-from tests.helpers import SECRET, TEST_CONFIG, TIMEOUT, Client, running_server
+from tests.helpers import SECRET, TEST_CONFIG, TIMEOUT, Client, running_server, until
 from tests.process import chatd_run
 from tests.wire.test_crash import serving
 
@@ -54,18 +53,6 @@ async def all_history(c: Client, room: str) -> list[dict[str, Any]]:
         if not page["more"]:
             return messages
         after = messages[-1]["id"]
-
-
-async def until(check: Any, within: float = TIMEOUT) -> Any:
-    """Poll an async check until it returns something truthy (a periodic task's effect)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("not seen in time")
-        await asyncio.sleep(0.02)
 
 
 def refused(rc: int, err: str) -> None:
