@@ -190,6 +190,19 @@ class Dispatcher:
             return Outcome(error_frame(exc.request_id, exc.error))
         return cmd, self.specs[type(cmd)]
 
+    def _not_another_users(self, session: Session, token: str) -> None:
+        """Contract: a frame carrying another user's token on a bound connection is
+        `forbidden`, even on commands that need no token (their token is not otherwise
+        checked, so an invalid one is simply ignored)."""
+        if token == session.token:
+            return
+        try:
+            claims = self.app.tokens.verify(token)
+        except ChatError:
+            return
+        if claims.sub.lower() != session.user_key:
+            raise Forbidden(f"this connection is logged in as {session.user}; log out first")
+
     def handle(self, session: Session, line: bytes) -> Result:
         prepared = self.prepare(line)
         if isinstance(prepared, Outcome):
@@ -212,6 +225,8 @@ class Dispatcher:
                 req.authenticated(self.app.authenticate(session, cmd.token))
                 if spec.grant is not None and spec.grant not in req.claims.grants:
                     raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
+            elif cmd.token is not None and session.user_key is not None:
+                self._not_another_users(session, cmd.token)
             coro = spec.handler(self.app, req, cmd)
             if type(coro) is not types.CoroutineType:
                 # A plain function (ping, help): its value is the reply, no coroutine.

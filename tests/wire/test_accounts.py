@@ -1203,3 +1203,13 @@ async def test_parallel_guesses_at_a_failing_account_stay_within_the_limit(
     # One failure was already recorded: at most four more guesses may be checked.
     assert codes.count("unauthorized") <= 4, codes
     assert set(codes) <= {"unauthorized", "rate_limited"}
+
+
+async def test_another_users_token_on_a_tokenless_command_is_forbidden(connect: Connect) -> None:
+    ann = await connect()
+    await ann.guest("ann-t")
+    bob = await connect()
+    bob_token = (await bob.guest("bob-t"))["token"]
+    await ann.error("ping", "forbidden", token=bob_token)
+    assert await ann.ok("ping", token=ann.token) == {"pong": True}
+    assert await ann.ok("ping", token="not-a-token") == {"pong": True}  # not checked on ping
