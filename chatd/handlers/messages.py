@@ -96,6 +96,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
             # The message as it is now (edited or deleted since), as after a restart.
             current = await app.store.get_message(seen)
             if current is not None:
+                _room_still_there(app, current)
                 return {"message": to_wire(app, current)}
     try:
         room_id = _may_send(app, req, cmd)
@@ -106,6 +107,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
         if cmd.nonce is not None:
             old = await app.store.find_nonce(key, cmd.nonce)
             if old is not None:
+                _room_still_there(app, old)
                 return {"message": to_wire(app, old)}
         raise
     rec, created = await app.store.add_message(

@@ -44,6 +44,7 @@ _MAX_BATCH = 2_000
 _SMALL_BATCH = 8  # fewer queued writes than this ...
 _BUSY = 0.002  # ... within this long of the last commit ...
 _COMMIT_DELAY = 0.0005  # ... wait this long for more before committing
+_PURGE_BATCH = 2_000  # messages of a deleted room removed per transaction
 # Contract: a nonce is kept at least 24 h, so retention blanks such a message instead of
 # deleting its row until then.
 NONCE_KEEP = 24 * 3600.0
@@ -137,6 +138,25 @@ class _Deferred(Generic[T]):
                 fn(self)
             except BaseException:  # one command's failure must not stop the batch's others
                 log.exception("a command failed while its write was delivered")
+
+
+class _Purge:
+    """Writer housekeeping: delete a gone room's messages, _PURGE_BATCH per transaction,
+    queueing itself again after the commit while more are left."""
+
+    __slots__ = ("room_id", "store")
+
+    def __init__(self, store: SQLiteStore, room_id: int) -> None:
+        self.store = store
+        self.room_id = room_id
+
+    def __call__(self, db: sqlite3.Connection) -> None:
+        cur = db.execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE room_id = ? LIMIT ?)",
+            (self.room_id, _PURGE_BATCH),
+        )
+        if cur.rowcount >= _PURGE_BATCH:
+            self.store._purges.append(self.room_id)
 
 
 class StoreOpenError(Exception):
@@ -258,6 +278,7 @@ class SQLiteStore:
         # in memory instead of by a SELECT per message. Writer thread only.
         self._deleted_rooms: set[int] = set()
         self._batch_deleted: set[int] = set()
+        self._purges: list[int] = []  # gone rooms whose messages still need deleting
         self._next_id = 0  # the last message id handed out (writer thread)
         self._db: sqlite3.Connection | None = None
         self._pending: collections.deque[tuple[_Op, asyncio.Future[Any], bool]] = (
@@ -302,12 +323,20 @@ class SQLiteStore:
             raise
         self._db = db
         db.execute("BEGIN IMMEDIATE")
-        # Ephemeral rooms die at start: nobody is connected then (contract).
-        db.execute(
-            "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE ephemeral = 1)"
-        )
+        # Ephemeral rooms die at start: nobody is connected then (contract). Their messages,
+        # and those of any room deleted before a crash, go in small batches once running.
         db.execute("DELETE FROM rooms WHERE ephemeral = 1")
         db.execute("COMMIT")
+        orphans = [
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT room_id FROM messages WHERE room_id IS NOT NULL"
+                " AND room_id NOT IN (SELECT id FROM rooms)"
+            )
+        ]
+        self._deleted_rooms.update(orphans)
+        for room_id in orphans:
+            self._queue_purge(room_id)
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         self.epoch = meta["epoch"]
         self.rev = self._rev_w = int(meta["rev"])
@@ -443,7 +472,11 @@ class SQLiteStore:
             db.execute("COMMIT")
             self._last_commit = time.monotonic()
             self._deleted_rooms |= self._batch_deleted
+            self._purges += self._batch_deleted
             self._batch_deleted.clear()
+            purges, self._purges = self._purges, []
+            for room_id in purges:
+                self._queue_purge(room_id)
             if self._failing:
                 self._failing = False
                 log.warning("storage is writable again")
@@ -457,6 +490,9 @@ class SQLiteStore:
             self._rev_w = rev0
             self._next_id = id0
             self._batch_deleted.clear()
+            # Housekeeping that was rolled back is tried again after the next good commit
+            # (not at once: a full disk must not turn the writer into a busy loop).
+            self._purges += [op.room_id for op, _, _ in batch if isinstance(op, _Purge)]
             err = _as_chat_error(exc)
             if not self._failing:
                 self._failing = True
@@ -470,7 +506,7 @@ class SQLiteStore:
     def _deliver(self, results: list[tuple[Any, Any, BaseException | None]], rev: int) -> None:
         self.rev = rev
         for fut, value, exc in results:
-            if fut.done():
+            if fut is None or fut.done():  # None: the writer's own housekeeping
                 continue
             if exc is None:
                 fut.set_result(value)
@@ -628,11 +664,15 @@ class SQLiteStore:
         follows (an emptied ephemeral room's name reused at once) then comes after it."""
 
         def op(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM messages WHERE room_id = ?", (room_id,))
+            # The room row goes now (its history is unreachable from this commit on); its
+            # messages follow in batches, so a huge room never stalls everyone's sends.
             db.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
             self._batch_deleted.add(room_id)
 
-        return self._write(op, multi=True)
+        return self._write(op)
+
+    def _queue_purge(self, room_id: int) -> None:
+        self._pending.append((_Purge(self, room_id), None, False))  # type: ignore[arg-type]
 
     # --- messages --------------------------------------------------------------------
 

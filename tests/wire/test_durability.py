@@ -433,3 +433,78 @@ async def test_retention_runs_at_start_and_then_periodically(tmp_path: Path) -> 
 
 async def _eq(got: Any, want: Any) -> bool:
     return bool(await got == want)
+
+
+async def test_a_deleted_rooms_messages_go_in_batches_and_the_room_is_gone_at_once(
+    tmp_path: Path,
+) -> None:
+    """room.delete answers after the room row is gone; its messages are deleted in small
+    transactions afterwards (sends elsewhere never wait behind one huge delete), and a
+    restart finishes what a crash interrupted."""
+    import sqlite3
+
+    from chatd.store import sqlite as store_sqlite
+
+    db = str(tmp_path / "big.db")
+    async with running_server(db=db, rate_limit=0) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("owner")
+        await c.ok("room.create", room="big")
+        n = store_sqlite._PURGE_BATCH * 2 + 10
+        frames = b"".join(
+            b'{"cmd":"msg.send","room":"big","text":"m%d","id":%d}\n' % (i, i) for i in range(n)
+        )
+        await c.send_raw(frames)
+        for i in range(n):
+            await c.reply(i)
+        await c.ok("room.delete", room="big")
+        await c.error("room.history", "not_found", room="big")
+        await c.ok("room.create", room="other")
+        await c.ok("msg.send", room="other", text="still fast")
+
+        def left() -> int:
+            con = sqlite3.connect(db)
+            try:
+                return int(con.execute("SELECT count(*) FROM messages WHERE room_id = 1").fetchone()[0])
+            finally:
+                con.close()
+
+        async def purged() -> bool:
+            return left() == 0
+
+        await until(purged)
+        await c.close()
+
+
+async def test_messages_of_a_room_deleted_before_a_crash_are_purged_after_restart(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    db = str(tmp_path / "orphans.db")
+    async with running_server(db=db, rate_limit=0) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("owner")
+        await c.ok("room.create", room="gone")
+        for i in range(5):
+            await c.ok("msg.send", room="gone", text=f"m{i}")
+        await c.close()
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM rooms")  # as if the crash came between room row and messages
+    con.commit()
+    con.close()
+
+    def left() -> int:
+        con = sqlite3.connect(db)
+        try:
+            return int(con.execute("SELECT count(*) FROM messages").fetchone()[0])
+        finally:
+            con.close()
+
+    assert left() == 5
+    async with running_server(db=db) as srv:
+
+        async def purged() -> bool:
+            return left() == 0
+
+        await until(purged)
