@@ -20,8 +20,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from chatd.errors import ChatError, Conflict, Internal, NotFound
 from chatd.store.base import (
@@ -32,6 +32,7 @@ from chatd.store.base import (
     Snapshot,
     UserRecord,
 )
+from chatd.store.deferred import Deferred
 from chatd.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
@@ -60,84 +61,6 @@ class _Insert:
 
 
 _Op = Callable[[sqlite3.Connection], Any] | _Insert
-
-
-class _Deferred(Generic[T]):
-    """The result of one queued write: awaitable like an asyncio.Future, but a callback
-    added without a context (the server's command driver) runs at once when the batch is
-    delivered, instead of one loop turn later. A group commit then finishes thousands of
-    sends in one callback. Tasks (which always pass a context) are scheduled as asyncio
-    does it, so awaiting one from ordinary asyncio code behaves as usual."""
-
-    __slots__ = ("_asyncio_future_blocking", "_callbacks", "_done", "_exc", "_loop", "_value")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._callbacks: list[tuple[Callable[[Any], None], Any]] = []
-        self._done = False
-        self._value: Any = None
-        self._exc: BaseException | None = None
-        self._asyncio_future_blocking = False
-
-    def __await__(self) -> Generator[Any, None, T]:
-        if not self._done:
-            self._asyncio_future_blocking = True
-            yield self
-        return self.result()
-
-    __iter__ = __await__
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False  # the write is queued: it happens whoever stopped waiting
-
-    def result(self) -> T:
-        if self._exc is not None:
-            raise self._exc
-        value: T = self._value
-        return value
-
-    def exception(self) -> BaseException | None:
-        return self._exc
-
-    def add_done_callback(self, fn: Callable[[Any], None], *, context: Any = None) -> None:
-        if self._done:
-            self._loop.call_soon(fn, self, context=context)
-        else:
-            self._callbacks.append((fn, context))
-
-    def remove_done_callback(self, fn: Callable[[Any], None]) -> int:
-        before = len(self._callbacks)
-        self._callbacks = [(f, c) for f, c in self._callbacks if f != fn]
-        return before - len(self._callbacks)
-
-    def set_result(self, value: T) -> None:
-        self._value = value
-        self._fire()
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._exc = exc
-        self._fire()
-
-    def _fire(self) -> None:
-        self._done = True
-        callbacks, self._callbacks = self._callbacks, []
-        for fn, context in callbacks:
-            if context is not None:
-                self._loop.call_soon(fn, self, context=context)
-                continue
-            try:
-                fn(self)
-            except BaseException:  # one command's failure must not stop the batch's others
-                log.exception("a command failed while its write was delivered")
 
 
 class _Purge:
@@ -395,7 +318,7 @@ class SQLiteStore:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         # Every write resolves eagerly, in batch order: events then leave in revision order.
-        fut = cast("asyncio.Future[Any]", _Deferred(loop))
+        fut = cast("asyncio.Future[Any]", Deferred(loop))
         if self._stopping:
             fut.set_exception(Internal("the server is shutting down"))
             return fut

@@ -1,5 +1,5 @@
 """The store's eager result object behaves like a Future for asyncio code, and runs the
-command driver's callback at once (chatd.store.sqlite._Deferred)."""
+command driver's callback at once (chatd.store.deferred.Deferred)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
-from chatd.store.sqlite import _Deferred
+from chatd.store.deferred import Deferred
 
 
 async def test_awaiting_from_a_task_gets_the_value() -> None:
-    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+    d: Deferred[int] = Deferred(asyncio.get_running_loop())
 
     async def waiter() -> int:
         return await d
@@ -23,7 +23,7 @@ async def test_awaiting_from_a_task_gets_the_value() -> None:
 
 
 async def test_awaiting_from_a_task_gets_the_exception() -> None:
-    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+    d: Deferred[int] = Deferred(asyncio.get_running_loop())
     task = asyncio.ensure_future(_await(d))
     await asyncio.sleep(0)
     d.set_exception(ValueError("boom"))
@@ -31,12 +31,12 @@ async def test_awaiting_from_a_task_gets_the_exception() -> None:
         await asyncio.wait_for(task, 1)
 
 
-async def _await(d: _Deferred[int]) -> int:
+async def _await(d: Deferred[int]) -> int:
     return await d
 
 
 async def test_a_callback_without_context_runs_at_once_and_errors_are_contained() -> None:
-    d: _Deferred[int] = _Deferred(asyncio.get_running_loop())
+    d: Deferred[int] = Deferred(asyncio.get_running_loop())
     seen: list[int] = []
 
     def bad(_: object) -> None:
@@ -50,6 +50,6 @@ async def test_a_callback_without_context_runs_at_once_and_errors_are_contained(
 
 
 async def test_a_finished_result_is_returned_without_waiting() -> None:
-    d: _Deferred[str] = _Deferred(asyncio.get_running_loop())
+    d: Deferred[str] = Deferred(asyncio.get_running_loop())
     d.set_result("done")
     assert await d == "done"
