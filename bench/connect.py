@@ -15,9 +15,20 @@ import time
 from bench.common import against_server, open_line, percentile
 
 
-async def run(port: int, workers: int, seconds: float, rooms: int = 1) -> dict[str, float]:
+async def run(
+    port: int, workers: int, seconds: float, rooms: int = 1, token: bool = False
+) -> dict[str, float]:
     setup = await open_line(port)
-    await setup.call({"cmd": "login", "id": 1, "user": "host"})
+    bot_token = ""
+    if token:
+        # A bot's way in: one account, a token minted once, `auth` on every connection.
+        await setup.call({"cmd": "register", "id": 0, "user": "bot", "password": "bench-password"})
+        reply = await setup.call(
+            {"cmd": "login", "id": 1, "user": "bot", "password": "bench-password"}
+        )
+        bot_token = reply["data"]["token"]  # type: ignore[index]
+    else:
+        await setup.call({"cmd": "login", "id": 1, "user": "host"})
     for r in range(rooms):
         await setup.call({"cmd": "room.create", "id": 2, "room": f"lobby{r}"})
     names = itertools.count()
@@ -30,7 +41,10 @@ async def run(port: int, workers: int, seconds: float, rooms: int = 1) -> dict[s
         while time.monotonic() < stop_at:
             t = time.monotonic()
             c = await open_line(port)
-            r = await c.call({"cmd": "login", "id": 1, "user": f"u{next(names)}"})
+            if token:
+                r = await c.call({"cmd": "auth", "id": 1, "token": bot_token})
+            else:
+                r = await c.call({"cmd": "login", "id": 1, "user": f"u{next(names)}"})
             assert r["type"] == "ok", r
             r = await c.call({"cmd": "room.join", "id": 2, "room": f"lobby{done % rooms}"})
             assert r["type"] == "ok", r
@@ -47,6 +61,7 @@ async def run(port: int, workers: int, seconds: float, rooms: int = 1) -> dict[s
     return {
         "workers": workers,
         "rooms": rooms,
+        "login": "auth with a token" if token else "guest login",
         "sessions": done,
         "seconds": round(elapsed, 2),
         "connect_login_join_per_s": round(done / elapsed),
@@ -59,10 +74,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--token", action="store_true", help="auth with a bot token, not a guest login")
     ap.add_argument("--rooms", type=int, default=1,
                     help="joins spread over this many rooms (1: everyone sees every join)")
     args = ap.parse_args(argv)
-    return against_server(lambda srv: run(srv.port, args.workers, args.seconds, args.rooms))
+    return against_server(lambda srv: run(srv.port, args.workers, args.seconds, args.rooms, args.token))
 
 
 if __name__ == "__main__":

@@ -168,16 +168,22 @@ class App:
         notice = claims.exp - self.config.session_expiring_notice - now
         exp = claims.exp
 
-        def expiring() -> None:
-            if s.claims is claims:
-                s.send(event_frame("session.expiring", {"expires_at": exp}))
-
         def expired() -> None:
             if s.claims is claims:
                 self.expire(s)
 
+        def expiring() -> None:
+            # One timer at a time per session (a connection storm pays for one, not two):
+            # the notice, then the timer for the expiry itself.
+            s.timers.clear()
+            if s.claims is not claims:
+                return
+            s.send(event_frame("session.expiring", {"expires_at": exp}))
+            s.timers.append(
+                self.scheduler.call_later(max(0.0, exp - self.clock.now()), expired)
+            )
+
         s.timers.append(self.scheduler.call_later(max(0.0, notice), expiring))
-        s.timers.append(self.scheduler.call_later(max(0.0, exp - now), expired))
 
     def display_name(self, name: str) -> str:
         key = name.lower()

@@ -42,12 +42,14 @@ class FakeTimer:
         self.delay = delay
         self.fn = fn
         self.cancelled = False
+        self.fired = False
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def fire(self) -> None:
-        assert not self.cancelled
+        assert not self.cancelled and not self.fired
+        self.fired = True
         self.fn()
 
 
@@ -65,7 +67,7 @@ class FakeScheduler:
         self.spawned.append(coro)
 
     def live(self) -> list[FakeTimer]:
-        return [t for t in self.timers if not t.cancelled]
+        return [t for t in self.timers if not t.cancelled and not t.fired]
 
     def close(self) -> None:
         for coro in self.spawned:
