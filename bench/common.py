@@ -150,9 +150,16 @@ class Line(asyncio.Protocol):
         return await asyncio.wait_for(fut, timeout)
 
 
-async def open_line(port: int, on_line: Callable[[bytes], None] | None = None) -> Line:
+async def open_line(
+    port: int, on_line: Callable[[bytes], None] | None = None, source: str | None = None
+) -> Line:
+    """Connect and wait for hello. `source` picks the local address (a 127.x address),
+    so a connection storm does not run out of ephemeral ports to TIME_WAIT."""
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: Line(on_line), "127.0.0.1", port)
+    _, proto = await loop.create_connection(
+        lambda: Line(on_line), "127.0.0.1", port,
+        local_addr=(source, 0) if source else None,
+    )  # fmt: skip
     await asyncio.wait_for(proto.ready, 10)
     return proto
 

@@ -40,7 +40,8 @@ async def run(
         nonlocal done
         while time.monotonic() < stop_at:
             t = time.monotonic()
-            c = await open_line(port)
+            # Spread over 127.0.0.2-127.0.0.33 (the bench turns per-IP limits off).
+            c = await open_line(port, source=f"127.0.0.{2 + done % 32}")
             if token:
                 r = await c.call({"cmd": "auth", "id": 1, "token": bot_token})
             else:
