@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -178,3 +179,19 @@ async def until(check: Callable[[], Awaitable[Any]], within: float = TIMEOUT) ->
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("not seen in time")
         await asyncio.sleep(0.02)
+
+
+async def deaf_client(port: int, source: str | None = None) -> Client:
+    """A client that reads only when told to: a small kernel receive buffer and a small
+    StreamReader limit, so what it does not read piles up on the server."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if source is not None:
+        sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+    r, w = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    c = Client(r, w)
+    c.hello = await c.recv()
+    return c

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from chatd.server import ChatServer, Connection
-from tests.helpers import TIMEOUT, Client, running_server
+from tests.helpers import TIMEOUT, Client, deaf_client, running_server
 
 TEXT = "x" * 4000
 SMALL_OUTBOX: dict[str, Any] = {
@@ -21,22 +21,6 @@ SMALL_OUTBOX: dict[str, Any] = {
     "outbox_soft": 8 * 1024,
     "outbox_low": 2 * 1024,
 }
-
-
-async def deaf_client(port: int, source: str | None = None) -> Client:
-    """A client that reads only when told to: a small kernel receive buffer and a small
-    StreamReader limit, so what it does not read piles up on the server."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    if source is not None:
-        sock.bind((source, 0))
-    sock.setblocking(False)
-    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
-    r, w = await asyncio.open_connection(sock=sock, limit=64 * 1024)
-    c = Client(r, w)
-    c.hello = await c.recv()
-    return c
 
 
 async def connect_from(port: int, source: str) -> Client:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import SECRET, TIMEOUT, Client
+from tests.helpers import SECRET, TIMEOUT, Client, deaf_client
 from tests.process import chatd_env, chatd_run, chatd_serving
 
 serve = chatd_serving
@@ -29,18 +28,6 @@ async def shutdown_then_eof(c: Client) -> dict[str, Any]:
     rest = await asyncio.wait_for(c.reader.read(), TIMEOUT)
     assert rest == b"", rest
     return data
-
-
-async def deaf_client(port: int) -> Client:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
-    r, w = await asyncio.open_connection(sock=sock, limit=64 * 1024)
-    c = Client(r, w)
-    c.hello = await c.recv()
-    return c
 
 
 MEMORY = ("serve", "--db", ":memory:", "--port", "0")
