@@ -107,7 +107,7 @@ class App:
             return
         s.closed = True
         self.sessions.pop(s, None)
-        self._unbind(s, "disconnected")
+        self.unbind(s, "disconnected")
 
     # --- tokens ----------------------------------------------------------------------
 
@@ -120,8 +120,8 @@ class App:
         if parsed is not None:
             uid, version = parsed
             if uid == GUEST_ID:
-                hold = self.guests.get(key)
-                if hold is not None and hold.jti == str(version) and hold.expires_at > self.clock.now():
+                hold = self.guest_hold(key)
+                if hold is not None and hold.jti == str(version):
                     return hold
             else:
                 user = self.users.get(key)
@@ -197,12 +197,10 @@ class App:
         """The bound token expired or was revoked elsewhere: tell the client, leave rooms,
         unbind; the connection stays open (contract)."""
         s.send(event_frame("session.expired", {"reason": reason} if reason else {}))
-        self._unbind(s, reason or "expired")
+        self.unbind(s, reason or "expired")
 
     def unbind(self, s: Session, reason: str) -> None:
-        self._unbind(s, reason)
-
-    def _unbind(self, s: Session, reason: str) -> None:
+        """Leave every room (others see `reason`), forget the token, stop its timers."""
         s.cancel_timers()
         self.leave_all(s, reason)
         key = s.user_key
@@ -240,16 +238,15 @@ class App:
     def sessions_of(self, user_key: str) -> Iterable[Session]:
         return list(self.online.get(user_key, ()))
 
-    def is_member(self, room: LiveRoom, user_key: str) -> bool:
-        return room.has_user(user_key)
+    def guest_hold(self, key: str) -> GuestHold | None:
+        """The online guest's hold on a (case-folded) name, if it has not expired."""
+        hold = self.guests.get(key)
+        return hold if hold is not None and hold.expires_at > self.clock.now() else None
 
     def known_user(self, name: str) -> bool:
         """Registered, or an online guest (one that holds its name)."""
         key = name.lower()
-        if key in self.users:
-            return True
-        hold = self.guests.get(key)
-        return hold is not None and hold.expires_at > self.clock.now()
+        return key in self.users or self.guest_hold(key) is not None
 
     def current_identity(self, name: str) -> str | None:
         """The identity that holds `name` now: its account, or its online guest."""
@@ -257,10 +254,8 @@ class App:
         user = self.users.get(key)
         if user is not None:
             return f"{key}#{user.id}"
-        hold = self.guests.get(key)
-        if hold is not None and hold.expires_at > self.clock.now():
-            return f"{key}#g{hold.jti}"
-        return None
+        hold = self.guest_hold(key)
+        return f"{key}#g{hold.jti}" if hold is not None else None
 
     def remember_nonce(self, user_key: str, nonce: str, message_id: int) -> None:
         self.nonces[(user_key, nonce)] = message_id
@@ -274,7 +269,7 @@ class App:
         if forget:
             self.users.pop(key, None)
         for s in self.sessions_of(key):
-            self._unbind(s, reason)
+            self.unbind(s, reason)
             # Closed on the next turn of the loop, so a reply already due still goes out.
             self.scheduler.call_later(0, s.peer.close)
 

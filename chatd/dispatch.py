@@ -171,7 +171,6 @@ class Dispatcher:
     def __init__(self, app: App, table: list[Spec]) -> None:
         self.app = app
         self.specs = {spec.command: spec for spec in table}
-        self.by_name = {spec.name: spec for spec in table}
         app.help_data = self.help()
 
     def help(self) -> dict[str, Any]:

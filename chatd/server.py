@@ -396,16 +396,6 @@ class _Drive:
         self.conn.finished(self.slot, outcome)
 
 
-class _Timer:
-    __slots__ = ("handle",)
-
-    def __init__(self, handle: asyncio.TimerHandle) -> None:
-        self.handle = handle
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-
-
 class ChatServer:
     """Owns the listening socket, every connection and every background task."""
 
@@ -454,7 +444,7 @@ class ChatServer:
     # --- Scheduler (for the core) ----------------------------------------------------
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable:
-        return _Timer(self.loop.call_later(delay, fn))
+        return self.loop.call_later(delay, fn)  # a TimerHandle is already Cancellable
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)

@@ -63,7 +63,7 @@ def check_auth(cmd: c.Auth, config: Config) -> None:
 
 async def register(app: App, req: Request, cmd: c.Register) -> Any:
     key = cmd.user.lower()
-    if key in app.users or key in app.registering or _guest_holds(app, key):
+    if key in app.users or key in app.registering or app.guest_hold(key) is not None:
         raise Conflict(f"the name {cmd.user!r} is taken")
     app.registering.add(key)  # reserved until written: a racing guest login gets conflict
     try:
@@ -73,11 +73,6 @@ async def register(app: App, req: Request, cmd: c.Register) -> Any:
         app.registering.discard(key)
     app.users[key] = user
     return {"user": user.name}
-
-
-def _guest_holds(app: App, key: str) -> bool:
-    hold = app.guests.get(key)
-    return hold is not None and hold.expires_at > app.clock.now()
 
 
 def _recent_failures(failures: list[float], now: float) -> list[float]:
@@ -167,7 +162,7 @@ async def _guest_login(
     if key in app.users:
         raise Unauthorized("that name is registered: log in with its password")
     own = _own_hold(app, req.session, key)
-    if own is None and _guest_holds(app, key):
+    if own is None and app.guest_hold(key) is not None:
         raise Conflict(f"the guest name {cmd.user!r} is in use")
     if key in app.registering:
         raise Conflict(f"the name {cmd.user!r} is being registered")

@@ -436,9 +436,6 @@ class SQLiteStore:
             else:
                 fut.set_exception(exc)
 
-    def _next_rev(self) -> int:
-        return self._rev_w + 1
-
     # --- reads -----------------------------------------------------------------------
 
     def _reader_db(self) -> sqlite3.Connection:
