@@ -206,14 +206,19 @@ def _limit(app: App, asked: int | None, default: int) -> int:
     return min(asked or default, app.config.history_limit)
 
 
-def cap_page(app: App, messages: list[Message], more: bool, keep_newest: bool) -> tuple[list[Message], bool]:
-    """Trim a page to the configured byte budget, dropping from the far end of travel."""
+def page_of(
+    app: App, recs: list[MessageRecord], more: bool, keep_newest: bool
+) -> tuple[list[msgspec.Raw], list[MessageRecord], bool]:
+    """Encode a page once and trim it to the byte budget, dropping from the far end of
+    travel: the encoded messages (spliced into the reply as they are), the records
+    kept, and `more`."""
     budget = app.config.history_page_bytes - 64
-    sizes = [len(encode_json(m)) + 1 for m in messages]
+    encoded = [msgspec.Raw(encode_json(to_wire(app, r))) for r in recs]
+    sizes = [len(e) + 1 for e in encoded]
     if sum(sizes) <= budget:
-        return messages, more
+        return encoded, recs, more
     total = 0
-    order = range(len(messages) - 1, -1, -1) if keep_newest else range(len(messages))
+    order = range(len(recs) - 1, -1, -1) if keep_newest else range(len(recs))
     kept: list[int] = []
     for i in order:
         if total + sizes[i] > budget:
@@ -221,14 +226,14 @@ def cap_page(app: App, messages: list[Message], more: bool, keep_newest: bool) -
         total += sizes[i]
         kept.append(i)
     kept.sort()
-    return [messages[i] for i in kept], True
+    return [encoded[i] for i in kept], [recs[i] for i in kept], True
 
 
 async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> Any:
     room = app.rooms.get(cmd.room)
     limit = _limit(app, cmd.limit, app.config.history_default)
     recs, more = await app.store.room_history(room.id, cmd.before, cmd.after, limit)
-    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, cmd.after is None)
+    page, _, more = page_of(app, recs, more, cmd.after is None)
     return {"messages": page, "more": more}
 
 
@@ -239,7 +244,7 @@ async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
             raise NotFound(f"no user {other!r}")
     limit = _limit(app, cmd.limit, app.config.history_default)
     recs, more = await app.store.dm_history(req.identity, other, cmd.before, cmd.after, limit)
-    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, cmd.after is None)
+    page, _, more = page_of(app, recs, more, cmd.after is None)
     return {"messages": page, "more": more}
 
 
@@ -249,9 +254,9 @@ async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
     limit = _limit(app, cmd.limit, app.config.history_limit)
     room_ids = [r.id for r in req.session.rooms]
     recs, more = await app.store.changes_since(cmd.since, room_ids, req.identity, limit)
-    page, more = cap_page(app, [to_wire(app, r) for r in recs], more, keep_newest=False)
+    page, kept, more = page_of(app, recs, more, keep_newest=False)
     if more:
-        rev = page[-1].rev if page else cmd.since
+        rev = kept[-1].rev if kept else cmd.since
     else:
-        rev = max([now_rev] + [m.rev for m in page])
+        rev = max([now_rev] + [m.rev for m in kept])
     return {"changes": page, "rev": rev, "more": more}
