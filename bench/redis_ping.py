@@ -14,65 +14,15 @@ import socket
 import subprocess
 import time
 
-from bench.common import SERVER_CORE, new_loop, percentile, pin_self
-
-
-class _Conn(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.on_data = lambda data: None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.on_data(data)
+from bench.common import SERVER_CORE, Line, new_loop, pin_self
+from bench.ping import round_trips
 
 
 async def run(port: int, clients: int, seconds: float) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    conns = [
-        (await loop.create_connection(_Conn, "127.0.0.1", port))[1] for _ in range(clients)
-    ]
-    stop_at = time.monotonic() + seconds
-    latencies: list[float] = []
-    trips = 0
-    finished: list[asyncio.Future[None]] = []
-    for c in conns:
-        done: asyncio.Future[None] = loop.create_future()
-        finished.append(done)
-        assert c.transport is not None
-        t = c.transport
-        sent = [time.monotonic()]
-
-        def on_data(data: bytes, t: asyncio.Transport = t, sent: list[float] = sent,
-                    done: asyncio.Future[None] = done) -> None:
-            nonlocal trips
-            now = time.monotonic()
-            trips += data.count(b"\n")
-            latencies.append(now - sent[0])
-            if now >= stop_at:
-                if not done.done():
-                    done.set_result(None)
-                return
-            sent[0] = now
-            t.write(b"PING\r\n")
-
-        c.on_data = on_data
-        t.write(b"PING\r\n")
-    t0 = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(*finished), seconds + 30)
-    elapsed = time.monotonic() - t0
-    for c in conns:
-        assert c.transport is not None
-        c.transport.close()
-    return {
-        "server": "redis",
-        "clients": clients,
-        "round_trips_per_s": round(trips / elapsed),
-        "p50_us": round(percentile(latencies, 0.5) * 1e6),
-        "p99_us": round(percentile(latencies, 0.99) * 1e6),
-    }
+    conns = [(await loop.create_connection(Line, "127.0.0.1", port))[1] for _ in range(clients)]
+    result = await round_trips(conns, b"PING\r\n", seconds)
+    return {"server": "redis", **result}  # type: ignore[dict-item]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
