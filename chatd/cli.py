@@ -12,11 +12,13 @@ import signal
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
+from chatd.store.dbfiles import create_private
 from chatd.store.sqlite import (
     SQLiteStore,
     StoreOpenError,
@@ -204,6 +206,8 @@ def serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = config_from(args)
+    if config.db != ":memory:":
+        _refuse_foreign(config.db)  # before the secret file is made beside it
     secret = resolve_secret(args.secret, config.db)
     try:
         import uvloop
@@ -239,9 +243,34 @@ async def _serve(config: Config, secret: str) -> int:
 # --- offline commands (work while a server runs on the same database) ----------------
 
 
-def _open_db(path: str) -> sqlite3.Connection:
+def _refuse_foreign(path: str) -> None:
+    """Refuse, before anything is created beside it, a file that is not a chatd database
+    (read-only: nothing in someone else's file changes)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot open {path}: {exc}") from None
+    try:
+        identify(db)
+    except StoreOpenError as exc:
+        raise CliError(f"cannot open {path}: {exc}") from None
+    finally:
+        db.close()
+
+
+def _open_db(path: str, *, create: bool = False) -> sqlite3.Connection:
+    """The database for an offline command. Only a command that adds something creates a
+    missing database (mode 0600); the others refuse it, so a typo never leaves an empty
+    database behind."""
     if path == ":memory:":
         raise CliError("--db :memory: keeps nothing; name a database file")
+    if not os.path.exists(path):
+        if not create:
+            raise CliError(f"no database at {path} (start the server once, or check --db)")
+        create_private(path)
+    _refuse_foreign(path)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA busy_timeout=5000")
     try:
@@ -263,7 +292,11 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def user_command(args: argparse.Namespace) -> int:
-    db = _open_db(args.db)
+    if args.user_command == "add" and not args.password_stdin and not sys.stdin.isatty():
+        raise CliError(
+            "no terminal to ask for the password: pipe it in with --password-stdin"
+        )
+    db = _open_db(args.db, create=args.user_command == "add")
     if args.user_command == "list":
         for (name,) in db.execute("SELECT name FROM users ORDER BY name_key"):
             print(name)
@@ -341,8 +374,6 @@ def backup_command(args: argparse.Namespace) -> int:
     """`chatd backup PATH [--db FILE]`: see SQLiteStore's backup(); takes no lock."""
     if args.db == ":memory:":
         raise CliError("--db :memory: keeps nothing; name a database file")
-    if os.path.abspath(args.path) == os.path.abspath(args.db):
-        raise CliError("the backup must not be the database itself")
     try:
         count = backup(args.db, args.path)
     except StoreOpenError as exc:

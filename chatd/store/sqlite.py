@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import fcntl
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -32,6 +32,7 @@ from chatd.store.base import (
     Snapshot,
     UserRecord,
 )
+from chatd.store.dbfiles import DatabaseFileError, ServerLock, create_private, is_part_of
 from chatd.store.deferred import Deferred
 from chatd.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
@@ -154,41 +155,12 @@ def bump_users_version(db: sqlite3.Connection) -> None:
     )
 
 
-def lock_path(path: str) -> str:
-    return path + ".lock"
-
-
-def _lock(path: str) -> int:
-    """Take the exclusive lock beside the database for this process's life: a second
-    server on the same file would hand out the same message ids. The kernel drops a
-    flock when its holder dies, so a crashed server never blocks the next start."""
-    where = lock_path(path)
-    try:
-        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreOpenError(f"cannot create the lock file {where}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip()
-        os.close(fd)
-        if isinstance(exc, BlockingIOError):
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise StoreOpenError(
-                f"it is in use by another chatd server{pid}; stop that one first"
-                f" (lock file {where})"
-            ) from None
-        raise StoreOpenError(f"cannot lock {where}: {exc.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
 class SQLiteStore:
     """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer).
 
-    A file database is locked (``PATH.lock``) from ``open`` to ``close``: one server per
-    database; ``chatd user``/``token``/``backup`` do not take the lock."""
+    A file database is locked (see dbfiles.ServerLock) from ``open`` to ``close``: one server
+    per database, however it is spelled; ``chatd user``/``token``/``backup`` do not take the
+    lock."""
 
     def __init__(self, path: str, *, readers: int = 2, max_batch: int = _MAX_BATCH) -> None:
         self.path = path
@@ -216,7 +188,7 @@ class SQLiteStore:
         self._readers_n = readers
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
-        self._lock_fd: int | None = None
+        self._lock: ServerLock | None = None
         self._failing = False  # the last batch failed (logged once, and once on recovery)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -226,25 +198,51 @@ class SQLiteStore:
         if not self.memory:
             if os.path.dirname(self.path):
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._lock_fd = _lock(self.path)
-        try:
+            self._lock = ServerLock(self.path)
             try:
-                db = _connect(self.path)
-                identify(db)  # before WAL: never convert someone else's file
-                if not self.memory:
-                    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                    if mode != "wal":
-                        raise StoreOpenError(f"cannot use WAL mode (got {mode})")
-                # FULL: the WAL is fsynced at every commit, so an acknowledged write
-                # survives power loss too, not only a crash of this process.
-                db.execute("PRAGMA synchronous=FULL")
-                migrate(db)
-            except sqlite3.DatabaseError as exc:
+                create_private(self.path)
+                self._lock.acquire()
+            except DatabaseFileError as exc:
+                self._lock = None
                 raise StoreOpenError(str(exc)) from None
-        except BaseException:
-            self._unlock()
+            except OSError as exc:
+                self._lock = None
+                raise StoreOpenError(f"cannot create {self.path}: {exc.strerror}") from None
+        db: sqlite3.Connection | None = None
+        try:
+            db = _connect(self.path)
+            snap = self._load(db)
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            self._unlock(refused=True)
+            if isinstance(exc, sqlite3.DatabaseError):
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                    raise StoreOpenError(
+                        f"the database file is malformed ({exc}); restore a backup"
+                    ) from None
+                raise StoreOpenError(str(exc)) from None
             raise
         self._db = db
+        self._thread = threading.Thread(target=self._writer, name="chatd-writer", daemon=True)
+        self._thread.start()
+        if not self.memory:
+            self._readers = concurrent.futures.ThreadPoolExecutor(
+                self._readers_n, thread_name_prefix="chatd-reader"
+            )
+        return snap
+
+    def _load(self, db: sqlite3.Connection) -> Snapshot:
+        """Check, migrate and read what lives in memory; sqlite3 errors propagate."""
+        identify(db)  # before WAL: never convert someone else's file
+        if not self.memory:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreOpenError(f"cannot use WAL mode (got {mode})")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged write
+        # survives power loss too, not only a crash of this process.
+        db.execute("PRAGMA synchronous=FULL")
+        migrate(db)
         db.execute("BEGIN IMMEDIATE")
         # Ephemeral rooms die at start: nobody is connected then (contract). Their messages,
         # and those of any room deleted before a crash, go in small batches once running.
@@ -266,7 +264,7 @@ class SQLiteStore:
         seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         top = db.execute("SELECT max(id) FROM messages").fetchone()
         self._next_id = max(seq[0] if seq else 0, top[0] or 0)
-        snap = Snapshot(
+        return Snapshot(
             epoch=self.epoch,
             rev=self.rev,
             users=self._users(db),
@@ -283,13 +281,6 @@ class SQLiteStore:
             ],
             users_version=int(meta["users_version"]),
         )
-        self._thread = threading.Thread(target=self._writer, name="chatd-writer", daemon=True)
-        self._thread.start()
-        if not self.memory:
-            self._readers = concurrent.futures.ThreadPoolExecutor(
-                self._readers_n, thread_name_prefix="chatd-reader"
-            )
-        return snap
 
     async def close(self) -> None:
         """Commit what is queued, then stop the writer and the readers."""
@@ -303,10 +294,12 @@ class SQLiteStore:
             self._db.close()
         self._unlock()
 
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+    def _unlock(self, *, refused: bool = False) -> None:
+        """Release the server lock; after a refused start, also remove a lock file this
+        start created (nothing of chatd's is left beside a file that is not chatd's)."""
+        if self._lock is not None:
+            self._lock.release(remove_created=refused)
+            self._lock = None
 
     # --- the writer ------------------------------------------------------------------
 
@@ -898,15 +891,28 @@ def _prune_step(
 def backup(source: str, dest: str) -> int:
     """An online, consistent copy of the chatd database ``source`` into ``dest`` with
     SQLite's backup API, while a server may be writing to it: the copy is taken in one
-    step inside one read transaction (WAL lets the writer go on meanwhile), written beside
-    ``dest`` and renamed over it, so ``dest`` is always whole. The copy gets a new epoch:
-    restored, it rewinds ids and revisions, and clients must know their cursors are void
-    (contract, Revisions). Returns the number of messages in the copy. Raises
-    StoreOpenError when ``source`` is not usable."""
+    step inside one read transaction (WAL lets the writer go on meanwhile), written to a
+    private temporary file beside ``dest`` (unpredictable name, created exclusively, mode
+    0600: it holds password hashes and DMs) and renamed over it, so ``dest`` is always whole.
+    The copy gets a new epoch: restored, it rewinds ids and revisions, and clients must know
+    their cursors are void (contract, Revisions). Returns the number of messages in the copy.
+    Raises StoreOpenError when ``source`` is not usable or ``dest`` is the live database
+    itself (or one of its files) under any spelling: renaming over it would cut a running
+    server off its file and lose what it acknowledges after."""
     if not os.path.isfile(source):
         raise StoreOpenError("no such database file")
+    if is_part_of(source, dest):
+        raise StoreOpenError(
+            f"{dest} is the database itself or one of its files (-wal, -shm, .lock, .secret);"
+            " name another file for the backup"
+        )
+    if os.path.isdir(dest):
+        raise StoreOpenError(f"{dest} is a directory; name the backup file")
     src = _connect(source)
-    tmp = f"{dest}.{os.getpid()}.tmp"
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(dest))
+    )
+    os.close(fd)
     try:
         try:
             if identify(src) == 0:
@@ -936,7 +942,7 @@ def backup(source: str, dest: str) -> int:
             os.close(dir_fd)
     finally:
         src.close()
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return count
 

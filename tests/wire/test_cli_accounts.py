@@ -148,8 +148,8 @@ async def test_a_cli_password_is_checked_like_register(tmp_path: Path) -> None:
 
 async def test_user_list_prints_one_name_a_line(tmp_path: Path) -> None:
     db = str(tmp_path / "x.db")
-    rc, out, _ = await chatd("user", "list", "--db", db)
-    assert rc == 0 and out == ""
+    rc, out, err = await chatd("user", "list", "--db", db)
+    assert rc == 2 and out == "" and "no database" in err  # a typo makes no empty database
     for name in ("Zed", "amy", "Bob"):
         await add_user(db, name)
     rc, out, _ = await chatd("user", "list", "--db", db)
@@ -196,6 +196,7 @@ async def test_user_delete_closes_that_users_connections(tmp_path: Path) -> None
 
 async def test_user_delete_of_an_unknown_user_fails(tmp_path: Path) -> None:
     db = str(tmp_path / "x.db")
+    await add_user(db, "somebody")
     rc, _, err = await chatd("user", "delete", "nobody", "--db", db)
     assert rc != 0 and "nobody" in err
 
