@@ -992,14 +992,25 @@ def _page(
     return page, more
 
 
+# SQLite's primary result codes (the low byte of an extended code) -> what the client is told.
+# Classified by code, never by message text: texts differ across SQLite versions and
+# extended codes (SQLITE_READONLY_DBMOVED, SQLITE_IOERR_SHMSIZE, …) share a primary code.
+_STORAGE_ERRORS: dict[int, str] = {
+    sqlite3.SQLITE_FULL: "storage is full; the change was not saved, try again later",
+    sqlite3.SQLITE_READONLY: "storage is read-only; the change was not saved",
+    sqlite3.SQLITE_PERM: "storage is read-only; the change was not saved",
+    sqlite3.SQLITE_BUSY: "storage is busy; the change was not saved, try again",
+    sqlite3.SQLITE_LOCKED: "storage is busy; the change was not saved, try again",
+    sqlite3.SQLITE_IOERR: "storage I/O error; the change was not saved",
+    sqlite3.SQLITE_CORRUPT: "storage is damaged; the change was not saved",
+    sqlite3.SQLITE_CANTOPEN: "storage cannot be opened; the change was not saved",
+}
+
+
 def _as_chat_error(exc: BaseException) -> ChatError:
     if isinstance(exc, ChatError):
         return exc
-    text = str(exc)
-    if "full" in text:
-        return Internal("storage is full; the change was not saved, try again later")
-    if "readonly" in text or "read-only" in text:
-        return Internal("storage is read-only; the change was not saved")
-    if "locked" in text or "busy" in text:
-        return Internal("storage is busy; the change was not saved, try again")
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _STORAGE_ERRORS:
+        return Internal(_STORAGE_ERRORS[code & 0xFF])
     return Internal("storage error; the change was not saved")

@@ -205,7 +205,9 @@ async def test_a_batch_whose_transaction_sqlite_rolled_back_fails_whole(tmp_path
 
         def lost(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")  # what SQLite does by itself on some errors
-            raise sqlite3.OperationalError("database or disk is full")
+            full = sqlite3.OperationalError("database or disk is full")
+            full.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise full
 
         failing = store._write(lost)
         after = store._enqueue(_Insert(NewMessage(None, "ann", "bob", "lost", 0.0, None)))
