@@ -18,9 +18,10 @@ from chatd.ratelimit import TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
 from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
+from chatd.version import VERSION
 
 log = logging.getLogger("chatd")
-VERSION = "0.1.0"
+__all__ = ["VERSION", "App"]  # VERSION: re-exported for older imports
 GUEST_ID = 0  # the user id in a guest token's jti
 
 
