@@ -69,7 +69,7 @@ class Config:
     # Registrations (a KDF run each, and an account forever), per hour: a household or an
     # office registers a few a day; a flood from one address stops at the burst.
     register_per_ip: int = 20
-    register_per_connection: int = 5
+    register_per_connection: int = 10
     # Guest logins that take a new name (a store write each), per minute: enough for people
     # trying names, not for rotating names to dodge per-user limits. The per-address limit
     # exempts loopback like --per-ip-connections (local bots, benchmarks).
