@@ -251,10 +251,8 @@ class PasswordHasher:
         try:
             return await job.future
         finally:
-            if not job.future.done():  # cancelled while queued: give its place back
-                job.future.cancel()
-                if job in queue:
-                    queue.remove(job)
+            if job in queue:  # cancelled while queued: give its place back
+                queue.remove(job)
 
     def _next(self) -> tuple[str, _Job] | None:
         if self._running[_LOGIN] + self._running[_REGISTER] >= self._workers:
