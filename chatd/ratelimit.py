@@ -55,7 +55,7 @@ class KeyedBuckets:
         self.count = count
         self.rate = count / period if count > 0 else 0.0
         self._buckets: dict[Hashable, TokenBucket] = {}
-        self._sweep_at = sweep_at
+        self._sweep_at = self._sweep_base = sweep_at
 
     def wait(self, key: Hashable, now: float) -> float:
         """Seconds until `key` may act (0.0: now); takes nothing. Always 0 when off."""
@@ -68,10 +68,16 @@ class KeyedBuckets:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self._sweep_at:
-                for k in [k for k, b in self._buckets.items() if b.full(now)]:
-                    del self._buckets[k]
+                self._sweep(now)
             bucket = self._buckets[key] = TokenBucket(self.rate, self.count, now)
         bucket.take(now)
+
+    def _sweep(self, now: float) -> None:
+        for k in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[k]
+        # The next sweep waits until the map has doubled: with many active keys a sweep
+        # per new key would cost O(n) each time.
+        self._sweep_at = max(self._sweep_base, 2 * len(self._buckets))
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -96,7 +102,7 @@ class FailureGate:
         self._failures: dict[Hashable, list[float]] = {}
         self._in_flight: dict[Hashable, int] = {}
         self._waiters: dict[Hashable, list[asyncio.Future[None]]] = {}
-        self._sweep_at = sweep_at
+        self._sweep_at = self._sweep_base = sweep_at
 
     def _recent(self, key: Hashable, now: float) -> list[float]:
         failures = self._failures.get(key)
@@ -155,9 +161,11 @@ class FailureGate:
         """The attempt admitted for `keys` is over; a failure is remembered for each key."""
         now = self._clock.now()
         if failed and len(self._failures) >= self._sweep_at:
-            # Guessing at random names must not grow memory: forget stale keys.
+            # Guessing at random names must not grow memory: forget stale keys (and sweep
+            # again only once the map has doubled, so the sweeps cost O(1) per failure).
             for k in list(self._failures):
                 self._recent(k, now)
+            self._sweep_at = max(self._sweep_base, 2 * len(self._failures))
         for key, _ in keys:
             n = self._in_flight.get(key, 0) - 1
             if n > 0:

@@ -135,7 +135,8 @@ class _Page:
     def __init__(self, app: App, limit: int) -> None:
         self.items: list[msgspec.Raw] = []
         self._left = limit
-        self._budget = app.config.history_page_bytes - 256
+        # The envelope around the entries: an escaped 128-character id, `more`, `next`.
+        self._budget = app.config.history_page_bytes - 1024
         self.full = False
 
     def add(self, item: object) -> bool:

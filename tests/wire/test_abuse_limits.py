@@ -334,3 +334,34 @@ async def test_channels_pages_rooms_then_users() -> None:
             await c.error("channels", "bad_request", after=bad)
         await c.error("channels", "bad_request", limit=0)
         await c.close()
+
+
+# --- flags -------------------------------------------------------------------------------
+
+
+def test_the_abuse_limits_are_flags_with_documented_defaults() -> None:
+    from chatd.cli import build_parser, config_from
+
+    defaults = config_from(build_parser().parse_args(["serve"]))
+    assert (
+        defaults.register_per_connection,
+        defaults.register_per_ip,
+        defaults.login_failures_per_ip,
+        defaults.guest_logins_per_connection,
+        defaults.guest_logins_per_ip,
+        defaults.max_rooms_per_user,
+    ) == (10, 20, 20, 10, 60, 100)
+    flags = [
+        "serve", "--register-per-connection", "1", "--register-per-ip", "2",
+        "--login-failures-per-ip", "3", "--guest-logins-per-connection", "4",
+        "--guest-logins-per-ip", "0", "--max-rooms-per-user", "6",
+    ]  # fmt: skip
+    cfg = config_from(build_parser().parse_args(flags))
+    assert (
+        cfg.register_per_connection,
+        cfg.register_per_ip,
+        cfg.login_failures_per_ip,
+        cfg.guest_logins_per_connection,
+        cfg.guest_logins_per_ip,
+        cfg.max_rooms_per_user,
+    ) == (1, 2, 3, 4, 0, 6)
