@@ -307,4 +307,11 @@ class PasswordHasher:
         return str(self._argon.hash(password))
 
     def close(self) -> None:
+        """Stop: jobs still queued are cancelled (their callers see CancelledError, as
+        for the ones the pool had not started), so nobody waits for a hash forever."""
+        for queue in self._waiting.values():
+            while queue:
+                job = queue.popleft()
+                if not job.future.done():
+                    job.future.cancel()  # close() runs on the loop, as every caller
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -159,3 +159,18 @@ async def test_the_real_argon2_still_hashes_and_verifies() -> None:
         assert await hasher.verify(None, "anything at all") is False
     finally:
         hasher.close()
+
+
+async def test_closing_cancels_the_jobs_still_queued(argon: GatedArgon) -> None:
+    hasher = hasher_with(argon, workers=1)
+    started = argon.watch()
+    blocker = asyncio.ensure_future(hasher.hash("block"))
+    await asyncio.wait_for(started.wait(), WAIT)
+    queued = [asyncio.ensure_future(hasher.verify("h:pw", "pw")), asyncio.ensure_future(hasher.hash("r"))]
+    await asyncio.sleep(0)
+    hasher.close()
+    for f in queued:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(f, WAIT)
+    argon.gate.set()
+    await asyncio.wait_for(blocker, WAIT)  # the running one finishes
