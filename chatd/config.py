@@ -74,7 +74,7 @@ class Config:
     # trying names, not for rotating names to dodge per-user limits. The per-address limit
     # exempts loopback like --per-ip-connections (local bots, benchmarks).
     guest_logins_per_ip: int = 60
-    guest_logins_per_connection: int = 10
+    guest_logins_per_connection: int = 30
     # Rooms a user may own at once (persistent and ephemeral alike); admins are exempt.
     max_rooms_per_user: int = 100
     # room.list / channels entries per reply (default and most): a small server's list

@@ -244,6 +244,26 @@ class RoomsMachine(RuleBasedStateMachine):
             assert live.owned(user) == sum(1 for r in self.rooms.values() if r.owner == user)
 
     @invariant()
+    def replies_match(self) -> None:
+        """room.members and a room.list walked a page at a time agree with the model."""
+        if not self.sessions:
+            return
+        s, _ = next(iter(self.sessions.values()))
+        for model in self.rooms.values():
+            members = self.expect(s, {"cmd": "room.members", "room": model.name}, None)
+            users = {self.sessions[m][1] for m in model.members}
+            assert members["data"] == {"room": model.name, "members": sorted(users)}
+        names: list[str] = []
+        frame: dict[str, Any] = {"cmd": "room.list", "limit": 2}
+        while True:
+            page = self.expect(s, frame, None)["data"]
+            names += [r["name"] for r in page["rooms"]]
+            if not page["more"]:
+                break
+            frame = {"cmd": "room.list", "limit": 2, "after": page["next"]}
+        assert names == [self.rooms[k].name for k in sorted(self.rooms)]
+
+    @invariant()
     def history_matches(self) -> None:
         async def read() -> None:
             for key, model in self.rooms.items():

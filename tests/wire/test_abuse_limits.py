@@ -350,7 +350,7 @@ def test_the_abuse_limits_are_flags_with_documented_defaults() -> None:
         defaults.guest_logins_per_connection,
         defaults.guest_logins_per_ip,
         defaults.max_rooms_per_user,
-    ) == (10, 20, 20, 10, 60, 100)
+    ) == (10, 20, 20, 30, 60, 100)
     flags = [
         "serve", "--register-per-connection", "1", "--register-per-ip", "2",
         "--login-failures-per-ip", "3", "--guest-logins-per-connection", "4",
