@@ -52,9 +52,12 @@ def _check_room_cap(app: App, req: Request) -> None:
     last (issue 13, item 5). `forbidden`, not `rate_limited`: waiting does not help,
     deleting a room does. Admins are exempt."""
     cap = app.config.max_rooms_per_user
-    if cap > 0 and not req.has("admin") and app.rooms.owned(req.user) >= cap:
+    if cap <= 0 or req.has("admin"):
+        return
+    owned = app.rooms.owned(req.user)
+    if owned >= cap:
         raise Forbidden(
-            f"you own {cap} rooms, the most allowed on this server; delete one first"
+            f"you own {owned} rooms and this server allows {cap}; delete one first"
         )
 
 
