@@ -14,7 +14,7 @@ from chatd.clock import Clock
 from chatd.config import Config
 from chatd.errors import Forbidden, Unauthorized
 from chatd.protocol.frames import event_frame
-from chatd.ratelimit import TokenBucket
+from chatd.ratelimit import FailureGate, KeyedBuckets, TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
 from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
@@ -54,8 +54,12 @@ class App:
         self.sessions: dict[Session, None] = {}
         self.online: dict[str, dict[Session, None]] = {}
         self.send_buckets: dict[str, TokenBucket] = {}
-        self.account_failures: dict[str, list[float]] = {}
-        self.logins_hashing: dict[str, int] = {}  # account -> password checks under way
+        # Failed logins per account, connection and address, checks in flight counted as
+        # failures (limits.md, login failures; issue 13 item 6).
+        self.login_gate = FailureGate(60.0, clock)
+        # Per address: registrations per hour, new guest names per minute (issue 13).
+        self.register_ips = KeyedBuckets(config.register_per_ip, 3_600.0)
+        self.guest_ips = KeyedBuckets(config.guest_logins_per_ip, 60.0)
         # Names being registered right now (the hash and the write take a while): a guest
         # login or a second register of one of them is a conflict, not a double owner.
         self.registering: set[str] = set()
@@ -108,6 +112,7 @@ class App:
             return
         s.closed = True
         self.sessions.pop(s, None)
+        self.login_gate.forget(("conn", s.id))
         self.unbind(s, "disconnected")
 
     # --- tokens ----------------------------------------------------------------------

@@ -8,11 +8,14 @@ numeric string and `scope` as a list), and expiry is judged against the injected
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import functools
 import math
 import os
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -29,6 +32,8 @@ from chatd.errors import BadRequest, RateLimited, TokenExpired, Unauthorized
 ISSUER = "chatd"
 ALGORITHM = "HS256"
 MIN_SECRET_BYTES = 32
+_LOGIN = "login"  # PasswordHasher work classes
+_REGISTER = "register"
 
 
 class Claims(msgspec.Struct, frozen=True):
@@ -181,11 +186,25 @@ def parse_jti(jti: str) -> tuple[int, int] | None:
         return None
 
 
-class PasswordHasher:
-    """argon2id off the event loop, at most one hash per core at once, a bounded queue.
+class _Job:
+    __slots__ = ("args", "fn", "future")
 
-    Raises RateLimited when more than ``queue`` hashes are waiting, so a login storm
-    neither stalls other clients nor grows memory.
+    def __init__(self, fn: Callable[..., Any], args: tuple[str, ...], future: asyncio.Future[Any]):
+        self.fn = fn
+        self.args = args
+        self.future = future
+
+
+class PasswordHasher:
+    """argon2id off the event loop, at most one hash per core at once, bounded queues.
+
+    Two classes of work (issue 13, item 4): password checks of ``verify`` (logins) and new
+    hashes of ``hash`` (registrations). A free thread always takes the oldest waiting
+    login first, and registrations use at most ``workers - 1`` threads when there are
+    several, so a login never queues behind registrations: at worst it waits for one
+    hash already running. Each class has its own bound: past ``queue`` waiting logins or
+    ``register_queue`` waiting registrations that class gets RateLimited, so a
+    registration flood can neither delay nor refuse logins, and no storm grows memory.
     """
 
     def __init__(
@@ -195,36 +214,87 @@ class PasswordHasher:
         time_cost: int = 2,
         parallelism: int = 1,
         queue: int = 256,
+        register_queue: int = 64,
         workers: int | None = None,
+        argon: Any = None,
     ) -> None:
-        self._argon = _Argon2(
+        # ``argon``: anything with argon2's hash/verify (tests pass a fake to order work).
+        self._argon = argon or _Argon2(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism
         )
         self._workers = workers or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(
             self._workers, thread_name_prefix="chatd-hash"
         )
-        self._queue = queue
-        self._waiting = 0
+        self._bounds = {_LOGIN: queue, _REGISTER: register_queue}
+        self._waiting: dict[str, collections.deque[_Job]] = {
+            _LOGIN: collections.deque(),
+            _REGISTER: collections.deque(),
+        }
+        self._running = {_LOGIN: 0, _REGISTER: 0}
+        # Registrations leave one thread to logins when there is more than one.
+        self._register_threads = max(1, self._workers - 1)
         self._dummy = self._argon.hash("chatd-dummy-password")
 
-    async def _run(self, fn: object, *args: str) -> object:
-        if self._waiting >= self._queue:
-            raise RateLimited("too many logins at once; try again shortly", 1.0)
-        self._waiting += 1
+    def waiting(self, kind: str) -> int:
+        """Jobs of `kind` ("login" or "register") queued and not yet running."""
+        return len(self._waiting[kind])
+
+    async def _run(self, kind: str, fn: Callable[..., Any], *args: str) -> Any:
+        queue = self._waiting[kind]
+        if len(queue) >= self._bounds[kind]:
+            what = "logins" if kind == _LOGIN else "registrations"
+            raise RateLimited(f"too many {what} at once; try again shortly", 1.0)
+        job = _Job(fn, args, asyncio.get_running_loop().create_future())
+        queue.append(job)
+        self._start()
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+            return await job.future
         finally:
-            self._waiting -= 1
+            if job in queue:  # cancelled while queued: give its place back
+                queue.remove(job)
+
+    def _next(self) -> tuple[str, _Job] | None:
+        if self._running[_LOGIN] + self._running[_REGISTER] >= self._workers:
+            return None
+        if self._waiting[_LOGIN]:
+            return _LOGIN, self._waiting[_LOGIN].popleft()
+        if self._waiting[_REGISTER] and self._running[_REGISTER] < self._register_threads:
+            return _REGISTER, self._waiting[_REGISTER].popleft()
+        return None
+
+    def _start(self) -> None:
+        """Hand waiting jobs to free threads, logins first."""
+        while (picked := self._next()) is not None:
+            kind, job = picked
+            if job.future.done():
+                continue
+            self._running[kind] += 1
+            loop = job.future.get_loop()
+            work = loop.run_in_executor(self._pool, job.fn, *job.args)
+            work.add_done_callback(functools.partial(self._done, kind, job))
+
+    def _done(self, kind: str, job: _Job, work: asyncio.Future[Any]) -> None:
+        self._running[kind] -= 1
+        if not job.future.done():
+            if work.cancelled():
+                job.future.cancel()
+            elif (exc := work.exception()) is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(work.result())
+        self._start()
 
     async def hash(self, password: str) -> str:
-        return str(await self._run(self._argon.hash, password))
+        """A new hash (a registration): yields to every waiting login."""
+        return str(await self._run(_REGISTER, self._argon.hash, password))
 
     async def verify(self, pw_hash: str | None, password: str) -> bool:
         """True when the password matches. With no hash (unknown user) a dummy is checked, so
         both failures take about the same time."""
-        return bool(await self._run(self._check, pw_hash or self._dummy, password, pw_hash or ""))
+        return bool(
+            await self._run(_LOGIN, self._check, pw_hash or self._dummy, password, pw_hash or "")
+        )
 
     def _check(self, pw_hash: str, password: str, real: str) -> bool:
         try:
@@ -234,7 +304,14 @@ class PasswordHasher:
         return bool(real)
 
     def hash_sync(self, password: str) -> str:
-        return self._argon.hash(password)
+        return str(self._argon.hash(password))
 
     def close(self) -> None:
+        """Stop: jobs still queued are cancelled (their callers see CancelledError, as
+        for the ones the pool had not started), so nobody waits for a hash forever."""
+        for queue in self._waiting.values():
+            while queue:
+                job = queue.popleft()
+                if not job.future.done():
+                    job.future.cancel()  # close() runs on the loop, as every caller
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -102,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--per-ip-connections", type=int, default=d.per_ip_connections)
     serve.add_argument("--command-rate", type=float, default=d.command_rate,
                        help="other commands per connection per second (burst 2x); 0 = off")
+    serve.add_argument("--register-per-ip", type=_non_negative(int), default=d.register_per_ip,
+                       help="registrations per address per hour; 0 = off")
+    serve.add_argument("--register-per-connection", type=_non_negative(int),
+                       default=d.register_per_connection,
+                       help="registrations per connection per hour; 0 = off")
+    serve.add_argument("--login-failures-per-ip", type=_non_negative(int),
+                       default=d.login_failures_per_ip,
+                       help="failed logins per address per minute; 0 = off")
+    serve.add_argument("--guest-logins-per-ip", type=_non_negative(int),
+                       default=d.guest_logins_per_ip,
+                       help="guest logins per address per minute (loopback exempt); 0 = off")
+    serve.add_argument("--guest-logins-per-connection", type=_non_negative(int),
+                       default=d.guest_logins_per_connection,
+                       help="guest logins per connection per minute; 0 = off")
+    serve.add_argument("--max-rooms-per-user", type=_non_negative(int),
+                       default=d.max_rooms_per_user,
+                       help="rooms one user may own at once (admins exempt); 0 = no cap")
     serve.add_argument("--commit-batch", type=int, default=d.commit_batch,
                        help="writes per transaction (group commit); 1 = commit each")
     serve.add_argument("--history-days", type=_non_negative(int), default=d.history_days,
@@ -194,6 +211,12 @@ def config_from(args: argparse.Namespace) -> Config:
         command_rate=args.command_rate,
         command_burst=int(args.command_rate * 2),
         commit_batch=max(1, args.commit_batch),
+        register_per_ip=args.register_per_ip,
+        register_per_connection=args.register_per_connection,
+        login_failures_per_ip=args.login_failures_per_ip,
+        guest_logins_per_ip=args.guest_logins_per_ip,
+        guest_logins_per_connection=args.guest_logins_per_connection,
+        max_rooms_per_user=args.max_rooms_per_user,
         history_days=args.history_days,
         history_max=args.history_max,
     )

@@ -61,7 +61,25 @@ class Config:
     # Other commands per connection (InspIRCd fakelag): past the burst, reading pauses.
     command_rate: float = 200.0
     command_burst: int = 400
+    # ergo: failed logins per minute per connection and per account name; per address a
+    # few accounts' worth, so one guesser cannot lock a shared address out of every account
+    # while a user behind it mistyping stays well within (0 turns the per-address one off).
     login_failures_per_minute: int = 5
+    login_failures_per_ip: int = 20
+    # Registrations (a KDF run each, and an account forever), per hour: a household or an
+    # office registers a few a day; a flood from one address stops at the burst.
+    register_per_ip: int = 20
+    register_per_connection: int = 10
+    # Guest logins that take a new name (a store write each), per minute: enough for people
+    # trying names, not for rotating names to dodge per-user limits. The per-address limit
+    # exempts loopback like --per-ip-connections (local bots, benchmarks).
+    guest_logins_per_ip: int = 60
+    guest_logins_per_connection: int = 30
+    # Rooms a user may own at once (persistent and ephemeral alike); admins are exempt.
+    max_rooms_per_user: int = 100
+    # room.list / channels entries per reply (default and most): a small server's list
+    # fits in one reply; a page also stays under history_page_bytes, like history.
+    list_limit: int = 1_000
     password_min: int = 8
     password_max: int = 1_024
     # OWASP argon2id: m=19 MiB, t=2, p=1.
@@ -69,6 +87,8 @@ class Config:
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
     hash_queue: int = 256
+    # Registrations waiting for a hash; a separate bound, so a flood never refuses logins.
+    register_hash_queue: int = 64
     nonce_cache: int = 65_536
     shutdown_grace: float = 2.0
     # Writes per SQLite transaction (group commit); 1 = one commit per write, for comparison.

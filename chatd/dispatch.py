@@ -291,7 +291,8 @@ def command_table() -> list[Spec]:
              grant="room:edit", check=rooms.check_edit),
         Spec(c.RoomDelete, rooms.delete, "room.delete room — delete a room and its history",
              grant="room:delete"),
-        Spec(c.RoomList, rooms.list_, "room.list — every room"),
+        Spec(c.RoomList, rooms.list_, "room.list [after] [limit] — rooms by name, a page at a time",
+             check=rooms.check_list),
         Spec(c.RoomJoin, rooms.join, "room.join room — join a room"),
         Spec(c.RoomLeave, rooms.leave, "room.leave room — leave a room"),
         Spec(c.RoomMembers, rooms.members, "room.members room — who is in a room"),
@@ -311,5 +312,7 @@ def command_table() -> list[Spec]:
              check=messages.check_limit),
         Spec(c.Sync, messages.sync, "sync since [limit] — every change after a revision",
              check=messages.check_limit),
-        Spec(c.Channels, rooms.channels, "channels — rooms and known users"),
+        Spec(c.Channels, rooms.channels,
+             "channels [after] [limit] — rooms and known users, a page at a time",
+             check=rooms.check_list),
     ]

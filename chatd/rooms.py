@@ -4,6 +4,7 @@ touches sockets (STYLE). Membership belongs to connections; member events are pe
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 from chatd.errors import Conflict, NotFound
@@ -88,6 +89,11 @@ class RoomManager:
         self.rooms: dict[str, LiveRoom] = {}
         self.by_id: dict[int, LiveRoom] = {}
         self._reserved: set[str] = set()
+        # owner (case-folded) -> rooms owned now, live and being created (issue 13, item 5)
+        self._owned: dict[str, int] = {}
+        # Rooms in case-insensitive name order, with their keys, for paging room.list and
+        # channels; rebuilt on the first read after a change.
+        self._sorted: tuple[list[str], list[LiveRoom]] | None = None
 
     def load(self, records: list[RoomRecord]) -> None:
         for rec in records:
@@ -96,6 +102,33 @@ class RoomManager:
     def _add(self, room: LiveRoom) -> None:
         self.rooms[room.name.lower()] = room
         self.by_id[room.id] = room
+        self._count_owner(room.owner, 1)
+        self._sorted = None
+
+    def _count_owner(self, owner: str, delta: int) -> None:
+        key = owner.lower()
+        n = self._owned.get(key, 0) + delta
+        if n > 0:
+            self._owned[key] = n
+        else:
+            self._owned.pop(key, None)
+
+    def owned(self, owner: str) -> int:
+        """Rooms `owner` owns now, counting creates still on their way to the store."""
+        return self._owned.get(owner.lower(), 0)
+
+    def in_order(self) -> tuple[list[str], list[LiveRoom]]:
+        """(case-folded names, rooms), both in case-insensitive name order."""
+        if self._sorted is None:
+            keys = sorted(self.rooms)
+            self._sorted = (keys, [self.rooms[k] for k in keys])
+        return self._sorted
+
+    def after(self, name: str | None) -> tuple[list[str], list[LiveRoom], int]:
+        """The ordered rooms and the index of the first one after `name` (a cursor)."""
+        keys, rooms = self.in_order()
+        start = 0 if name is None else bisect.bisect_right(keys, name.lower())
+        return keys, rooms, start
 
     def get(self, name: str) -> LiveRoom:
         room = self.rooms.get(name.lower())
@@ -103,14 +136,22 @@ class RoomManager:
             raise NotFound(f"no room {name!r}")
         return room
 
-    def reserve(self, name: str) -> None:
+    def reserve(self, name: str, owner: str | None = None) -> None:
+        """Hold a name while it is created (or renamed to); with `owner`, the room counts
+        as owned from now on, so parallel creates cannot pass the cap together."""
         key = name.lower()
         if key in self.rooms or key in self._reserved:
             raise Conflict(f"room {name!r} already exists")
         self._reserved.add(key)
+        if owner is not None:
+            self._count_owner(owner, 1)
 
-    def release(self, name: str) -> None:
-        self._reserved.discard(name.lower())
+    def release(self, name: str, owner: str | None = None) -> None:
+        key = name.lower()
+        if key in self._reserved:
+            self._reserved.discard(key)
+            if owner is not None:
+                self._count_owner(owner, -1)
 
     def add(self, rec: RoomRecord) -> LiveRoom:
         self._reserved.discard(rec.name.lower())
@@ -123,11 +164,14 @@ class RoomManager:
         self._reserved.discard(new_name.lower())
         room.name = new_name
         self.rooms[new_name.lower()] = room
+        self._sorted = None
 
     def remove(self, room: LiveRoom) -> list[Session]:
         """Forget a room; returns the connections that were in it (no longer members)."""
+        if self.by_id.pop(room.id, None) is not None:
+            self._count_owner(room.owner, -1)
         self.rooms.pop(room.name.lower(), None)
-        self.by_id.pop(room.id, None)
+        self._sorted = None
         room.deleted = True
         members = list(room.sessions)
         for s in members:

@@ -417,6 +417,7 @@ class ChatServer:
             time_cost=config.argon2_time_cost,
             parallelism=config.argon2_parallelism,
             queue=config.hash_queue,
+            register_queue=config.register_hash_queue,
         )
         tokens = TokenService(
             secret, self.clock, max_bytes=config.max_token_bytes, iat_leeway=config.iat_leeway

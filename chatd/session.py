@@ -38,13 +38,15 @@ class Session:
         "claims",
         "closed",
         "commands",
+        "guest_logins",
         "id",
         "identity",
         "ip",
-        "login_failures",
         "peer",
+        "registers",
         "rooms",
         "send",
+        "sends",
         "timers",
         "token",
         "unbound_since",
@@ -64,8 +66,12 @@ class Session:
         self.claims: Claims | None = None
         self.rooms: dict[LiveRoom, None] = {}
         self.timers: list[Cancellable] = []
-        self.login_failures: list[float] = []
         self.commands = commands
+        # Per-connection budgets beside the per-user and per-address ones (issue 13): made
+        # on first use, so a connection that never registers or sends pays nothing.
+        self.sends: TokenBucket | None = None  # msg.send/msg.edit, as --rate-limit
+        self.registers: TokenBucket | None = None
+        self.guest_logins: TokenBucket | None = None
         self.unbound_since = now
         self.closed = False
 

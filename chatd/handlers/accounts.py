@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from chatd.app import GUEST_ID
@@ -18,16 +19,17 @@ from chatd.errors import (
     Unauthorized,
 )
 from chatd.protocol import commands as c
-from chatd.store.base import GuestHold
+from chatd.ratelimit import TokenBucket
+from chatd.store.base import GuestHold, UserRecord
 
 if TYPE_CHECKING:
     from chatd.app import App
     from chatd.dispatch import Request
     from chatd.session import Session
 
-_FAILURE_WINDOW = 60.0
-# Account names with recent failures kept before the stale ones are swept out.
-_FAILURE_KEYS = 10_000
+_HOUR = 3_600.0
+_MINUTE = 60.0
+_LOOPBACK = ("127.0.0.1", "::1")  # as chatd.server: exempt from per-address guest limits
 
 
 def check_password(password: str, config: Config) -> None:
@@ -65,6 +67,7 @@ async def register(app: App, req: Request, cmd: c.Register) -> Any:
     key = cmd.user.lower()
     if key in app.users or key in app.registering or app.guest_hold(key) is not None:
         raise Conflict(f"the name {cmd.user!r} is taken")
+    _spend_register_budget(app, req.session)
     app.registering.add(key)  # reserved until written: a racing guest login gets conflict
     try:
         pw_hash = await app.hasher.hash(cmd.password)
@@ -75,37 +78,96 @@ async def register(app: App, req: Request, cmd: c.Register) -> Any:
     return {"user": user.name}
 
 
-def _recent_failures(failures: list[float], now: float) -> list[float]:
-    failures[:] = [t for t in failures if now - t < _FAILURE_WINDOW]
-    return failures
+def _session_bucket(bucket: TokenBucket | None, count: int, period: float, now: float) -> TokenBucket | None:
+    if count <= 0:
+        return None
+    return bucket or TokenBucket(count / period, count, now)
 
 
-def _check_failures(app: App, session: Session, key: str) -> None:
+def _spend_register_budget(app: App, s: Session) -> None:
+    """Registrations per connection and per address (issue 13, item 4): each costs a KDF
+    run and an account forever. Counted only when a hash is about to run (a taken name or
+    a bad password costs nothing); checked in full before either budget is spent."""
+    cfg = app.config
     now = app.clock.now()
-    limit = app.config.login_failures_per_minute
-    for failures in (session.login_failures, app.account_failures.get(key, [])):
-        recent = _recent_failures(failures, now)
-        # Once an account is failing, attempts still hashing count too, so guesses sent
-        # in parallel cannot all slip past the limit while they wait.
-        hashing = app.logins_hashing.get(key, 0) if recent else 0
-        if recent and len(recent) + hashing >= limit:
-            raise RateLimited(
-                "too many failed logins; wait before trying again",
-                _FAILURE_WINDOW - (now - recent[0]),
-            )
+    s.registers = _session_bucket(s.registers, cfg.register_per_connection, _HOUR, now)
+    wait = s.registers.wait(now) if s.registers is not None else 0.0
+    if wait:
+        raise RateLimited(
+            f"too many registrations on this connection "
+            f"(at most {cfg.register_per_connection} an hour); try again later",
+            wait,
+        )
+    wait = app.register_ips.wait(s.ip, now)
+    if wait:
+        raise RateLimited(
+            f"too many registrations from your address "
+            f"(at most {cfg.register_per_ip} an hour); try again later",
+            wait,
+        )
+    if s.registers is not None:
+        s.registers.take(now)
+    app.register_ips.take(s.ip, now)
 
 
-def _fail(app: App, session: Session, key: str) -> Unauthorized:
+def _spend_guest_budget(app: App, s: Session) -> None:
+    """New guest names per connection and per address (issue 13, item 10): rotating
+    names must not be a way round per-user limits, nor fill the store with holds.
+    Loopback is exempt from the per-address one, as from --per-ip-connections."""
+    cfg = app.config
     now = app.clock.now()
-    session.login_failures.append(now)
-    failures = app.account_failures
-    if len(failures) >= _FAILURE_KEYS and key not in failures:
-        # Guessing at random names must not grow memory: forget the names whose
-        # failures are older than the window.
-        for name in [k for k, v in failures.items() if not _recent_failures(v, now)]:
-            del failures[name]
-    failures.setdefault(key, []).append(now)
-    return Unauthorized("wrong user name or password")
+    s.guest_logins = _session_bucket(s.guest_logins, cfg.guest_logins_per_connection, _MINUTE, now)
+    wait = s.guest_logins.wait(now) if s.guest_logins is not None else 0.0
+    if wait:
+        raise RateLimited(
+            f"too many guest logins on this connection "
+            f"(at most {cfg.guest_logins_per_connection} a minute); try again later",
+            wait,
+        )
+    ip = s.ip if s.ip not in _LOOPBACK else None
+    wait = app.guest_ips.wait(ip, now) if ip is not None else 0.0
+    if wait:
+        raise RateLimited(
+            f"too many guest logins from your address "
+            f"(at most {cfg.guest_logins_per_ip} a minute); try again later",
+            wait,
+        )
+    if s.guest_logins is not None:
+        s.guest_logins.take(now)
+    if ip is not None:
+        app.guest_ips.take(ip, now)
+
+
+def _failure_keys(app: App, s: Session, key: str) -> list[tuple[Hashable, int]]:
+    """Whose failed logins a password check counts against, with each one's limit
+    (limits.md: per connection and per account; issue 13: per address too)."""
+    cfg = app.config
+    per = cfg.login_failures_per_minute
+    return [(("account", key), per), (("conn", s.id), per), (("ip", s.ip), cfg.login_failures_per_ip)]
+
+
+async def check_user_password(app: App, s: Session, key: str, password: str) -> UserRecord:
+    """The account `key` if `password` is its password, else Unauthorized (a failed login).
+
+    Every check goes through the login gate: checks still running count as failures
+    until they are proven otherwise, so guesses sent in parallel, from one connection or
+    many, cannot get more checks than the limit (issue 13, item 6). Raises RateLimited
+    once the failures reach a limit."""
+    keys = _failure_keys(app, s, key)
+    await app.login_gate.admit(keys)
+    failed = False
+    try:
+        if s.closed:
+            raise Unauthorized("the connection closed")  # nobody to answer: save the hash
+        user = app.users.get(key)
+        ok = await app.hasher.verify(user.pw_hash if user else None, password)
+        user = app.users.get(key) if ok else None  # the account may have gone meanwhile
+        if user is None:
+            failed = True
+            raise Unauthorized("wrong user name or password")
+    finally:
+        app.login_gate.finish(keys, failed=failed)
+    return user
 
 
 def _ttl(app: App, asked: int | None) -> int:
@@ -129,20 +191,7 @@ async def login(app: App, req: Request, cmd: c.Login) -> Any:
     wanted = normalize_grants(cmd.grants) if cmd.grants is not None else None
     if cmd.password is None:
         return await _guest_login(app, req, cmd, wanted)
-    _check_failures(app, s, key)
-    user = app.users.get(key)
-    hashing = app.logins_hashing
-    hashing[key] = hashing.get(key, 0) + 1
-    try:
-        ok = await app.hasher.verify(user.pw_hash if user else None, cmd.password)
-    finally:
-        if hashing[key] <= 1:
-            del hashing[key]
-        else:
-            hashing[key] -= 1
-    user = app.users.get(key) if ok else None  # the account may have gone meanwhile
-    if user is None:
-        raise _fail(app, s, key)
+    user = await check_user_password(app, s, key, cmd.password)
     _check_not_bound_elsewhere(s, key)
     base = app.config.login_grants + (("admin",) if user.admin else ())
     grants = normalize_grants([g for g in base if wanted is None or g in wanted])
@@ -181,6 +230,7 @@ async def _guest_login(
                 app.guests[key] = longer
         app.bind(req.session, token, claims)
         return _token_reply(token, claims, own.name)
+    _spend_guest_budget(app, req.session)
     hold_id = str(secrets.randbits(62))
     token, claims = app.tokens.mint(
         cmd.user, f"{GUEST_ID}.{hold_id}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)

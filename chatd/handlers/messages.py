@@ -76,6 +76,10 @@ def audience(app: App, m: MessageRecord) -> list[Session]:
 
 
 def _rate(app: App, req: Request) -> None:
+    """msg.send/msg.edit budgets: the user's (limits.md) and the connection's, at the same
+    rate and burst (issue 13, item 10: a connection that logs in as a fresh guest after
+    every burst must not get a fresh budget with the name). Both are checked before
+    either is spent."""
     c_ = app.config
     if c_.rate_limit <= 0:
         return
@@ -83,9 +87,14 @@ def _rate(app: App, req: Request) -> None:
     bucket = app.send_buckets.get(req.user_key)
     if bucket is None:
         bucket = app.send_buckets[req.user_key] = TokenBucket(c_.rate_limit, c_.rate_burst, now)
-    wait = bucket.take(now)
+    s = req.session
+    if s.sends is None:
+        s.sends = TokenBucket(c_.rate_limit, c_.rate_burst, now)
+    wait = max(bucket.wait(now), s.sends.wait(now))
     if wait:
         raise RateLimited("sending too fast; slow down", wait)
+    bucket.take(now)
+    s.sends.take(now)
 
 
 async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:

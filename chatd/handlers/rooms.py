@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from chatd.config import Config
 from chatd.errors import BadRequest, Forbidden, NotFound
 from chatd.protocol import commands as c
-from chatd.protocol.frames import event_frame
+from chatd.protocol.frames import encode_json, event_frame
 from chatd.rooms import LiveRoom
 from chatd.store.base import RoomRecord
 
@@ -27,8 +30,40 @@ def _may_manage(req: Request, room: LiveRoom) -> None:
         raise Forbidden(f"only members of {room.name} (or an admin) may do that")
 
 
+def check_list(cmd: c.RoomList | c.Channels, config: Config) -> None:
+    if cmd.limit is not None and cmd.limit <= 0:
+        raise BadRequest("limit must be at least 1")
+    if isinstance(cmd, c.Channels) and cmd.after is not None:
+        _channel_cursor(cmd.after)
+
+
+def _channel_cursor(after: str) -> tuple[str, str]:
+    """("room"|"user", case-folded name) from a channels cursor. Raises BadRequest."""
+    kind, _, name = after.partition(":")
+    if kind not in ("room", "user") or not c.is_valid_name(name):
+        raise BadRequest(
+            "after must be the `next` of an earlier channels reply: room:NAME or user:NAME"
+        )
+    return kind, name.lower()
+
+
+def _check_room_cap(app: App, req: Request) -> None:
+    """--max-rooms-per-user: rooms a user owns at once, ephemeral ones too while they
+    last (issue 13, item 5). `forbidden`, not `rate_limited`: waiting does not help,
+    deleting a room does. Admins are exempt."""
+    cap = app.config.max_rooms_per_user
+    if cap <= 0 or req.has("admin"):
+        return
+    owned = app.rooms.owned(req.user)
+    if owned >= cap:
+        raise Forbidden(
+            f"you own {owned} rooms and this server allows {cap}; delete one first"
+        )
+
+
 async def create(app: App, req: Request, cmd: c.RoomCreate) -> Any:
-    app.rooms.reserve(cmd.room)
+    _check_room_cap(app, req)
+    app.rooms.reserve(cmd.room, req.user)
     try:
         rec = await app.store.create_room(
             RoomRecord(
@@ -36,7 +71,7 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> Any:
             )
         )
     finally:
-        app.rooms.release(cmd.room)
+        app.rooms.release(cmd.room, req.user)
     room = app.rooms.add(rec)
     s = req.session
     if s.user_key is not None and not s.closed:
@@ -92,11 +127,51 @@ async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
     return {}
 
 
+def _list_limit(app: App, asked: int | None) -> int:
+    return min(asked or app.config.list_limit, app.config.list_limit)
+
+
+class _Page:
+    """Entries encoded once, up to `limit` of them and within the reply byte budget (as
+    history pages, limits.md): a reply never trips the outbox hard limit."""
+
+    def __init__(self, app: App, limit: int) -> None:
+        self.items: list[msgspec.Raw] = []
+        self._left = limit
+        # The envelope around the entries: an escaped 128-character id, `more`, `next`.
+        self._budget = app.config.history_page_bytes - 1024
+        self.full = False
+
+    def add(self, item: object) -> bool:
+        """Add one entry; False (and nothing added) when the page is full."""
+        if self._left <= 0:
+            self.full = True
+            return False
+        raw = encode_json(item)
+        if len(raw) + 1 > self._budget:
+            self.full = True
+            return False
+        self._budget -= len(raw) + 1
+        self._left -= 1
+        self.items.append(msgspec.Raw(raw))
+        return True
+
+
 async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
-    rooms = sorted(app.rooms.rooms.values(), key=lambda r: r.name.lower())
-    return {"rooms": [r.info() for r in rooms]}
-
-
+    """Rooms in case-insensitive name order, a page at a time: `after` a name, `limit`.
+    [chatd] `more` says whether rooms follow; then `next` is the cursor to pass as
+    `after`. Without paging fields a small server's reply is every room."""
+    page = _Page(app, _list_limit(app, cmd.limit))
+    _, rooms, start = app.rooms.after(cmd.after)
+    last = None
+    for room in rooms[start:]:
+        if not page.add(room.info()):
+            break
+        last = room.name
+    reply: dict[str, Any] = {"rooms": page.items, "more": page.full}
+    if page.full:
+        reply["next"] = last or cmd.after
+    return reply
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
     room = app.rooms.get(cmd.room)
     s = req.session
@@ -118,12 +193,36 @@ async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
 
 
 async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
+    """Rooms (name order), then known users (name order), a page at a time. [chatd] The
+    cursor names the kind: `after` is "room:NAME" or "user:NAME", as `next` gives it."""
+    kind, name = _channel_cursor(cmd.after) if cmd.after is not None else ("room", None)
+    page = _Page(app, _list_limit(app, cmd.limit))
+    last: str | None = None
+    if kind == "room":
+        _, rooms, start = app.rooms.after(name)
+        for room in rooms[start:]:
+            if not page.add({"name": room.name, "type": "room"}):
+                break
+            last = f"room:{room.name}"
+        name = None
+    if not page.full:
+        for user in _known_users(app, name):
+            if not page.add({"name": user, "type": "user"}):
+                break
+            last = f"user:{user}"
+    reply: dict[str, Any] = {"channels": page.items, "more": page.full}
+    if page.full:
+        reply["next"] = last or cmd.after
+    return reply
+
+
+def _known_users(app: App, after: str | None) -> list[str]:
+    """Registered users and online guests, in name order, after `after` (case-folded)."""
     now = app.clock.now()
-    out: list[dict[str, str]] = [
-        {"name": r.name, "type": "room"}
-        for r in sorted(app.rooms.rooms.values(), key=lambda r: r.name.lower())
-    ]
     names = [u.name for u in app.users.values()]
     names += [g.name for g in app.guests.values() if g.expires_at > now]
-    out += [{"name": n, "type": "user"} for n in sorted(set(names), key=str.lower)]
-    return {"channels": out}
+    ordered = sorted(set(names), key=str.lower)
+    if after is None:
+        return ordered
+    keys = [n.lower() for n in ordered]
+    return ordered[bisect.bisect_right(keys, after):]

@@ -92,7 +92,8 @@ class RoomDelete(Command, tag="room.delete", frozen=True):
 
 
 class RoomList(Command, tag="room.list", frozen=True):
-    pass
+    after: Name | None = None  # [chatd] a room name: the page starts after it
+    limit: UInt | None = None
 
 
 class RoomJoin(Command, tag="room.join", frozen=True):
@@ -142,8 +143,13 @@ class Sync(Command, tag="sync", frozen=True):
     limit: UInt | None = None
 
 
+# A channels cursor: "room:NAME" or "user:NAME", as the reply's `next` gives it.
+ChannelCursor = Annotated[str, msgspec.Meta(min_length=6, max_length=37)]
+
+
 class Channels(Command, tag="channels", frozen=True):
-    pass
+    after: ChannelCursor | None = None
+    limit: UInt | None = None
 
 
 AnyCommand = Union[

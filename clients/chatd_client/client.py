@@ -134,10 +134,14 @@ class _RoomReply(msgspec.Struct, frozen=True):
 
 class _RoomsReply(msgspec.Struct, frozen=True):
     rooms: list[RoomInfo]
+    more: bool = False
+    next: str | None = None
 
 
 class _ChannelsReply(msgspec.Struct, frozen=True):
     channels: list[Channel]
+    more: bool = False
+    next: str | None = None
 
 
 class _HelpReply(msgspec.Struct, frozen=True):
@@ -858,7 +862,13 @@ class Client:
         self._rooms.pop(room.lower(), None)
 
     async def room_list(self, *, timeout: float | None = None) -> list[RoomInfo]:
-        return (await self._call(c.RoomList(), _RoomsReply, timeout)).rooms
+        """Every room, following the server's pages (`after` = the reply's `next`)."""
+        page = await self._call(c.RoomList(), _RoomsReply, timeout)
+        rooms = list(page.rooms)
+        while page.more and page.next is not None:
+            page = await self._call(c.RoomList(after=page.next), _RoomsReply, timeout)
+            rooms += page.rooms
+        return rooms
 
     async def join(self, room: str, *, timeout: float | None = None) -> JoinResult:
         """Join (idempotent); the room is re-joined after a reconnect."""
@@ -947,7 +957,13 @@ class Client:
         return await self._call(c.Sync(since=since, limit=limit), SyncPage, timeout)
 
     async def channels(self, *, timeout: float | None = None) -> list[Channel]:
-        return (await self._call(c.Channels(), _ChannelsReply, timeout)).channels
+        """Every room and known user, following the server's pages."""
+        page = await self._call(c.Channels(), _ChannelsReply, timeout)
+        out = list(page.channels)
+        while page.more and page.next is not None:
+            page = await self._call(c.Channels(after=page.next), _ChannelsReply, timeout)
+            out += page.channels
+        return out
 
     async def user_delete(self, user: str, *, timeout: float | None = None) -> None:
         await self._call(c.UserDelete(user=user), _Empty, timeout)

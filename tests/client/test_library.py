@@ -243,3 +243,16 @@ def unused_port() -> int:
     port: int = s.getsockname()[1]
     s.close()
     return port
+
+
+async def test_room_list_and_channels_follow_the_servers_pages() -> None:
+    async with running_server(list_limit=2) as srv:
+        async with connect("127.0.0.1", srv.port, user="pager", options=FAST) as c:
+            names = [f"room{i}" for i in range(5)]
+            for name in names:
+                await c.room_create(name)
+            assert [r.name for r in await c.room_list()] == names
+            assert [(x.name, x.type) for x in await c.channels()] == [
+                *((n, "room") for n in names),
+                ("pager", "user"),
+            ]
