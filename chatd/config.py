@@ -1,4 +1,7 @@
-"""Every limit of chatd in one frozen Config; defaults from ../shared/limits.md say why."""
+"""Every setting of chatd in one frozen Config; the defaults' comments say why.
+
+The field limits the wire contract fixes (name, topic, nonce and request-id lengths, the
+integer range) are not settings: they live once, in chatd.protocol.commands."""
 
 from __future__ import annotations
 
@@ -28,14 +31,11 @@ class Config:
     # Contract: a 4,000-char message fully escaped plus a token fits in 64 KiB.
     max_frame: int = 65_536
     max_text: int = 4_000
-    max_topic: int = 256
     history_limit: int = 500
     history_default: int = 50
     # A legal history/sync reply must never trip the outbox hard limit.
     history_page_bytes: int = 512 * 1024
     max_token_bytes: int = 4_096
-    max_id_chars: int = 128
-    max_nonce_chars: int = 64
     token_ttl: int = 3_600
     max_token_ttl: int = 7 * 24 * 3_600
     iat_leeway: int = 30

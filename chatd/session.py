@@ -1,7 +1,9 @@
 """Per-connection state, free of I/O: who the connection is bound to and where it is.
 
-The server gives each Session a Peer (its socket side); everything else in chatd talks to
-the Session only, so the core runs in tests without sockets.
+The server gives each Session a Peer (its socket side). The core writes through
+``Session.send`` (the peer's send, bound once for fan-out) and closes through ``peer.close``
+(App.drop_user after a deleted account's reply; the server's idle sweep); it never sees a
+socket, so it runs in tests with a fake Peer.
 """
 
 from __future__ import annotations

@@ -11,13 +11,20 @@ from typing import Annotated, Union
 
 import msgspec
 
-# Contract: integers in frames are 0 … 2^63−1 (SQLite overflows past int64).
-UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-RequestId = Union[UInt, Annotated[str, msgspec.Meta(max_length=128)], None]
+# The field limits the wire contract fixes, in one place (decode.py and the Structs below use
+# these; they are not settings: clients rely on them).
+MAX_INT = 2**63 - 1  # integers in frames are 0 … 2^63−1 (SQLite overflows past int64)
+MAX_ID_CHARS = 128  # a string request `id`
+MAX_NAME_CHARS = 32  # user and room names
+MAX_TOPIC_CHARS = 256  # a room topic, in code points
+MAX_NONCE_CHARS = 64
+
+UInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+RequestId = Union[UInt, Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)], None]
 # Names: 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -.
 # The character rule is checked after decoding (decode.py), with a cache: a regex in the
 # Struct costs more than the rest of decoding a frame.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 _NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 NAME_HELP = "1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
 
@@ -25,8 +32,8 @@ NAME_HELP = "1-32 of A-Z a-z 0-9 _ . - not starting with . or -"
 def is_valid_name(name: str) -> bool:
     """Contract, "Identity and tokens": 1–32 of A-Z a-z 0-9 _ . -, not starting with . or -."""
     return _NAME_RULE.fullmatch(name) is not None
-Topic = Annotated[str, msgspec.Meta(max_length=256)]
-Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Topic = Annotated[str, msgspec.Meta(max_length=MAX_TOPIC_CHARS)]
+Nonce = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NONCE_CHARS)]
 
 
 class Command(msgspec.Struct, tag_field="cmd", kw_only=True, frozen=True):

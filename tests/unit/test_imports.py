@@ -33,7 +33,9 @@ def loaded_by(module: str) -> set[str]:
 
 def test_the_protocol_loads_no_server_module_and_no_asyncio() -> None:
     loaded = loaded_by("chatd.protocol")
-    assert not loaded & (SERVER_MODULES | {"asyncio"}), sorted(loaded & (SERVER_MODULES | {"asyncio"}))
+    assert not loaded & (SERVER_MODULES | {"asyncio"}), sorted(
+        loaded & (SERVER_MODULES | {"asyncio"})
+    )
 
 
 @pytest.mark.parametrize("module", ["chatd_client", "chatd"])

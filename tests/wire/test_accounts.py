@@ -1213,3 +1213,21 @@ async def test_another_users_token_on_a_tokenless_command_is_forbidden(connect: 
     await ann.error("ping", "forbidden", token=bob_token)
     assert await ann.ok("ping", token=ann.token) == {"pong": True}
     assert await ann.ok("ping", token="not-a-token") == {"pong": True}  # not checked on ping
+
+
+async def test_user_delete_reply_comes_before_the_callers_member_left(
+    server: ChatServer, connect: Connect
+) -> None:
+    """protocol.md, user.delete: on the caller's own connection the reply comes first, then
+    the `member.left` of the deleted user for a room the caller shares (contract: a reply
+    comes before the events its command causes)."""
+    await add_admin(server, "warden")
+    admin, victim = await connect(), await connect()
+    await admin.ok("login", user="warden", password=PASSWORD)
+    await account(victim, "gone")
+    await victim.ok("room.create", room="cell")
+    await admin.ok("room.join", room="cell")
+    await admin.send({"cmd": "user.delete", "id": "del", "user": "gone"})
+    first, second = await admin.recv(), await admin.recv()
+    assert first == {"type": "ok", "id": "del", "data": {}}, first
+    assert second["event"] == "member.left" and second["data"]["reason"] == "deleted", second

@@ -207,7 +207,9 @@ async def test_user_add_creates_a_private_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "text"])
-async def test_a_refused_start_leaves_nothing_beside_a_foreign_file(tmp_path: Path, kind: str) -> None:
+async def test_a_refused_start_leaves_nothing_beside_a_foreign_file(
+    tmp_path: Path, kind: str
+) -> None:
     foreign = tmp_path / "notes.db"
     if kind == "sqlite":
         import sqlite3
