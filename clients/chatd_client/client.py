@@ -36,7 +36,6 @@ from chatd_client.errors import (
     ClientClosed,
     ClientError,
     ConnectionLost,
-    RateLimited,
     RequestTimeout,
     ServerError,
     SessionEnded,
@@ -663,7 +662,9 @@ class Client:
                     new.fail("session refused")
                     await self._end_session(refused.error)
                     return
-                except (TimeoutError, ConnectionLost, RequestTimeout) as exc:
+                except (TimeoutError, ConnectionLost, RequestTimeout, ServerError) as exc:
+                    # ServerError: a re-join or sync refused mid-resume; the next attempt
+                    # re-authenticates and finds out whether the session is still good.
                     log.info("resume after attempt %d failed: %s", attempt, exc)
                 new.fail("resume failed")
 
@@ -682,11 +683,11 @@ class Client:
         if self._authed:
             try:
                 await self._authenticate(link)
-            except RateLimited as exc:
-                log.info("re-login rate limited: %s", exc)
-                return None  # transient: the next attempt, after the backoff
-            except ServerError as exc:
+            except (Unauthorized, TokenExpired) as exc:
                 raise _Refused(exc) from exc
+            except ServerError as exc:  # rate_limited, internal (e.g. storage full): transient
+                log.info("re-login failed (%s): %s", exc.code, exc)
+                return None  # the next attempt, after the backoff
             await self._rejoin(link)
             changes = await self._sync_all(link, since)
         if not link.alive:
@@ -786,7 +787,7 @@ class Client:
         except _Refused as refused:
             link.fail("session refused")
             await self._end_session(refused.error)
-        except (ConnectionLost, RequestTimeout, TimeoutError) as exc:
+        except (ConnectionLost, RequestTimeout, TimeoutError, ServerError) as exc:
             log.info("re-login failed: %s", exc)
             link.fail("re-login failed")
 
