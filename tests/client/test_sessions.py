@@ -214,18 +214,20 @@ async def test_a_send_made_while_the_server_is_down_arrives_once_after_restart(
             await asyncio.wait_for(first.proc.wait(), T)
             await next_event(events, "disconnected")
             typed = asyncio.ensure_future(ann.send("typed while down", room="lobby"))
-            # Down long enough that the old backoff (cap 10 s) would sleep >= 3.2 s now,
-            # and longer than request_timeout (the old bound on a send).
+            # Down long enough that the old backoff (cap 10 s) would sleep >= 5 s now, and
+            # longer than request_timeout (the old bound on a send).
             started = time.monotonic()
-            async with asyncio.timeout(T):
-                while backoff.attempts < 7 or time.monotonic() - started < 1.5:
+            async with asyncio.timeout(2 * T):
+                while backoff.attempts < 8 or time.monotonic() - started < 1.5:
                     backoff.called.clear()
                     await backoff.called.wait()
             assert not typed.done()
             async with chatd_serving("serve", "--port", str(port), "--db", db) as second:
                 listening = time.monotonic()
                 await next_event(events, "reconnected", within=SLOW_START)
-                assert time.monotonic() - listening < 1.5  # the cap is 0.8 s
+                # The cap is 0.8 s (the policy test checks it exactly); the rest is slack
+                # for a busy machine.
+                assert time.monotonic() - listening < 2.0
                 sent = await asyncio.wait_for(typed, T)
                 assert sent.text == "typed while down"
                 got = await next_event(events, "message")
