@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
+import math
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
@@ -32,9 +34,11 @@ from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.protocol.models import Message, RoomInfo
 from chatd_client.errors import (
     ClientClosed,
+    ClientError,
     ConnectionLost,
     RequestTimeout,
     ServerError,
+    SessionEnded,
     TokenExpired,
     Unauthorized,
     error_from_wire,
@@ -61,7 +65,9 @@ from chatd_client.types import (
 
 log = logging.getLogger("chatd_client")
 T = TypeVar("T")
-AUTH_FAILED = "auth.failed"  # data: {"code", "message"}: re-authentication after a reconnect failed
+# data: {"code", "message"}: the server refused the session; the client closes itself next
+# (its calls and event iteration raise SessionEnded).
+AUTH_FAILED = "auth.failed"
 
 
 # --- options and backoff ------------------------------------------------------------------
@@ -73,13 +79,17 @@ Backoff = Callable[[int], Awaitable[None]]
 
 class ExponentialBackoff:
     """``base * factor**(n-1)`` capped at ``cap``, minus up to ``jitter`` of itself at random
-    so that many clients dropped together do not come back in lockstep."""
+    so that many clients dropped together do not come back in lockstep.
+
+    The default cap is 0.8 s, so a client tries again within 0.8 s of the server being back
+    however long the outage was (issue 12): a refused connect to a local port costs the
+    server nothing, and the jitter still spreads a crowd over 0.4-0.8 s."""
 
     def __init__(
         self,
         base: float = 0.1,
         factor: float = 2.0,
-        cap: float = 10.0,
+        cap: float = 0.8,
         jitter: float = 0.5,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -99,6 +109,10 @@ class Options:
 
     # Every request has one; a reply slower than this is as good as lost for a chat UI.
     request_timeout: float = 10.0
+    # How long ``send`` waits for a connection during an outage, then for its reply, before
+    # ``RequestTimeout`` (``close()`` ends the wait sooner). Well above 3x the backoff's cap
+    # (0.8 s), so a server restart never loses a typed message. None: until close().
+    send_timeout: float | None = 30.0
     connect_timeout: float = 5.0
     reconnect: bool = True
     # A ping every 30 s with 10 s to answer notices a dead peer long before TCP keepalive.
@@ -202,7 +216,7 @@ class _Link:
     def alive(self) -> bool:
         return not self.dead.done()
 
-    def fail(self, reason: str, exc: type[ConnectionLost] = ConnectionLost) -> None:
+    def fail(self, reason: str, exc: Callable[[str], ConnectionLost] = ConnectionLost) -> None:
         """Mark dead, fail every pending request at once, drop the socket."""
         if self.dead.done():
             return
@@ -262,11 +276,12 @@ class EventStream:
 
     async def get(self, timeout: float | None = None) -> Event:
         """The next event. Raises ``TimeoutError`` after ``timeout``; ``ClientClosed``
-        once the client is closed and the buffer is empty."""
+        once the client is closed and the buffer is empty (``SessionEnded`` if the server
+        refused the session)."""
         async with asyncio.timeout(timeout):
             while not self._items and not self._dropped:
                 if self._closed:
-                    raise ClientClosed("client closed")
+                    raise self._client._closed_error()
                 self._wake.clear()
                 await self._wake.wait()
         if self._dropped:
@@ -278,8 +293,12 @@ class EventStream:
         return self
 
     async def __anext__(self) -> Event:
+        """Iteration ends quietly after ``close()``; a refused session raises
+        ``SessionEnded`` instead, so a bot does not exit as if all were well."""
         try:
             return await self.get()
+        except SessionEnded:
+            raise
         except ClientClosed:
             raise StopAsyncIteration from None
 
@@ -301,6 +320,10 @@ class Client:
     flight (or there is none), ``RequestTimeout`` after the timeout, ``ClientClosed``
     after :meth:`close`. Only :meth:`send` waits across a reconnect (its nonce makes a
     retry safe).
+
+    A token the server refuses is never replaced by a guest login of the same name: with
+    the password the client logs in again as that account; without one it closes itself,
+    and every call (and the event iterator, once drained) raises ``SessionEnded``.
     """
 
     def __init__(
@@ -321,6 +344,9 @@ class Client:
         self._password = password
         self._token = token
         self._authed = False  # whether the session should be restored after a reconnect
+        self._guest = False  # logged in as a guest by this client: close() logs it out
+        self._ended: SessionEnded | None = None  # why the server refused the session
+        self._closing = False
         self._rooms: dict[str, str] = {}  # lower -> display name, to re-join
         self._link: _Link | None = None
         self._ready = asyncio.Event()
@@ -360,15 +386,26 @@ class Client:
         self._supervisor = self._spawn(self._supervise())
         return self
 
-    async def close(self) -> None:
+    async def close(self, *, logout: bool | None = None) -> None:
         """Close for good. Returns promptly whatever state the client is in (also while
-        reconnecting); pending requests fail with ``ClientClosed``; event iteration ends."""
-        if self._closed:
+        reconnecting); pending requests fail with ``ClientClosed``; event iteration ends.
+
+        ``logout`` (default: only for a guest this client logged in) first sends ``logout``
+        if connected, waiting at most 2 s, so a guest's name is free at once instead of
+        after the server's guest grace. A registered user's token stays valid unless
+        ``logout=True``."""
+        if self._closed or self._closing:
             return
+        self._closing = True
+        if logout is None:
+            logout = self._guest
+        if logout and self._authed and self.connected:
+            with contextlib.suppress(ClientError, TimeoutError):
+                await self._call(c.Logout(), _Empty, min(2.0, self.options.request_timeout))
         self._closed = True
         self._ready.set()  # wakes whoever waits for a connection; they see _closed
         if self._link is not None:
-            self._link.fail("client closed", ClientClosed)
+            self._link.fail("client closed", lambda _: self._closed_error())
         me = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not me]
         for t in tasks:
@@ -377,6 +414,28 @@ class Client:
             await asyncio.wait(tasks, timeout=1.0)
         for s in self._streams:
             s._end()
+
+    def _closed_error(self) -> ClientClosed:
+        """What a call on the closed client raises: ``SessionEnded`` when the server refused
+        the session, else ``ClientClosed`` (a fresh instance each time)."""
+        if self._ended is not None:
+            return SessionEnded(self._ended.message, code=self._ended.code)
+        return ClientClosed("client closed")
+
+    async def _end_session(self, refusal: ServerError) -> None:
+        """The server refused the token and no password can log the same account in again:
+        report it and close, never log in as a guest of the same name (issue 12)."""
+        if self._closed:
+            return
+        self._ended = SessionEnded(
+            f"the server refused the session of {self._user!r} ({refusal.code}: "
+            f"{refusal.message}); not logging in as anyone else",
+            code=refusal.code,
+        )
+        log.warning("%s", self._ended)
+        self._authed = False
+        self._emit(Event(AUTH_FAILED, {"code": refusal.code, "message": refusal.message}))
+        await self.close(logout=False)
 
     async def __aenter__(self) -> Client:
         return self
@@ -414,10 +473,10 @@ class Client:
         async with asyncio.timeout(timeout):
             while not self._ready.is_set():
                 if self._closed:
-                    raise ClientClosed("client closed")
+                    raise self._closed_error()
                 await self._ready.wait()
         if self._closed:
-            raise ClientClosed("client closed")
+            raise self._closed_error()
 
     def events(self, *rooms: str) -> EventStream:
         """The event stream. Without rooms: the client's main stream, buffered since
@@ -540,8 +599,13 @@ class Client:
             self._spawn(self._refresh_quietly(link))
         elif name == "session.expired" and link is self._link:
             self.expires_at = None
-            if self._password is not None and data.get("reason") != "logout":
+            revoked = data.get("reason") == "logout"
+            if self._password is not None and not revoked:
                 self._spawn(self._relogin(link))
+            elif self._authed:
+                # Expired beyond refresh, or revoked: nothing proves this identity again.
+                why = "token revoked (logout)" if revoked else "token expired"
+                self._spawn(self._end_session(Unauthorized(why, code="unauthorized")))
         self._emit(Event(name, data, room))
 
     def _change(self, link: _Link, ev: Event) -> None:
@@ -598,7 +662,13 @@ class Client:
                 try:
                     if await self._resume(new, attempt) is not None:
                         break
-                except (TimeoutError, ConnectionLost, RequestTimeout) as exc:
+                except _Refused as refused:
+                    new.fail("session refused")
+                    await self._end_session(refused.error)
+                    return
+                except (TimeoutError, ConnectionLost, RequestTimeout, ServerError) as exc:
+                    # ServerError: a re-join or sync refused mid-resume; the next attempt
+                    # re-authenticates and finds out whether the session is still good.
                     log.info("resume after attempt %d failed: %s", attempt, exc)
                 new.fail("resume failed")
 
@@ -617,12 +687,13 @@ class Client:
         if self._authed:
             try:
                 await self._authenticate(link)
-            except ServerError as exc:
-                self._authed = False
-                self._emit(Event(AUTH_FAILED, {"code": exc.code, "message": exc.message}))
-            if self._authed:
-                await self._rejoin(link)
-                changes = await self._sync_all(link, since)
+            except (Unauthorized, TokenExpired) as exc:
+                raise _Refused(exc) from exc
+            except ServerError as exc:  # rate_limited, internal (e.g. storage full): transient
+                log.info("re-login failed (%s): %s", exc.code, exc)
+                return None  # the next attempt, after the backoff
+            await self._rejoin(link)
+            changes = await self._sync_all(link, since)
         if not link.alive:
             return None
         # From here to the end nothing awaits: the switch is atomic for the application.
@@ -678,12 +749,15 @@ class Client:
                 self._rooms[joined.room.name.lower()] = joined.room.name
 
     async def _authenticate(self, link: _Link) -> None:
-        """Token first (auth), else or if it was refused, the password or a guest login."""
+        """Token first (auth). A refused token is replaced only by a login with the
+        password, which proves the same account; never by a guest login of the same name
+        (issue 12: a deleted account must not come back as a guest). A guest login happens
+        only when there was no token yet. Raises the refusal's ServerError."""
         if self._token is not None:
             try:
                 r = await self._call(c.Auth(token=self._token), AuthResult, None, link=link)
             except (Unauthorized, TokenExpired):
-                if self._user is None:
+                if self._user is None or self._password is None:
                     raise
             else:
                 self._bound(r.user, r.grants, r.expires_at)
@@ -692,6 +766,7 @@ class Client:
         login = c.Login(user=self._user, password=self._password)
         res = await self._call(login, LoginResult, None, link=link)
         self._token = res.token
+        self._guest = self._password is None
         self._bound(res.user, res.grants, res.expires_at)
 
     def _bound(self, user: str, grants: list[str], expires_at: int) -> None:
@@ -711,8 +786,12 @@ class Client:
         self._token = None
         self._ready.clear()
         try:
-            await self._resume(link, 0, notice=False)
-        except (ConnectionLost, RequestTimeout, TimeoutError) as exc:
+            if await self._resume(link, 0, notice=False) is None:
+                link.fail("re-login failed")
+        except _Refused as refused:
+            link.fail("session refused")
+            await self._end_session(refused.error)
+        except (ConnectionLost, RequestTimeout, TimeoutError, ServerError) as exc:
             log.info("re-login failed: %s", exc)
             link.fail("re-login failed")
 
@@ -720,7 +799,7 @@ class Client:
 
     def _current(self) -> _Link:
         if self._closed:
-            raise ClientClosed("client closed")
+            raise self._closed_error()
         link = self._link
         if link is None or not link.alive or not self._ready.is_set():
             raise ConnectionLost("not connected")
@@ -801,6 +880,7 @@ class Client:
         res = await self._call(cmd, LoginResult, timeout)
         self._password = password
         self._token = res.token
+        self._guest = password is None
         self._bound(res.user, res.grants, res.expires_at)
         return res
 
@@ -808,6 +888,7 @@ class Client:
         """Bind the connection to a token; remembered for reconnects."""
         res = await self._call(c.Auth(token=token), AuthResult, timeout)
         self._token = token
+        self._guest = False  # not known from a token: close() keeps it unless asked
         self._bound(res.user, res.grants, res.expires_at)
         return res
 
@@ -820,7 +901,7 @@ class Client:
         """Revoke the token; the client forgets its credentials and rooms."""
         await self._call(c.Logout(all=all), _Empty, timeout)
         self._token = self._password = None
-        self._authed = False
+        self._authed = self._guest = False
         self._rooms.clear()
 
     async def whoami(self, *, timeout: float | None = None) -> AuthResult:
@@ -906,21 +987,28 @@ class Client:
     ) -> Message:
         """Post to a room or a user; returns the message as stored.
 
-        Every send carries a nonce (a fresh one unless given), and is retried on the next
-        connection if the reply was lost to a drop: the server answers a repeated nonce
-        with the original message, so a message is never posted twice. Raises
-        ``RequestTimeout`` if no connection answers within ``timeout``.
+        Every send carries a nonce (a fresh one unless given). A send made while
+        disconnected waits for the reconnect, and one whose reply was lost to a drop is
+        sent again on the next connection: the server answers a repeated nonce with the
+        original message, so a message is never posted twice.
+
+        ``timeout`` bounds the whole wait, outage included (default
+        ``Options.send_timeout``, 30 s; ``math.inf`` waits until ``close()``). Raises
+        ``RequestTimeout`` after it, ``ClientClosed`` (``SessionEnded``) if the client
+        closes first.
         """
         cmd = c.MsgSend(text=text, room=room, to=to, nonce=nonce or uuid.uuid4().hex)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.options.request_timeout)
+        limit = self.options.send_timeout if timeout is None else timeout
+        deadline = None if limit is None or math.isinf(limit) else loop.time() + limit
         while True:
-            left = deadline - loop.time()
-            if left <= 0:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 raise RequestTimeout("message not confirmed in time")
             try:
                 await self.wait_connected(left)
-                return (await self._call(cmd, _MessageReply, deadline - loop.time())).message
+                left = None if deadline is None else max(1e-3, deadline - loop.time())
+                return (await self._call(cmd, _MessageReply, left)).message
             except TimeoutError:
                 raise RequestTimeout("message not confirmed in time") from None
             except ClientClosed:
@@ -970,6 +1058,14 @@ class Client:
 
 
 _Any = dict[str, Any]
+
+
+class _Refused(Exception):
+    """Inside the resume path: the server refused the session (not a transient fault)."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Connect:

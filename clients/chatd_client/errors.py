@@ -3,9 +3,13 @@ table (wire contract, "Server frames"; the redis-py lesson).
 
     ClientError                        base
     ├── ConnectionLost                 the connection dropped with the request in flight,
-    │                                  or there is no connection right now
+    │   │                              or there is no connection right now
+    │   └── ClientClosed               the client is closed: nothing will be sent any more
+    │       └── SessionEnded           the server refused the client's token (revoked, account
+    │                                  deleted, guest session ended, expired beyond refresh);
+    │                                  the client closed itself rather than log in as anyone
+    │                                  else. ``.code``/``.message`` are the server's refusal
     ├── RequestTimeout                 no reply within the request's timeout
-    ├── ClientClosed                   close() was called
     └── ServerError                    an ``error`` frame; ``.code`` is its wire code
         ├── BadFrame          bad_frame
         ├── BadRequest        bad_request
@@ -19,6 +23,10 @@ table (wire contract, "Server frames"; the redis-py lesson).
         ├── FrameTooLarge     frame_too_large
         └── Internal          internal
 A code this client does not know yet becomes a plain ``ServerError`` with that code.
+
+``ClientClosed`` is a ``ConnectionLost``: a request that was in flight when the client closed
+did lose its connection, and ``except ConnectionLost`` around a call sees it too. Catch
+``ClientClosed`` first to tell "closed for good" from "try again after the reconnect".
 """
 
 from __future__ import annotations
@@ -39,7 +47,20 @@ class RequestTimeout(ClientError):
 
 
 class ClientClosed(ConnectionLost):
-    """The client was closed by the application."""
+    """The client is closed (by the application, or by itself: see ``SessionEnded``)."""
+
+
+class SessionEnded(ClientClosed):
+    """The server refused this client's token and no password can prove the same identity
+    again (token revoked, account deleted, guest session ended, expired beyond refresh).
+    The client closed itself instead of logging in under another identity (a guest of the
+    same name): every call, and the event iterator once drained, raise this.
+    ``code`` is the refusal's wire code (``unauthorized`` or ``token_expired``)."""
+
+    def __init__(self, message: str, *, code: str = "unauthorized") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
 
 
 class ServerError(ClientError):

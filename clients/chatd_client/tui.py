@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from prompt_toolkit.widgets import TextArea
 
 from chatd.protocol.models import Message
 from chatd_client.client import AUTH_FAILED, Client, connect
-from chatd_client.errors import ClientError, NotFound, RateLimited, ServerError
+from chatd_client.errors import ClientError, NotFound, RateLimited, ServerError, SessionEnded
 from chatd_client.types import DISCONNECTED, EPOCH_CHANGED, RECONNECTED, REJOIN_FAILED, Event
 
 HELP = """\
@@ -41,9 +42,10 @@ commands:
   /history [N]          the last N messages of the current room (default 20)
   /edit ID TEXT         edit a message (ids are shown in [brackets])
   /delete ID            delete a message
-  /quit                 leave the program (also Ctrl-D)
+  /quit                 leave the program (also Ctrl-D); a guest logs out, freeing its name
   /help                 this text
-anything else is sent to the current room; PageUp/PageDown scroll."""
+anything else is sent to the current room; PageUp/PageDown scroll.
+A line typed while disconnected is shown as "[queued] …" and sent after the reconnect."""
 
 
 def format_message(m: Message) -> str:
@@ -70,6 +72,8 @@ class ChatUI:
         self._lines: list[str] = []
         self.updated = asyncio.Event()  # set whenever a line is added (tests wait on it)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.unsent: list[str] = []  # typed lines not yet confirmed, in typing order
+        self.ended: SessionEnded | None = None  # the server refused the session
         self.scrollback = TextArea(read_only=True, focusable=False, scrollbar=True, wrap_lines=True)
         self.entry = TextArea(height=1, prompt="> ", multiline=False, accept_handler=self._accept)
         status = Window(FormattedTextControl(self._status), height=1, style="reverse")
@@ -160,10 +164,20 @@ class ChatUI:
         return None
 
     async def _pump(self) -> None:
-        async for ev in self.chat.events():
-            line = self.describe(ev)
-            if line is not None:
-                self.show(line)
+        try:
+            async for ev in self.chat.events():
+                line = self.describe(ev)
+                if line is not None:
+                    self.show(line)
+        except SessionEnded as exc:
+            # Never carry on as someone else: say why and leave (run() raises it).
+            self.ended = exc
+            self.show(f"*** {exc}")
+            self._exit()
+
+    def _exit(self) -> None:
+        if self.app.is_running and not self.app.future.done():  # type: ignore[union-attr]
+            self.app.exit()
 
     # --- input -------------------------------------------------------------------------
 
@@ -194,7 +208,7 @@ class ChatUI:
             if self.current is None:
                 self.show("! join a room first: /join ROOM")
                 return
-            await self.chat.send(line, room=self.current)
+            await self._send(line, room=self.current)
             return
         cmd, _, rest = line[1:].partition(" ")
         rest = rest.strip()
@@ -237,9 +251,22 @@ class ChatUI:
         if not user or not text.strip():
             self.show("! usage: /msg USER TEXT")
             return
-        m = await self.chat.send(text.strip(), to=user)
-        if m.to and self.chat.user and m.to.lower() == self.chat.user.lower():
-            return  # a note to self arrives as an event anyway
+        await self._send(text.strip(), to=user)
+
+    async def _send(self, text: str, *, room: str | None = None, to: str | None = None) -> None:
+        """Send, waiting out an outage until /quit (the nonce makes the retry safe). A line
+        typed while disconnected is shown as queued; the message itself shows when the
+        server confirms it (its event). Unsent lines are printed when the program ends."""
+        self.unsent.append(text)
+        if not self.chat.connected:
+            self.show(f"[queued] {text}" if room else f"[queued] @{to} {text}")
+        try:
+            await self.chat.send(text, room=room, to=to, timeout=math.inf)
+        except ClientError:
+            self.unsent.remove(text)
+            self.show(f"! not sent: {text}")  # handle() shows why
+            raise
+        self.unsent.remove(text)
 
     async def _rooms(self, rest: str) -> None:
         rooms = await self.chat.room_list()
@@ -282,7 +309,7 @@ class ChatUI:
         self.show(HELP)
 
     async def _quit(self, rest: str) -> None:
-        self.app.exit()
+        self._exit()
 
     _commands: ClassVar[dict[str, Callable[[ChatUI, str], Awaitable[None]]]] = {
         "join": _join,
@@ -300,7 +327,9 @@ class ChatUI:
     # --- run ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until /quit or Ctrl-D. The caller owns (and closes) the client."""
+        """Until /quit or Ctrl-D. The caller owns (and closes) the client. Lines still
+        waiting to be sent are printed to stderr, never dropped in silence. Raises
+        ``SessionEnded`` if the server refused the session."""
         self.show(f"connected as {self.chat.user or '-'}; /help lists commands")
         pump = asyncio.ensure_future(self._pump())
         try:
@@ -311,6 +340,10 @@ class ChatUI:
             for t in self._tasks:
                 t.cancel()
             await asyncio.wait(pending, timeout=1.0)
+            for text in self.unsent:
+                print(f"chatd-cli: not sent: {text}", file=sys.stderr)
+        if self.ended is not None:
+            raise self.ended
 
 
 async def run(

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from chatd_client import Bot, Message, connect
+from chatd_client import Bot, Message, NotFound, connect
 
 
 async def run(host: str, port: int, room: str, user: str, password: str | None = None) -> None:
     async with connect(host, port, user=user, password=password) as chat:
-        await chat.join(room)
+        try:
+            await chat.join(room)
+        except NotFound:
+            await chat.room_create(room)  # the creator joins it
         bot = Bot(chat)
 
         @bot.on_message
@@ -31,7 +34,10 @@ def main() -> None:
     p.add_argument("--room", default="lobby")
     p.add_argument("--user", default="echo")
     a = p.parse_args()
-    asyncio.run(run(a.host, a.port, a.room, a.user))
+    try:
+        asyncio.run(run(a.host, a.port, a.room, a.user))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: closing the client logged the guest out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Moderation bot: deletes messages containing a banned word. Its token needs the
-``msg:delete:any`` grant (a registered account's login has it by default).
+``msg:delete:any`` grant (a registered account's login has it by default; a guest's has not).
 
     python -m chatd_client.examples.moderation_bot --room lobby --user mod --words spam,scam
 """
@@ -26,7 +26,10 @@ async def run(
         if "msg:delete:any" not in chat.grants:
             raise SystemExit("the moderation bot needs the msg:delete:any grant")
         for room in rooms:
-            await chat.join(room)
+            try:
+                await chat.join(room)
+            except NotFound:
+                await chat.room_create(room)  # the creator joins it
         bot = Bot(chat, include_edits=True)  # an edit must not sneak a word in
 
         @bot.on_message
@@ -49,7 +52,12 @@ def main() -> None:
     p.add_argument("--words", default="spam")
     a = p.parse_args()
     password = os.environ.get("CHATD_PASSWORD")
-    asyncio.run(run(a.host, a.port, a.room or ["lobby"], a.user, password, a.words.split(",")))
+    try:
+        asyncio.run(
+            run(a.host, a.port, a.room or ["lobby"], a.user, password, a.words.split(","))
+        )
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ object per line each way. Answers "!ping" with "pong" in a room.
 import argparse
 import json
 import socket
+from collections.abc import Callable, Iterable
 
 
 def main() -> None:
@@ -27,15 +28,24 @@ def main() -> None:
     print("server", hello["data"]["version"], "protocol", hello["data"]["protocol"], flush=True)
     send({"cmd": "login", "id": 1, "user": a.user})  # a guest login: no password
     send({"cmd": "room.join", "id": 2, "room": a.room})
+    try:
+        serve(a.user, a.room, lines, send)
+    except KeyboardInterrupt:
+        send({"cmd": "logout", "id": 3})  # a guest gives its name back at once
+
+
+def serve(
+    user: str, room: str, lines: Iterable[str], send: Callable[[dict[str, object]], None]
+) -> None:
     for line in lines:
         frame = json.loads(line)
         if frame["type"] == "error":  # {"type":"error","id":..,"code":..,"message":..}
             print("error", frame["code"], frame["message"], flush=True)
         elif frame["type"] == "ok" and frame["id"] == 2:
-            print("joined", a.room, flush=True)
+            print("joined", room, flush=True)
         elif frame["type"] == "event" and frame["event"] == "message":
             msg = frame["data"]
-            if msg["from"].lower() != a.user.lower() and msg["text"].strip() == "!ping":
+            if msg["from"].lower() != user.lower() and msg["text"].strip() == "!ping":
                 send({"cmd": "msg.send", "id": msg["id"], "room": msg["room"], "text": "pong"})
 
 

@@ -185,20 +185,26 @@ async def test_a_new_store_is_reported_not_papered_over(tmp_path: Path) -> None:
     gate = Gate()
     async with killable(str(tmp_path / "a.db")) as (srv1, stack1):
         port = srv1.port
-        async with connect("127.0.0.1", port, user="ann", options=FAST, backoff=gate) as ann:
+        async with connect("127.0.0.1", port, options=FAST) as boot:
+            await boot.register("ann", "password1")
+        async with connect(
+            "127.0.0.1", port, user="ann", password="password1", options=FAST, backoff=gate
+        ) as ann:
             events = ann.events()
             await ann.room_create("lobby")
             await ann.send("old world", room="lobby")
             await stack1.aclose()
             await next_event(events, "disconnected")
             async with running_server(db=str(tmp_path / "b.db"), port=port):
+                async with connect("127.0.0.1", port, options=FAST) as boot:
+                    await boot.register("ann", "password1")  # the same account, new store
                 gate.open.set()
                 got = await collect_until(events, lambda e: e.name == "reconnected")
                 names = [e.name for e in got]
                 assert "epoch.changed" in names
                 failed = [e for e in got if e.name == "rejoin.failed"]
                 assert failed and failed[0].data["room"] == "lobby"  # the room is gone
-                assert ann.rooms == [] and (await ann.whoami()).user == "ann"  # guest again
+                assert ann.rooms == [] and (await ann.whoami()).user == "ann"
                 assert got[-1].data["epoch_changed"] is True
 
 
