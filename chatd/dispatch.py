@@ -93,6 +93,9 @@ class Spec:
     metered: bool = True
     # Field rules msgspec cannot express; run before the token is looked at (contract).
     check: Callable[[Any, Config], None] | None = None
+    # The grant `help` shows when the dispatcher does not check it itself (msg.edit and
+    # msg.delete judge it after the message lookup: own message, or the `:any` grant).
+    shown_grant: str | None = None
 
     @functools.cached_property
     def name(self) -> str:
@@ -174,12 +177,19 @@ class Dispatcher:
         app.help_data = self.help()
 
     def help(self) -> dict[str, Any]:
-        return {
-            "commands": [
-                {"cmd": s.name, "usage": s.usage, "auth": s.auth, "grant": s.grant}
-                for s in self.specs.values()
-            ]
-        }
+        """Every command as protocol.md's table has it; `summary` says it all in one line,
+        first after `cmd`, for people reading the reply in a terminal."""
+        out = []
+        for s in self.specs.values():
+            grant = s.grant or s.shown_grant
+            out.append({
+                "cmd": s.name,
+                "summary": help_summary(s.usage, s.auth, grant),
+                "usage": s.usage,
+                "auth": s.auth,
+                "grant": grant,
+            })  # fmt: skip
+        return {"commands": out}
 
     def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
         """Decode a frame and find its command, or the error frame to answer with."""
@@ -242,6 +252,12 @@ class Dispatcher:
         return Pending(coro, first, rid, req, spec.name, spec.overlap)
 
 
+def help_summary(usage: str, auth: bool, grant: str | None) -> str:
+    """One line: "msg.edit message_id text — edit a message [token; grant msg:edit]"."""
+    needs = "no token" if not auth else "token" + (f"; grant {grant}" if grant else "")
+    return f"{usage} [{needs}]"
+
+
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
     """Go on driving a coroutine that was started by hand and stopped at its first await.
@@ -282,7 +298,12 @@ def command_table() -> list[Spec]:
         Spec(c.Refresh, accounts.refresh, "refresh — a new token with a fresh lifetime"),
         Spec(c.Logout, accounts.logout, "logout [all] — revoke this token (all: every token)"),
         Spec(c.WhoAmI, accounts.whoami, "whoami — user, grants and expiry of the token"),
+        Spec(c.Passwd, accounts.passwd,
+             "passwd password new_password — change the password; a new token, all others end",
+             check=accounts.check_passwd),
         Spec(c.UserDelete, accounts.user_delete, "user.delete user — delete an account",
+             grant="admin"),
+        Spec(c.UserList, accounts.user_list, "user.list — every registered account",
              grant="admin"),
         Spec(c.RoomCreate, rooms.create,
              "room.create room [topic] [ephemeral] [open] — create and join a room",
@@ -303,9 +324,12 @@ def command_table() -> list[Spec]:
         # msg.edit/msg.delete look the message up before they write, so a send pipelined
         # behind one would take an earlier revision yet reach the room later: they do not
         # overlap (contract: each connection gets message events in revision order).
-        Spec(c.MsgEdit, messages.edit, "msg.edit message_id text — edit a message",
-             metered=False, check=messages.check_edit),
-        Spec(c.MsgDelete, messages.delete, "msg.delete message_id — delete a message"),
+        Spec(c.MsgEdit, messages.edit,
+             "msg.edit message_id text — edit a message (another's: msg:edit:any)",
+             metered=False, check=messages.check_edit, shown_grant="msg:edit"),
+        Spec(c.MsgDelete, messages.delete,
+             "msg.delete message_id — delete a message (another's: msg:delete:any)",
+             shown_grant="msg:delete"),
         Spec(c.DmHistory, messages.dm_history,
              "dm.history [with] [before] [after] [limit] — direct messages, oldest first",
              check=messages.check_limit),

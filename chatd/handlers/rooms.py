@@ -118,12 +118,11 @@ async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
 
 
 async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
-    now = app.clock.now()
     out: list[dict[str, str]] = [
         {"name": r.name, "type": "room"}
         for r in sorted(app.rooms.rooms.values(), key=lambda r: r.name.lower())
     ]
     names = [u.name for u in app.users.values()]
-    names += [g.name for g in app.guests.values() if g.expires_at > now]
+    names += [h.name for k in list(app.guests) if (h := app.guest_hold(k)) is not None]
     out += [{"name": n, "type": "user"} for n in sorted(set(names), key=str.lower)]
     return {"channels": out}

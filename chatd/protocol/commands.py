@@ -74,6 +74,15 @@ class UserDelete(Command, tag="user.delete", frozen=True):
     user: Name
 
 
+class Passwd(Command, tag="passwd", frozen=True):
+    password: str
+    new_password: str
+
+
+class UserList(Command, tag="user.list", frozen=True):
+    pass
+
+
 class RoomCreate(Command, tag="room.create", frozen=True):
     room: Name
     topic: Topic | None = None
@@ -155,7 +164,9 @@ AnyCommand = Union[
     Refresh,
     Logout,
     WhoAmI,
+    Passwd,
     UserDelete,
+    UserList,
     RoomCreate,
     RoomEdit,
     RoomDelete,
