@@ -354,6 +354,14 @@ class App:
         except Exception:
             log.exception("could not write a guest hold")
 
+    def suspend_holds(self) -> None:
+        """The server stops: every hold's grace starts now (written before the store
+        closes), so with no server running the command line sees when each name is free;
+        the next start gives them a fresh grace anyway."""
+        for key, hold in list(self.guests.items()):
+            if hold.held_until is None:
+                self._start_grace(key, hold)
+
     def sweep_holds(self) -> None:
         """Release holds whose grace has ended (their timers normally do it first)."""
         for key in list(self.guests):

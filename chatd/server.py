@@ -649,6 +649,7 @@ class ChatServer:
         deadline = time.monotonic() + self.config.shutdown_grace / 2
         while self.commands and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.app.suspend_holds()  # queued before the store closes: their writes land
         for t in list(self.tasks):
             t.cancel()
         await self.store.close()
