@@ -370,7 +370,7 @@ class App:
     def hold_note(self, hold: GuestHold) -> str:
         """Until when a name is held, for a `conflict` message (contract)."""
         if hold.held_until is None:
-            return "while its guest is connected"
+            return "while connected"
         return f"until {rfc3339(hold.held_until)}"
 
     def known_user(self, name: str) -> bool:

@@ -287,7 +287,8 @@ def command_table() -> list[Spec]:
 
     return [
         Spec(c.Ping, system.ping, "ping — answers {pong:true}", auth=False, metered=False),
-        Spec(c.Help, system.help_, "help — this list", auth=False),
+        Spec(c.Help, system.help_, "help [command] — this list, or one command's entry",
+             auth=False),
         Spec(c.Register, accounts.register, "register user password — create an account",
              auth=False, check=accounts.check_register),
         Spec(c.Login, accounts.login,

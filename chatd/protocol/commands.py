@@ -39,7 +39,7 @@ class Ping(Command, tag="ping", frozen=True):
 
 
 class Help(Command, tag="help", frozen=True):
-    pass
+    command: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class Register(Command, tag="register", frozen=True):

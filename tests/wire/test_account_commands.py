@@ -140,6 +140,9 @@ async def test_help_shows_each_commands_grant_and_a_one_line_summary(connect: Co
         if e["grant"]:
             assert e["grant"] in summary
         assert ("no token" in summary) == (not e["auth"])
+    # One command's entry alone, for reading in nc.
+    assert (await c.ok("help", command="msg.edit"))["commands"] == [by_name["msg.edit"]]
+    await c.error("help", "not_found", command="fly")
 
 
 # --- command-line changes count at once ------------------------------------------------
