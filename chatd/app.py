@@ -371,7 +371,8 @@ class App:
         """Until when a name is held, for a `conflict` message (contract)."""
         if hold.held_until is None:
             return "while connected"
-        return f"until {rfc3339(hold.held_until)}"
+        left = max(0, math.ceil(hold.held_until - self.clock.now()))
+        return f"until {rfc3339(hold.held_until)} (in {left} s)"
 
     def known_user(self, name: str) -> bool:
         """Registered, or an online guest (one that holds its name)."""

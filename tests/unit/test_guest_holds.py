@@ -101,8 +101,9 @@ async def test_a_restart_gives_every_hold_a_fresh_grace() -> None:
 async def test_hold_note_says_until_when() -> None:
     with core(GRACE) as k:
         assert k.app.hold_note(GuestHold("a", "1", None, 1)) == "while connected"
+        assert k.clock.now() == 1_700_000_000
         assert k.app.hold_note(GuestHold("a", "1", 1_700_000_120, 2)) == (
-            "until 2023-11-14T22:15:20.000Z"
+            "until 2023-11-14T22:15:20.000Z (in 120 s)"
         )
 
 
