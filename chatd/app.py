@@ -29,6 +29,15 @@ VERSION = "0.1.0"
 GUEST_ID = 0  # the user id in a guest token's jti
 
 
+class UnknownAccount(Unauthorized):
+    """A token of an account this server has not seen (yet): perhaps one `chatd user add`
+    made a moment ago. The dispatcher reads it from the store and tries once more."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("the token's account no longer exists or the token was revoked")
+        self.key = key
+
+
 class Scheduler(Protocol):
     def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable: ...
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
@@ -144,6 +153,8 @@ class App:
                 user = self.users.get(key)
                 if user is not None and user.id == uid and user.token_version == version:
                     return user
+                if user is None or uid > user.id:  # ids only grow: a newer account
+                    raise UnknownAccount(key)
         raise Unauthorized("the token's account no longer exists or the token was revoked")
 
     def authenticate(self, s: Session, token: str | None) -> Claims:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Union
 
-from chatd.app import App
+from chatd.app import App, UnknownAccount
 from chatd.config import Config
 from chatd.errors import ChatError, Forbidden, Internal
 from chatd.protocol.commands import Command, command_name
@@ -218,6 +218,29 @@ class Dispatcher:
             return prepared
         return self.execute(session, *prepared)
 
+    def _after_reading(
+        self, key: str, session: Session, cmd: Command, spec: Spec, req: Request
+    ) -> Result:
+        """A frame token of an account not in memory: read the account from the store (a
+        `chatd user add` of a moment ago counts at once), then authenticate and run the
+        command as usual. Not overlapped: it runs in order with the connection's others."""
+
+        async def run() -> Any:
+            await self.app.refresh_user(key)
+            req.authenticated(self.app.authenticate(session, cmd.token))
+            _check_grant(spec, req)
+            value = spec.handler(self.app, req, cmd)
+            if type(value) is types.CoroutineType:
+                value = await value
+            return value
+
+        coro = run()
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            return Outcome(ok_frame(cmd.id, stop.value), req.events)
+        return Pending(coro, first, cmd.id, req, spec.name, False)
+
     def execute(self, session: Session, cmd: Command, spec: Spec) -> Result:
         """Run one command. Most finish here, synchronously; those that wait for the store
         or a hash come back as Pending, to be awaited in order by the connection."""
@@ -231,9 +254,13 @@ class Dispatcher:
             if spec.check is not None:
                 spec.check(cmd, self.app.config)
             if spec.auth:
-                req.authenticated(self.app.authenticate(session, cmd.token))
-                if spec.grant is not None and spec.grant not in req.claims.grants:
-                    raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
+                try:
+                    req.authenticated(self.app.authenticate(session, cmd.token))
+                except UnknownAccount as exc:
+                    if cmd.token is None or cmd.token == session.token:
+                        raise
+                    return self._after_reading(exc.key, session, cmd, spec, req)
+                _check_grant(spec, req)
             elif cmd.token is not None and session.user_key is not None:
                 self._not_another_users(session, cmd.token)
             coro = spec.handler(self.app, req, cmd)
@@ -256,6 +283,11 @@ def help_summary(usage: str, auth: bool, grant: str | None) -> str:
     """One line: "msg.edit message_id text — edit a message [token; grant msg:edit]"."""
     needs = "no token" if not auth else "token" + (f"; grant {grant}" if grant else "")
     return f"{usage} [{needs}]"
+
+
+def _check_grant(spec: Spec, req: Request) -> None:
+    if spec.grant is not None and spec.grant not in req.claims.grants:
+        raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
 
 
 @types.coroutine

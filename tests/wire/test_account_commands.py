@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from chatd.auth import new_jti
 from chatd.server import ChatServer
 from tests.helpers import SECRET, Client, Connect, admin, running_server
 from tests.process import chatd_run
@@ -18,6 +19,11 @@ async def account(c: Client, name: str, password: str = PASSWORD) -> dict[str, A
     data = await c.ok("login", user=name, password=password)
     c.token = data["token"]
     return data
+
+
+def tokens_of_nobody(server: ChatServer) -> str:
+    token, _ = server.app.tokens.mint("nobody", new_jti(99, 0), (), 60)
+    return token
 
 
 async def fresh_call(port: int, cmd: str, **fields: Any) -> dict[str, Any]:
@@ -150,7 +156,8 @@ async def test_help_shows_each_commands_grant_and_a_one_line_summary(connect: Co
 
 async def test_a_login_right_after_user_add_succeeds(tmp_path: Any) -> None:
     db = str(tmp_path / "u.db")
-    async with running_server(db=db) as server:
+    # The poll for command-line changes is made slow, so only reading at once can pass.
+    async with running_server(db=db, db_poll_interval=60) as server:
         for i in range(3):
             name = f"fresh{i}"
             rc, _, err = await chatd_run("user", "add", name, "--password-stdin", "--db", db,
@@ -166,6 +173,19 @@ async def test_a_login_right_after_user_add_succeeds(tmp_path: Any) -> None:
         assert rc == 0, err
         frame = await fresh_call(server.port, "auth", token=out.strip())
         assert frame["type"] == "ok", frame
+        # ... and as the first frame's token of any command (it binds the connection).
+        rc, _, err = await chatd_run("user", "add", "bot2", "--password-stdin", "--db", db,
+                                     stdin=PASSWORD + "\n")  # fmt: skip
+        assert rc == 0, err
+        rc, out, err = await chatd_run("token", "bot2", "--db", db, "--secret", SECRET)
+        assert rc == 0, err
+        c = await Client.connect(server.port)
+        assert (await c.ok("whoami", token=out.strip()))["user"] == "bot2"
+        assert (await c.ok("whoami"))["user"] == "bot2"  # bound to it
+        await c.close()
+        # A token of an account that does not exist is still refused.
+        frame = await fresh_call(server.port, "whoami", token=tokens_of_nobody(server))
+        assert frame["code"] == "unauthorized", frame
 
 
 async def test_a_login_right_after_user_delete_fails(tmp_path: Any) -> None:
@@ -173,7 +193,7 @@ async def test_a_login_right_after_user_delete_fails(tmp_path: Any) -> None:
     rc, _, err = await chatd_run("user", "add", "gone", "--password-stdin", "--db", db,
                                  stdin=PASSWORD + "\n")  # fmt: skip
     assert rc == 0, err
-    async with running_server(db=db) as server:
+    async with running_server(db=db, db_poll_interval=60) as server:
         frame = await fresh_call(server.port, "login", user="gone", password=PASSWORD)
         assert frame["type"] == "ok", frame
         rc, _, err = await chatd_run("user", "delete", "gone", "--db", db)
