@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="grants a login gets by default (comma separated)")
     serve.add_argument("--guest-grants", type=_guest_grants, default=d.guest_grants,
                        help="grants a guest login gets (comma separated; never admin; "
-                       "default %(default)s)")
+                       f"default {','.join(d.guest_grants)})")
     serve.add_argument("--guest-grace", type=_seconds, default=d.guest_grace,
                        help="seconds a guest keeps its name after its last connection "
-                       "(and after a restart); 0 = released at once (default %(default)s)")
+                       "(and after a restart); 0 = released at once (default %(default)g)")
     serve.add_argument("--outbox-soft", type=int, default=d.outbox_soft)
     serve.add_argument("--outbox-hard", type=int, default=d.outbox_hard)
     serve.add_argument("--write-deadline", type=float, default=d.write_deadline)

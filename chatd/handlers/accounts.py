@@ -193,8 +193,11 @@ async def _guest_login(
         raise _held(app, cmd.user, held)
     if key in app.registering:
         raise Conflict(f"the name {cmd.user!r} is being registered")
-    # Contract, "Guest grants": --guest-grants, intersected with what the login asks for.
-    grants = normalize_grants([g for g in app.config.guest_grants if wanted is None or g in wanted])
+    # Contract, "Guest grants": --guest-grants (never admin, whatever the Config says),
+    # intersected with what the login asks for.
+    grants = normalize_grants([
+        g for g in app.config.guest_grants if g != "admin" and (wanted is None or g in wanted)
+    ])  # fmt: skip
     if own is not None:
         # The holder itself, on its bound connection, is not "another guest": a new token
         # under the same hold (which lasts while it is connected, whatever the token's life).
