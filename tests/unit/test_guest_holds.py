@@ -4,6 +4,8 @@ store applies each change only over an older version (issue 13 item 7)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from chatd.auth import Claims
 from chatd.errors import Unauthorized
 from chatd.session import Session
 from chatd.store.base import GuestHold, Snapshot
+from chatd.store.schema import APPLICATION_ID, MIGRATIONS
 from chatd.store.sqlite import SQLiteStore
 from tests.unit.fakes import UNIT_CONFIG, Core, core
 
@@ -151,5 +154,29 @@ async def test_memory_and_store_agree_after_a_grace_then_a_release() -> None:
             assert k.app.guest_hold("hy") is None
             rows = await store._read(lambda db: db.execute("SELECT * FROM guests").fetchall())
             assert rows == []
+    finally:
+        await store.close()
+
+
+async def test_a_schema_2_database_keeps_its_guest_holds_after_the_migration(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "v2.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for v in (1, 2):
+        for statement in MIGRATIONS[v].split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('epoch', 'e'), ('rev', '0'), ('users_version', '0')")
+    db.execute("INSERT INTO guests VALUES ('jo', 'Jo', '42', 1700003600)")
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    store = SQLiteStore(path)
+    snap = store.open()
+    try:
+        # Held as if connected when the server stopped: the start gives it a fresh grace.
+        assert snap.guests == [GuestHold("Jo", "42", None, 0)]
+        assert await store.update_hold(GuestHold("Jo", "42", 1700000120, 1))
     finally:
         await store.close()
