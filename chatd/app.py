@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
+
+import msgspec
 
 from chatd.auth import Claims, PasswordHasher, TokenService, parse_jti
 from chatd.clock import Clock
 from chatd.config import Config
-from chatd.errors import Forbidden, Unauthorized
+from chatd.errors import ChatError, Forbidden, Unauthorized
 from chatd.protocol.frames import event_frame
+from chatd.protocol.models import rfc3339
 from chatd.ratelimit import FailureGate, KeyedBuckets, TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
@@ -23,6 +28,15 @@ from chatd.version import VERSION
 log = logging.getLogger("chatd")
 __all__ = ["VERSION", "App"]  # VERSION: re-exported for older imports
 GUEST_ID = 0  # the user id in a guest token's jti
+
+
+class UnknownAccount(Unauthorized):
+    """A token of an account this server has not seen (yet): perhaps one `chatd user add`
+    made a moment ago. The dispatcher reads it from the store and tries once more."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("the token's account no longer exists or the token was revoked")
+        self.key = key
 
 
 class Scheduler(Protocol):
@@ -48,7 +62,9 @@ class App:
         self.scheduler = scheduler
         self.rooms = RoomManager()
         self.users: dict[str, UserRecord] = {}
+        # Guest holds by name key; written only by the hold methods below (one owner).
         self.guests: dict[str, GuestHold] = {}
+        self.hold_timers: dict[str, Cancellable] = {}
         self.revoked: dict[str, int] = {}
         self.users_version = 0
         self.sessions: dict[Session, None] = {}
@@ -75,10 +91,19 @@ class App:
         self.epoch = snap.epoch
         self.users = {u.name.lower(): u for u in snap.users}
         now = self.clock.now()
-        self.guests = {g.name.lower(): g for g in snap.guests if g.expires_at > now}
         self.revoked = {j: e for j, e in snap.revoked.items() if e > now}
         self.users_version = snap.users_version
         self.rooms.load(snap.rooms)
+        # Contract: a restart gives every held name a fresh grace (nobody is connected yet),
+        # so clients that reconnect keep their names.
+        self.guests = {}
+        for hold in snap.guests:
+            key = hold.name.lower()
+            self.guests[key] = hold
+            if key in self.users:
+                self.drop_hold(hold)
+            else:
+                self._start_grace(key, hold)
 
     def hello_frame(self) -> bytes:
         c = self.config
@@ -129,10 +154,13 @@ class App:
                 hold = self.guest_hold(key)
                 if hold is not None and hold.jti == str(version):
                     return hold
+                raise Unauthorized("guest session ended")
             else:
                 user = self.users.get(key)
                 if user is not None and user.id == uid and user.token_version == version:
                     return user
+                if user is None or uid > user.id:  # ids only grow: a newer account
+                    raise UnknownAccount(key)
         raise Unauthorized("the token's account no longer exists or the token was revoked")
 
     def authenticate(self, s: Session, token: str | None) -> Claims:
@@ -170,6 +198,8 @@ class App:
         s.token = token
         s.claims = claims
         self.online.setdefault(key, {})[s] = None
+        if is_guest(claims):
+            self.settle_hold(key)
         now = self.clock.now()
         notice = claims.exp - self.config.session_expiring_notice - now
         exp = claims.exp
@@ -216,6 +246,8 @@ class App:
                 sessions.pop(s, None)
                 if not sessions:
                     del self.online[key]
+            if s.claims is not None and is_guest(s.claims):
+                self.settle_hold(key)  # its last connection: the grace starts
         s.user = s.user_key = s.token = s.identity = None
         s.claims = None
         s.unbound_since = self.clock.now()
@@ -244,10 +276,120 @@ class App:
     def sessions_of(self, user_key: str) -> Iterable[Session]:
         return list(self.online.get(user_key, ()))
 
+    # --- guest holds -----------------------------------------------------------------
+    # Contract, "Guest names come back". The App alone decides a hold's fate, at once and
+    # in memory (no await between looking at a hold and changing it); each change takes
+    # the next version and is then written as a compare-and-set that applies only over an
+    # older version, so the database ends where memory did whatever order writes land in.
+
     def guest_hold(self, key: str) -> GuestHold | None:
-        """The online guest's hold on a (case-folded) name, if it has not expired."""
+        """The hold on a (case-folded) name, while it lasts."""
         hold = self.guests.get(key)
-        return hold if hold is not None and hold.expires_at > self.clock.now() else None
+        if hold is not None and hold.held_until is not None and hold.held_until <= self.clock.now():
+            self.drop_hold(hold)  # its timer is late: ends now
+            return None
+        return hold
+
+    def new_hold(self, name: str) -> GuestHold:
+        """A fresh hold on `name` for a guest about to be bound (held "while connected")."""
+        hold = GuestHold(name, str(secrets.randbits(62)), None, 1)
+        key = name.lower()
+        self._cancel_hold_timer(key)
+        self.guests[key] = hold
+        return hold
+
+    def settle_hold(self, key: str) -> None:
+        """Bring the hold in line with who is bound to it: held while any connection is;
+        when the last goes, the grace starts (released at once with no grace)."""
+        hold = self.guests.get(key)
+        if hold is None:
+            return
+        if self.online.get(key):
+            if hold.held_until is not None:
+                self._cancel_hold_timer(key)
+                self._change_hold(key, msgspec.structs.replace(
+                    hold, held_until=None, version=hold.version + 1))  # fmt: skip
+        elif hold.held_until is None:
+            self._start_grace(key, hold)
+
+    def _start_grace(self, key: str, hold: GuestHold) -> None:
+        grace = self.config.guest_grace
+        if grace <= 0:
+            self.drop_hold(hold)
+            return
+        until = math.ceil(self.clock.now() + grace)
+        new = msgspec.structs.replace(hold, held_until=until, version=hold.version + 1)
+        self._change_hold(key, new)
+        self._cancel_hold_timer(key)
+
+        def lapse() -> None:
+            self.hold_timers.pop(key, None)
+            if self.guests.get(key) is new:  # compare-and-set: nothing changed it since
+                self.drop_hold(new)
+
+        self.hold_timers[key] = self.scheduler.call_later(
+            max(0.0, until - self.clock.now()), lapse
+        )
+
+    def _change_hold(self, key: str, new: GuestHold) -> None:
+        self.guests[key] = new
+        self._write_hold(self.store.update_hold(new))
+
+    def release_hold(self, hold: GuestHold) -> Awaitable[bool] | None:
+        """Give the name back if `hold` is still the current state of its hold (else None:
+        someone decided otherwise first). Its tokens stop working at once; the returned
+        write is the release made durable."""
+        key = hold.name.lower()
+        if self.guests.get(key) is not hold:
+            return None
+        del self.guests[key]
+        self._cancel_hold_timer(key)
+        return self.store.release_guest(
+            msgspec.structs.replace(hold, version=hold.version + 1)
+        )
+
+    def drop_hold(self, hold: GuestHold) -> None:
+        """release_hold, its write in the background (logged if it fails)."""
+        self._write_hold(self.release_hold(hold))
+
+    def _cancel_hold_timer(self, key: str) -> None:
+        timer = self.hold_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _write_hold(self, write: Awaitable[Any] | None) -> None:
+        if write is not None:
+            self.scheduler.spawn(self._hold_written(write))
+
+    async def _hold_written(self, write: Awaitable[Any]) -> None:
+        try:
+            await write
+        except ChatError as exc:
+            # The store has logged the failed batch (or is shutting down). Memory decided;
+            # a hold left behind gets a fresh grace at the next start and then goes.
+            log.debug("could not write a guest hold: %s", exc.message)
+        except Exception:
+            log.exception("could not write a guest hold")
+
+    def suspend_holds(self) -> None:
+        """The server stops: every hold's grace starts now (written before the store
+        closes), so with no server running the command line sees when each name is free;
+        the next start gives them a fresh grace anyway."""
+        for key, hold in list(self.guests.items()):
+            if hold.held_until is None:
+                self._start_grace(key, hold)
+
+    def sweep_holds(self) -> None:
+        """Release holds whose grace has ended (their timers normally do it first)."""
+        for key in list(self.guests):
+            self.guest_hold(key)
+
+    def hold_note(self, hold: GuestHold) -> str:
+        """Until when a name is held, for a `conflict` message (contract)."""
+        if hold.held_until is None:
+            return "while connected"
+        left = max(0, math.ceil(hold.held_until - self.clock.now()))
+        return f"until {rfc3339(hold.held_until)} (in {left} s)"
 
     def known_user(self, name: str) -> bool:
         """Registered, or an online guest (one that holds its name)."""
@@ -283,20 +425,53 @@ class App:
         """Adopt the accounts as the database has them now (after `chatd user …`)."""
         self.users_version = version
         fresh = {u.name.lower(): u for u in users}
-        for key, old in list(self.users.items()):
-            new = fresh.get(key)
-            if new is None or new.id != old.id:
-                self.drop_user(key)
-            elif new.token_version != old.token_version:
-                self.users[key] = new
-                for s in self.sessions_of(key):
-                    if s.claims is not None:
-                        try:
-                            self.check_claims(s.claims)
-                        except Unauthorized:
-                            self.expire(s, "logout")
+        for key in list(self.users):
+            if key not in fresh:
+                self.adopt_user(key, None)
         for key, u in fresh.items():
-            self.users[key] = u
+            self.adopt_user(key, u)
+
+    def adopt_user(self, key: str, new: UserRecord | None) -> None:
+        """Take one account as the database has it now (None: it is gone)."""
+        old = self.users.get(key)
+        if old is not None and (new is None or new.id != old.id):
+            self.drop_user(key)
+        elif old is not None and new is not None and (
+            new.token_version != old.token_version or new.pw_hash != old.pw_hash
+        ):
+            self.users[key] = new
+            for s in self.sessions_of(key):
+                if s.claims is not None:
+                    try:
+                        self.check_claims(s.claims)
+                    except Unauthorized:
+                        self.expire(s, "logout")
+        if new is None:
+            return
+        self.users[key] = new
+        hold = self.guests.get(key)
+        if hold is not None:
+            # The account won the name (registered through the command line while the
+            # hold lapsed): the guest's session ends.
+            self.drop_hold(hold)
+            for s in self.sessions_of(key):
+                if s.claims is not None and is_guest(s.claims):
+                    self.expire(s)
+
+    async def refresh_user(self, key: str) -> UserRecord | None:
+        """Read one account from the store and adopt it: `chatd user add` (or delete) of a
+        moment ago counts at once, not at the next poll (contract)."""
+        before = self.users.get(key)
+        rec = await self.store.get_user(key)
+        if self.users.get(key) is before:
+            # Compare-and-set: a read that began before a change made here meanwhile
+            # (register, logout all, passwd replace the record) must not undo it.
+            self.adopt_user(key, rec)
+        return self.users.get(key)
+
+
+def is_guest(claims: Claims) -> bool:
+    return claims.jti.startswith(f"{GUEST_ID}.")
 
 
 def identity(claims: Claims) -> str:

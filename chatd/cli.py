@@ -78,6 +78,24 @@ def _grants(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _guest_grants(value: str) -> tuple[str, ...]:
+    grants = _grants(value)
+    if "admin" in grants:
+        # Contract: admin is never allowed for guests (anyone can log in as one).
+        raise argparse.ArgumentTypeError("admin cannot be given to guests (anyone can be one)")
+    return grants
+
+
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not n >= 0 or n == float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 (released at once) or more seconds")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatd", description="chat server over TCP, JSON lines")
     sub = parser.add_subparsers(dest="command")
@@ -94,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-guests", action="store_true", help="refuse guest logins")
     serve.add_argument("--login-grants", type=_grants, default=d.login_grants,
                        help="grants a login gets by default (comma separated)")
+    serve.add_argument("--guest-grants", type=_guest_grants, default=d.guest_grants,
+                       help="grants a guest login gets (comma separated; never admin; "
+                       f"default {','.join(d.guest_grants)})")
+    serve.add_argument("--guest-grace", type=_seconds, default=d.guest_grace,
+                       help="seconds a guest keeps its name after its last connection "
+                       "(and after a restart); 0 = released at once (default %(default)g)")
     serve.add_argument("--outbox-soft", type=int, default=d.outbox_soft)
     serve.add_argument("--outbox-hard", type=int, default=d.outbox_hard)
     serve.add_argument("--write-deadline", type=float, default=d.write_deadline)
@@ -201,6 +225,8 @@ def config_from(args: argparse.Namespace) -> Config:
         rate_limit=args.rate_limit,
         guests=not args.no_guests,
         login_grants=tuple(args.login_grants),
+        guest_grants=tuple(args.guest_grants),
+        guest_grace=args.guest_grace,
         outbox_soft=args.outbox_soft,
         outbox_low=min(_DEFAULTS.outbox_low, args.outbox_soft // 4),
         outbox_hard=args.outbox_hard,
@@ -340,14 +366,7 @@ def user_command(args: argparse.Namespace) -> int:
         pw_hash = hasher.hash_sync(password)
         hasher.close()
         db.execute("BEGIN IMMEDIATE")
-        # Contract: registering a name an online guest holds is a conflict, here too.
-        held = db.execute(
-            "SELECT name FROM guests WHERE name_key = ? AND expires_at > ?",
-            (args.name.lower(), int(time.time())),
-        ).fetchone()
-        if held is not None:
-            db.execute("ROLLBACK")
-            raise CliError(f"the name {args.name!r} is held by an online guest; try again later")
+        _check_guest_hold(db, args.name)
         cur = db.execute(
             "INSERT INTO users (name, name_key, pw_hash, admin, created_at) "
             "VALUES (?, ?, ?, ?, strftime('%s','now')) ON CONFLICT(name_key) DO NOTHING",
@@ -370,6 +389,26 @@ def user_command(args: argparse.Namespace) -> int:
         db.execute("COMMIT")
         return 0
     return 2
+
+
+def _check_guest_hold(db: sqlite3.Connection, name: str) -> None:
+    """Contract: registering a name a guest holds is a conflict, here too. A hold lasts
+    while its guest is connected (held_until NULL, kept so by the running server) and
+    until held_until after that; a lapsed one is removed here (inside the caller's
+    transaction), so the name is free at once even with no server running to release it."""
+    key = name.lower()
+    row = db.execute("SELECT held_until FROM guests WHERE name_key = ?", (key,)).fetchone()
+    if row is None:
+        return
+    (until,) = row
+    if until is None:
+        db.execute("ROLLBACK")
+        raise CliError(f"the name {name!r} is held by a guest while it is connected; try later")
+    if until > time.time():
+        db.execute("ROLLBACK")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+        raise CliError(f"the name {name!r} is held by a guest until {when}; try again then")
+    db.execute("DELETE FROM guests WHERE name_key = ?", (key,))
 
 
 def token_command(args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ ALL_GRANTS: tuple[str, ...] = (
 )
 # A login gets every grant but admin unless the operator says otherwise (contract).
 DEFAULT_LOGIN_GRANTS: tuple[str, ...] = tuple(g for g in ALL_GRANTS if g != "admin")
+# An anonymous guest may make rooms and change its own messages, nothing of anyone else's
+# (contract, "Guest grants"): no rewriting others' messages, no deleting rooms.
+DEFAULT_GUEST_GRANTS: tuple[str, ...] = ("room:create", "msg:edit", "msg:delete")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class Config:
     session_expiring_notice: int = 60
     guests: bool = True
     login_grants: tuple[str, ...] = DEFAULT_LOGIN_GRANTS
+    guest_grants: tuple[str, ...] = DEFAULT_GUEST_GRANTS
+    # A guest keeps its name this long after its last connection goes (and after a restart),
+    # so a client that reconnects keeps it; 0 = released at once (contract).
+    guest_grace: float = 120.0
     # asyncio water marks / InspIRCd soft sendq: stop reading a client that does not read.
     outbox_soft: int = 64 * 1024
     outbox_low: int = 16 * 1024

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Union
 
-from chatd.app import App
+from chatd.app import App, UnknownAccount
 from chatd.config import Config
 from chatd.errors import ChatError, Forbidden, Internal
 from chatd.protocol.commands import Command, command_name
@@ -93,6 +93,9 @@ class Spec:
     metered: bool = True
     # Field rules msgspec cannot express; run before the token is looked at (contract).
     check: Callable[[Any, Config], None] | None = None
+    # The grant `help` shows when the dispatcher does not check it itself (msg.edit and
+    # msg.delete judge it after the message lookup: own message, or the `:any` grant).
+    shown_grant: str | None = None
 
     @functools.cached_property
     def name(self) -> str:
@@ -174,12 +177,19 @@ class Dispatcher:
         app.help_data = self.help()
 
     def help(self) -> dict[str, Any]:
-        return {
-            "commands": [
-                {"cmd": s.name, "usage": s.usage, "auth": s.auth, "grant": s.grant}
-                for s in self.specs.values()
-            ]
-        }
+        """Every command as protocol.md's table has it; `summary` says it all in one line,
+        first after `cmd`, for people reading the reply in a terminal."""
+        out = []
+        for s in self.specs.values():
+            grant = s.grant or s.shown_grant
+            out.append({
+                "cmd": s.name,
+                "summary": help_summary(s.usage, s.auth, grant),
+                "usage": s.usage,
+                "auth": s.auth,
+                "grant": grant,
+            })  # fmt: skip
+        return {"commands": out}
 
     def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
         """Decode a frame and find its command, or the error frame to answer with."""
@@ -208,6 +218,29 @@ class Dispatcher:
             return prepared
         return self.execute(session, *prepared)
 
+    def _after_reading(
+        self, key: str, session: Session, cmd: Command, spec: Spec, req: Request
+    ) -> Result:
+        """A frame token of an account not in memory: read the account from the store (a
+        `chatd user add` of a moment ago counts at once), then authenticate and run the
+        command as usual. Not overlapped: it runs in order with the connection's others."""
+
+        async def run() -> Any:
+            await self.app.refresh_user(key)
+            req.authenticated(self.app.authenticate(session, cmd.token))
+            _check_grant(spec, req)
+            value = spec.handler(self.app, req, cmd)
+            if type(value) is types.CoroutineType:
+                value = await value
+            return value
+
+        coro = run()
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            return Outcome(ok_frame(cmd.id, stop.value), req.events)
+        return Pending(coro, first, cmd.id, req, spec.name, False)
+
     def execute(self, session: Session, cmd: Command, spec: Spec) -> Result:
         """Run one command. Most finish here, synchronously; those that wait for the store
         or a hash come back as Pending, to be awaited in order by the connection."""
@@ -221,9 +254,13 @@ class Dispatcher:
             if spec.check is not None:
                 spec.check(cmd, self.app.config)
             if spec.auth:
-                req.authenticated(self.app.authenticate(session, cmd.token))
-                if spec.grant is not None and spec.grant not in req.claims.grants:
-                    raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
+                try:
+                    req.authenticated(self.app.authenticate(session, cmd.token))
+                except UnknownAccount as exc:
+                    if cmd.token is None or cmd.token == session.token:
+                        raise
+                    return self._after_reading(exc.key, session, cmd, spec, req)
+                _check_grant(spec, req)
             elif cmd.token is not None and session.user_key is not None:
                 self._not_another_users(session, cmd.token)
             coro = spec.handler(self.app, req, cmd)
@@ -240,6 +277,17 @@ class Dispatcher:
             log.exception("internal error in %s", spec.name)
             return Outcome(error_frame(rid, Internal("internal error")))
         return Pending(coro, first, rid, req, spec.name, spec.overlap)
+
+
+def help_summary(usage: str, auth: bool, grant: str | None) -> str:
+    """One line: "msg.edit message_id text — edit a message [token; grant msg:edit]"."""
+    needs = "no token" if not auth else "token" + (f"; grant {grant}" if grant else "")
+    return f"{usage} [{needs}]"
+
+
+def _check_grant(spec: Spec, req: Request) -> None:
+    if spec.grant is not None and spec.grant not in req.claims.grants:
+        raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
 
 
 @types.coroutine
@@ -271,7 +319,8 @@ def command_table() -> list[Spec]:
 
     return [
         Spec(c.Ping, system.ping, "ping — answers {pong:true}", auth=False, metered=False),
-        Spec(c.Help, system.help_, "help — this list", auth=False),
+        Spec(c.Help, system.help_, "help [command] — this list, or one command's entry",
+             auth=False),
         Spec(c.Register, accounts.register, "register user password — create an account",
              auth=False, check=accounts.check_register),
         Spec(c.Login, accounts.login,
@@ -282,7 +331,12 @@ def command_table() -> list[Spec]:
         Spec(c.Refresh, accounts.refresh, "refresh — a new token with a fresh lifetime"),
         Spec(c.Logout, accounts.logout, "logout [all] — revoke this token (all: every token)"),
         Spec(c.WhoAmI, accounts.whoami, "whoami — user, grants and expiry of the token"),
+        Spec(c.Passwd, accounts.passwd,
+             "passwd password new_password — change the password; a new token, all others end",
+             check=accounts.check_passwd),
         Spec(c.UserDelete, accounts.user_delete, "user.delete user — delete an account",
+             grant="admin"),
+        Spec(c.UserList, accounts.user_list, "user.list — every registered account",
              grant="admin"),
         Spec(c.RoomCreate, rooms.create,
              "room.create room [topic] [ephemeral] [open] — create and join a room",
@@ -304,9 +358,12 @@ def command_table() -> list[Spec]:
         # msg.edit/msg.delete look the message up before they write, so a send pipelined
         # behind one would take an earlier revision yet reach the room later: they do not
         # overlap (contract: each connection gets message events in revision order).
-        Spec(c.MsgEdit, messages.edit, "msg.edit message_id text — edit a message",
-             metered=False, check=messages.check_edit),
-        Spec(c.MsgDelete, messages.delete, "msg.delete message_id — delete a message"),
+        Spec(c.MsgEdit, messages.edit,
+             "msg.edit message_id text — edit a message (another's: msg:edit:any)",
+             metered=False, check=messages.check_edit, shown_grant="msg:edit"),
+        Spec(c.MsgDelete, messages.delete,
+             "msg.delete message_id — delete a message (another's: msg:delete:any)",
+             shown_grant="msg:delete"),
         Spec(c.DmHistory, messages.dm_history,
              "dm.history [with] [before] [after] [limit] — direct messages, oldest first",
              check=messages.check_limit),

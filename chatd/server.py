@@ -571,7 +571,7 @@ class ChatServer:
         now = int(self.clock.now())
         app = self.app
         app.revoked = {j: e for j, e in app.revoked.items() if e > now}
-        app.guests = {k: g for k, g in app.guests.items() if g.expires_at > now}
+        app.sweep_holds()
         # Per-user send buckets that have refilled hold no state worth keeping.
         app.send_buckets = {
             k: b for k, b in app.send_buckets.items() if not b.full(now)
@@ -650,6 +650,7 @@ class ChatServer:
         deadline = time.monotonic() + self.config.shutdown_grace / 2
         while self.commands and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.app.suspend_holds()  # queued before the store closes: their writes land
         for t in list(self.tasks):
             t.cancel()
         await self.store.close()

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from chatd.config import Config
+from chatd.config import DEFAULT_LOGIN_GRANTS, Config
 from chatd.server import ChatServer
 from chatd.store.sqlite import SQLiteStore
 
@@ -25,6 +25,12 @@ TEST_CONFIG = Config(
     argon2_memory_kib=1024,
     argon2_time_cost=1,
     idle_timeout=300.0,
+    # Most tests use guests as full users for brevity; the guest defaults have tests of
+    # their own (tests/wire/test_guests.py), which start from GUEST_DEFAULTS.
+    guest_grants=DEFAULT_LOGIN_GRANTS,
+)
+GUEST_DEFAULTS = TEST_CONFIG.replace(
+    guest_grants=Config().guest_grants, guest_grace=Config().guest_grace
 )
 
 

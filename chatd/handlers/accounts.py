@@ -1,5 +1,5 @@
-"""register, login, auth, refresh, logout, whoami, user.delete (wire contract,
-"Identity and tokens")."""
+"""register, login, auth, refresh, logout, whoami, passwd, user.delete, user.list (wire
+contract, "Identity and tokens" and "Decided for the next round")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import secrets
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-from chatd.app import GUEST_ID
+import msgspec
+
+from chatd.app import GUEST_ID, is_guest
 from chatd.auth import Claims, new_jti, normalize_grants
 from chatd.config import Config
 from chatd.errors import (
@@ -63,9 +65,23 @@ def check_auth(cmd: c.Auth, config: Config) -> None:
         raise BadRequest("Object missing required field `token`")
 
 
+def check_passwd(cmd: c.Passwd, config: Config) -> None:
+    # The old password too: one outside the rules cannot be right, and must not cost a hash.
+    check_password(cmd.password, config)
+    check_password(cmd.new_password, config)
+
+
+def _held(app: App, name: str, hold: GuestHold) -> Conflict:
+    """Contract: a conflict for a held name says until when it is held."""
+    return Conflict(f"the name {name!r} is held by a guest {app.hold_note(hold)}")
+
+
 async def register(app: App, req: Request, cmd: c.Register) -> Any:
     key = cmd.user.lower()
-    if key in app.users or key in app.registering or app.guest_hold(key) is not None:
+    hold = app.guest_hold(key)
+    if hold is not None:
+        raise _held(app, cmd.user, hold)
+    if key in app.users or key in app.registering:
         raise Conflict(f"the name {cmd.user!r} is taken")
     _spend_register_budget(app, req.session)
     app.registering.add(key)  # reserved until written: a racing guest login gets conflict
@@ -159,15 +175,18 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
     try:
         if s.closed:
             raise Unauthorized("the connection closed")  # nobody to answer: save the hash
-        user = app.users.get(key)
+        # The store's view, not only memory's: an account `chatd user add` made a moment
+        # ago logs in at once (contract), one it deleted does not.
+        user = await app.refresh_user(key)
         ok = await app.hasher.verify(user.pw_hash if user else None, password)
-        user = app.users.get(key) if ok else None  # the account may have gone meanwhile
-        if user is None:
+        now = app.users.get(key)
+        # The account may have gone or changed its password meanwhile.
+        if not ok or user is None or now is None or now.id != user.id or now.pw_hash != user.pw_hash:
             failed = True
             raise Unauthorized("wrong user name or password")
     finally:
         app.login_gate.finish(keys, failed=failed)
-    return user
+    return now
 
 
 def _ttl(app: App, asked: int | None) -> int:
@@ -211,44 +230,45 @@ async def _guest_login(
     if key in app.users:
         raise Unauthorized("that name is registered: log in with its password")
     own = _own_hold(app, req.session, key)
-    if own is None and app.guest_hold(key) is not None:
-        raise Conflict(f"the guest name {cmd.user!r} is in use")
+    held = app.guest_hold(key)
+    if own is None and held is not None:
+        raise _held(app, cmd.user, held)
     if key in app.registering:
         raise Conflict(f"the name {cmd.user!r} is being registered")
-    grants = normalize_grants([g for g in app.config.login_grants if wanted is None or g in wanted])
+    # Contract, "Guest grants": --guest-grants (never admin, whatever the Config says),
+    # intersected with what the login asks for.
+    grants = normalize_grants([
+        g for g in app.config.guest_grants if g != "admin" and (wanted is None or g in wanted)
+    ])  # fmt: skip
     if own is not None:
         # The holder itself, on its bound connection, is not "another guest": a new token
-        # under the same hold, which lives as long as the longest of its tokens.
+        # under the same hold (which lasts while it is connected, whatever the token's life).
         token, claims = app.tokens.mint(
             own.name, f"{GUEST_ID}.{own.jti}.{secrets.token_urlsafe(12)}", grants,
             _ttl(app, cmd.ttl),
         )
-        if claims.exp > own.expires_at:
-            longer = GuestHold(own.name, own.jti, claims.exp)
-            await app.store.hold_guest(longer)
-            if app.guests.get(key) is own:
-                app.guests[key] = longer
         app.bind(req.session, token, claims)
         return _token_reply(token, claims, own.name)
     _spend_guest_budget(app, req.session)
-    hold_id = str(secrets.randbits(62))
+    hold = app.new_hold(cmd.user)  # reserved now, so a racing guest login gets conflict
     token, claims = app.tokens.mint(
-        cmd.user, f"{GUEST_ID}.{hold_id}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
+        cmd.user, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
     )
-    hold = GuestHold(cmd.user, hold_id, claims.exp)
-    app.guests[key] = hold  # reserved now, so a racing guest login gets conflict
     try:
         await app.store.hold_guest(hold)
     except BaseException:
-        app.guests.pop(key, None)
+        app.drop_hold(hold)
         raise
+    if app.guests.get(key) is not hold:
+        raise Conflict(f"the name {cmd.user!r} was taken meanwhile")
     app.bind(req.session, token, claims)
+    app.settle_hold(key)  # not bound after all (the connection went meanwhile): grace
     return _token_reply(token, claims, cmd.user)
 
 
 def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
     """The hold of guest `key` when this connection is bound to that very guest."""
-    hold = app.guests.get(key)
+    hold = app.guest_hold(key)
     claims = session.claims
     if hold is None or claims is None or session.user_key != key:
         return None
@@ -262,7 +282,15 @@ def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
 async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
     assert cmd.token is not None
     claims = app.tokens.verify(cmd.token)
-    app.check_claims(claims)
+    try:
+        app.check_claims(claims)
+    except Unauthorized:
+        if is_guest(claims) or claims.jti in app.revoked:
+            raise
+        # Perhaps an account `chatd user add` made (and `chatd token` signed for) a moment
+        # ago, not yet seen by the poll: look in the store before saying no.
+        await app.refresh_user(claims.sub.lower())
+        app.check_claims(claims)
     app.bind(req.session, cmd.token, claims)
     return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
 
@@ -275,16 +303,17 @@ async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> Any:
 async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
     old: Claims = req.claims
     key = req.user_key
-    hold = app.guests.get(key)
     max_ttl = app.config.token_ttl
-    if old.jti.startswith(f"{GUEST_ID}.") and hold is not None:
+    if is_guest(old):
+        # No await before the token exists: the hold checked a moment ago by the dispatcher
+        # is the current one (a racing logout either came first, and this is unauthorized,
+        # or comes after, and this token dies with the hold).
+        hold = app.guest_hold(key)
+        if hold is None:
+            raise Unauthorized("guest session ended")
         token, claims = app.tokens.renew(
             old, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", max_ttl
         )
-        longer = GuestHold(hold.name, hold.jti, max(hold.expires_at, claims.exp))
-        await app.store.hold_guest(longer)
-        if app.guests.get(key) is hold:  # not released by a logout meanwhile
-            app.guests[key] = longer
     else:
         user = app.users[key]
         token, claims = app.tokens.renew(old, new_jti(user.id, user.token_version), max_ttl)
@@ -293,25 +322,8 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
     return {"token": token, "expires_at": claims.exp}
 
 
-async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
-    claims: Claims = req.claims
-    key = req.user_key
-    s = req.session
-    hold = app.guests.get(key)
-    guest = claims.jti.startswith(f"{GUEST_ID}.")
-    await app.store.revoke(claims.jti, claims.exp)
-    app.revoked[claims.jti] = claims.exp
-    if guest and hold is not None:
-        # A guest that logs out gives its name back; its other tokens die with the hold.
-        await app.store.release_guest(hold.name, hold.jti)
-        if app.guests.get(key) is hold:
-            del app.guests[key]
-    elif cmd.all:
-        version = await app.store.bump_token_version(key)
-        user = app.users.get(key)
-        if user is not None:
-            user.token_version = version
-    app.unbind(s, "logout")
+def _end_other_sessions(app: App, key: str) -> None:
+    """Connections of `key` whose token stopped working get `session.expired` (logout)."""
     for other in app.sessions_of(key):
         if other.claims is None:
             continue
@@ -319,7 +331,63 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
             app.check_claims(other.claims)
         except Unauthorized:
             app.expire(other, "logout")
+
+
+async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
+    claims: Claims = req.claims
+    key = req.user_key
+    s = req.session
+    if is_guest(claims):
+        # A guest that logs out gives its name back; its other tokens die with the hold.
+        # Decided at once, before anything waits (issue 13.7: a refresh or login racing
+        # this logout finds the hold gone, and no later write brings it back).
+        hold = app.guest_hold(key)
+        written = app.release_hold(hold) if hold is not None else None
+        app.unbind(s, "logout")
+        _end_other_sessions(app, key)
+        if written is not None:
+            await written  # acknowledged only once the release is durable
+        return {}
+    await app.store.revoke(claims.jti, claims.exp)
+    app.revoked[claims.jti] = claims.exp
+    if cmd.all:
+        version = await app.store.bump_token_version(key)
+        user = app.users.get(key)
+        if user is not None:
+            app.users[key] = msgspec.structs.replace(user, token_version=version)
+    app.unbind(s, "logout")
+    _end_other_sessions(app, key)
     return {}
+
+
+async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
+    """Contract, "passwd": a new token like `refresh`'s; every other token of the account
+    stops working (as `logout all`)."""
+    old: Claims = req.claims
+    key = req.user_key
+    s = req.session
+    if is_guest(old):
+        raise Forbidden("a guest has no password; register an account first")
+    user = await check_user_password(app, s, key, cmd.password)
+    pw_hash = await app.hasher.hash(cmd.new_password)
+    version = await app.store.set_password(user.id, pw_hash)
+    now = app.users.get(key)
+    if version is None or now is None or now.id != user.id:
+        raise Unauthorized("the token's account no longer exists")
+    app.users[key] = msgspec.structs.replace(now, pw_hash=pw_hash, token_version=version)
+    token, claims = app.tokens.renew(old, new_jti(user.id, version), app.config.token_ttl)
+    if s.user_key == key:
+        app.bind(s, token, claims)
+    _end_other_sessions(app, key)
+    return {"token": token, "expires_at": claims.exp}
+
+
+async def user_list(app: App, req: Request, cmd: c.UserList) -> Any:
+    # The store's list (the command line may have changed it a moment ago); names
+    # compare case-insensitively, so they sort that way.
+    _, users = await app.store.reload_users()
+    users.sort(key=lambda u: u.name.lower())
+    return {"users": [{"name": u.name, "admin": u.admin} for u in users]}
 
 
 async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:

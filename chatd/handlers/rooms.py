@@ -218,9 +218,8 @@ async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
 
 def _known_users(app: App, after: str | None) -> list[str]:
     """Registered users and online guests, in name order, after `after` (case-folded)."""
-    now = app.clock.now()
     names = [u.name for u in app.users.values()]
-    names += [g.name for g in app.guests.values() if g.expires_at > now]
+    names += [h.name for k in list(app.guests) if (h := app.guest_hold(k)) is not None]
     ordered = sorted(set(names), key=str.lower)
     if after is None:
         return ordered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from chatd.errors import NotFound
 from chatd.protocol import commands as c
 
 if TYPE_CHECKING:
@@ -18,4 +19,10 @@ def ping(app: App, req: Request, cmd: c.Ping) -> Any:
 
 
 def help_(app: App, req: Request, cmd: c.Help) -> Any:
-    return app.help_data
+    if cmd.command is None:
+        return app.help_data
+    # [chatd] `help` with `command`: that command's entry alone, short enough to read in nc.
+    for entry in app.help_data["commands"]:
+        if entry["cmd"] == cmd.command:
+            return {"commands": [entry]}
+    raise NotFound(f"no command {cmd.command!r}; send help for the list")

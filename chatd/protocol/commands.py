@@ -46,7 +46,7 @@ class Ping(Command, tag="ping", frozen=True):
 
 
 class Help(Command, tag="help", frozen=True):
-    pass
+    command: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class Register(Command, tag="register", frozen=True):
@@ -79,6 +79,15 @@ class WhoAmI(Command, tag="whoami", frozen=True):
 
 class UserDelete(Command, tag="user.delete", frozen=True):
     user: Name
+
+
+class Passwd(Command, tag="passwd", frozen=True):
+    password: str
+    new_password: str
+
+
+class UserList(Command, tag="user.list", frozen=True):
+    pass
 
 
 class RoomCreate(Command, tag="room.create", frozen=True):
@@ -168,7 +177,9 @@ AnyCommand = Union[
     Refresh,
     Logout,
     WhoAmI,
+    Passwd,
     UserDelete,
+    UserList,
     RoomCreate,
     RoomEdit,
     RoomDelete,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x63686174  # "chat": tells a chatd database from any other SQLite file
 
 MIGRATIONS: dict[int, str] = {
@@ -64,5 +64,12 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX messages_room_rev ON messages(room_id, rev) WHERE room_id IS NOT NULL;
     CREATE INDEX messages_dm_from_rev ON messages(sender_key, rev) WHERE room_id IS NULL;
     CREATE INDEX messages_dm_to_rev ON messages(recipient_key, rev) WHERE room_id IS NULL;
+    """,
+    # Guest names come back: a hold lasts while its guest is connected (held_until NULL)
+    # and until held_until after that; every change of a hold takes the next version, and
+    # a write applies only over an older one (compare-and-set). expires_at is unused since.
+    3: """
+    ALTER TABLE guests ADD COLUMN held_until INTEGER;
+    ALTER TABLE guests ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
     """,
 }

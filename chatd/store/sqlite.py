@@ -269,8 +269,8 @@ class SQLiteStore:
             rev=self.rev,
             users=self._users(db),
             guests=[
-                GuestHold(n, j, e)
-                for n, j, e in db.execute("SELECT name, jti, expires_at FROM guests")
+                GuestHold(n, j, h, v)
+                for n, j, h, v in db.execute("SELECT name, jti, held_until, version FROM guests")
             ],
             revoked=dict(db.execute("SELECT jti, expires_at FROM revoked").fetchall()),
             rooms=[
@@ -499,25 +499,64 @@ class SQLiteStore:
 
         await self._write(op)
 
+    async def get_user(self, name: str) -> UserRecord | None:
+        def op(db: sqlite3.Connection) -> UserRecord | None:
+            row = db.execute(
+                "SELECT id, name, pw_hash, admin, token_version FROM users WHERE name_key = ?",
+                (name.lower(),),
+            ).fetchone()
+            return None if row is None else UserRecord(row[0], row[1], row[2], bool(row[3]), row[4])
+
+        return await self._read(op)
+
+    async def set_password(self, user_id: int, pw_hash: str) -> int | None:
+        def op(db: sqlite3.Connection) -> int | None:
+            row = db.execute(
+                "UPDATE users SET pw_hash = ?, token_version = token_version + 1 WHERE id = ? "
+                "RETURNING token_version",
+                (pw_hash, user_id),
+            ).fetchone()
+            return int(row[0]) if row else None
+
+        return await self._write(op)
+
     async def hold_guest(self, hold: GuestHold) -> None:
         def op(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT OR REPLACE INTO guests VALUES (?, ?, ?, ?)",
-                (hold.name.lower(), hold.name, hold.jti, hold.expires_at),
+                "INSERT OR REPLACE INTO guests (name_key, name, jti, expires_at, held_until,"
+                " version) VALUES (?, ?, ?, 0, ?, ?)",
+                (hold.name.lower(), hold.name, hold.jti, hold.held_until, hold.version),
             )
 
         await self._write(op)
 
-    async def release_guest(self, name: str, jti: str) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM guests WHERE name_key = ? AND jti = ?", (name.lower(), jti))
+    def update_hold(self, hold: GuestHold) -> Awaitable[bool]:
+        # Queued at the call, not at the first await: writes go in the order decided.
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE guests SET held_until = ?, version = ?"
+                " WHERE name_key = ? AND jti = ? AND version < ?",
+                (hold.held_until, hold.version, hold.name.lower(), hold.jti, hold.version),
+            )
+            return cur.rowcount > 0
 
-        await self._write(op)
+        return self._write(op)
+
+    def release_guest(self, hold: GuestHold) -> Awaitable[bool]:
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "DELETE FROM guests WHERE name_key = ? AND jti = ? AND version < ?",
+                (hold.name.lower(), hold.jti, hold.version),
+            )
+            return cur.rowcount > 0
+
+        return self._write(op)
 
     async def purge_expired(self, now: int) -> None:
+        # Guest holds are not purged here: the server releases each when its grace ends
+        # (one owner decides a hold's fate).
         def op(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM revoked WHERE expires_at <= ?", (now,))
-            db.execute("DELETE FROM guests WHERE expires_at <= ?", (now,))
 
         await self._write(op, multi=True)
 

@@ -1,0 +1,182 @@
+"""Guest holds without sockets: the App decides (injected clock and scheduler), the SQLite
+store applies each change only over an older version (issue 13 item 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from chatd.auth import Claims
+from chatd.errors import Unauthorized
+from chatd.session import Session
+from chatd.store.base import GuestHold, Snapshot
+from chatd.store.schema import APPLICATION_ID, MIGRATIONS
+from chatd.store.sqlite import SQLiteStore
+from tests.unit.fakes import UNIT_CONFIG, Core, core
+
+GRACE = UNIT_CONFIG.replace(guest_grace=120)
+
+
+def bind_guest(k: Core, name: str, *sessions: Session) -> Claims:
+    hold = k.app.guest_hold(name.lower()) or k.app.new_hold(name)
+    token, claims = k.tokens.mint(name, f"0.{hold.jti}.x", (), 3600)
+    for s in sessions:
+        k.app.bind(s, token, claims)
+    return claims
+
+
+def live_hold_timers(k: Core) -> list[float]:
+    return [t.delay for t in k.scheduler.live() if t.fn.__name__ == "lapse"]
+
+
+async def test_a_hold_lasts_while_connected_then_for_the_grace() -> None:
+    with core(GRACE) as k:
+        (s1, _), (s2, _) = k.session(), k.session()
+        claims = bind_guest(k, "Ann", s1, s2)
+        assert k.app.guest_hold("ann").held_until is None  # type: ignore[union-attr]
+        k.app.close_session(s1)
+        assert k.app.guest_hold("ann").held_until is None  # type: ignore[union-attr]
+        assert live_hold_timers(k) == []
+        k.app.close_session(s2)  # the last one: the grace starts
+        hold = k.app.guest_hold("ann")
+        assert hold is not None and hold.held_until == k.clock.now() + 120
+        assert live_hold_timers(k) == [120]
+        k.clock.advance(119)
+        assert k.app.check_claims(claims) is hold
+        k.clock.advance(1)
+        [timer] = [t for t in k.scheduler.live() if t.fn.__name__ == "lapse"]
+        timer.fire()
+        assert k.app.guest_hold("ann") is None
+        with pytest.raises(Unauthorized, match="guest session ended"):
+            k.app.check_claims(claims)
+
+
+async def test_a_late_timer_does_not_release_a_hold_that_came_back() -> None:
+    with core(GRACE) as k:
+        (s1, _), (s2, _) = k.session(), k.session()
+        claims = bind_guest(k, "bo", s1)
+        k.app.close_session(s1)
+        [first] = [t for t in k.scheduler.live() if t.fn.__name__ == "lapse"]
+        k.clock.advance(60)
+        k.app.bind(s2, "tok", claims)  # reconnects within the grace
+        assert first.cancelled
+        assert k.app.guest_hold("bo").held_until is None  # type: ignore[union-attr]
+        k.app.close_session(s2)  # a new grace, from now
+        first.fn()  # the old timer running anyway (compare-and-set: it changes nothing)
+        hold = k.app.guest_hold("bo")
+        assert hold is not None and hold.held_until == k.clock.now() + 120
+        assert hold.version == 4  # created, grace, back, grace again
+
+
+async def test_a_hold_whose_timer_is_late_ends_when_its_grace_does() -> None:
+    with core(GRACE) as k:
+        s, _ = k.session()
+        claims = bind_guest(k, "cy", s)
+        k.app.close_session(s)
+        k.clock.advance(120)
+        with pytest.raises(Unauthorized, match="guest session ended"):
+            k.app.check_claims(claims)
+        assert k.app.guest_hold("cy") is None
+
+
+async def test_with_no_grace_the_last_connection_releases_at_once() -> None:
+    with core(UNIT_CONFIG.replace(guest_grace=0)) as k:
+        s, _ = k.session()
+        bind_guest(k, "di", s)
+        k.app.close_session(s)
+        assert k.app.guest_hold("di") is None
+
+
+async def test_a_restart_gives_every_hold_a_fresh_grace() -> None:
+    with core(GRACE) as k:
+        stale = GuestHold("Ed", "7", k.clock.now() - 5000, 3)
+        connected = GuestHold("fi", "8", None, 2)
+        k.app.load(Snapshot("e", 0, [], [stale, connected], {}, [], 0))
+        for key in ("ed", "fi"):
+            hold = k.app.guest_hold(key)
+            assert hold is not None and hold.held_until == k.clock.now() + 120
+        assert sorted(live_hold_timers(k)) == [120, 120]
+
+
+async def test_hold_note_says_until_when() -> None:
+    with core(GRACE) as k:
+        assert k.app.hold_note(GuestHold("a", "1", None, 1)) == "while connected"
+        assert k.clock.now() == 1_700_000_000
+        assert k.app.hold_note(GuestHold("a", "1", 1_700_000_120, 2)) == (
+            "until 2023-11-14T22:15:20.000Z (in 120 s)"
+        )
+
+
+# --- the store: compare-and-set --------------------------------------------------------
+
+
+async def test_the_store_applies_a_hold_change_only_over_an_older_version() -> None:
+    store = SQLiteStore(":memory:")
+    store.open()
+    try:
+        await store.hold_guest(GuestHold("Gus", "9", None, 1))
+        assert await store.update_hold(GuestHold("Gus", "9", 500, 3))
+        # An older decision landing late changes nothing.
+        assert not await store.update_hold(GuestHold("Gus", "9", None, 2))
+        # A release decided before the newest change does not delete it either.
+        assert not await store.release_guest(GuestHold("Gus", "9", None, 3))
+        # Another hold's writes never touch this one.
+        assert not await store.update_hold(GuestHold("Gus", "1", None, 99))
+        assert await store.release_guest(GuestHold("Gus", "9", 500, 4))
+        # Issue 13.7: an extension decided before the release, written after it, does not
+        # bring the hold back.
+        assert not await store.update_hold(GuestHold("Gus", "9", 9999, 3))
+        rows = await store._read(lambda db: db.execute("SELECT * FROM guests").fetchall())
+        assert rows == []
+    finally:
+        await store.close()
+
+
+async def test_memory_and_store_agree_after_a_grace_then_a_release() -> None:
+    """The App decides; the store ends where memory did."""
+    store = SQLiteStore(":memory:")
+    store.open()
+    try:
+        with core(GRACE) as k:
+            k.app.store = store
+            s, _ = k.session()
+            hold = k.app.new_hold("hy")
+            await store.hold_guest(hold)
+            bind_guest(k, "hy", s)
+            k.app.close_session(s)  # grace: version 2
+            k.app.drop_hold(k.app.guest_hold("hy"))  # type: ignore[arg-type]  # released: v3
+            for coro in k.scheduler.spawned:
+                await asyncio.wait_for(coro, 5)
+            k.scheduler.spawned.clear()
+            assert k.app.guest_hold("hy") is None
+            rows = await store._read(lambda db: db.execute("SELECT * FROM guests").fetchall())
+            assert rows == []
+    finally:
+        await store.close()
+
+
+async def test_a_schema_2_database_keeps_its_guest_holds_after_the_migration(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "v2.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for v in (1, 2):
+        for statement in MIGRATIONS[v].split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('epoch', 'e'), ('rev', '0'), ('users_version', '0')")
+    db.execute("INSERT INTO guests VALUES ('jo', 'Jo', '42', 1700003600)")
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    store = SQLiteStore(path)
+    snap = store.open()
+    try:
+        # Held as if connected when the server stopped: the start gives it a fresh grace.
+        assert snap.guests == [GuestHold("Jo", "42", None, 0)]
+        assert await store.update_hold(GuestHold("Jo", "42", 1700000120, 1))
+    finally:
+        await store.close()
