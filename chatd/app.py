@@ -17,6 +17,7 @@ from chatd.protocol.frames import event_frame
 from chatd.ratelimit import TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
+from chatd.stats import Stats
 from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
 
 log = logging.getLogger("chatd")
@@ -38,8 +39,10 @@ class App:
         tokens: TokenService,
         hasher: PasswordHasher,
         scheduler: Scheduler,
+        stats: Stats | None = None,
     ) -> None:
         self.config = config
+        self.stats = stats or Stats()  # counters for `stats` and /metrics (chatd.stats)
         self.clock = clock
         self.store = store
         self.tokens = tokens

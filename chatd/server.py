@@ -15,11 +15,12 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from chatd.app import App
+from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
 from chatd.clock import Clock, SystemClock
 from chatd.config import Config
@@ -29,7 +30,9 @@ from chatd.protocol.commands import Command
 from chatd.protocol.frames import error_frame, event_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.session import Cancellable, Session
+from chatd.stats import Stats
 from chatd.store.base import Store
+from chatd.tls import server_context
 
 log = logging.getLogger("chatd")
 
@@ -44,6 +47,9 @@ _LOOPBACK = ("127.0.0.1", "::1")
 # fills a group commit, but one commit's replies and events for it stay well under the
 # outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
 _MAX_WAITING = 64
+# A connection that has sent this many bad frames is logged once (it is not closed: a bad
+# frame never closes a connection, contract "Error codes").
+_BAD_FRAMES_LOGGED = 100
 
 
 class _Slot:
@@ -58,7 +64,9 @@ class _Slot:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "bad",
         "barriers",
+        "counted",
         "dead",
         "held",
         "ip",
@@ -95,24 +103,42 @@ class Connection(asyncio.Protocol):
         self.stall_since = 0.0
         self.waiting = 0  # commands started and not finished
         self.barriers = 0  # of those, the ones later commands must wait for
+        self.counted = False  # holds a per-IP slot (admitted)
+        self.bad = 0  # bad frames so far (logged once past _BAD_FRAMES_LOGGED)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
-        self.transport = t
         srv = self.srv
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else ""
         refusal = srv.admit(self.ip)
         if refusal is not None:
             self.dead = True
-            t.write(error_frame(None, refusal))
+            if srv.tls is None:
+                t.write(error_frame(None, refusal))
+            # Under TLS the refusal is not worth a handshake: the connection just closes.
             t.close()
             return
+        self.counted = True
+        if srv.tls is not None:
+            # Admitted before the handshake costs anything: it holds its per-IP slot and
+            # counts against --max-connections while it shakes hands (limits.md).
+            srv.handshake(self, t)
+            return
+        self.opened(t)
+
+    def opened(self, t: asyncio.Transport, accepted: float | None = None) -> None:
+        """The connection speaks frames now (at once, or after its TLS handshake; then
+        its unauthenticated idle time counts from `accepted`)."""
+        srv = self.srv
+        self.transport = t
         c = srv.config
         t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
         self.session = srv.app.open_session(self, self.ip)
+        if accepted is not None:
+            self.session.unbound_since = accepted
         srv.connections[self] = None
         srv.watch_idle(self.session)
         self.send(srv.app.hello_frame())
@@ -122,11 +148,16 @@ class Connection(asyncio.Protocol):
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
-        if self.session is not None:  # a refused connection never took a per-IP slot
-            srv.forget_ip(self.ip)
+        self.release()
         self.out.clear()
         if self.session is not None:
             srv.app.close_session(self.session)
+
+    def release(self) -> None:
+        """Give back the per-IP slot (once; a refused connection never took one)."""
+        if self.counted:
+            self.counted = False
+            self.srv.forget_ip(self.ip)
 
     def eof_received(self) -> bool | None:
         return None  # close; a partial frame left in the splitter is never executed
@@ -149,6 +180,7 @@ class Connection(asyncio.Protocol):
             # not a slow consumer: hand it to the kernel first, judge what is left after.
             self.flush()
             if self.tbuf > self.srv.config.outbox_hard:
+                self.srv.stats.slow_consumers += 1
                 self.drop_slow()
 
     def flush(self) -> None:
@@ -156,21 +188,34 @@ class Connection(asyncio.Protocol):
         if self.dead or t is None or not self.out:
             return
         out = self.out
-        t.write(out[0] if len(out) == 1 else b"".join(out))
+        data = out[0] if len(out) == 1 else b"".join(out)
+        t.write(data)
+        self.srv.stats.bytes_out += len(data)
         out.clear()
         self.out_bytes = 0
         self.tbuf = t.get_write_buffer_size()
 
-    def drop_slow(self) -> None:
+    def drop_slow(self, why: str = "slow consumer", reason: str = "slow_consumer") -> None:
         """Best effort slow_consumer, then abort: never wait for a client that does not read."""
         if self.dead:
             return
         self.dead = True
+        queued = self.out_bytes + self.tbuf
         self.out.clear()
         t = self.transport
-        log.info("dropping slow consumer %s", self.ip)
+        srv = self.srv
+        user = self.session.user if self.session is not None else None
+        log.warning(
+            "closed connection from %s (user %s): %s, %d bytes queued",
+            self.ip, user or "-", why, queued,
+            extra={"event": "connection_closed", "reason": reason,
+                   "ip": self.ip, "user": user, "queued": queued},
+        )  # fmt: skip
         if t is not None:
-            sock = t.get_extra_info("socket")
+            # The notice goes straight to the socket, ahead of what is queued. Never under
+            # TLS: plain bytes there would be written past the TLS layer into the record
+            # stream; the notice is best effort (contract), so it is skipped.
+            sock = t.get_extra_info("socket") if srv.tls is None else None
             try:
                 # "\n" first: it ends whatever partial line the kernel already holds.
                 if sock is not None:
@@ -219,6 +264,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
+        self.srv.stats.bytes_in += len(data)
         lines = self.splitter.feed(data)
         if not lines:
             return
@@ -249,10 +295,13 @@ class Connection(asyncio.Protocol):
                 budget -= 1
                 line = q.popleft()
                 if line is TOO_LARGE:
+                    srv.stats.bad_frames += 1
+                    self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
                 prepared = dispatcher.prepare(line)
                 if isinstance(prepared, Outcome):
+                    self.bad_frame(prepared.reply)
                     self.reply(prepared)
                     continue
                 cmd, spec = prepared
@@ -288,6 +337,18 @@ class Connection(asyncio.Protocol):
                 return
         self._resume(_PAUSE_BACKLOG)
 
+    def bad_frame(self, what: bytes | str) -> None:
+        """Count a bad frame; log the connection once when it passes the threshold."""
+        self.bad += 1
+        if self.bad == _BAD_FRAMES_LOGGED:
+            user = self.session.user if self.session is not None else None
+            text = what.decode("utf-8", "replace").strip() if isinstance(what, bytes) else what
+            log.warning(
+                "connection from %s (user %s) has sent %d bad frames; the last got %s",
+                self.ip, user or "-", self.bad, text[:200],
+                extra={"event": "bad_frames", "ip": self.ip, "user": user, "count": self.bad},
+            )  # fmt: skip
+
     def _continue(self) -> None:
         if self.paused == _PAUSE_BACKLOG:
             self.paused = 0
@@ -311,6 +372,7 @@ class Connection(asyncio.Protocol):
             return outcome
         me = self.session
         own: list[tuple[Any, bytes]] = []
+        stats = self.srv.stats
         for sessions, frame in outcome.events:
             mine = False
             for s in sessions:
@@ -318,6 +380,7 @@ class Connection(asyncio.Protocol):
                     mine = True
                 else:
                     s.send(frame)
+            stats.deliveries += len(sessions) - mine  # its own copy counts when delivered
             if mine:
                 own.append(((me,), frame))
         outcome.events = own
@@ -326,7 +389,9 @@ class Connection(asyncio.Protocol):
     def deliver(self, outcome: Outcome) -> None:
         self.send(outcome.reply)
         if outcome.events:
+            stats = self.srv.stats
             for sessions, frame in outcome.events:
+                stats.deliveries += len(sessions)
                 for s in sessions:
                     s.send(frame)
 
@@ -421,9 +486,17 @@ class ChatServer:
         tokens = TokenService(
             secret, self.clock, max_bytes=config.max_token_bytes, iat_leeway=config.iat_leeway
         )
-        self.app = App(config, self.clock, store, tokens, self.hasher, self)
+        self.stats = Stats()
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = server_context(config.tls_cert, config.tls_key)  # TLSSetupError
+            self.stats.tls = True
+        self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[Connection, None] = {}
+        self.handshakes: dict[Connection, asyncio.Transport] = {}  # TLS, not yet done
+        self.metrics: Any = None  # the Prometheus endpoint (chatd.metrics), when on
+        self._refusal_log = _LogGate()
         self.stalled: dict[Connection, None] = {}
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
@@ -472,23 +545,75 @@ class ChatServer:
     # --- admission -------------------------------------------------------------------
 
     def admit(self, ip: str) -> RateLimited | None:
+        """The refusal for a new connection from `ip`, or None (then it holds a per-IP
+        slot until ``forget_ip``). Counted and logged by reason."""
+        reason, refusal = self._admission(ip)
+        if refusal is not None:
+            self.stats.refuse(reason)
+            self._refusal_log.log(
+                (reason, ip), logging.WARNING,
+                "refused connection from %s: %s", ip, refusal.message,
+                event="connection_refused", reason=reason, ip=ip,
+            )  # fmt: skip
+        return refusal
+
+    def _admission(self, ip: str) -> tuple[str, RateLimited | None]:
         c = self.config
         if self.stopping:
-            return RateLimited("the server is shutting down", 5.0)
-        if len(self.connections) >= self.max_connections:
-            return RateLimited("the server is full; try again later", 5.0)
+            return "shutting_down", RateLimited("the server is shutting down", 5.0)
+        if len(self.connections) + len(self.handshakes) >= self.max_connections:
+            return "full", RateLimited("the server is full; try again later", 5.0)
         if c.per_ip_connections and ip not in _LOOPBACK:
             if self.per_ip.get(ip, 0) >= c.per_ip_connections:
-                return RateLimited("too many connections from your address", 5.0)
+                return "per_ip", RateLimited("too many connections from your address", 5.0)
             now = time.monotonic()
             recent = self.ip_new.setdefault(ip, collections.deque())
             while recent and now - recent[0] > 60:
                 recent.popleft()
             if len(recent) >= c.per_ip_new_per_minute:
-                return RateLimited("connecting too often from your address", 60 - (now - recent[0]))
+                return "per_ip_rate", RateLimited(
+                    "connecting too often from your address", 60 - (now - recent[0])
+                )
             recent.append(now)
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return None
+        return "", None
+
+    # --- TLS -------------------------------------------------------------------------
+
+    def handshake(self, conn: Connection, raw: asyncio.Transport) -> None:
+        """Start the TLS handshake of an admitted connection (a tracked task)."""
+        self.handshakes[conn] = raw
+        self.stats.handshaking += 1
+        self.spawn(self._handshake(conn, raw, self.clock.now()))
+
+    async def _handshake(self, conn: Connection, raw: asyncio.Transport, accepted: float) -> None:
+        assert self.tls is not None
+        c = self.config
+        t: asyncio.Transport | None = None
+        try:
+            t = await self.loop.start_tls(
+                raw, conn, self.tls, server_side=True,
+                # Within the idle timeout too: an unauthenticated connection gets no more.
+                ssl_handshake_timeout=max(0.1, min(c.tls_handshake_timeout, c.idle_timeout)),
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            self.stats.tls_failures += 1
+            reason = _tls_reason(exc)
+            self._refusal_log.log(
+                ("tls", conn.ip), logging.INFO,
+                "TLS handshake from %s failed: %s", conn.ip, reason,
+                event="tls_failed", ip=conn.ip, error=reason,
+            )  # fmt: skip
+        finally:
+            if self.handshakes.pop(conn, None) is not None:
+                self.stats.handshaking -= 1
+            if t is None or conn.dead or self.stopping:
+                # Failed, cancelled (shutdown) or closed meanwhile: never opened.
+                conn.dead = True
+                conn.release()
+                (t or raw).abort()
+        if t is not None and not conn.dead:
+            conn.opened(t, accepted)
 
     def forget_ip(self, ip: str) -> None:
         n = self.per_ip.get(ip)
@@ -518,7 +643,9 @@ class ChatServer:
     # --- sweeps ----------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Once a second: unauthenticated idle connections, stuck writers."""
+        """Once a second: unauthenticated idle connections, stuck writers, a sample of
+        the counters for the rates."""
+        self.stats.sample()
         now = self.clock.now()
         idle = self.idle
         while idle and idle[0][0] <= now:
@@ -526,6 +653,13 @@ class ChatServer:
             if s.closed:
                 continue
             if s.user_key is None and s.unbound_since == since:
+                self.stats.idle_closed += 1
+                self._refusal_log.log(
+                    ("idle", s.ip), logging.INFO,
+                    "closed connection from %s: not logged in within %g s", s.ip,
+                    self.config.idle_timeout,
+                    event="connection_closed", reason="idle", ip=s.ip,
+                )  # fmt: skip
                 s.send(error_frame(None, Unauthorized("not logged in in time; closing")))
                 s.peer.close()
             elif s.user_key is None:
@@ -544,9 +678,12 @@ class ChatServer:
             if size < conn.stall_size:
                 conn.stall_size, conn.stall_since = size, mono
             elif mono - conn.stall_since > self.config.write_deadline:
-                log.info("dropping stuck writer %s", conn.ip)
                 self.stalled.pop(conn, None)
-                conn.drop_slow()
+                self.stats.stuck_writers += 1
+                conn.drop_slow(
+                    f"stuck writer (no progress for {self.config.write_deadline:g} s)",
+                    "stuck_writer",
+                )
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -626,8 +763,46 @@ class ChatServer:
         if self.config.history_days > 0 or self.config.history_max > 0:
             self.spawn(self.prune_history())  # once at start, then periodically
             self.spawn(self._every(self.config.prune_interval, self.prune_history))
+        if self.config.metrics_port is not None:
+            from chatd.metrics import MetricsServer
+
+            try:
+                self.metrics = MetricsServer(
+                    self.config.metrics_host, self.config.metrics_port, self.loop,
+                    self.stats_report,
+                )  # fmt: skip
+            except BaseException:
+                self.server.close()
+                await self.store.close()
+                raise
         host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        log.info("chatd listening on %s:%d", host, self.port)
+        settings = self.settings()
+        log.info(
+            "chatd listening on %s:%d (%s)", host, self.port,
+            ", ".join(f"{k} {v}" for k, v in settings.items()),
+            extra={"event": "start", "host": addr[0], "port": self.port, **settings},
+        )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """What an operator wants to see in the start line."""
+        c = self.config
+        m = self.metrics
+        return {
+            "version": VERSION,
+            "tls": "on" if self.tls is not None else "off",
+            "db": c.db,
+            "guests": "on" if c.guests else "off",
+            "max_connections": self.max_connections,
+            "per_ip_connections": c.per_ip_connections,
+            "idle_timeout": c.idle_timeout,
+            "rate_limit": c.rate_limit,
+            "token_ttl": c.token_ttl,
+            "metrics": f"http://{m.host}:{m.port}/metrics" if m is not None else "off",
+        }
+
+    async def stats_report(self) -> dict[str, Any]:
+        """The `stats` figures (for the metrics endpoint; the command builds the same)."""
+        return self.stats.report(self.app, await self.store.count_messages())
 
     async def stop(self, reason: str = "shutting down") -> None:
         """Stop accepting, tell everyone, commit what is queued, give writers a grace
@@ -635,8 +810,14 @@ class ChatServer:
         if self.stopping:
             return
         self.stopping = True
+        began = time.monotonic()
+        open_at_stop = len(self.connections)
+        log.info("chatd stopping (%s): %d connections open", reason, open_at_stop,
+                 extra={"event": "stopping", "reason": reason, "connections": open_at_stop})
         if self.server is not None:
             self.server.close()
+        for raw in list(self.handshakes.values()):
+            raw.abort()  # a half-done TLS handshake gets no notice, just the close
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.
@@ -664,10 +845,58 @@ class ChatServer:
             if conn.transport is not None:
                 conn.transport.abort()
         self.hasher.close()
+        if self.metrics is not None:
+            await self.loop.run_in_executor(None, self.metrics.close)
+        st = self.stats
+        log.info(
+            "chatd stopped in %.1f s after %.0f s up: %d commands, %d messages posted, "
+            "rev %d", time.monotonic() - began, time.monotonic() - st.started, st.commands,
+            st.messages, self.store.rev,
+            extra={"event": "stopped", "uptime": round(time.monotonic() - st.started, 3),
+                   "commands": st.commands, "messages": st.messages},
+        )  # fmt: skip
 
     def abort_later(self, transport: asyncio.Transport) -> None:
         # close() waits for the buffer to drain; a peer that never reads must not pin it.
         self.loop.call_later(self.config.shutdown_grace, transport.abort)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+class _LogGate:
+    """Log lines about connections that may come in floods (refusals, failed handshakes,
+    idle closes): at most one line a second per key; the lines held back are counted
+    and the next line for that key says how many."""
+
+    __slots__ = ("last",)
+    PERIOD = 1.0
+    MAX_KEYS = 4096
+
+    def __init__(self) -> None:
+        self.last: dict[Any, list[float]] = {}  # key -> [time of last line, held back]
+
+    def log(self, key: Any, level: int, msg: str, *args: Any, **extra: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        seen = self.last.get(key)
+        if seen is not None and now - seen[0] < self.PERIOD:
+            seen[1] += 1
+            return
+        held = int(seen[1]) if seen is not None else 0
+        if len(self.last) >= self.MAX_KEYS:
+            self.last = {k: v for k, v in self.last.items() if now - v[0] < self.PERIOD}
+        self.last[key] = [now, 0]
+        if held:
+            msg += " (and %d more like it in the last second)"
+            args = (*args, held)
+        log.log(level, msg, *args, extra={**extra, "held_back": held})
 
 
 def _raise_nofile() -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from chatd.dispatch import Request
     from chatd.session import Session
 
+log = logging.getLogger("chatd")
 _FAILURE_WINDOW = 60.0
 # Account names with recent failures kept before the stale ones are swept out.
 _FAILURE_KEYS = 10_000
@@ -105,7 +107,26 @@ def _fail(app: App, session: Session, key: str) -> Unauthorized:
         for name in [k for k, v in failures.items() if not _recent_failures(v, now)]:
             del failures[name]
     failures.setdefault(key, []).append(now)
+    _log_burst(app, session, key, now)
     return Unauthorized("wrong user name or password")
+
+
+def _log_burst(app: App, session: Session, key: str, now: float) -> None:
+    """One log line per burst of failed logins: when the failures of the connection or of
+    the account reach the limit (further attempts are refused before they can fail)."""
+    limit = app.config.login_failures_per_minute
+    by_conn = len(_recent_failures(session.login_failures, now))
+    by_account = len(_recent_failures(app.account_failures[key], now))
+    if by_conn != limit and by_account != limit:
+        return
+    app.stats.login_bursts += 1
+    log.warning(
+        "failed logins: %d for account %r and %d from connection %s (%s) in the last "
+        "%.0f s; further attempts get rate_limited", by_account, key, by_conn,
+        session.ip, session.user or "not logged in", _FAILURE_WINDOW,
+        extra={"event": "login_failures", "account": key, "ip": session.ip,
+               "account_failures": by_account, "connection_failures": by_conn},
+    )  # fmt: skip
 
 
 def _ttl(app: App, asked: int | None) -> int:

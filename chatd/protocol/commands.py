@@ -146,6 +146,10 @@ class Channels(Command, tag="channels", frozen=True):
     pass
 
 
+class Stats(Command, tag="stats", frozen=True):
+    pass
+
+
 AnyCommand = Union[
     Ping,
     Help,
@@ -170,6 +174,7 @@ AnyCommand = Union[
     DmHistory,
     Sync,
     Channels,
+    Stats,
 ]
 
 
