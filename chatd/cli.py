@@ -507,11 +507,13 @@ async def _ask_stats(
             host, port, ssl=ctx, limit=1024 * 1024
         )
         try:
+            # Sent at once, before hello: a TLS server that gets it as plain text fails
+            # the handshake at once, instead of both sides waiting for the other.
+            frame = {"cmd": "stats", "id": "stats", "token": token}
+            writer.write(json.dumps(frame).encode() + b"\n")
             hello = json.loads(await reader.readline() or b"null")
             if not isinstance(hello, dict) or hello.get("event") != "hello":
                 raise EOFError(f"not a chatd server (first line: {hello!r:.80})")
-            frame = {"cmd": "stats", "id": "stats", "token": token}
-            writer.write(json.dumps(frame).encode() + b"\n")
             while True:
                 line = await reader.readline()
                 if not line:

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 import pytest
+from chatd_client import connect as client_connect
 
 import chatd.server
-from chatd_client import connect as client_connect
 from tests.helpers import TIMEOUT, Client, running_server
 from tests.tlsutil import Certs, certs
 from tests.wire.test_limits import SMALL_OUTBOX, conn_of, wait_until
