@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -64,6 +65,7 @@ class _Slot:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "accepted",
         "bad",
         "barriers",
         "counted",
@@ -104,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.waiting = 0  # commands started and not finished
         self.barriers = 0  # of those, the ones later commands must wait for
         self.counted = False  # holds a per-IP slot (admitted)
+        self.accepted: float | None = None  # TLS: when accepted (the idle clock's start)
         self.bad = 0  # bad frames so far (logged once past _BAD_FRAMES_LOGGED)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -111,22 +114,19 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
         srv = self.srv
+        if self.counted:
+            # TLS: admitted at accept (ChatServer.accept_tls), and its handshake is done.
+            self.opened(t, self.accepted)
+            return
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else ""
         refusal = srv.admit(self.ip)
         if refusal is not None:
             self.dead = True
-            if srv.tls is None:
-                t.write(error_frame(None, refusal))
-            # Under TLS the refusal is not worth a handshake: the connection just closes.
+            t.write(error_frame(None, refusal))
             t.close()
             return
         self.counted = True
-        if srv.tls is not None:
-            # Admitted before the handshake costs anything: it holds its per-IP slot and
-            # counts against --max-connections while it shakes hands (limits.md).
-            srv.handshake(self, t)
-            return
         self.opened(t)
 
     def opened(self, t: asyncio.Transport, accepted: float | None = None) -> None:
@@ -494,7 +494,11 @@ class ChatServer:
         self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[Connection, None] = {}
-        self.handshakes: dict[Connection, asyncio.Transport] = {}  # TLS, not yet done
+        # TLS: connections admitted and still shaking hands, with their handshake tasks;
+        # the listening sockets and their accept loops.
+        self.handshakes: dict[Connection, asyncio.Task[None]] = {}
+        self.listeners: list[socket.socket] = []
+        self.acceptors: list[asyncio.Task[None]] = []
         self.metrics: Any = None  # the Prometheus endpoint (chatd.metrics), when on
         self._refusal_log = _LogGate()
         self.stalled: dict[Connection, None] = {}
@@ -580,22 +584,51 @@ class ChatServer:
 
     # --- TLS -------------------------------------------------------------------------
 
-    def handshake(self, conn: Connection, raw: asyncio.Transport) -> None:
-        """Start the TLS handshake of an admitted connection (a tracked task)."""
-        self.handshakes[conn] = raw
-        self.stats.handshaking += 1
-        self.spawn(self._handshake(conn, raw, self.clock.now()))
+    async def accept_tls(self, listener: socket.socket) -> None:
+        """The accept loop of a TLS listener. Each connection is admitted (per-IP and
+        connection limits) before its handshake costs anything, then shakes hands in a
+        task of its own, bounded by the handshake timeout.
 
-    async def _handshake(self, conn: Connection, raw: asyncio.Transport, accepted: float) -> None:
-        assert self.tls is not None
+        Not create_server(ssl=…): its protocol learns the peer only after the handshake.
+        Not start_tls on an accepted transport: uvloop loses the ClientHello if it came
+        before the upgrade (MagicStack/uvloop#707), and the handshake hangs."""
+        loop = self.loop
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: pause accepting (limits.md), as
+                    # asyncio's own accept loop does, until some are freed.
+                    self._refusal_log.log(
+                        ("accept", exc.errno), logging.ERROR,
+                        "cannot accept connections: %s; pausing 1 s", exc.strerror,
+                        event="accept_failed", error=exc.strerror,
+                    )  # fmt: skip
+                    await asyncio.sleep(1.0)
+                continue  # ECONNABORTED and friends: that one client is gone
+            ip = addr[0] if isinstance(addr, tuple) else ""
+            refusal = self.admit(ip)
+            if refusal is not None:
+                sock.close()  # not worth a handshake: the connection just closes
+                continue
+            conn = Connection(self)
+            conn.ip = ip
+            conn.counted = True
+            conn.accepted = self.clock.now()
+            self.stats.handshaking += 1
+            self.handshakes[conn] = loop.create_task(self._handshake(conn, sock))
+
+    async def _handshake(self, conn: Connection, sock: socket.socket) -> None:
         c = self.config
-        t: asyncio.Transport | None = None
+        opened = False
         try:
-            t = await self.loop.start_tls(
-                raw, conn, self.tls, server_side=True,
+            await self.loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=self.tls,
                 # Within the idle timeout too: an unauthenticated connection gets no more.
                 ssl_handshake_timeout=max(0.1, min(c.tls_handshake_timeout, c.idle_timeout)),
             )  # fmt: skip
+            opened = True
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             self.stats.tls_failures += 1
             reason = _tls_reason(exc)
@@ -605,15 +638,13 @@ class ChatServer:
                 event="tls_failed", ip=conn.ip, error=reason,
             )  # fmt: skip
         finally:
-            if self.handshakes.pop(conn, None) is not None:
-                self.stats.handshaking -= 1
-            if t is None or conn.dead or self.stopping:
-                # Failed, cancelled (shutdown) or closed meanwhile: never opened.
+            # Failed, timed out or cancelled (shutdown): the loop closed the socket; the
+            # slot is given back here, as connection_lost never comes.
+            self.handshakes.pop(conn, None)
+            self.stats.handshaking -= 1
+            if not opened:
                 conn.dead = True
                 conn.release()
-                (t or raw).abort()
-        if t is not None and not conn.dead:
-            conn.opened(t, accepted)
 
     def forget_ip(self, ip: str) -> None:
         n = self.per_ip.get(ip)
@@ -739,24 +770,31 @@ class ChatServer:
         snap = await self.loop.run_in_executor(None, self.store.open)
         self.app.load(snap)
         self.max_connections = min(self.config.max_connections, _raise_nofile() - 64)
+        sockets: list[Any] = []
         try:
-            self.server = await self.loop.create_server(
-                lambda: Connection(self),
-                self.config.host,
-                self.config.port,
-                reuse_address=True,
-                backlog=4096,
-            )
+            if self.tls is not None:
+                self.listeners = sockets = _listen(self.config.host, self.config.port, 4096)
+            else:
+                server = await self.loop.create_server(
+                    lambda: Connection(self),
+                    self.config.host,
+                    self.config.port,
+                    reuse_address=True,
+                    backlog=4096,
+                )
+                self.server = server
+                sockets = list(server.sockets)
         except BaseException:
             await self.store.close()  # and its lock: the database is free again
             raise
-        sockets = self.server.sockets
         for sock in sockets:
             # Accepted sockets inherit these from the listener (Linux), so each new
             # connection costs no setsockopt calls of its own.
             self.tune_socket(sock)
         addr = sockets[0].getsockname()
         self.port = addr[1]
+        for listener in self.listeners:
+            self.acceptors.append(self.loop.create_task(self.accept_tls(listener)))
         self.spawn(self._every(1.0, self.sweep))
         self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
         self.spawn(self._every(60.0, self._purge))
@@ -772,7 +810,7 @@ class ChatServer:
                     self.stats_report,
                 )  # fmt: skip
             except BaseException:
-                self.server.close()
+                await self._stop_listening()
                 await self.store.close()
                 raise
         host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
@@ -814,10 +852,9 @@ class ChatServer:
         open_at_stop = len(self.connections)
         log.info("chatd stopping (%s): %d connections open", reason, open_at_stop,
                  extra={"event": "stopping", "reason": reason, "connections": open_at_stop})
-        if self.server is not None:
-            self.server.close()
-        for raw in list(self.handshakes.values()):
-            raw.abort()  # a half-done TLS handshake gets no notice, just the close
+        await self._stop_listening()
+        for task in list(self.handshakes.values()):
+            task.cancel()  # a half-done TLS handshake gets no notice, just the close
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.
@@ -856,9 +893,44 @@ class ChatServer:
                    "commands": st.commands, "messages": st.messages},
         )  # fmt: skip
 
+    async def _stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in self.acceptors:
+            task.cancel()
+        await asyncio.gather(*self.acceptors, return_exceptions=True)
+        self.acceptors.clear()
+        for listener in self.listeners:  # after their accept loops let go of them
+            listener.close()
+        self.listeners.clear()
+
     def abort_later(self, transport: asyncio.Transport) -> None:
         # close() waits for the buffer to drain; a peer that never reads must not pin it.
         self.loop.call_later(self.config.shutdown_grace, transport.abort)
+
+
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address of `host`, as loop.create_server makes them
+    (SO_REUSEADDR; IPv6 sockets IPv6-only, so 0.0.0.0 and :: can share a port)."""
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
 
 
 def _tls_reason(exc: BaseException) -> str:

@@ -140,6 +140,27 @@ async def test_a_tls_server_process_with_json_logs_answers_chatd_stats(
     assert any(json.loads(line).get("event") == "tls_failed" for line in srv.log)
 
 
+async def test_a_tls_server_process_answers_frames_sent_right_after_the_handshake(
+    certs: Certs,
+) -> None:
+    """Under the real runner (uvloop when installed): a frame that follows the client's
+    Finished at once must not be lost (uvloop's start_tls lost early bytes)."""
+    async with chatd_serving(
+        "serve", "--db", ":memory:", "--port", "0", "--tls-cert", certs.cert,
+        "--tls-key", certs.key, "--idle-timeout", "5",
+    ) as srv:  # fmt: skip
+        ctx = certs.client()
+        for i in range(20):
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", srv.port, ssl=ctx), TIMEOUT
+            )
+            w.write(b'{"cmd":"ping","id":%d}\n' % i)  # before reading hello
+            c = Client(r, w)
+            assert (await c.recv())["event"] == "hello"
+            assert await c.reply(i) == {"type": "ok", "id": i, "data": {"pong": True}}
+            await c.close()
+
+
 async def test_chatd_stats_without_an_admin_account_says_so(tmp_path: Path) -> None:
     db = str(tmp_path / "none.db")
     async with chatd_serving("serve", "--db", db, "--secret", SECRET, "--port", "0") as srv:
