@@ -104,7 +104,7 @@ def families(stats: dict[str, Any]) -> Iterator[Metric]:
     )
     for q, key in (("0.5", "store_commit_p50_ms"), ("0.99", "store_commit_p99_ms")):
         if stats.get(key) is not None:
-            commit.add_metric([q], stats[key] / 1000.0)
+            commit.add_metric([q], round(stats[key] / 1000.0, 9))
     yield commit
 
 

@@ -90,7 +90,8 @@ class Stats:
     def rates(self, now: float | None = None) -> dict[str, float]:
         """Per-second rates over the window (since start while younger than it)."""
         cur = self._counters(time.monotonic() if now is None else now)
-        base = self.samples[0] if self.samples else (self.started, 0, 0, 0, 0, 0)
+        full = len(self.samples) == self.samples.maxlen
+        base = self.samples[0] if full else (self.started, 0, 0, 0, 0, 0)
         dt = cur[0] - base[0]
         if dt <= 0:
             return dict.fromkeys(_RATE_NAMES, 0.0)

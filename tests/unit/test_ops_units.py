@@ -55,11 +55,13 @@ def test_rates_come_from_the_oldest_sample_in_the_window() -> None:
     assert st.rates(31.0)["commands_per_s"] == 90.0
 
 
-def test_rates_before_any_sample_are_since_start() -> None:
+def test_rates_are_since_start_until_the_window_is_full() -> None:
     st = Stats(now=100.0)
     st.deliveries = 50
     assert st.rates(102.0)["deliveries_per_s"] == 25.0
     assert st.rates(100.0)["deliveries_per_s"] == 0.0
+    st.sample(101.5)  # a sample half a second old would make a noisy rate
+    assert st.rates(102.0)["deliveries_per_s"] == 25.0
 
 
 def test_percentiles_in_milliseconds() -> None:
