@@ -853,8 +853,11 @@ class ChatServer:
         log.info("chatd stopping (%s): %d connections open", reason, open_at_stop,
                  extra={"event": "stopping", "reason": reason, "connections": open_at_stop})
         await self._stop_listening()
-        for task in list(self.handshakes.values()):
+        shaking = list(self.handshakes.values())
+        for task in shaking:
             task.cancel()  # a half-done TLS handshake gets no notice, just the close
+        if shaking:
+            await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.

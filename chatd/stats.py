@@ -103,14 +103,16 @@ class Stats:
         """Every figure, as the `stats` command returns it (protocol.md, "stats"). The
         first seven names are fixed by the wire contract."""
         mono = time.monotonic() if now is None else now
+        from chatd.app import GUEST_ID, VERSION  # here: chatd.app imports this module
+
+        guest_prefix = f"{GUEST_ID}."
         logged_in = guests = 0
         for s in app.sessions:
             if s.claims is not None:
                 logged_in += 1
-                if s.claims.jti.startswith("0."):  # chatd.app.GUEST_ID
+                if s.claims.jti.startswith(guest_prefix):
                     guests += 1
         p50, p99 = percentiles(getattr(app.store, "commit_times", ()))
-        from chatd.app import VERSION
 
         return {
             "version": VERSION,

@@ -168,3 +168,21 @@ async def test_chatd_stats_without_an_admin_account_says_so(tmp_path: Path) -> N
             "stats", "--port", str(srv.port), "--db", db, "--secret", SECRET
         )
         assert code == 2 and "no admin account" in err and out == ""
+
+
+async def test_a_metrics_port_in_use_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = str(tmp_path / "m.db")
+        code, out, err = await chatd_run(
+            "serve", "--db", db, "--secret", SECRET, "--port", "0", "--metrics-port", str(port)
+        )
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith(f"chatd: cannot serve metrics on 127.0.0.1:{port}")
+    # The database was let go: another server can open it at once.
+    async with chatd_serving("serve", "--db", db, "--secret", SECRET, "--port", "0") as srv:
+        assert srv.port > 0
