@@ -606,6 +606,8 @@ class ChatServer:
                         event="accept_failed", error=exc.strerror,
                     )  # fmt: skip
                     await asyncio.sleep(1.0)
+                elif exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return  # the listener itself is gone
                 continue  # ECONNABORTED and friends: that one client is gone
             ip = addr[0] if isinstance(addr, tuple) else ""
             refusal = self.admit(ip)
@@ -637,6 +639,9 @@ class ChatServer:
                 "TLS handshake from %s failed: %s", conn.ip, reason,
                 event="tls_failed", ip=conn.ip, error=reason,
             )  # fmt: skip
+        except Exception:  # a bug, not a client: say so, and the connection is gone
+            self.stats.tls_failures += 1
+            log.exception("TLS handshake from %s failed unexpectedly", conn.ip)
         finally:
             # Failed, timed out or cancelled (shutdown): the loop closed the socket; the
             # slot is given back here, as connection_lost never comes.
