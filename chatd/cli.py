@@ -478,6 +478,9 @@ def stats_command(args: argparse.Namespace) -> int:
 
 def _admin_token(args: argparse.Namespace) -> str:
     """A short-lived token with only the admin grant, for --user or the first admin."""
+    if args.db != ":memory:" and not os.path.exists(args.db):
+        # A read must not leave an empty database behind (nor a secret beside it).
+        raise CliError(f"no database {args.db}: pass the server's --db, or --token")
     db = _open_db(args.db)
     cols = "SELECT id, name, admin, token_version FROM users"
     if args.user is not None:

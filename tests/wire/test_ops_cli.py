@@ -168,6 +168,10 @@ async def test_chatd_stats_without_an_admin_account_says_so(tmp_path: Path) -> N
             "stats", "--port", str(srv.port), "--db", db, "--secret", SECRET
         )
         assert code == 2 and "no admin account" in err and out == ""
+    missing = tmp_path / "missing.db"
+    code, out, err = await chatd_run("stats", "--db", str(missing), "--secret", SECRET)
+    assert code == 2 and "no database" in err and out == ""
+    assert not missing.exists()
 
 
 async def test_a_metrics_port_in_use_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
