@@ -76,6 +76,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
             return action.help
+        if isinstance(action.default, tuple | list):  # grant lists, as they are typed
+            shown = ",".join(map(str, action.default)).replace("%", "%%")
+            return f"{action.help or ''} (default: {shown})"
         return super()._get_help_string(action)
 
 
