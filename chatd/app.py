@@ -22,6 +22,7 @@ from chatd.protocol.models import rfc3339
 from chatd.ratelimit import FailureGate, KeyedBuckets, TokenBucket
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Cancellable, Peer, Session
+from chatd.stats import Stats
 from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
 from chatd.version import VERSION
 
@@ -53,8 +54,10 @@ class App:
         tokens: TokenService,
         hasher: PasswordHasher,
         scheduler: Scheduler,
+        stats: Stats | None = None,
     ) -> None:
         self.config = config
+        self.stats = stats or Stats()  # counters for `stats` and /metrics (chatd.stats)
         self.clock = clock
         self.store = store
         self.tokens = tokens

@@ -1,20 +1,25 @@
-"""The command line (wire contract, "Running"): serve, user add|list|delete, token, backup."""
+"""The command line (wire contract, "Running"): serve, user add|list|delete, token, backup,
+stats."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import secrets
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
+from chatd import logs
+from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
@@ -27,6 +32,7 @@ from chatd.store.sqlite import (
     identify,
     migrate,
 )
+from chatd.tls import TLSSetupError, client_context, server_context
 
 log = logging.getLogger("chatd")
 _DEFAULTS = Config()
@@ -65,9 +71,24 @@ def resolve_secret(flag: str | None, db: str, *, create: bool = True) -> str:
     return secret
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the empty ones (off switches, unset values,
+    whose help says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, tuple | list):  # grant lists, as they are typed
+            shown = ",".join(map(str, action.default)).replace("%", "%%")
+            return f"{action.help or ''} (default: {shown})"
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=_DEFAULTS.db, help="database file, or :memory:")
-    p.add_argument("--secret", default=None, help="token signing secret (>= 32 bytes)")
+    p.add_argument("--secret", default=None,
+                   help="token signing secret (>= 32 bytes); default: $CHATD_SECRET, "
+                   "else the file DB.secret beside the database")
 
 
 def _grants(value: str) -> tuple[str, ...]:
@@ -97,13 +118,16 @@ def _seconds(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatd", description="chat server over TCP, JSON lines")
+    parser = argparse.ArgumentParser(
+        prog="chatd", description="chat server over TCP, JSON lines", formatter_class=_Help
+    )
+    parser.add_argument("--version", action="version", version=f"chatd {VERSION}")
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="run the server (the default)")
+    serve = sub.add_parser("serve", help="run the server (the default)", formatter_class=_Help)
     _add_common(serve)
     d = _DEFAULTS
-    serve.add_argument("--host", default=d.host)
+    serve.add_argument("--host", default=d.host, help="address to listen on")
     serve.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     serve.add_argument("--token-ttl", type=int, default=d.token_ttl, help="max token life, s")
     serve.add_argument("--max-frame", type=int, default=d.max_frame, help="bytes per line")
@@ -113,17 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--login-grants", type=_grants, default=d.login_grants,
                        help="grants a login gets by default (comma separated)")
     serve.add_argument("--guest-grants", type=_guest_grants, default=d.guest_grants,
-                       help="grants a guest login gets (comma separated; never admin; "
-                       f"default {','.join(d.guest_grants)})")
+                       help="grants a guest login gets (comma separated; never admin)")
     serve.add_argument("--guest-grace", type=_seconds, default=d.guest_grace,
                        help="seconds a guest keeps its name after its last connection "
-                       "(and after a restart); 0 = released at once (default %(default)g)")
-    serve.add_argument("--outbox-soft", type=int, default=d.outbox_soft)
-    serve.add_argument("--outbox-hard", type=int, default=d.outbox_hard)
-    serve.add_argument("--write-deadline", type=float, default=d.write_deadline)
-    serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
-    serve.add_argument("--max-connections", type=int, default=d.max_connections)
-    serve.add_argument("--per-ip-connections", type=int, default=d.per_ip_connections)
+                       "(and after a restart); 0 = released at once")
+    serve.add_argument("--outbox-soft", type=int, default=d.outbox_soft,
+                       help="bytes queued for a client before its input is paused")
+    serve.add_argument("--outbox-hard", type=int, default=d.outbox_hard,
+                       help="bytes queued before a client is dropped as a slow consumer")
+    serve.add_argument("--write-deadline", type=float, default=d.write_deadline,
+                       help="seconds without write progress before a client is dropped")
+    serve.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                       help="seconds a connection may stay unauthenticated")
+    serve.add_argument("--max-connections", type=int, default=d.max_connections,
+                       help="connections at once (also capped by the descriptor limit - 64)")
+    serve.add_argument("--per-ip-connections", type=int, default=d.per_ip_connections,
+                       help="connections at once per address (loopback exempt); 0 = off")
     serve.add_argument("--command-rate", type=float, default=d.command_rate,
                        help="other commands per connection per second (burst 2x); 0 = off")
     serve.add_argument("--register-per-ip", type=_non_negative(int), default=d.register_per_ip,
@@ -149,29 +178,67 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete messages older than N days; 0 = keep forever")
     serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
                        help="keep at most the newest N messages per room and DM pair; 0 = all")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--tls-cert", metavar="FILE", default=None,
+                       help="serve TLS (1.2+) with this PEM certificate (chain); needs --tls-key")
+    serve.add_argument("--tls-key", metavar="FILE", default=None,
+                       help="the PEM private key of --tls-cert")
+    serve.add_argument("--tls-handshake-timeout", type=_positive, default=d.tls_handshake_timeout,
+                       help="seconds a TLS handshake may take")
+    serve.add_argument("--metrics-port", type=_non_negative(int), default=None,
+                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics "
+                       "(0 picks a free port); off when not given")
+    serve.add_argument("--metrics-host", default=d.metrics_host,
+                       help="address of the metrics endpoint")
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
+                       help="least severe level logged (stderr)")
+    serve.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                       help="text lines, or one JSON object per line for log shippers")
 
-    user = sub.add_parser("user", help="manage accounts")
+    user = sub.add_parser("user", help="manage accounts", formatter_class=_Help)
     usub = user.add_subparsers(dest="user_command", required=True)
-    add = usub.add_parser("add", help="create an account")
+    add = usub.add_parser("add", help="create an account", formatter_class=_Help)
     add.add_argument("name")
-    add.add_argument("--admin", action="store_true")
-    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--admin", action="store_true", help="an admin account (grant admin)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from stdin (default: prompt twice)")
     _add_common(add)
-    lst = usub.add_parser("list", help="one name a line")
+    lst = usub.add_parser("list", help="one name a line", formatter_class=_Help)
     _add_common(lst)
-    rm = usub.add_parser("delete", help="delete an account (closes its connections)")
+    rm = usub.add_parser("delete", help="delete an account (closes its connections)",
+                         formatter_class=_Help)
     rm.add_argument("name")
     _add_common(rm)
 
-    tok = sub.add_parser("token", help="print a token for a bot")
+    tok = sub.add_parser("token", help="print a token for a bot", formatter_class=_Help)
     tok.add_argument("name")
-    tok.add_argument("--grants", type=_grants, default=None)
-    tok.add_argument("--ttl", type=int, default=None)
+    tok.add_argument("--grants", type=_grants, default=None,
+                     help="comma separated (default: every grant the account's login gets)")
+    tok.add_argument("--ttl", type=int, default=None,
+                     help=f"seconds (default: {_DEFAULTS.token_ttl}; at most 7 days)")
     _add_common(tok)
 
+    st = sub.add_parser(
+        "stats", formatter_class=_Help,
+        help="figures of a running server (the admin `stats` command)",
+        description="Connect to a running chatd and print its `stats`. The admin token is "
+        "minted here from --db and --secret (as `chatd token` does), for --user or the first "
+        "admin account, with a 60 s lifetime; or pass --token.",
+    )  # fmt: skip
+    st.add_argument("--host", default=_DEFAULTS.host, help="the server's address")
+    st.add_argument("--port", type=int, default=_DEFAULTS.port, help="the server's port")
+    st.add_argument("--user", default=None,
+                    help="admin account to mint the token for (default: the first admin)")
+    st.add_argument("--token", default=None,
+                    help="use this admin token instead of minting one (default: $CHATD_TOKEN)")
+    st.add_argument("--tls", action="store_true", help="connect with TLS")
+    st.add_argument("--tls-ca", metavar="FILE", default=None,
+                    help="trust the certificates in FILE (implies --tls; default: system CAs)")
+    st.add_argument("--json", action="store_true", help="print the reply's data as JSON")
+    st.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait")
+    _add_common(st)
+
     bak = sub.add_parser(
-        "backup",
+        "backup", formatter_class=_Help,
         help="online consistent copy of the database (safe while a server runs)",
         description="Copy the database to PATH with SQLite's backup API, while a server may "
         "be running on it. To restore: stop the server, copy the backup over the database "
@@ -195,9 +262,19 @@ def _non_negative(kind: type[int]) -> Callable[[str], int]:
     return parse
 
 
+def _positive(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not n > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")  # `chatd` alone is `chatd serve` (contract)
     args = build_parser().parse_args(argv)
     try:
@@ -209,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return token_command(args)
         if args.command == "backup":
             return backup_command(args)
+        if args.command == "stats":
+            return stats_command(args)
     except CliError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
@@ -245,16 +324,24 @@ def config_from(args: argparse.Namespace) -> Config:
         max_rooms_per_user=args.max_rooms_per_user,
         history_days=args.history_days,
         history_max=args.history_max,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_handshake_timeout=args.tls_handshake_timeout,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(args.log_level, args.log_format)
     config = config_from(args)
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    if config.tls_cert is not None and config.tls_key is not None:
+        try:
+            server_context(config.tls_cert, config.tls_key)  # refused before anything starts
+        except TLSSetupError as exc:
+            raise CliError(str(exc)) from None
     if config.db != ":memory:":
         _refuse_foreign(config.db)  # before the secret file is made beside it
     secret = resolve_secret(args.secret, config.db)
@@ -264,10 +351,14 @@ def serve(args: argparse.Namespace) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    from chatd.metrics import MetricsListenError
+
     try:
         return runner(_serve(config, secret))
     except StoreOpenError as exc:
         raise CliError(f"cannot open {config.db}: {exc}") from None
+    except (TLSSetupError, MetricsListenError) as exc:
+        raise CliError(str(exc)) from None
 
 
 async def _serve(config: Config, secret: str) -> int:
@@ -284,7 +375,6 @@ async def _serve(config: Config, secret: str) -> int:
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     await stop.wait()
-    log.info("shutting down")
     await server.stop()
     return 0
 
@@ -444,3 +534,94 @@ def backup_command(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {args.path}: {exc.strerror or exc}") from None
     print(f"chatd: backed up {args.db} to {args.path} ({count} messages)", file=sys.stderr)
     return 0
+
+
+# --- chatd stats (a client of a running server) ----------------------------------------
+
+_STATS_TTL = 60  # the minted admin token is good for a minute: enough for one question
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    """`chatd stats`: send the admin `stats` command to a running server and print it."""
+    token = args.token or os.environ.get("CHATD_TOKEN") or None
+    if token is None:
+        token = _admin_token(args)
+    try:
+        ctx = client_context(args.tls_ca) if (args.tls or args.tls_ca) else None
+    except TLSSetupError as exc:
+        raise CliError(str(exc)) from None
+    where = f"{args.host}:{args.port}"
+    try:
+        data = asyncio.run(_ask_stats(args.host, args.port, token, ctx, args.timeout))
+    except TimeoutError:
+        raise CliError(f"no answer from chatd at {where} within {args.timeout:g} s") from None
+    except ssl.SSLError as exc:
+        raise CliError(f"TLS with {where} failed: {exc.reason or exc}") from None
+    except (OSError, EOFError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        hint = "" if ctx is not None else " (a TLS server? add --tls)"
+        raise CliError(f"cannot talk to chatd at {where}: {why}{hint}") from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        print(f"{key}: {'-' if value is None else value}")
+    return 0
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    """A short-lived token with only the admin grant, for --user or the first admin."""
+    if args.db != ":memory:" and not os.path.exists(args.db):
+        # A read must not leave an empty database behind (nor a secret beside it).
+        raise CliError(f"no database {args.db}: pass the server's --db, or --token")
+    db = _open_db(args.db)
+    cols = "SELECT id, name, admin, token_version FROM users"
+    if args.user is not None:
+        row = db.execute(f"{cols} WHERE name_key = ?", (args.user.lower(),)).fetchone()
+        if row is None:
+            raise CliError(f"no user {args.user!r} in {args.db}")
+        if not row[2]:
+            raise CliError(f"{row[1]!r} is not an admin account (chatd user add NAME --admin)")
+    else:
+        row = db.execute(f"{cols} WHERE admin = 1 ORDER BY name_key LIMIT 1").fetchone()
+        if row is None:
+            raise CliError(
+                f"no admin account in {args.db}: create one with `chatd user add NAME --admin`,"
+                " or pass --token"
+            )
+    uid, name, _, version = row
+    tokens = TokenService(resolve_secret(args.secret, args.db, create=False), SystemClock())
+    token, _ = tokens.mint(name, new_jti(uid, version), ("admin",), _STATS_TTL)
+    return token
+
+
+async def _ask_stats(
+    host: str, port: int, token: str, ctx: ssl.SSLContext | None, timeout: float
+) -> dict[str, object]:
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, limit=1024 * 1024
+        )
+        try:
+            # Sent at once, before hello: a TLS server that gets it as plain text fails
+            # the handshake at once, instead of both sides waiting for the other.
+            frame = {"cmd": "stats", "id": "stats", "token": token}
+            writer.write(json.dumps(frame).encode() + b"\n")
+            hello = json.loads(await reader.readline() or b"null")
+            if not isinstance(hello, dict) or hello.get("event") != "hello":
+                raise EOFError(f"not a chatd server (first line: {hello!r:.80})")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise EOFError("the server closed the connection")
+                reply = json.loads(line)
+                if reply.get("id") != "stats":
+                    continue  # an event
+                if reply.get("type") == "ok":
+                    data: dict[str, object] = reply["data"]
+                    return data
+                raise CliError(f"the server said {reply.get('code')}: {reply.get('message')}")
+        finally:
+            writer.close()

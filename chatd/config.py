@@ -109,6 +109,14 @@ class Config:
     history_max: int = 0
     prune_interval: float = 60.0
     prune_batch: int = 500
+    # TLS (stdlib ssl, 1.2+) instead of plain TCP on the same port when both are set. A
+    # handshake must finish within tls_handshake_timeout (and within idle_timeout).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_handshake_timeout: float = 10.0
+    # Prometheus text format on http://metrics_host:metrics_port/metrics; None = off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

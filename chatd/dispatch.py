@@ -17,7 +17,7 @@ from typing import Any, Union
 
 from chatd.app import App, UnknownAccount
 from chatd.config import Config
-from chatd.errors import ChatError, Forbidden, Internal
+from chatd.errors import ChatError, Forbidden, Internal, RateLimited
 from chatd.protocol.commands import Command, command_name
 from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import RequestId, error_frame, ok_frame
@@ -154,6 +154,8 @@ class Pending:
 
     def fail(self, exc: BaseException) -> Outcome:
         if isinstance(exc, ChatError):
+            if isinstance(exc, RateLimited):
+                self.req.app.stats.rate_limited += 1
             return Outcome(error_frame(self.rid, exc))
         log.error("internal error in %s", self.name, exc_info=exc)
         return Outcome(error_frame(self.rid, Internal("internal error")))
@@ -173,6 +175,7 @@ class Pending:
 class Dispatcher:
     def __init__(self, app: App, table: list[Spec]) -> None:
         self.app = app
+        self.stats = app.stats
         self.specs = {spec.command: spec for spec in table}
         app.help_data = self.help()
 
@@ -196,6 +199,7 @@ class Dispatcher:
         try:
             cmd = decode_command(line)
         except FrameError as exc:
+            self.stats.bad_frames += 1
             return Outcome(error_frame(exc.request_id, exc.error))
         return cmd, self.specs[type(cmd)]
 
@@ -247,7 +251,9 @@ class Dispatcher:
         if spec.metered and session.commands is not None:
             delay = session.commands.take(self.app.clock.now())
             if delay:
+                self.stats.throttled += 1
                 return Throttle(delay)
+        self.stats.commands += 1
         req = Request(self.app, session)
         rid = cmd.id
         try:
@@ -272,6 +278,8 @@ class Dispatcher:
             except StopIteration as stop:
                 return Outcome(ok_frame(rid, stop.value), req.events)
         except ChatError as exc:
+            if isinstance(exc, RateLimited):
+                self.stats.rate_limited += 1
             return Outcome(error_frame(rid, exc))
         except Exception:
             log.exception("internal error in %s", spec.name)
@@ -372,4 +380,6 @@ def command_table() -> list[Spec]:
         Spec(c.Channels, rooms.channels,
              "channels [after] [limit] — rooms and known users, a page at a time",
              check=rooms.check_list),
+        Spec(c.Stats, system.stats, "stats — server figures: connections, rates, store",
+             grant="admin"),
     ]

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import heapq
 import itertools
 import logging
 import os
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from chatd.app import App
+from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
 from chatd.clock import Clock, SystemClock
 from chatd.config import Config
@@ -29,7 +31,9 @@ from chatd.protocol.commands import Command
 from chatd.protocol.frames import error_frame, event_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.session import Cancellable, Session
+from chatd.stats import Stats
 from chatd.store.base import Store
+from chatd.tls import server_context
 
 log = logging.getLogger("chatd")
 
@@ -44,6 +48,9 @@ _LOOPBACK = ("127.0.0.1", "::1")
 # fills a group commit, but one commit's replies and events for it stay well under the
 # outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
 _MAX_WAITING = 64
+# A connection that has sent this many bad frames is logged once (it is not closed: a bad
+# frame never closes a connection, contract "Error codes").
+_BAD_FRAMES_LOGGED = 100
 
 
 class _Slot:
@@ -58,7 +65,10 @@ class _Slot:
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "accepted",
+        "bad",
         "barriers",
+        "counted",
         "dead",
         "held",
         "ip",
@@ -95,13 +105,19 @@ class Connection(asyncio.Protocol):
         self.stall_since = 0.0
         self.waiting = 0  # commands started and not finished
         self.barriers = 0  # of those, the ones later commands must wait for
+        self.counted = False  # holds a per-IP slot (admitted)
+        self.accepted: float | None = None  # TLS: when accepted (the idle clock's start)
+        self.bad = 0  # bad frames so far (logged once past _BAD_FRAMES_LOGGED)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
-        self.transport = t
         srv = self.srv
+        if self.counted:
+            # TLS: admitted at accept (ChatServer.accept_tls), and its handshake is done.
+            self.opened(t, self.accepted)
+            return
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else ""
         refusal = srv.admit(self.ip)
@@ -110,9 +126,19 @@ class Connection(asyncio.Protocol):
             t.write(error_frame(None, refusal))
             t.close()
             return
+        self.counted = True
+        self.opened(t)
+
+    def opened(self, t: asyncio.Transport, accepted: float | None = None) -> None:
+        """The connection speaks frames now (at once, or after its TLS handshake; then
+        its unauthenticated idle time counts from `accepted`)."""
+        srv = self.srv
+        self.transport = t
         c = srv.config
         t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
         self.session = srv.app.open_session(self, self.ip)
+        if accepted is not None:
+            self.session.unbound_since = accepted
         srv.connections[self] = None
         srv.watch_idle(self.session)
         self.send(srv.app.hello_frame())
@@ -122,11 +148,16 @@ class Connection(asyncio.Protocol):
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
-        if self.session is not None:  # a refused connection never took a per-IP slot
-            srv.forget_ip(self.ip)
+        self.release()
         self.out.clear()
         if self.session is not None:
             srv.app.close_session(self.session)
+
+    def release(self) -> None:
+        """Give back the per-IP slot (once; a refused connection never took one)."""
+        if self.counted:
+            self.counted = False
+            self.srv.forget_ip(self.ip)
 
     def eof_received(self) -> bool | None:
         return None  # close; a partial frame left in the splitter is never executed
@@ -149,6 +180,7 @@ class Connection(asyncio.Protocol):
             # not a slow consumer: hand it to the kernel first, judge what is left after.
             self.flush()
             if self.tbuf > self.srv.config.outbox_hard:
+                self.srv.stats.slow_consumers += 1
                 self.drop_slow()
 
     def flush(self) -> None:
@@ -156,21 +188,34 @@ class Connection(asyncio.Protocol):
         if self.dead or t is None or not self.out:
             return
         out = self.out
-        t.write(out[0] if len(out) == 1 else b"".join(out))
+        data = out[0] if len(out) == 1 else b"".join(out)
+        t.write(data)
+        self.srv.stats.bytes_out += len(data)
         out.clear()
         self.out_bytes = 0
         self.tbuf = t.get_write_buffer_size()
 
-    def drop_slow(self) -> None:
+    def drop_slow(self, why: str = "slow consumer", reason: str = "slow_consumer") -> None:
         """Best effort slow_consumer, then abort: never wait for a client that does not read."""
         if self.dead:
             return
         self.dead = True
+        queued = self.out_bytes + self.tbuf
         self.out.clear()
         t = self.transport
-        log.info("dropping slow consumer %s", self.ip)
+        srv = self.srv
+        user = self.session.user if self.session is not None else None
+        log.warning(
+            "closed connection from %s (user %s): %s, %d bytes queued",
+            self.ip, user or "-", why, queued,
+            extra={"event": "connection_closed", "reason": reason,
+                   "ip": self.ip, "user": user, "queued": queued},
+        )  # fmt: skip
         if t is not None:
-            sock = t.get_extra_info("socket")
+            # The notice goes straight to the socket, ahead of what is queued. Never under
+            # TLS: plain bytes there would be written past the TLS layer into the record
+            # stream; the notice is best effort (contract), so it is skipped.
+            sock = t.get_extra_info("socket") if srv.tls is None else None
             try:
                 # "\n" first: it ends whatever partial line the kernel already holds.
                 if sock is not None:
@@ -219,6 +264,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
+        self.srv.stats.bytes_in += len(data)
         lines = self.splitter.feed(data)
         if not lines:
             return
@@ -249,10 +295,13 @@ class Connection(asyncio.Protocol):
                 budget -= 1
                 line = q.popleft()
                 if line is TOO_LARGE:
+                    srv.stats.bad_frames += 1
+                    self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
                 prepared = dispatcher.prepare(line)
                 if isinstance(prepared, Outcome):
+                    self.bad_frame(prepared.reply)
                     self.reply(prepared)
                     continue
                 cmd, spec = prepared
@@ -288,6 +337,18 @@ class Connection(asyncio.Protocol):
                 return
         self._resume(_PAUSE_BACKLOG)
 
+    def bad_frame(self, what: bytes | str) -> None:
+        """Count a bad frame; log the connection once when it passes the threshold."""
+        self.bad += 1
+        if self.bad == _BAD_FRAMES_LOGGED:
+            user = self.session.user if self.session is not None else None
+            text = what.decode("utf-8", "replace").strip() if isinstance(what, bytes) else what
+            log.warning(
+                "connection from %s (user %s) has sent %d bad frames; the last got %s",
+                self.ip, user or "-", self.bad, text[:200],
+                extra={"event": "bad_frames", "ip": self.ip, "user": user, "count": self.bad},
+            )  # fmt: skip
+
     def _continue(self) -> None:
         if self.paused == _PAUSE_BACKLOG:
             self.paused = 0
@@ -311,6 +372,7 @@ class Connection(asyncio.Protocol):
             return outcome
         me = self.session
         own: list[tuple[Any, bytes]] = []
+        stats = self.srv.stats
         for sessions, frame in outcome.events:
             mine = False
             for s in sessions:
@@ -318,6 +380,7 @@ class Connection(asyncio.Protocol):
                     mine = True
                 else:
                     s.send(frame)
+            stats.deliveries += len(sessions) - mine  # its own copy counts when delivered
             if mine:
                 own.append(((me,), frame))
         outcome.events = own
@@ -326,7 +389,9 @@ class Connection(asyncio.Protocol):
     def deliver(self, outcome: Outcome) -> None:
         self.send(outcome.reply)
         if outcome.events:
+            stats = self.srv.stats
             for sessions, frame in outcome.events:
+                stats.deliveries += len(sessions)
                 for s in sessions:
                     s.send(frame)
 
@@ -422,9 +487,21 @@ class ChatServer:
         tokens = TokenService(
             secret, self.clock, max_bytes=config.max_token_bytes, iat_leeway=config.iat_leeway
         )
-        self.app = App(config, self.clock, store, tokens, self.hasher, self)
+        self.stats = Stats()
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = server_context(config.tls_cert, config.tls_key)  # TLSSetupError
+            self.stats.tls = True
+        self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[Connection, None] = {}
+        # TLS: connections admitted and still shaking hands, with their handshake tasks;
+        # the listening sockets and their accept loops.
+        self.handshakes: dict[Connection, asyncio.Task[None]] = {}
+        self.listeners: list[socket.socket] = []
+        self.acceptors: list[asyncio.Task[None]] = []
+        self.metrics: Any = None  # the Prometheus endpoint (chatd.metrics), when on
+        self._refusal_log = _LogGate()
         self.stalled: dict[Connection, None] = {}
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
@@ -473,23 +550,107 @@ class ChatServer:
     # --- admission -------------------------------------------------------------------
 
     def admit(self, ip: str) -> RateLimited | None:
+        """The refusal for a new connection from `ip`, or None (then it holds a per-IP
+        slot until ``forget_ip``). Counted and logged by reason."""
+        reason, refusal = self._admission(ip)
+        if refusal is not None:
+            self.stats.refuse(reason)
+            self._refusal_log.log(
+                (reason, ip), logging.WARNING,
+                "refused connection from %s: %s", ip, refusal.message,
+                event="connection_refused", reason=reason, ip=ip,
+            )  # fmt: skip
+        return refusal
+
+    def _admission(self, ip: str) -> tuple[str, RateLimited | None]:
         c = self.config
         if self.stopping:
-            return RateLimited("the server is shutting down", 5.0)
-        if len(self.connections) >= self.max_connections:
-            return RateLimited("the server is full; try again later", 5.0)
+            return "shutting_down", RateLimited("the server is shutting down", 5.0)
+        if len(self.connections) + len(self.handshakes) >= self.max_connections:
+            return "full", RateLimited("the server is full; try again later", 5.0)
         if c.per_ip_connections and ip not in _LOOPBACK:
             if self.per_ip.get(ip, 0) >= c.per_ip_connections:
-                return RateLimited("too many connections from your address", 5.0)
+                return "per_ip", RateLimited("too many connections from your address", 5.0)
             now = time.monotonic()
             recent = self.ip_new.setdefault(ip, collections.deque())
             while recent and now - recent[0] > 60:
                 recent.popleft()
             if len(recent) >= c.per_ip_new_per_minute:
-                return RateLimited("connecting too often from your address", 60 - (now - recent[0]))
+                return "per_ip_rate", RateLimited(
+                    "connecting too often from your address", 60 - (now - recent[0])
+                )
             recent.append(now)
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return None
+        return "", None
+
+    # --- TLS -------------------------------------------------------------------------
+
+    async def accept_tls(self, listener: socket.socket) -> None:
+        """The accept loop of a TLS listener. Each connection is admitted (per-IP and
+        connection limits) before its handshake costs anything, then shakes hands in a
+        task of its own, bounded by the handshake timeout.
+
+        Not create_server(ssl=…): its protocol learns the peer only after the handshake.
+        Not start_tls on an accepted transport: uvloop loses the ClientHello if it came
+        before the upgrade (MagicStack/uvloop#707), and the handshake hangs."""
+        loop = self.loop
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: pause accepting (limits.md), as
+                    # asyncio's own accept loop does, until some are freed.
+                    self._refusal_log.log(
+                        ("accept", exc.errno), logging.ERROR,
+                        "cannot accept connections: %s; pausing 1 s", exc.strerror,
+                        event="accept_failed", error=exc.strerror,
+                    )  # fmt: skip
+                    await asyncio.sleep(1.0)
+                elif exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return  # the listener itself is gone
+                continue  # ECONNABORTED and friends: that one client is gone
+            ip = addr[0] if isinstance(addr, tuple) else ""
+            refusal = self.admit(ip)
+            if refusal is not None:
+                sock.close()  # not worth a handshake: the connection just closes
+                continue
+            conn = Connection(self)
+            conn.ip = ip
+            conn.counted = True
+            conn.accepted = self.clock.now()
+            self.stats.handshaking += 1
+            self.handshakes[conn] = loop.create_task(self._handshake(conn, sock))
+
+    async def _handshake(self, conn: Connection, sock: socket.socket) -> None:
+        c = self.config
+        opened = False
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=self.tls,
+                # Within the idle timeout too: an unauthenticated connection gets no more.
+                ssl_handshake_timeout=max(0.1, min(c.tls_handshake_timeout, c.idle_timeout)),
+            )  # fmt: skip
+            opened = True
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            self.stats.tls_failures += 1
+            reason = _tls_reason(exc)
+            self._refusal_log.log(
+                ("tls", conn.ip), logging.INFO,
+                "TLS handshake from %s failed: %s", conn.ip, reason,
+                event="tls_failed", ip=conn.ip, error=reason,
+            )  # fmt: skip
+        except Exception:  # a bug, not a client: say so, and the connection is gone
+            self.stats.tls_failures += 1
+            log.exception("TLS handshake from %s failed unexpectedly", conn.ip)
+        finally:
+            # Failed, timed out or cancelled (shutdown): the loop closed the socket; the
+            # slot is given back here, as connection_lost never comes.
+            self.handshakes.pop(conn, None)
+            self.stats.handshaking -= 1
+            if not opened:
+                conn.dead = True
+                conn.release()
 
     def forget_ip(self, ip: str) -> None:
         n = self.per_ip.get(ip)
@@ -519,7 +680,9 @@ class ChatServer:
     # --- sweeps ----------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Once a second: unauthenticated idle connections, stuck writers."""
+        """Once a second: unauthenticated idle connections, stuck writers, a sample of
+        the counters for the rates."""
+        self.stats.sample()
         now = self.clock.now()
         idle = self.idle
         while idle and idle[0][0] <= now:
@@ -527,6 +690,13 @@ class ChatServer:
             if s.closed:
                 continue
             if s.user_key is None and s.unbound_since == since:
+                self.stats.idle_closed += 1
+                self._refusal_log.log(
+                    ("idle", s.ip), logging.INFO,
+                    "closed connection from %s: not logged in within %g s", s.ip,
+                    self.config.idle_timeout,
+                    event="connection_closed", reason="idle", ip=s.ip,
+                )  # fmt: skip
                 s.send(error_frame(None, Unauthorized("not logged in in time; closing")))
                 s.peer.close()
             elif s.user_key is None:
@@ -545,9 +715,12 @@ class ChatServer:
             if size < conn.stall_size:
                 conn.stall_size, conn.stall_since = size, mono
             elif mono - conn.stall_since > self.config.write_deadline:
-                log.info("dropping stuck writer %s", conn.ip)
                 self.stalled.pop(conn, None)
-                conn.drop_slow()
+                self.stats.stuck_writers += 1
+                conn.drop_slow(
+                    f"stuck writer (no progress for {self.config.write_deadline:g} s)",
+                    "stuck_writer",
+                )
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -603,32 +776,77 @@ class ChatServer:
         snap = await self.loop.run_in_executor(None, self.store.open)
         self.app.load(snap)
         self.max_connections = min(self.config.max_connections, _raise_nofile() - 64)
+        sockets: list[Any] = []
         try:
-            self.server = await self.loop.create_server(
-                lambda: Connection(self),
-                self.config.host,
-                self.config.port,
-                reuse_address=True,
-                backlog=4096,
-            )
+            if self.tls is not None:
+                self.listeners = sockets = _listen(self.config.host, self.config.port, 4096)
+            else:
+                server = await self.loop.create_server(
+                    lambda: Connection(self),
+                    self.config.host,
+                    self.config.port,
+                    reuse_address=True,
+                    backlog=4096,
+                )
+                self.server = server
+                sockets = list(server.sockets)
         except BaseException:
             await self.store.close()  # and its lock: the database is free again
             raise
-        sockets = self.server.sockets
         for sock in sockets:
             # Accepted sockets inherit these from the listener (Linux), so each new
             # connection costs no setsockopt calls of its own.
             self.tune_socket(sock)
         addr = sockets[0].getsockname()
         self.port = addr[1]
+        for listener in self.listeners:
+            self.acceptors.append(self.loop.create_task(self.accept_tls(listener)))
         self.spawn(self._every(1.0, self.sweep))
         self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
         self.spawn(self._every(60.0, self._purge))
         if self.config.history_days > 0 or self.config.history_max > 0:
             self.spawn(self.prune_history())  # once at start, then periodically
             self.spawn(self._every(self.config.prune_interval, self.prune_history))
+        if self.config.metrics_port is not None:
+            from chatd.metrics import MetricsServer
+
+            try:
+                self.metrics = MetricsServer(
+                    self.config.metrics_host, self.config.metrics_port, self.loop,
+                    self.stats_report,
+                )  # fmt: skip
+            except BaseException:
+                await self._stop_listening()
+                await self.store.close()
+                raise
         host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-        log.info("chatd listening on %s:%d", host, self.port)
+        settings = self.settings()
+        log.info(
+            "chatd listening on %s:%d (%s)", host, self.port,
+            ", ".join(f"{k} {v}" for k, v in settings.items()),
+            extra={"event": "start", "host": addr[0], "port": self.port, **settings},
+        )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """What an operator wants to see in the start line."""
+        c = self.config
+        m = self.metrics
+        return {
+            "version": VERSION,
+            "tls": "on" if self.tls is not None else "off",
+            "db": c.db,
+            "guests": "on" if c.guests else "off",
+            "max_connections": self.max_connections,
+            "per_ip_connections": c.per_ip_connections,
+            "idle_timeout": c.idle_timeout,
+            "rate_limit": c.rate_limit,
+            "token_ttl": c.token_ttl,
+            "metrics": f"http://{m.host}:{m.port}/metrics" if m is not None else "off",
+        }
+
+    async def stats_report(self) -> dict[str, Any]:
+        """The `stats` figures (for the metrics endpoint; the command builds the same)."""
+        return self.stats.report(self.app, await self.store.count_messages())
 
     async def stop(self, reason: str = "shutting down") -> None:
         """Stop accepting, tell everyone, commit what is queued, give writers a grace
@@ -636,8 +854,16 @@ class ChatServer:
         if self.stopping:
             return
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        began = time.monotonic()
+        open_at_stop = len(self.connections)
+        log.info("chatd stopping (%s): %d connections open", reason, open_at_stop,
+                 extra={"event": "stopping", "reason": reason, "connections": open_at_stop})
+        await self._stop_listening()
+        shaking = list(self.handshakes.values())
+        for task in shaking:
+            task.cancel()  # a half-done TLS handshake gets no notice, just the close
+        if shaking:
+            await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.
@@ -666,10 +892,93 @@ class ChatServer:
             if conn.transport is not None:
                 conn.transport.abort()
         self.hasher.close()
+        if self.metrics is not None:
+            await self.loop.run_in_executor(None, self.metrics.close)
+        st = self.stats
+        log.info(
+            "chatd stopped in %.1f s after %.0f s up: %d commands, %d messages posted, "
+            "rev %d", time.monotonic() - began, time.monotonic() - st.started, st.commands,
+            st.messages, self.store.rev,
+            extra={"event": "stopped", "uptime": round(time.monotonic() - st.started, 3),
+                   "commands": st.commands, "messages": st.messages},
+        )  # fmt: skip
+
+    async def _stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in self.acceptors:
+            task.cancel()
+        await asyncio.gather(*self.acceptors, return_exceptions=True)
+        self.acceptors.clear()
+        for listener in self.listeners:  # after their accept loops let go of them
+            listener.close()
+        self.listeners.clear()
 
     def abort_later(self, transport: asyncio.Transport) -> None:
         # close() waits for the buffer to drain; a peer that never reads must not pin it.
         self.loop.call_later(self.config.shutdown_grace, transport.abort)
+
+
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address of `host`, as loop.create_server makes them
+    (SO_REUSEADDR; IPv6 sockets IPv6-only, so 0.0.0.0 and :: can share a port)."""
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+class _LogGate:
+    """Log lines about connections that may come in floods (refusals, failed handshakes,
+    idle closes): at most one line a second per key; the lines held back are counted
+    and the next line for that key says how many."""
+
+    __slots__ = ("last",)
+    PERIOD = 1.0
+    MAX_KEYS = 4096
+
+    def __init__(self) -> None:
+        self.last: dict[Any, list[float]] = {}  # key -> [time of last line, held back]
+
+    def log(self, key: Any, level: int, msg: str, *args: Any, **extra: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        seen = self.last.get(key)
+        if seen is not None and now - seen[0] < self.PERIOD:
+            seen[1] += 1
+            return
+        held = int(seen[1]) if seen is not None else 0
+        if len(self.last) >= self.MAX_KEYS:
+            self.last = {k: v for k, v in self.last.items() if now - v[0] < self.PERIOD}
+        self.last[key] = [now, 0]
+        if held:
+            msg += " (and %d more like it in the last second)"
+            args = (*args, held)
+        log.log(level, msg, *args, extra={**extra, "held_back": held})
 
 
 def _raise_nofile() -> int:

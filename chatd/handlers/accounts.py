@@ -3,6 +3,7 @@ contract, "Identity and tokens" and "Decided for the next round")."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from chatd.dispatch import Request
     from chatd.session import Session
 
+log = logging.getLogger("chatd")
 _HOUR = 3_600.0
 _MINUTE = 60.0
 _LOOPBACK = ("127.0.0.1", "::1")  # as chatd.server: exempt from per-address guest limits
@@ -186,7 +188,27 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
             raise Unauthorized("wrong user name or password")
     finally:
         app.login_gate.finish(keys, failed=failed)
+        if failed:
+            _log_burst(app, s, key, keys)
     return now
+
+
+def _log_burst(app: App, s: Session, key: str, keys: list[tuple[Hashable, int]]) -> None:
+    """One log line per burst of failed logins: when the failures of the account, the
+    connection or the address reach their limit (later attempts are refused before they
+    can fail, so the line is not repeated)."""
+    now = app.clock.now()
+    counts = [app.login_gate.failures(k, now) for k, _ in keys]
+    if not any(n == limit for n, (_, limit) in zip(counts, keys, strict=True)):
+        return
+    app.stats.login_bursts += 1
+    log.warning(
+        "failed logins: %d for account %r, %d from connection %s, %d from the address"
+        " in the last minute; further attempts get rate_limited",
+        counts[0], key, counts[1], s.ip, counts[2],
+        extra={"event": "login_failures", "account": key, "ip": s.ip,
+               "account_failures": counts[0], "connection_failures": counts[1]},
+    )  # fmt: skip
 
 
 def _ttl(app: App, asked: int | None) -> int:

@@ -137,6 +137,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
     if cmd.nonce is not None:
         app.remember_nonce(key, cmd.nonce, rec.id)
     if created:
+        app.stats.messages += 1
         req.emit(audience(app, rec), event_frame("message", msg))
     return {"message": msg}
 

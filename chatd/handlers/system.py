@@ -1,4 +1,4 @@
-"""ping and help (wire contract, "Commands")."""
+"""ping, help and stats (wire contract, "Commands" and "Decided for the next round")."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def help_(app: App, req: Request, cmd: c.Help) -> Any:
         if entry["cmd"] == cmd.command:
             return {"commands": [entry]}
     raise NotFound(f"no command {cmd.command!r}; send help for the list")
+
+
+async def stats(app: App, req: Request, cmd: c.Stats) -> Any:
+    """Grant admin (checked by the dispatcher). Figures from chatd.stats; the stored
+    message count is a read off the loop."""
+    return app.stats.report(app, await app.store.count_messages())

@@ -168,6 +168,10 @@ class Channels(Command, tag="channels", frozen=True):
     limit: UInt | None = None
 
 
+class Stats(Command, tag="stats", frozen=True):
+    pass
+
+
 AnyCommand = Union[
     Ping,
     Help,
@@ -194,6 +198,7 @@ AnyCommand = Union[
     DmHistory,
     Sync,
     Channels,
+    Stats,
 ]
 
 

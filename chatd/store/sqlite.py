@@ -190,6 +190,12 @@ class SQLiteStore:
         self._local = threading.local()
         self._lock: ServerLock | None = None
         self._failing = False  # the last batch failed (logged once, and once on recovery)
+        # For `stats`: how long the last transactions took (BEGIN to COMMIT, fsync
+        # included), appended by the writer thread (deque.append is atomic), and how many
+        # batches failed since start.
+        self.commit_times: collections.deque[float] = collections.deque(maxlen=1024)
+        self.write_errors = 0
+        self._failed_batches = 0  # in the current failing streak
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -350,6 +356,7 @@ class SQLiteStore:
         rev0 = self._rev_w
         id0 = self._next_id
         results: list[tuple[Any, Any, BaseException | None]] = []
+        began = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             i, n = 0, len(batch)
@@ -387,6 +394,7 @@ class SQLiteStore:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'rev'", (str(self._rev_w),))
             db.execute("COMMIT")
             self._last_commit = time.monotonic()
+            self.commit_times.append(time.perf_counter() - began)
             self._deleted_rooms |= self._batch_deleted
             self._purges += self._batch_deleted
             self._batch_deleted.clear()
@@ -395,7 +403,12 @@ class SQLiteStore:
                 self._queue_purge(room_id)
             if self._failing:
                 self._failing = False
-                log.warning("storage is writable again")
+                log.warning(
+                    "storage is writable again (%d batches of writes failed meanwhile)",
+                    self._failed_batches,
+                    extra={"event": "store_recovered", "failed_batches": self._failed_batches},
+                )
+                self._failed_batches = 0
         except Exception as exc:
             # Disk full, read-only, I/O error (or a bug): nothing of the batch is saved, so
             # the counters go back and every write in it fails; the next batch tries anew.
@@ -410,10 +423,18 @@ class SQLiteStore:
             # (not at once: a full disk must not turn the writer into a busy loop).
             self._purges += [op.room_id for op, _, _ in batch if isinstance(op, _Purge)]
             err = _as_chat_error(exc)
+            self.write_errors += 1
+            self._failed_batches += 1
             if not self._failing:
+                # One line per failing streak, and one when it ends with the count: a full
+                # disk under load must not write a line per batch.
                 self._failing = True
                 bug = not isinstance(exc, sqlite3.Error)
-                log.error("writing to the database failed: %s", exc, exc_info=bug)
+                log.error(
+                    "writing to the database failed: %s (%d writes lost; clients got errors)",
+                    exc, len(batch), exc_info=bug,
+                    extra={"event": "store_error", "error": str(exc)},
+                )  # fmt: skip
             results = [(fut, None, err) for _, fut, _ in batch]
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -447,6 +468,8 @@ class SQLiteStore:
             try:
                 return fn(self._reader_db())
             except sqlite3.Error as exc:
+                log.error("reading the database failed: %s", exc,
+                          extra={"event": "store_error", "error": str(exc)})
                 raise _as_chat_error(exc) from None
 
         return await loop.run_in_executor(self._readers, run)
@@ -726,6 +749,14 @@ class SQLiteStore:
             return _msg(row)
 
         return self._write(op)
+
+    async def count_messages(self) -> int:
+        """Message rows stored (tombstones included), for `stats`; a read off the loop."""
+
+        def op(db: sqlite3.Connection) -> int:
+            return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+        return await self._read(op)
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
         def op(db: sqlite3.Connection) -> MessageRecord | None:

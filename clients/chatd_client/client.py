@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import random
+import ssl as _ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -336,8 +337,12 @@ class Client:
         token: str | None = None,
         options: Options | None = None,
         backoff: Backoff | None = None,
+        ssl: _ssl.SSLContext | bool | None = None,
     ) -> None:
         self.host, self.port = host, port
+        # TLS (`chatd serve --tls-cert …`): True verifies against the system's CAs; an
+        # SSLContext as given (chatd.tls.client_context(cafile) for a private CA).
+        self.ssl = ssl or None
         self.options = options or Options()
         self._backoff: Backoff = backoff or ExponentialBackoff()
         self._user = user
@@ -515,7 +520,7 @@ class Client:
     async def _open(self) -> _Link:
         o = self.options
         async with asyncio.timeout(o.connect_timeout):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
             link = _Link(reader, writer, self._link_dead)
             self._spawn(self._read(link))
             try:
@@ -1093,13 +1098,17 @@ def connect(
     token: str | None = None,
     options: Options | None = None,
     backoff: Backoff | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
 ) -> _Connect:
     """Connect to chatd. With ``token``: ``auth``; with ``user`` and ``password``: ``login``;
     with ``user`` alone: a guest login; with nothing: connected but not logged in.
+    ``ssl``: TLS, verified against the system's CAs (True) or as the SSLContext says
+    (``chatd.tls.client_context(cafile)`` trusts a private or self-signed certificate).
     Raises ``ConnectionLost`` if unreachable, a ``ServerError`` if authentication fails."""
     return _Connect(
         Client(
-            host, port, user=user, password=password, token=token, options=options, backoff=backoff
+            host, port, user=user, password=password, token=token, options=options,
+            backoff=backoff, ssl=ssl,
         )
     )
 

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import Any, ClassVar
 
 from prompt_toolkit.application import Application
@@ -28,6 +29,7 @@ from prompt_toolkit.output import Output
 from prompt_toolkit.widgets import TextArea
 
 from chatd.protocol.models import Message
+from chatd.tls import TLSSetupError, client_context
 from chatd_client.client import AUTH_FAILED, Client, connect
 from chatd_client.errors import ClientError, NotFound, RateLimited, ServerError, SessionEnded
 from chatd_client.types import DISCONNECTED, EPOCH_CHANGED, RECONNECTED, REJOIN_FAILED, Event
@@ -356,8 +358,9 @@ async def run(
     room: str | None = None,
     input: Input | None = None,
     output: Output | None = None,
+    ssl: SSLContext | None = None,
 ) -> None:
-    async with connect(host, port, user=user, password=password, token=token) as chat:
+    async with connect(host, port, user=user, password=password, token=token, ssl=ssl) as chat:
         ui = ChatUI(chat, input=input, output=output)
         if room:
             ui._spawn(ui.handle(f"/join {room}"))
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--password", action="store_true", help="ask for a password")
     p.add_argument("--token", help="a token (default: $CHATD_TOKEN)")
     p.add_argument("--room", help="join this room at start")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="trust the CA certificate(s) in FILE, e.g. a self-signed server's (implies --tls)")
     args = p.parse_args(argv)
     token = args.token or os.environ.get("CHATD_TOKEN") or None
     password = os.environ.get("CHATD_PASSWORD") or None
@@ -380,9 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     if token is None and args.user is None:
         p.error("give --user (and --password) or --token")
     try:
+        ctx = client_context(args.tls_ca) if (args.tls or args.tls_ca) else None
+    except TLSSetupError as exc:
+        print(f"chatd-cli: {exc}", file=sys.stderr)
+        return 2
+    try:
         asyncio.run(
             run(
-                args.host, args.port, user=args.user, password=password, token=token, room=args.room
+                args.host, args.port, user=args.user, password=password, token=token,
+                room=args.room, ssl=ctx,
             )
         )
     except ClientError as exc:

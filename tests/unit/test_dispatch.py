@@ -50,7 +50,7 @@ def test_contract_commands_are_all_there() -> None:
         "ping", "help", "register", "login", "auth", "refresh", "logout", "whoami",
         "room.create", "room.edit", "room.delete", "room.list", "room.join", "room.leave",
         "room.members", "room.history", "msg.send", "msg.edit", "msg.delete", "dm.history",
-        "sync", "channels", "user.delete", "passwd", "user.list",
+        "sync", "channels", "user.delete", "passwd", "user.list", "stats",
     }  # fmt: skip
     assert {spec.name for spec in command_table()} == expected
 
