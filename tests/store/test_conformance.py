@@ -15,7 +15,9 @@ import pytest
 
 from chatd.errors import Conflict
 from chatd.store.base import MessageRecord, NewMessage, RoomRecord, Snapshot, Store
+from chatd.store.redis import RedisStore
 from chatd.store.sqlite import SQLiteStore
+from tests.redisutil import fresh_redis_url
 
 Factory = Callable[[], Store]
 
@@ -28,8 +30,13 @@ def _sqlite_memory(tmp: Path) -> tuple[Factory, bool]:
     return (lambda: SQLiteStore(":memory:")), False
 
 
-BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory}
-DURABLE = ["sqlite-file"]  # the backends whose data outlives a reopen
+def _redis(tmp: Path) -> tuple[Factory, bool]:
+    url = fresh_redis_url()  # a real redis-server (tests/redisutil.py); reopen: same db
+    return (lambda: RedisStore(url)), True
+
+
+BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory, "redis": _redis}
+DURABLE = ["sqlite-file", "redis"]  # the backends whose data outlives a reopen
 
 
 class Opened:

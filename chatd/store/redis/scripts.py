@@ -1,0 +1,356 @@
+"""The Lua scripts of the Redis store, and the key layout they share (see README, "Redis").
+
+Every write is one script: Redis runs a script alone, so a message's id and revision are
+allocated, the message and its indexes stored and its change appended to the change stream
+in one atomic step, and the stream's order is revision order across every node.
+
+Keys (P is the prefix, "chatd:" by default; Redis Cluster is not supported: a script
+touches keys of many slots):
+  P meta                hash: epoch, layout, rev, msg_id, room_id, user_id, users_version
+  P users               hash: lower(name) -> user id;   P u:<id>  hash: i n h a tv c
+  P guests              hash: lower(name) -> GuestHold as JSON
+  P revoked             zset: jti, score = expires_at
+  P rooms               set of room ids;  P rooms:gone  set of deleted room ids (never reused)
+  P room:<id>           hash: n (name) k (lower name) t o c e op;  P room_names  hash: k -> id
+  P m:<id>              hash, one message: i v s sk x ts [r] [t tk sl tl p] [et eb] [d] [n]
+  P all                 zset of every stored message id (tombstones too), score = id
+  P nonce               hash: "<sender_key>\\n<nonce>" -> message id
+  P r:<room>:ids        zset of the room's live messages, score = id (history pages)
+  P r:<room>:revs       zset of all the room's messages, score = rev (sync)
+  P d:{<ident>}:ids     zset of an identity's live DMs either way, score = id
+  P d:{<ident>}:w:<nm>  zset of its live DMs with whoever held name nm, score = id
+  P d:{<ident>}:with    set of lower names it has DMs with (tombstones count)
+  P d:{<ident>}:revs    zset of all its DMs, score = rev (sync)
+  P p:<pair>:ids        zset of a DM pair's live messages (retention's `keep`)
+  P pairs               set of DM pair keys
+  P changes             stream: one entry per revision, fields rev, kind, and the message
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to every script that needs them. P is ARGV[1] in every script.
+_PRELUDE = r"""
+local P = ARGV[1]
+local function live_keys(room, sk, tk, sl, tl, pair)
+  if room then return {P..'r:'..room..':ids'} end
+  return {P..'d:{'..sk..'}:ids', P..'d:{'..tk..'}:ids', P..'d:{'..sk..'}:w:'..tl,
+          P..'d:{'..tk..'}:w:'..sl, P..'p:'..pair..':ids'}
+end
+local function rev_keys(room, sk, tk)
+  if room then return {P..'r:'..room..':revs'} end
+  return {P..'d:{'..sk..'}:revs', P..'d:{'..tk..'}:revs'}
+end
+local STATE = {'i', 'd', 'r', 'sk', 'tk', 'sl', 'tl', 'p', 'n', 'ts'}
+local function unlive(id, st)
+  for _, k in ipairs(live_keys(st[3], st[4], st[5], st[6], st[7], st[8])) do
+    redis.call('ZREM', k, id)
+  end
+end
+-- Remove a message and every trace of it (retention, a deleted room's purge).
+local function drop(id, st)
+  unlive(id, st)
+  for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZREM', k, id) end
+  if st[9] then redis.call('HDEL', P..'nonce', st[4]..'\n'..st[9]) end
+  redis.call('ZREM', P..'all', id)
+  redis.call('DEL', P..'m:'..id)
+end
+"""
+
+# ARGV: P, stream maxlen, then 11 per message: room, sender, sender_key, recipient,
+# recipient_key, text, ts, nonce ("" none, else "=" .. nonce), sender lower, recipient
+# lower, pair ("" for a room message). Reply per message: {1, id, rev} stored,
+# {2, fields} the original of a repeated nonce, {3} the room was deleted.
+SEND = _PRELUDE + r"""
+local meta, nonces, stream, maxlen = P..'meta', P..'nonce', P..'changes', ARGV[2]
+local out = {}
+for i = 3, #ARGV, 11 do
+  local room, sender, sk, rcpt, tk = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local text, ts, nonce = ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  local sl, tl, pair = ARGV[i+8], ARGV[i+9], ARGV[i+10]
+  local orig = nil
+  if nonce ~= '' then
+    nonce = string.sub(nonce, 2)
+    local dup = redis.call('HGET', nonces, sk..'\n'..nonce)
+    if dup then
+      orig = redis.call('HGETALL', P..'m:'..dup)
+      if #orig == 0 then orig = nil end
+    end
+  end
+  if orig then
+    out[#out+1] = {2, orig}
+  elseif room ~= '' and redis.call('SISMEMBER', P..'rooms:gone', room) == 1 then
+    out[#out+1] = {3}
+  else
+    local id = redis.call('HINCRBY', meta, 'msg_id', 1)
+    local rev = redis.call('HINCRBY', meta, 'rev', 1)
+    local f = {'i', id, 'v', rev, 's', sender, 'sk', sk, 'x', text, 'ts', ts}
+    local n = #f
+    if room ~= '' then
+      f[n+1] = 'r'; f[n+2] = room
+    else
+      f[n+1] = 't'; f[n+2] = rcpt; f[n+3] = 'tk'; f[n+4] = tk; f[n+5] = 'sl'; f[n+6] = sl
+      f[n+7] = 'tl'; f[n+8] = tl; f[n+9] = 'p'; f[n+10] = pair
+      room = nil
+    end
+    if nonce ~= '' then
+      f[#f+1] = 'n'; f[#f+1] = nonce
+      redis.call('HSET', nonces, sk..'\n'..nonce, id)
+    end
+    redis.call('HSET', P..'m:'..id, unpack(f))
+    redis.call('ZADD', P..'all', id, id)
+    for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
+    for _, k in ipairs(rev_keys(room, sk, tk)) do redis.call('ZADD', k, rev, id) end
+    if not room then
+      redis.call('SADD', P..'pairs', pair)
+      redis.call('SADD', P..'d:{'..sk..'}:with', tl)
+      redis.call('SADD', P..'d:{'..tk..'}:with', sl)
+    end
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'rev', rev, 'kind', 'message', unpack(f))
+    out[#out+1] = {1, id, rev}
+  end
+end
+return out
+"""
+
+# ARGV: P, maxlen, id, kind ("edited" or "deleted"), text, edited ts, edited by.
+# Reply: the message's fields after the change, or false when it is missing or deleted.
+CHANGE = _PRELUDE + r"""
+local id, kind = ARGV[3], ARGV[4]
+local key = P..'m:'..id
+local st = redis.call('HMGET', key, unpack(STATE))
+if not st[1] or st[2] then return false end
+local rev = redis.call('HINCRBY', P..'meta', 'rev', 1)
+if kind == 'edited' then
+  redis.call('HSET', key, 'x', ARGV[5], 'et', ARGV[6], 'eb', ARGV[7], 'v', rev)
+else
+  redis.call('HSET', key, 'x', '', 'd', '1', 'v', rev)
+  unlive(id, st)
+end
+for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZADD', k, rev, id) end
+local all = redis.call('HGETALL', key)
+redis.call('XADD', P..'changes', 'MAXLEN', '~', ARGV[2], '*', 'rev', rev, 'kind', 'message.'..kind, unpack(all))
+return all
+"""
+
+# One step of retention. ARGV: P, index key suffix ("all" or a live index), after id,
+# below id ("" none), older-than ts ("" none), nonce cut-off ts, batch.
+# Reply: {removed live messages, last id looked at, 1 if more to look at}.
+PRUNE = _PRELUDE + r"""
+local index, after, below, older = P..ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local nonce_cut, batch = tonumber(ARGV[6]), tonumber(ARGV[7])
+local hi = '+inf'
+if below ~= '' then hi = '('..below end
+local ids = redis.call('ZRANGEBYSCORE', index, '('..after, hi, 'LIMIT', 0, batch)
+local removed, last, more = 0, tonumber(after), 0
+if #ids == batch then more = 1 end
+for _, id in ipairs(ids) do
+  local st = redis.call('HMGET', P..'m:'..id, unpack(STATE))
+  if st[1] then
+    local ts = tonumber(st[10])
+    if older ~= '' and ts >= tonumber(older) then more = 0; break end
+    if st[9] and ts > nonce_cut then
+      -- Its nonce is younger than the contract's 24 h: blanked, so a retry still finds it.
+      if not st[2] then
+        redis.call('HSET', P..'m:'..id, 'x', '', 'd', '1')
+        unlive(id, st)
+      end
+    else
+      drop(id, st)
+    end
+    if not st[2] then removed = removed + 1 end
+  else
+    redis.call('ZREM', index, id)  -- a stale index entry
+  end
+  last = tonumber(id)
+end
+return {removed, last, more}
+"""
+
+# A deleted room's messages, `batch` at a time. ARGV: P, room id, batch.
+# Reply: how many were removed (fewer than batch: done).
+PURGE = _PRELUDE + r"""
+local room, batch = ARGV[2], tonumber(ARGV[3])
+local revs = P..'r:'..room..':revs'
+local ids = redis.call('ZRANGE', revs, 0, batch - 1)
+for _, id in ipairs(ids) do
+  local st = redis.call('HMGET', P..'m:'..id, unpack(STATE))
+  if st[1] then drop(id, st) else redis.call('ZREM', revs, id) end
+end
+if #ids < batch then redis.call('DEL', revs, P..'r:'..room..':ids') end
+return #ids
+"""
+
+# ARGV: P, name, name key, topic, owner, created_at, ephemeral, open. Reply: id, 0 = taken.
+CREATE_ROOM = r"""
+local P = ARGV[1]
+if redis.call('HEXISTS', P..'room_names', ARGV[3]) == 1 then return 0 end
+local id = redis.call('HINCRBY', P..'meta', 'room_id', 1)
+redis.call('HSET', P..'room:'..id, 'n', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'o', ARGV[5],
+           'c', ARGV[6], 'e', ARGV[7], 'op', ARGV[8])
+redis.call('HSET', P..'room_names', ARGV[3], id)
+redis.call('SADD', P..'rooms', id)
+return id
+"""
+
+# ARGV: P, id, name, name key, topic. Reply: 1 done (or no such room), 0 = name taken.
+UPDATE_ROOM = r"""
+local P, id = ARGV[1], ARGV[2]
+local key = P..'room:'..id
+local old = redis.call('HGET', key, 'k')
+if not old then return 1 end
+local holder = redis.call('HGET', P..'room_names', ARGV[4])
+if holder and holder ~= id then return 0 end
+if old ~= ARGV[4] then
+  redis.call('HDEL', P..'room_names', old)
+  redis.call('HSET', P..'room_names', ARGV[4], id)
+end
+redis.call('HSET', key, 'n', ARGV[3], 'k', ARGV[4], 't', ARGV[5])
+return 1
+"""
+
+# ARGV: P, id. The room goes now; its messages follow in PURGE batches.
+DELETE_ROOM = r"""
+local P, id = ARGV[1], ARGV[2]
+local key = P..'room:'..id
+local k = redis.call('HGET', key, 'k')
+if k and redis.call('HGET', P..'room_names', k) == id then redis.call('HDEL', P..'room_names', k) end
+redis.call('DEL', key)
+redis.call('SREM', P..'rooms', id)
+redis.call('SADD', P..'rooms:gone', id)
+return 1
+"""
+
+# ARGV: P, name, name key, pw hash, admin, created_at. Reply: the new id, 0 = taken.
+CREATE_USER = r"""
+local P = ARGV[1]
+if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
+local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
+redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])
+redis.call('HSET', P..'users', ARGV[3], id)
+return id
+"""
+
+# ARGV: P, name key. Reply: 1 deleted, 0 none.
+DELETE_USER = r"""
+local P = ARGV[1]
+local id = redis.call('HGET', P..'users', ARGV[2])
+if not id then return 0 end
+redis.call('HDEL', P..'users', ARGV[2])
+redis.call('DEL', P..'u:'..id)
+return 1
+"""
+
+# ARGV: P, name key. Reply: the new token_version, 0 = no such user.
+BUMP_TOKEN_VERSION = r"""
+local P = ARGV[1]
+local id = redis.call('HGET', P..'users', ARGV[2])
+if not id then return 0 end
+return redis.call('HINCRBY', P..'u:'..id, 'tv', 1)
+"""
+
+# ARGV: P, user id, pw hash. Reply: the new token_version, false = no such user.
+SET_PASSWORD = r"""
+local P = ARGV[1]
+local key = P..'u:'..ARGV[2]
+if redis.call('EXISTS', key) == 0 then return false end
+redis.call('HSET', key, 'h', ARGV[3])
+return redis.call('HINCRBY', key, 'tv', 1)
+"""
+
+# ARGV: P, name key. Reply: the user's fields, or false.
+GET_USER = r"""
+local P = ARGV[1]
+local id = redis.call('HGET', P..'users', ARGV[2])
+if not id then return false end
+local u = redis.call('HGETALL', P..'u:'..id)
+if #u == 0 then return false end
+return u
+"""
+
+# ARGV: P. Reply: {users_version, {fields of each user}}; one consistent view.
+ALL_USERS = r"""
+local P = ARGV[1]
+local out = {}
+for _, id in ipairs(redis.call('HVALS', P..'users')) do
+  local u = redis.call('HGETALL', P..'u:'..id)
+  if #u > 0 then out[#out+1] = u end
+end
+return {redis.call('HGET', P..'meta', 'users_version') or '0', out}
+"""
+
+# Guest holds, compare-and-set on (jti, version). ARGV: P, name key, jti, version, new JSON
+# ("" = release). Reply: 1 applied, 0 not (gone, another hold, or a newer version stored).
+HOLD_CAS = r"""
+local P = ARGV[1]
+local old = redis.call('HGET', P..'guests', ARGV[2])
+if not old then return 0 end
+local o = cjson.decode(old)
+if o.jti ~= ARGV[3] or (o.version or 0) >= tonumber(ARGV[4]) then return 0 end
+if ARGV[5] == '' then
+  redis.call('HDEL', P..'guests', ARGV[2])
+else
+  redis.call('HSET', P..'guests', ARGV[2], ARGV[5])
+end
+return 1
+"""
+
+# A history page. ARGV: P, index key (without P), before ("" none), after ("" none), limit.
+# Newest first without `after`, oldest first with it. Reply: {more, {fields}...}.
+PAGE = r"""
+local P, index, before, after, limit = ARGV[1], ARGV[1]..ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local ids
+if after ~= '' then
+  local hi = '+inf'
+  if before ~= '' then hi = '('..before end
+  ids = redis.call('ZRANGEBYSCORE', index, '('..after, hi, 'LIMIT', 0, limit + 1)
+else
+  local hi = '+inf'
+  if before ~= '' then hi = '('..before end
+  ids = redis.call('ZREVRANGEBYSCORE', index, hi, '-inf', 'LIMIT', 0, limit + 1)
+end
+local out = {0}
+if #ids > limit then out[1] = 1 end
+for i = 1, math.min(#ids, limit) do out[#out+1] = redis.call('HGETALL', P..'m:'..ids[i]) end
+return out
+"""
+
+# Sync. ARGV: P, rev, limit, then the rev-index keys (without P). The limit+1 lowest
+# revisions above `rev` over all of them, in one consistent view.
+# Reply: {more, {fields}...} in revision order.
+CHANGES = r"""
+local P, rev, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local found, seen = {}, {}
+for i = 4, #ARGV do
+  local r = redis.call('ZRANGEBYSCORE', P..ARGV[i], '('..rev, '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
+  for j = 1, #r, 2 do
+    if not seen[r[j]] then
+      seen[r[j]] = true
+      found[#found+1] = {tonumber(r[j+1]), r[j]}
+    end
+  end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+local out = {0}
+if #found > limit then out[1] = 1 end
+for i = 1, math.min(#found, limit) do out[#out+1] = redis.call('HGETALL', P..'m:'..found[i][2]) end
+return out
+"""
+
+SCRIPTS = {
+    "send": SEND,
+    "change": CHANGE,
+    "prune": PRUNE,
+    "purge": PURGE,
+    "create_room": CREATE_ROOM,
+    "update_room": UPDATE_ROOM,
+    "delete_room": DELETE_ROOM,
+    "create_user": CREATE_USER,
+    "delete_user": DELETE_USER,
+    "bump_token_version": BUMP_TOKEN_VERSION,
+    "set_password": SET_PASSWORD,
+    "get_user": GET_USER,
+    "all_users": ALL_USERS,
+    "hold_cas": HOLD_CAS,
+    "page": PAGE,
+    "changes": CHANGES,
+}

@@ -1,0 +1,710 @@
+"""RedisStore: the Store protocol (chatd/store/base.py) on one Redis database (issue 11).
+
+Semantics are the SQLite store's (the conformance suite checks both); how they are kept:
+- Every write is one Lua script (scripts.py), so an id and revision are allocated, the
+  change stored, indexed and appended to the change stream (`P changes`) atomically: ids and
+  revisions are strictly increasing across every node sharing the database, and the
+  stream's order is revision order.
+- Writes go through one writer task per store, in the order they were called (as the SQLite
+  writer's FIFO): whatever is queued while a round trip is in flight becomes the next batch,
+  sent as ONE pipeline of script calls, consecutive sends folded into one script call each
+  (group commit). A write's future resolves only after Redis replied, so with `appendfsync
+  always` an acknowledged write is on disk (Redis fsyncs its AOF before it replies).
+- Reads are single script calls too (one consistent view, one round trip each).
+- `open()` is synchronous (the server runs it in an executor): it uses a synchronous client
+  to create the epoch, drop ephemeral rooms and load the Snapshot; the asyncio client is
+  made on first use in the running loop.
+- Redis unreachable, a timeout, or an error reply: the caller gets `Internal` with a clear
+  message at once (connect and socket timeouts bound the wait; no retries, a write is
+  never sent twice). After a connection error a write's outcome is unknown; the message
+  says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry as SyncRetry
+
+from chatd.errors import ChatError, Conflict, Internal, NotFound
+from chatd.store.base import (
+    GuestHold,
+    MessageRecord,
+    NewMessage,
+    RoomRecord,
+    Snapshot,
+    UserRecord,
+)
+from chatd.store.deferred import Deferred
+from chatd.store.redis.scripts import SCRIPTS
+
+T = TypeVar("T")
+log = logging.getLogger("chatd")
+
+LAYOUT = 1  # the key layout's version (scripts.py); a database of a newer one is refused
+NONCE_KEEP = 24 * 3600.0  # contract: a nonce is kept at least 24 h (as the SQLite store)
+_SEND_CHUNK = 500  # sends per script call: a long script blocks every other Redis client
+_MAX_BATCH = 5_000  # writes per pipeline
+_PURGE_BATCH = 2_000
+_STREAM_MAXLEN = 100_000  # change stream entries kept (approximately; for a bus's replay)
+_ENC = msgspec.json.Encoder()
+_GUEST = msgspec.json.Decoder(GuestHold)
+
+
+class RedisStoreError(Exception):
+    """Redis cannot be used at open: unreachable, refused, or holding another layout."""
+
+
+def dm_pair(a: str, b: str) -> str:
+    """A DM pair's key (as the SQLite store's dm_key): both identities, lowercased, sorted."""
+    x, y = sorted((a.lower(), b.lower()))
+    return f"{x}\n{y}"
+
+
+def _f(x: float) -> str:
+    return repr(float(x))  # exact: float(repr(x)) == x
+
+
+def message_from(flat: list[Any]) -> MessageRecord:
+    """A message from a script's HGETALL reply (scripts.py: `P m:<id>`)."""
+    h = dict(zip(flat[::2], flat[1::2], strict=True))
+    room = h.get("r")
+    et = h.get("et")
+    return MessageRecord(
+        int(h["i"]), int(h["v"]), int(room) if room is not None else None, h["s"], h.get("t"),
+        h["x"], float(h["ts"]), float(et) if et is not None else None, h.get("eb"),
+        h.get("d") == "1", h["sk"], h.get("tk"),
+    )  # fmt: skip
+
+
+def _user(flat: list[Any]) -> UserRecord:
+    h = dict(zip(flat[::2], flat[1::2], strict=True))
+    return UserRecord(int(h["i"]), h["n"], h["h"], h["a"] == "1", int(h["tv"]))
+
+
+def _room(room_id: int, h: dict[str, str]) -> RoomRecord:
+    return RoomRecord(
+        room_id, h["n"], h["t"], h["o"], float(h["c"]), h["e"] == "1", h["op"] == "1"
+    )
+
+
+def describe_persistence(config: dict[str, str], info: dict[str, Any]) -> str:
+    """One line saying what an acknowledged write means with these Redis settings."""
+    aof = config.get("appendonly")
+    if aof is None and "aof_enabled" in info:
+        aof = "yes" if str(info["aof_enabled"]) == "1" else "no"
+    fsync = config.get("appendfsync")
+    if aof == "yes" and fsync == "always":
+        return "appendfsync always: an acknowledged write is on disk (like SQLite synchronous=FULL)"
+    if aof == "yes" and fsync == "everysec":
+        return "appendfsync everysec: up to ~1 s of acknowledged writes is lost on a power cut or OS crash"
+    if aof == "yes" and fsync == "no":
+        return "appendfsync no: the OS decides when writes reach disk; acknowledged writes may be lost on a power cut"
+    if aof == "no":
+        return "no AOF: acknowledged writes since the last RDB snapshot are lost when Redis restarts"
+    return "persistence settings unreadable (CONFIG and INFO refused): what an acknowledgement means is unknown"
+
+
+class _Send:
+    __slots__ = ("args", "fut", "msg", "recipient_key", "sender_key")
+
+    def __init__(self, msg: NewMessage, fut: Deferred[Any]) -> None:
+        self.msg = msg
+        self.fut = fut
+        self.sender_key = msg.sender_key or msg.sender.lower()
+        rk = msg.recipient_key or msg.recipient.lower() if msg.recipient is not None else None
+        self.recipient_key = rk
+        room = "" if msg.room_id is None else str(msg.room_id)
+        nonce = "" if msg.nonce is None else "=" + msg.nonce
+        if rk is None or msg.recipient is None:
+            self.args = (room, msg.sender, self.sender_key, "", "", msg.text, _f(msg.ts),
+                         nonce, "", "", "")  # fmt: skip
+        else:
+            self.args = (
+                room, msg.sender, self.sender_key, msg.recipient, rk, msg.text, _f(msg.ts),
+                nonce, msg.sender.lower(), msg.recipient.lower(), dm_pair(self.sender_key, rk),
+            )  # fmt: skip
+
+
+class _Call:
+    """One queued script call: its reply goes through `decode` into the future."""
+
+    __slots__ = ("args", "decode", "fut", "script")
+
+    def __init__(
+        self, script: str, args: tuple[Any, ...], decode: Callable[[Any], Any], fut: Deferred[Any]
+    ) -> None:
+        self.script = script
+        self.args = args
+        self.decode = decode
+        self.fut = fut
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+class RedisStore:
+    """Store on Redis at ``url`` (redis://, rediss://; password in the URL). ``prefix``
+    namespaces every key. ``drop_ephemeral``: ephemeral rooms are deleted at open, as the
+    contract says for one server (nobody is connected then); several nodes will need it off.
+    ``timeout`` bounds connecting and every reply, in seconds."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "chatd:",
+        timeout: float = 5.0,
+        drop_ephemeral: bool = True,
+        max_batch: int = _MAX_BATCH,
+        stream_maxlen: int = _STREAM_MAXLEN,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self.drop_ephemeral = drop_ephemeral
+        self.max_batch = max_batch
+        self.stream_maxlen = str(stream_maxlen)
+        self.rev = 0
+        self.epoch = ""
+        self.durability = ""  # the persistence line logged at open
+        self.commit_times: list[float] = []  # for `stats` (round trip of each batch)
+        self.write_errors = 0
+        self._shas: dict[str, str] = {}
+        self._client: aioredis.Redis | None = None
+        self._queue: list[_Send | _Call] = []
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._purges: list[int] = []
+        self._stopping = False
+        self._failing = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def sync_client(self) -> redis.Redis:
+        """A synchronous client for open() and the offline commands (chatd copy)."""
+        return redis.Redis.from_url(
+            self.url, decode_responses=True, socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout, retry=SyncRetry(NoBackoff(), 0),
+        )  # fmt: skip
+
+    def open(self) -> Snapshot:
+        """Connect, create the epoch if this database is new, drop ephemeral rooms, log what
+        an acknowledgement means, and load the Snapshot. RedisStoreError if Redis cannot be
+        used."""
+        r = self.sync_client()
+        try:
+            return self._load(r)
+        except RedisError as exc:
+            raise RedisStoreError(f"Redis at {self._where()}: {exc}") from None
+        finally:
+            r.close()
+
+    def _where(self) -> str:
+        # The URL without a password (it may carry one).
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.url)
+        return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
+
+    def _load(self, r: redis.Redis) -> Snapshot:
+        P = self.prefix
+        for name, src in SCRIPTS.items():
+            self._shas[name] = r.script_load(src)
+        meta = P + "meta"
+        r.hsetnx(meta, "epoch", uuid.uuid4().hex)
+        r.hsetnx(meta, "layout", str(LAYOUT))
+        m = cast(dict[str, str], r.hgetall(meta))
+        if int(m.get("layout", LAYOUT)) > LAYOUT:
+            raise RedisStoreError(
+                f"the Redis database has chatd layout {m['layout']}, newer than this chatd"
+                f" understands ({LAYOUT}); run a newer chatd"
+            )
+        self.durability = describe_persistence(*self._persistence(r))
+        log.info("redis store at %s: %s", self._where(), self.durability,
+                 extra={"event": "store_durability", "durability": self.durability})  # fmt: skip
+        rooms = self._rooms(r)
+        if self.drop_ephemeral:
+            for room in [x for x in rooms if x.ephemeral]:
+                self._sync_call(r, "delete_room", room.id)
+            rooms = [x for x in rooms if not x.ephemeral]
+        # Deleted rooms whose messages were not all purged yet (a crash, or just now):
+        # the writer purges them in batches once running.
+        gone = cast(set[str], r.smembers(P + "rooms:gone"))
+        self._purges = [int(g) for g in gone if r.exists(f"{P}r:{g}:revs")]
+        self.epoch = m["epoch"]
+        self.rev = int(m.get("rev", 0))
+        version, users = self._sync_call(r, "all_users")
+        guests = cast(dict[str, str], r.hgetall(P + "guests"))
+        revoked = cast(list[tuple[str, float]], r.zrange(P + "revoked", 0, -1, withscores=True))
+        return Snapshot(
+            epoch=self.epoch,
+            rev=self.rev,
+            users=[_user(u) for u in users],
+            guests=[_GUEST.decode(g) for g in guests.values()],
+            revoked={jti: int(exp) for jti, exp in revoked},
+            rooms=rooms,
+            users_version=int(version),
+        )
+
+    def _persistence(self, r: redis.Redis) -> tuple[dict[str, str], dict[str, Any]]:
+        config: dict[str, str] = {}
+        info: dict[str, Any] = {}
+        try:
+            config = cast(dict[str, str], r.config_get("append*"))
+        except ResponseError:  # CONFIG is often disabled on managed Redis
+            try:
+                info = r.info("persistence")
+            except ResponseError:
+                pass
+        return config, info
+
+    def _rooms(self, r: redis.Redis) -> list[RoomRecord]:
+        ids = sorted(int(x) for x in cast(set[str], r.smembers(self.prefix + "rooms")))
+        pipe = r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(f"{self.prefix}room:{i}")
+        return [_room(i, h) for i, h in zip(ids, pipe.execute(), strict=True) if h]
+
+    def _sync_call(self, r: redis.Redis, name: str, *args: Any) -> Any:
+        return r.evalsha(self._shas[name], 0, self.prefix, *args)
+
+    async def close(self) -> None:
+        """Send what is queued, then close the connections."""
+        self._stopping = True
+        if self._writer is not None:
+            assert self._wake is not None
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), self.timeout * 2)
+            except TimeoutError:
+                self._writer.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _aclient(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = aioredis.Redis.from_url(
+                self.url, decode_responses=True, socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout, retry=aioredis.retry.Retry(NoBackoff(), 0),
+            )  # fmt: skip
+        return self._client
+
+    # --- the writer ------------------------------------------------------------------
+
+    def _enqueue(self, item: _Send | _Call) -> None:
+        if self._stopping:
+            item.fut.set_exception(Internal("the server is shutting down"))
+            return
+        self._queue.append(item)
+        if self._writer is None:
+            self._wake = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            for room_id in self._purges:
+                self._purge_later(room_id)
+            self._purges = []
+        assert self._wake is not None
+        self._wake.set()
+
+    def _call(
+        self, script: str, *args: Any, decode: Callable[[Any], T] = _same
+    ) -> Deferred[T]:
+        fut: Deferred[T] = Deferred(asyncio.get_running_loop())
+        self._enqueue(_Call(script, (self.prefix, *args), decode, fut))
+        return fut
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            await self._run_batch(batch)
+
+    def _commands(self, batch: list[_Send | _Call]) -> Iterator[tuple[str, tuple[Any, ...], list[Any]]]:
+        """The batch as script calls: (script, args, the items they answer), in order."""
+        i, n = 0, len(batch)
+        while i < n:
+            item = batch[i]
+            if isinstance(item, _Call):
+                yield item.script, item.args, [item]
+                i += 1
+                continue
+            sends: list[Any] = []
+            args: list[Any] = [self.prefix, self.stream_maxlen]
+            while i < n and len(sends) < _SEND_CHUNK:
+                s = batch[i]
+                if not isinstance(s, _Send):
+                    break
+                sends.append(s)
+                args += s.args
+                i += 1
+            yield "send", tuple(args), sends
+
+    async def _run_batch(self, batch: list[_Send | _Call]) -> None:
+        calls = list(self._commands(batch))
+        began = time.perf_counter()
+        try:
+            replies = await self._pipeline(calls)
+        except (RedisError, OSError) as exc:
+            self._fail_all(batch, exc)
+            return
+        self.commit_times.append(time.perf_counter() - began)
+        del self.commit_times[:-1024]
+        if self._failing:
+            self._failing = False
+            log.warning("redis is reachable again", extra={"event": "store_recovered"})
+        for (script, _, items), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                err = self._error(reply)
+                for item in items:
+                    item.fut.set_exception(err)
+            elif script == "send":
+                self._deliver_sends(items, reply)
+            else:
+                call = items[0]
+                try:
+                    value = call.decode(reply)
+                except ChatError as exc:
+                    call.fut.set_exception(exc)
+                else:
+                    call.fut.set_result(value)
+
+    async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...], list[Any]]]) -> list[Any]:
+        client = self._aclient()
+        pipe = client.pipeline(transaction=False)
+        for script, args, _ in calls:
+            self._queue_call(pipe, script, args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if any(isinstance(x, NoScriptError) for x in replies):
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
+            # run, so load the scripts again and run just those calls, in their order.
+            for name, src in SCRIPTS.items():
+                self._shas[name] = await client.script_load(src)
+            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+            pipe = client.pipeline(transaction=False)
+            for i in again:
+                script, args, _ = calls[i]
+                self._queue_call(pipe, script, args)
+            for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
+
+    def _queue_call(self, pipe: Any, script: str, args: tuple[Any, ...]) -> None:
+        if script == "raw":
+            pipe.execute_command(*args)
+        else:
+            pipe.execute_command("EVALSHA", self._shas[script], 0, *args)
+
+    def _deliver_sends(self, sends: list[_Send], reply: list[Any]) -> None:
+        for s, r in zip(sends, reply, strict=True):
+            kind = r[0]
+            if kind == 1:
+                m = s.msg
+                rec = MessageRecord(
+                    int(r[1]), int(r[2]), m.room_id, m.sender, m.recipient, m.text, m.ts,
+                    None, None, False, s.sender_key, s.recipient_key,
+                )  # fmt: skip
+                self.rev = max(self.rev, rec.rev)
+                s.fut.set_result((rec, True))
+            elif kind == 2:
+                s.fut.set_result((message_from(r[1]), False))
+            else:
+                s.fut.set_exception(NotFound("the room was deleted"))
+
+    def _error(self, exc: BaseException) -> ChatError:
+        self.write_errors += 1
+        if isinstance(exc, ChatError):
+            return exc
+        log.error("a Redis script failed: %s", exc, extra={"event": "store_error", "error": str(exc)})
+        return Internal("storage error; the change was not saved")
+
+    def _fail_all(self, batch: list[_Send | _Call], exc: BaseException) -> None:
+        self.write_errors += 1
+        if not self._failing:
+            self._failing = True
+            log.error("writing to redis failed: %s (%d writes; clients got errors)", exc,
+                      len(batch), extra={"event": "store_error", "error": str(exc)})  # fmt: skip
+        err = Internal(f"storage (Redis) unreachable: {exc}; the change may not have been saved")
+        for item in batch:
+            item.fut.set_exception(err)
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def _read(self, script: str, *args: Any) -> Any:
+        try:
+            return await self._aclient().evalsha(self._shas[script], 0, self.prefix, *args)
+        except NoScriptError:
+            for name, src in SCRIPTS.items():
+                self._shas[name] = await self._aclient().script_load(src)
+            return await self._read(script, *args)
+        except (RedisError, OSError) as exc:
+            raise self._read_error(exc) from None
+
+    async def _cmd(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        try:
+            return await fn(self._aclient())
+        except (RedisError, OSError) as exc:
+            raise self._read_error(exc) from None
+
+    def _read_error(self, exc: BaseException) -> Internal:
+        log.error("reading from redis failed: %s", exc,
+                  extra={"event": "store_error", "error": str(exc)})  # fmt: skip
+        return Internal(f"storage (Redis) unreachable: {exc}")
+
+    @staticmethod
+    def _page(reply: list[Any]) -> tuple[list[MessageRecord], bool]:
+        return [message_from(x) for x in reply[1:]], reply[0] == 1
+
+    # --- accounts --------------------------------------------------------------------
+
+    async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
+        def decode(uid: int) -> UserRecord:
+            if uid == 0:
+                raise Conflict(f"user {name!r} already exists")
+            return UserRecord(uid, name, pw_hash, admin, 0)
+
+        return await self._call(
+            "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), decode=decode
+        )
+
+    async def delete_user(self, name: str) -> bool:
+        return await self._call("delete_user", name.lower(), decode=bool)
+
+    async def bump_token_version(self, name: str) -> int:
+        return await self._call("bump_token_version", name.lower(), decode=int)
+
+    async def revoke(self, jti: str, expires_at: int) -> None:
+        # Through the writer (ordered with every other write), as a tiny script.
+        await self._call_cmd("ZADD", self.prefix + "revoked", expires_at, jti)
+
+    def _call_cmd(self, *command: Any) -> Deferred[Any]:
+        """A plain Redis command through the writer, ordered with the scripts."""
+        fut: Deferred[Any] = Deferred(asyncio.get_running_loop())
+        self._enqueue(_Call("raw", command, _same, fut))
+        return fut
+
+    async def get_user(self, name: str) -> UserRecord | None:
+        flat = await self._read("get_user", name.lower())
+        return None if not flat else _user(flat)
+
+    async def set_password(self, user_id: int, pw_hash: str) -> int | None:
+        return await self._call(
+            "set_password", user_id, pw_hash, decode=lambda v: None if v is None else int(v)
+        )
+
+    async def hold_guest(self, hold: GuestHold) -> None:
+        await self._call_cmd("HSET", self.prefix + "guests", hold.name.lower(), _ENC.encode(hold))
+
+    def update_hold(self, hold: GuestHold) -> Awaitable[bool]:
+        # Queued at the call, not at the first await: writes go in the order decided.
+        return self._call(
+            "hold_cas", hold.name.lower(), hold.jti, hold.version, _ENC.encode(hold), decode=bool
+        )
+
+    def release_guest(self, hold: GuestHold) -> Awaitable[bool]:
+        return self._call("hold_cas", hold.name.lower(), hold.jti, hold.version, "", decode=bool)
+
+    async def purge_expired(self, now: int) -> None:
+        await self._call_cmd("ZREMRANGEBYSCORE", self.prefix + "revoked", "-inf", now)
+
+    async def reload_users(self) -> tuple[int, list[UserRecord]]:
+        version, users = await self._read("all_users")
+        return int(version), [_user(u) for u in users]
+
+    async def users_version(self) -> int:
+        v = await self._cmd(lambda c: c.hget(self.prefix + "meta", "users_version"))
+        return int(v or 0)
+
+    # --- rooms -----------------------------------------------------------------------
+
+    async def create_room(self, room: RoomRecord) -> RoomRecord:
+        def decode(room_id: int) -> RoomRecord:
+            if room_id == 0:
+                raise Conflict(f"room {room.name!r} already exists")
+            room.id = room_id
+            return room
+
+        return await self._call(
+            "create_room", room.name, room.name.lower(), room.topic, room.owner,
+            _f(room.created_at), int(room.ephemeral), int(room.open), decode=decode,
+        )  # fmt: skip
+
+    async def update_room(self, room_id: int, name: str, topic: str) -> None:
+        def decode(ok: int) -> None:
+            if ok == 0:
+                raise Conflict(f"room {name!r} already exists")
+
+        await self._call("update_room", room_id, name, name.lower(), topic, decode=decode)
+
+    def delete_room(self, room_id: int) -> Awaitable[None]:
+        """Queued at the call (see SQLiteStore.delete_room); its messages are purged in
+        batches after it."""
+
+        def decode(_: Any) -> None:
+            self._purge_later(room_id)
+
+        return self._call("delete_room", room_id, decode=decode)
+
+    def _purge_later(self, room_id: int) -> None:
+        def decode(n: int) -> None:
+            if n >= _PURGE_BATCH:
+                self._purge_later(room_id)  # more left: again, after what queued meanwhile
+
+        def failed(fut: Any) -> None:
+            if fut.exception() is not None:
+                self._purges.append(room_id)  # tried again at the next open
+
+        fut = self._call("purge", room_id, _PURGE_BATCH, decode=decode)
+        fut.add_done_callback(failed)
+
+    # --- messages --------------------------------------------------------------------
+
+    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+        """Store a message; (record, True). A nonce the sender already used returns the
+        original: (original, False), checked inside the script, so racing retries from any
+        node post once."""
+        fut: Deferred[tuple[MessageRecord, bool]] = Deferred(asyncio.get_running_loop())
+        self._enqueue(_Send(msg, fut))
+        return await fut
+
+    def _changed(self, reply: Any) -> MessageRecord | None:
+        if not reply:
+            return None
+        rec = message_from(reply)
+        self.rev = max(self.rev, rec.rev)
+        return rec
+
+    async def edit_message(
+        self, message_id: int, text: str, ts: float, by: str
+    ) -> MessageRecord | None:
+        return await self._call(
+            "change", self.stream_maxlen, message_id, "edited", text, _f(ts), by,
+            decode=self._changed,
+        )  # fmt: skip
+
+    async def delete_message(self, message_id: int) -> MessageRecord | None:
+        return await self._call(
+            "change", self.stream_maxlen, message_id, "deleted", "", "", "", decode=self._changed
+        )
+
+    async def get_message(self, message_id: int) -> MessageRecord | None:
+        h = await self._cmd(lambda c: c.hgetall(f"{self.prefix}m:{message_id}"))
+        return message_from([x for kv in h.items() for x in kv]) if h else None
+
+    async def count_messages(self) -> int:
+        return int(await self._cmd(lambda c: c.zcard(self.prefix + "all")))
+
+    async def find_nonce(self, sender_key: str, nonce: str) -> MessageRecord | None:
+        mid = await self._cmd(lambda c: c.hget(self.prefix + "nonce", f"{sender_key}\n{nonce}"))
+        return None if mid is None else await self.get_message(int(mid))
+
+    async def room_history(
+        self, room_id: int, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        return self._ordered(
+            await self._read("page", f"r:{room_id}:ids", _opt(before), _opt(after), limit), after
+        )
+
+    async def dm_history(
+        self, me: str, other: str | None, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        index = f"d:{{{me}}}:ids" if other is None else f"d:{{{me}}}:w:{other.lower()}"
+        return self._ordered(
+            await self._read("page", index, _opt(before), _opt(after), limit), after
+        )
+
+    def _ordered(self, reply: list[Any], after: int | None) -> tuple[list[MessageRecord], bool]:
+        page, more = self._page(reply)
+        if after is None:
+            page.reverse()  # read newest first; always returned oldest first
+        return page, more
+
+    async def changes_since(
+        self, rev: int, room_ids: list[int], me: str, limit: int
+    ) -> tuple[list[MessageRecord], bool]:
+        """Every message with rev > `rev` in those rooms and in `me`'s DMs, oldest revision
+        first, read from each source's revision index in one script (one consistent view:
+        no change can be half-seen while other nodes write)."""
+        keys = [f"d:{{{me}}}:revs", *(f"r:{r}:revs" for r in room_ids)]
+        return self._page(await self._read("changes", rev, limit, *keys))
+
+    async def has_dms_between(self, me: str, other: str) -> bool:
+        return bool(
+            await self._cmd(lambda c: c.sismember(f"{self.prefix}d:{{{me}}}:with", other.lower()))
+        )
+
+    # --- retention -------------------------------------------------------------------
+
+    async def prune(self, now: float, max_age: float, keep: int, batch: int = 500) -> int:
+        """Retention with the SQLite store's rules (messages older than ``max_age``; all but
+        the newest ``keep`` per room and DM pair; a nonce younger than 24 h blanks instead of
+        deleting). One difference: the ``keep`` rule walks each group's live messages, so
+        tombstones below the cut-off stay until the age rule or the room's deletion."""
+        total = 0
+        cut = _f(now - NONCE_KEEP)
+        if max_age > 0:
+            total += await self._prune_range("all", "", _f(now - max_age), cut, batch)
+        if keep > 0:
+            for index in await self._over_keep(keep):
+                key = self.prefix + index
+
+                async def cutoff(c: aioredis.Redis, key: str = key) -> list[str]:
+                    # The oldest of the newest `keep`.
+                    return cast(list[str], await c.zrevrange(key, keep - 1, keep - 1))
+
+                below = await self._cmd(cutoff)
+                if below:
+                    total += await self._prune_range(index, below[0], "", cut, batch)
+        return total
+
+    async def _over_keep(self, keep: int) -> list[str]:
+        """The live indexes of rooms and DM pairs holding more than ``keep`` messages."""
+        P = self.prefix
+        rooms = cast(set[str], await self._cmd(lambda c: c.smembers(P + "rooms")))
+        pairs = cast(set[str], await self._cmd(lambda c: c.smembers(P + "pairs")))
+        indexes = [f"r:{r}:ids" for r in sorted(rooms, key=int)] + [f"p:{p}:ids" for p in pairs]
+        out: list[str] = []
+        for i in range(0, len(indexes), 500):
+            chunk = indexes[i : i + 500]
+
+            async def sizes(c: aioredis.Redis, chunk: list[str] = chunk) -> list[Any]:
+                pipe = c.pipeline(transaction=False)
+                for x in chunk:
+                    pipe.zcard(P + x)
+                return await pipe.execute()
+
+            out += [x for x, n in zip(chunk, await self._cmd(sizes), strict=True) if n > keep]
+        return out
+
+    async def _prune_range(self, index: str, below: str, older: str, cut: str, batch: int) -> int:
+        total, after, more = 0, 0, True
+        while more:
+            reply: list[int] = await self._call("prune", index, after, below, older, cut, batch)
+            removed, last, flag = reply
+            total += int(removed)
+            after, more = int(last), flag == 1
+        return total
+
+    # --- chatd copy ------------------------------------------------------------------
+    # (export/import are in chatd/store/copy.py, on the synchronous client)
+
+
+def _opt(x: int | None) -> str:
+    return "" if x is None else str(x)
