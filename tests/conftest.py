@@ -26,3 +26,12 @@ async def connect(server: ChatServer) -> AsyncIterator[Callable[[], Awaitable[Cl
     yield make
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real redis-server's URL, emptied for this test (tests/redisutil.py; skipped with
+    a reason when redis-server is missing, failed in CI)."""
+    from tests.redisutil import fresh_redis_url
+
+    return fresh_redis_url()

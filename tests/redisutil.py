@@ -51,6 +51,7 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -67,15 +68,16 @@ class RedisServer:
                  "--logfile", "", "--daemonize", "no", "--protected-mode", "yes"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
-            if self._wait_ready(proc):
-                self.port, self.proc = port, proc
+            ready, reader = self._wait_ready(proc)
+            self.port, self.proc, self._reader = port, proc, reader
+            if ready:
                 return self
-            proc.kill()
-            proc.wait()
+            self.stop(kill=True)
+            self.port = 0
         raise RuntimeError(f"redis-server did not start in {self.dir}")
 
     @staticmethod
-    def _wait_ready(proc: subprocess.Popen[str]) -> bool:
+    def _wait_ready(proc: subprocess.Popen[str]) -> tuple[bool, threading.Thread]:
         """Read its log until "Ready to accept connections" (or it exits, or time is up)."""
         ready = threading.Event()
 
@@ -86,12 +88,13 @@ class RedisServer:
                     ready.set()
             # Keep draining to EOF so the pipe never fills and blocks the server.
 
-        threading.Thread(target=read, daemon=True).start()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready.wait(0.1):
             if proc.poll() is not None or time.monotonic() > deadline:
-                return False
-        return True
+                return False, reader
+        return True, reader
 
     def stop(self, *, kill: bool = False) -> None:
         if self.proc is not None:
@@ -100,6 +103,10 @@ class RedisServer:
             else:
                 self.proc.terminate()
             self.proc.wait(10)
+            if self._reader is not None:
+                self._reader.join(10)  # it reads the log to EOF, which the exit brings
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
             self.proc = None
 
     def close(self) -> None:

@@ -1,0 +1,226 @@
+"""What the Redis store adds beyond the conformance suite (issue 11): several stores on one
+Redis (as several nodes) keep one id and revision order, the change stream is in revision
+order, names are unique across them, an unreachable Redis is a clear `Internal` at once,
+and the persistence line says what an acknowledgement means. Real redis-server
+(tests/redisutil.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from chatd.errors import Conflict, Internal
+from chatd.store.base import GuestHold, NewMessage, RoomRecord
+from chatd.store.redis import RedisStore, RedisStoreError
+from chatd.store.redis.store import describe_persistence
+from tests.redisutil import RedisServer
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def two(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a, b = RedisStore(redis_url), RedisStore(redis_url)
+    a.open()
+    b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def send(room_id: int | None, text: str, *, sender: str = "ann", to: str | None = None,
+         nonce: str | None = None) -> NewMessage:  # fmt: skip
+    return NewMessage(room_id, sender, to, text, 1.0, nonce, sender_key=f"{sender}#1",
+                      recipient_key=None if to is None else f"{to}#2")  # fmt: skip
+
+
+async def test_two_stores_writing_at_once_keep_one_order_and_sync_sees_each_change_once(
+    two: tuple[RedisStore, RedisStore], redis_url: str
+) -> None:
+    a, b = two
+    room = await a.create_room(RoomRecord(0, "lobby", "", "ann", 1.0, False, False))
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(s.add_message(send(room.id, f"{i}")) for i in range(200) for s in (a, b))
+        ),
+        TIMEOUT,
+    )
+    recs = [m for m, _ in results]
+    assert len({m.id for m in recs}) == len({m.rev for m in recs}) == 400
+    by_id = sorted(recs, key=lambda m: m.id)
+    assert [m.rev for m in by_id] == sorted(m.rev for m in recs)  # ids and revs agree
+    changes, more = await b.changes_since(0, [room.id], "x#1", 500)
+    assert not more and [c.rev for c in changes] == list(range(1, 401))
+    # The change stream carries every revision once, in revision order.
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        entries = r.xrange("chatd:changes")
+    assert [int(f["rev"]) for _, f in entries] == list(range(1, 401))
+    assert entries[0][1]["kind"] == "message" and entries[0][1]["r"] == str(room.id)
+
+
+async def test_edits_and_deletes_are_in_the_stream_with_their_revision(
+    two: tuple[RedisStore, RedisStore], redis_url: str
+) -> None:
+    a, b = two
+    room = await a.create_room(RoomRecord(0, "lobby", "", "ann", 1.0, False, False))
+    m, _ = await a.add_message(send(room.id, "hi"))
+    edited = await b.edit_message(m.id, "hi!", 2.5, "ann")
+    gone = await a.delete_message(m.id)
+    assert edited is not None and gone is not None and (edited.rev, gone.rev) == (2, 3)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        entries = [f for _, f in r.xrange("chatd:changes")]
+    assert [(e["rev"], e["kind"]) for e in entries] == [
+        ("1", "message"), ("2", "message.edited"), ("3", "message.deleted"),
+    ]  # fmt: skip
+    assert entries[1]["x"] == "hi!" and entries[1]["et"] == "2.5" and entries[2]["d"] == "1"
+
+
+async def test_a_nonce_retry_on_another_store_answers_the_same_message(
+    two: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = two
+    room = await a.create_room(RoomRecord(0, "lobby", "", "ann", 1.0, False, False))
+    results = await asyncio.gather(
+        *(s.add_message(send(room.id, "x", nonce="n")) for _ in range(10) for s in (a, b))
+    )
+    assert sum(created for _, created in results) == 1
+    assert len({m.id for m, _ in results}) == 1
+
+
+async def test_names_are_unique_across_stores(two: tuple[RedisStore, RedisStore]) -> None:
+    a, b = two
+    await a.create_room(RoomRecord(0, "Lobby", "", "ann", 1.0, False, False))
+    with pytest.raises(Conflict):
+        await b.create_room(RoomRecord(0, "LOBBY", "", "bob", 1.0, False, False))
+    other = await b.create_room(RoomRecord(0, "other", "", "bob", 1.0, False, False))
+    with pytest.raises(Conflict):
+        await a.update_room(other.id, "lobby", "")
+    await a.update_room(other.id, "OTHER", "t")  # its own name in another case is fine
+    await a.create_user("ann", "h", False)
+    with pytest.raises(Conflict):
+        await b.create_user("Ann", "h", False)
+
+
+async def test_a_deleted_room_takes_its_messages_and_refuses_new_ones(redis_url: str) -> None:
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        keep = await s.create_room(RoomRecord(0, "k", "", "ann", 1.0, False, False))
+        await asyncio.gather(*(s.add_message(send(room.id, f"{i}")) for i in range(50)))
+        await s.add_message(send(keep.id, "stays"))
+        await s.delete_room(room.id)
+        from chatd.errors import NotFound
+
+        with pytest.raises(NotFound):
+            await s.add_message(send(room.id, "late"))
+        # The purge is queued behind the delete; a write after it is answered after it.
+        await s.add_message(send(keep.id, "after"))
+        assert await s.count_messages() == 2
+    finally:
+        await s.close()
+
+
+async def test_ephemeral_rooms_are_dropped_at_open(redis_url: str) -> None:
+    s = RedisStore(redis_url)
+    s.open()
+    eph = await s.create_room(RoomRecord(0, "tmp", "", "ann", 1.0, True, False))
+    await s.add_message(send(eph.id, "x"))
+    await s.create_room(RoomRecord(0, "kept", "", "ann", 1.0, False, True))
+    await s.close()
+    s = RedisStore(redis_url)
+    snap = s.open()
+    try:
+        assert [(r.name, r.open) for r in snap.rooms] == [("kept", True)]
+        await s.create_room(RoomRecord(0, "tmp", "", "bob", 1.0, False, False))  # free again
+        assert await s.count_messages() == 0  # purged once the writer ran
+    finally:
+        await s.close()
+
+
+async def test_guest_holds_compare_and_set_on_their_version(redis_url: str) -> None:
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        hold = GuestHold("Guest1", "j1", None, 1)
+        await s.hold_guest(hold)
+        assert await s.update_hold(GuestHold("Guest1", "j1", 100, 3))
+        assert not await s.update_hold(GuestHold("Guest1", "j1", 50, 2))  # older: ignored
+        assert not await s.update_hold(GuestHold("Guest1", "other", 50, 9))  # another hold
+        assert not await s.release_guest(GuestHold("Guest1", "j1", 100, 3))  # not newer
+        await s.close()
+        s = RedisStore(redis_url)
+        assert s.open().guests == [GuestHold("Guest1", "j1", 100, 3)]
+        assert await s.release_guest(GuestHold("guest1", "j1", None, 4))
+        assert not await s.release_guest(GuestHold("guest1", "j1", None, 5))  # gone
+    finally:
+        await s.close()
+
+
+async def test_prune_by_age_blanks_a_young_nonce_and_drops_the_rest(redis_url: str) -> None:
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        now = 100_000.0
+        old, _ = await s.add_message(NewMessage(room.id, "ann", None, "old", 10.0, None, "ann#1"))
+        old_nonce, _ = await s.add_message(
+            NewMessage(room.id, "ann", None, "n", now - 3600, "n1", "ann#1")
+        )
+        young, _ = await s.add_message(NewMessage(room.id, "ann", None, "y", now, None, "ann#1"))
+        assert await s.prune(now, max_age=1800, keep=0) == 2
+        page, _ = await s.room_history(room.id, None, None, 50)
+        assert [m.id for m in page] == [young.id]
+        assert await s.get_message(old.id) is None
+        kept = await s.find_nonce("ann#1", "n1")  # a retry still finds its message
+        assert kept is not None and kept.id == old_nonce.id and kept.deleted
+    finally:
+        await s.close()
+
+
+async def test_unreachable_redis_is_a_clear_error_at_once(tmp_path: object) -> None:
+    server = RedisServer(appendfsync="always").start()
+    try:
+        s = RedisStore(server.url, timeout=2.0)
+        s.open()
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        server.stop(kill=True)
+        began = time.monotonic()
+        with pytest.raises(Internal, match="Redis"):
+            await asyncio.wait_for(s.add_message(send(room.id, "x")), TIMEOUT)
+        with pytest.raises(Internal, match="Redis"):
+            await asyncio.wait_for(s.room_history(room.id, None, None, 10), TIMEOUT)
+        assert time.monotonic() - began < 2 * 2.0 + 1  # the timeouts bound it; no hang
+        # Redis comes back (same port, same AOF): the store goes on with what it kept.
+        server.start()
+        m, _ = await asyncio.wait_for(s.add_message(send(room.id, "back")), TIMEOUT)
+        assert m.rev == 1 and m.id == 1  # the lost write never took an id
+        await s.close()
+        with pytest.raises(RedisStoreError, match="Redis at redis://127.0.0.1"):
+            server.stop()
+            RedisStore(server.url, timeout=2.0).open()
+    finally:
+        server.close()
+
+
+async def test_open_logs_what_an_acknowledgement_means(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = RedisStore(redis_url)
+    with caplog.at_level(logging.INFO, logger="chatd"):
+        s.open()
+    await s.close()
+    assert "appendfsync always: an acknowledged write is on disk" in caplog.text
+    assert "everysec: up to ~1 s" in describe_persistence(
+        {"appendonly": "yes", "appendfsync": "everysec"}, {}
+    )
+    assert "lost when Redis restarts" in describe_persistence({"appendonly": "no"}, {})
+    assert "lost when Redis restarts" in describe_persistence({}, {"aof_enabled": 0})
+    assert "unknown" in describe_persistence({}, {})
