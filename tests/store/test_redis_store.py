@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -203,8 +204,8 @@ async def test_unreachable_redis_is_a_clear_error_at_once(tmp_path: object) -> N
         m, _ = await asyncio.wait_for(s.add_message(send(room.id, "back")), TIMEOUT)
         assert m.rev == 1 and m.id == 1  # the lost write never took an id
         await s.close()
-        with pytest.raises(RedisStoreError, match="Redis at redis://127.0.0.1"):
-            server.stop()
+        server.stop()
+        with pytest.raises(RedisStoreError, match=re.escape("Redis at redis://127.0.0.1")):
             RedisStore(server.url, timeout=2.0).open()
     finally:
         server.close()
