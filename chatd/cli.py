@@ -246,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bak.add_argument("path", help="where to write the copy (replaced whole if it exists)")
     bak.add_argument("--db", default=_DEFAULTS.db, help="database file")
+
+    cp = sub.add_parser(
+        "copy", formatter_class=_Help,
+        help="move all data to an empty store (SQLite file or redis:// URL)",
+        description="Copy every account, room, message, DM, revision, guest hold and "
+        "revocation, and the epoch, from SRC to the empty DST (each an SQLite file or a "
+        "redis:// URL), keeping ids and revisions. Stop SRC's servers first. The secret "
+        "file beside an SQLite database is not copied: serve DST with the same secret and "
+        "tokens minted before the copy still work.",
+    )
+    cp.add_argument("--from", dest="source", required=True, metavar="SRC")
+    cp.add_argument("--to", dest="target", required=True, metavar="DST")
     return parser
 
 
@@ -288,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return backup_command(args)
         if args.command == "stats":
             return stats_command(args)
+        if args.command == "copy":
+            return copy_command(args)
     except CliError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
@@ -533,6 +547,21 @@ def backup_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot write {args.path}: {exc.strerror or exc}") from None
     print(f"chatd: backed up {args.db} to {args.path} ({count} messages)", file=sys.stderr)
+    return 0
+
+
+def copy_command(args: argparse.Namespace) -> int:
+    """`chatd copy --from SRC --to DST`: see chatd/store/copy.py (needs chatd[redis])."""
+    try:
+        from chatd.store.copy import CopyError, copy, shown
+    except ImportError as exc:
+        raise CliError(f"chatd copy needs the redis extra (pip install 'chatd[redis]'): {exc}") from None
+    try:
+        count = copy(args.source, args.target)
+    except CopyError as exc:
+        raise CliError(str(exc)) from None
+    print(f"chatd: copied {shown(args.source)} to {shown(args.target)} ({count} messages)",
+          file=sys.stderr)
     return 0
 
 

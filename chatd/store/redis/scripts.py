@@ -336,7 +336,46 @@ for i = 1, math.min(#found, limit) do out[#out+1] = redis.call('HGETALL', P..'m:
 return out
 """
 
+# `chatd copy` into Redis: stored messages with their own ids and revisions, indexed as
+# SEND and CHANGE index them (no stream entry: the stream is for live changes).
+# ARGV: P, then 16 per message: id, rev, room ("" = DM), sender, sender_key, recipient,
+# recipient_key, text, ts, edited ts, edited by ("" none), deleted ("1"/""), nonce
+# ("" none, else "=" .. nonce), sender lower, recipient lower, pair.
+IMPORT = _PRELUDE + r"""
+for i = 2, #ARGV, 16 do
+  local id, rev, room = ARGV[i], ARGV[i+1], ARGV[i+2]
+  local sk, tk, nonce = ARGV[i+4], ARGV[i+6], ARGV[i+12]
+  local sl, tl, pair = ARGV[i+13], ARGV[i+14], ARGV[i+15]
+  local f = {'i', id, 'v', rev, 's', ARGV[i+3], 'sk', sk, 'x', ARGV[i+7], 'ts', ARGV[i+8]}
+  if ARGV[i+9] ~= '' then f[#f+1] = 'et'; f[#f+1] = ARGV[i+9] end
+  if ARGV[i+10] ~= '' then f[#f+1] = 'eb'; f[#f+1] = ARGV[i+10] end
+  if ARGV[i+11] == '1' then f[#f+1] = 'd'; f[#f+1] = '1' end
+  if room ~= '' then
+    f[#f+1] = 'r'; f[#f+1] = room
+  else
+    for _, x in ipairs({'t', ARGV[i+5], 'tk', tk, 'sl', sl, 'tl', tl, 'p', pair}) do f[#f+1] = x end
+    room = nil
+    redis.call('SADD', P..'pairs', pair)
+    redis.call('SADD', P..'d:{'..sk..'}:with', tl)
+    redis.call('SADD', P..'d:{'..tk..'}:with', sl)
+  end
+  if nonce ~= '' then
+    nonce = string.sub(nonce, 2)
+    f[#f+1] = 'n'; f[#f+1] = nonce
+    redis.call('HSET', P..'nonce', sk..'\n'..nonce, id)
+  end
+  redis.call('HSET', P..'m:'..id, unpack(f))
+  redis.call('ZADD', P..'all', id, id)
+  if ARGV[i+11] ~= '1' then
+    for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
+  end
+  for _, k in ipairs(rev_keys(room, sk, tk)) do redis.call('ZADD', k, rev, id) end
+end
+return 1
+"""
+
 SCRIPTS = {
+    "import": IMPORT,
     "send": SEND,
     "change": CHANGE,
     "prune": PRUNE,

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -46,6 +46,7 @@ from chatd.store.base import (
     UserRecord,
 )
 from chatd.store.deferred import Deferred
+from chatd.store.dump import Dump, MessageRow, UserRow
 from chatd.store.redis.scripts import SCRIPTS
 
 T = TypeVar("T")
@@ -448,20 +449,26 @@ class RedisStore:
     # --- reads -----------------------------------------------------------------------
 
     async def _read(self, script: str, *args: Any) -> Any:
+        return await _in_task(self._read_now(script, *args))
+
+    async def _read_now(self, script: str, *args: Any) -> Any:
         try:
             return await self._aclient().evalsha(self._shas[script], 0, self.prefix, *args)
         except NoScriptError:
             for name, src in SCRIPTS.items():
                 self._shas[name] = await self._aclient().script_load(src)
-            return await self._read(script, *args)
+            return await self._read_now(script, *args)
         except (RedisError, OSError) as exc:
             raise self._read_error(exc) from None
 
     async def _cmd(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-        try:
-            return await fn(self._aclient())
-        except (RedisError, OSError) as exc:
-            raise self._read_error(exc) from None
+        async def run() -> T:
+            try:
+                return await fn(self._aclient())
+            except (RedisError, OSError) as exc:
+                raise self._read_error(exc) from None
+
+        return await _in_task(run())
 
     def _read_error(self, exc: BaseException) -> Internal:
         log.error("reading from redis failed: %s", exc,
@@ -702,8 +709,159 @@ class RedisStore:
             after, more = int(last), flag == 1
         return total
 
-    # --- chatd copy ------------------------------------------------------------------
-    # (export/import are in chatd/store/copy.py, on the synchronous client)
+    # --- chatd copy (synchronous: an offline command; see chatd/store/copy.py) -------
+
+    def _connect_sync(self) -> redis.Redis:
+        r = self.sync_client()
+        try:
+            for name, src in SCRIPTS.items():
+                self._shas[name] = r.script_load(src)
+        except RedisError as exc:
+            r.close()
+            raise RedisStoreError(f"Redis at {self._where()}: {exc}") from None
+        return r
+
+    def is_empty(self) -> bool:
+        """No account, room, message, guest hold or revocation, and revision 0 (a server
+        may have opened it: an epoch alone does not count)."""
+        P = self.prefix
+        r = self._connect_sync()
+        try:
+            keys = ("users", "rooms", "rooms:gone", "all", "guests", "revoked", "nonce")
+            if any(r.exists(P + k) for k in keys):
+                return False
+            return int(r.hget(P + "meta", "rev") or 0) == 0
+        finally:
+            r.close()
+
+    def export_dump(self) -> Dump:
+        """Everything but the messages (export_messages). Stop the servers first: Redis
+        gives no snapshot across many reads."""
+        P = self.prefix
+        r = self._connect_sync()
+        try:
+            m = cast(dict[str, str], r.hgetall(P + "meta"))
+            if not m.get("epoch"):
+                raise RedisStoreError(f"no chatd data in Redis at {self._where()}")
+            _, users = self._sync_call(r, "all_users")
+            rows = []
+            for flat in users:
+                h = dict(zip(flat[::2], flat[1::2], strict=True))
+                rows.append(UserRow(int(h["i"]), h["n"], h["h"], h["a"] == "1", int(h["tv"]),
+                                    float(h.get("c", 0))))  # fmt: skip
+            guests = cast(dict[str, str], r.hgetall(P + "guests"))
+            revoked = cast(list[tuple[str, float]], r.zrange(P + "revoked", 0, -1, withscores=True))
+            return Dump(
+                epoch=m["epoch"], rev=int(m.get("rev", 0)),
+                users_version=int(m.get("users_version", 0)),
+                last_user_id=int(m.get("user_id", 0)), last_room_id=int(m.get("room_id", 0)),
+                last_message_id=int(m.get("msg_id", 0)),
+                users=sorted(rows, key=lambda u: u.id),
+                guests=sorted((_GUEST.decode(g) for g in guests.values()), key=lambda g: g.name),
+                revoked={jti: int(exp) for jti, exp in revoked},
+                rooms=self._rooms(r),
+            )  # fmt: skip
+        finally:
+            r.close()
+
+    def export_messages(self, batch: int = 2_000) -> Iterator[list[MessageRow]]:
+        """Every stored message (tombstones too) in id order, ``batch`` at a time; those of
+        a deleted room not purged yet are left out."""
+        P = self.prefix
+        r = self._connect_sync()
+        try:
+            rooms = {int(x) for x in cast(set[str], r.smembers(P + "rooms"))}
+            after = "-inf"
+            while True:
+                ids = cast(list[str], r.zrangebyscore(P + "all", after, "+inf", 0, batch))
+                if not ids:
+                    return
+                pipe = r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.hgetall(f"{P}m:{i}")
+                out = []
+                for h in pipe.execute():
+                    if not h:
+                        continue
+                    rec = message_from([x for kv in h.items() for x in kv])
+                    if rec.room_id is not None and rec.room_id not in rooms:
+                        continue
+                    out.append(_row(rec, h.get("n")))
+                yield out
+                after = f"({ids[-1]}"
+        finally:
+            r.close()
+
+    def import_dump(self, dump: Dump, messages: Iterator[list[MessageRow]]) -> int:
+        """Load a dump into this (empty: see is_empty) database: accounts, holds,
+        revocations, rooms, then the messages, and last the counters and the epoch, so an
+        interrupted copy is never mistaken for a whole one by the next. Returns how many
+        messages were loaded."""
+        P = self.prefix
+        r = self._connect_sync()
+        try:
+            pipe = r.pipeline(transaction=False)
+            for u in dump.users:
+                pipe.hset(f"{P}u:{u.id}", mapping={
+                    "i": u.id, "n": u.name, "h": u.pw_hash, "a": int(u.admin),
+                    "tv": u.token_version, "c": _f(u.created_at)})  # fmt: skip
+                pipe.hset(P + "users", u.name.lower(), u.id)
+            for g in dump.guests:
+                pipe.hset(P + "guests", g.name.lower(), _ENC.encode(g))
+            for jti, exp in dump.revoked.items():
+                pipe.zadd(P + "revoked", {jti: exp})
+            for room in dump.rooms:
+                pipe.hset(f"{P}room:{room.id}", mapping={
+                    "n": room.name, "k": room.name.lower(), "t": room.topic, "o": room.owner,
+                    "c": _f(room.created_at), "e": int(room.ephemeral), "op": int(room.open)})  # fmt: skip
+                pipe.hset(P + "room_names", room.name.lower(), room.id)
+                pipe.sadd(P + "rooms", room.id)
+            pipe.execute()
+            count = 0
+            for rows in messages:
+                for i in range(0, len(rows), _SEND_CHUNK):
+                    args: list[Any] = []
+                    for m in rows[i : i + _SEND_CHUNK]:
+                        args += _import_args(m)
+                    if args:
+                        self._sync_call(r, "import", *args)
+                count += len(rows)
+            r.hset(P + "meta", mapping={
+                "epoch": dump.epoch, "layout": LAYOUT, "rev": dump.rev,
+                "users_version": dump.users_version, "user_id": dump.last_user_id,
+                "room_id": dump.last_room_id, "msg_id": dump.last_message_id})  # fmt: skip
+            return count
+        except RedisError as exc:
+            raise RedisStoreError(f"Redis at {self._where()}: {exc}") from None
+        finally:
+            r.close()
+
+
+def _row(rec: MessageRecord, nonce: str | None) -> MessageRow:
+    return MessageRow(
+        rec.id, rec.rev, rec.room_id, rec.sender, rec.sender_key, rec.recipient,
+        rec.recipient_key, rec.text, rec.ts, rec.edited_ts, rec.edited_by, rec.deleted, nonce,
+    )  # fmt: skip
+
+
+def _import_args(m: MessageRow) -> tuple[Any, ...]:
+    dm = m.room_id is None and m.recipient is not None and m.recipient_key is not None
+    return (
+        m.id, m.rev, "" if m.room_id is None else m.room_id, m.sender, m.sender_key,
+        m.recipient or "", m.recipient_key or "", m.text, _f(m.ts),
+        "" if m.edited_ts is None else _f(m.edited_ts), m.edited_by or "",
+        "1" if m.deleted else "", "" if m.nonce is None else "=" + m.nonce,
+        m.sender.lower(), (m.recipient or "").lower(),
+        dm_pair(m.sender_key, m.recipient_key or "") if dm else "",
+    )  # fmt: skip
+
+
+async def _in_task(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` inside a Task: redis-py's timeouts (asyncio.timeout) need one, and the
+    server's command driver steps handler coroutines outside any Task."""
+    if asyncio.current_task() is not None:
+        return await coro
+    return await asyncio.get_running_loop().create_task(coro)
 
 
 def _opt(x: int | None) -> str:
