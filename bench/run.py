@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-NAMES = ["fanout", "persist", "ping", "redis_ping", "idle", "connect", "history"]
+NAMES = ["fanout", "persist", "ping", "redis_ping", "idle", "connect", "history", "redis_store"]
 
 
 def main(argv: list[str]) -> int:

@@ -59,6 +59,7 @@ _MAX_BATCH = 5_000  # writes per pipeline
 _PURGE_BATCH = 2_000
 _STREAM_MAXLEN = 100_000  # change stream entries kept (approximately; for a bus's replay)
 _ENC = msgspec.json.Encoder()
+_PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
 
 
@@ -348,15 +349,14 @@ class RedisStore:
                 i += 1
                 continue
             sends: list[Any] = []
-            args: list[Any] = [self.prefix, self.stream_maxlen]
             while i < n and len(sends) < _SEND_CHUNK:
                 s = batch[i]
                 if not isinstance(s, _Send):
                     break
                 sends.append(s)
-                args += s.args
                 i += 1
-            yield "send", tuple(args), sends
+            blob = _PACK.encode([s.args for s in sends])
+            yield "send", (self.prefix, self.stream_maxlen, blob), sends
 
     async def _run_batch(self, batch: list[_Send | _Call]) -> None:
         calls = list(self._commands(batch))
