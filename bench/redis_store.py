@@ -40,9 +40,9 @@ async def drive(store: Store, seconds: float, messages: int, inflight: int) -> d
         while count < messages and time.monotonic() < deadline:
             i += 1
             began = time.monotonic()
+            text = "persist me " + "x" * 40
             await store.add_message(
-                NewMessage(room.id, "ann", None, "persist me " + "x" * 40, time.time(),
-                           f"{w}.{i}", "ann#1")  # fmt: skip
+                NewMessage(room.id, "ann", None, text, time.time(), f"{w}.{i}", "ann#1")
             )
             count += 1
             if i % 16 == 0:

@@ -23,6 +23,7 @@ from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
+from chatd.store.base import Store
 from chatd.store.dbfiles import create_private
 from chatd.store.sqlite import (
     SQLiteStore,
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (the default)", formatter_class=_Help)
     _add_common(serve)
     d = _DEFAULTS
+    serve.add_argument("--redis", default=os.environ.get("CHATD_REDIS") or None, metavar="URL",
+                       help="keep everything in Redis (redis://HOST:PORT/DB, rediss:// for "
+                       "TLS) instead of --db; default $CHATD_REDIS; needs chatd[redis] and "
+                       "--secret or $CHATD_SECRET")
     serve.add_argument("--host", default=d.host, help="address to listen on")
     serve.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     serve.add_argument("--token-ttl", type=int, default=d.token_ttl, help="max token life, s")
@@ -313,6 +318,7 @@ def config_from(args: argparse.Namespace) -> Config:
         host=args.host,
         port=args.port,
         db=args.db,
+        redis=args.redis,
         token_ttl=args.token_ttl,
         max_frame=args.max_frame,
         rate_limit=args.rate_limit,
@@ -356,9 +362,15 @@ def serve(args: argparse.Namespace) -> int:
             server_context(config.tls_cert, config.tls_key)  # refused before anything starts
         except TLSSetupError as exc:
             raise CliError(str(exc)) from None
-    if config.db != ":memory:":
-        _refuse_foreign(config.db)  # before the secret file is made beside it
-    secret = resolve_secret(args.secret, config.db)
+    if config.redis is not None:
+        # No file to keep a secret beside, and every node must share one.
+        if not (args.secret or os.environ.get("CHATD_SECRET")):
+            raise CliError("with --redis, pass --secret or set CHATD_SECRET (the same on every node)")
+        secret = resolve_secret(args.secret, ":memory:")
+    else:
+        if config.db != ":memory:":
+            _refuse_foreign(config.db)  # before the secret file is made beside it
+        secret = resolve_secret(args.secret, config.db)
     try:
         import uvloop
     except ImportError:
@@ -367,10 +379,19 @@ def serve(args: argparse.Namespace) -> int:
         runner = uvloop.run
     from chatd.metrics import MetricsListenError
 
+    redis_error: type[Exception] = StoreOpenError
+    if config.redis is not None:
+        try:
+            from chatd.store.redis import RedisStoreError
+        except ImportError as exc:
+            raise CliError(f"--redis needs the redis extra (pip install 'chatd[redis]'): {exc}") from None
+        redis_error = RedisStoreError
     try:
         return runner(_serve(config, secret))
     except StoreOpenError as exc:
         raise CliError(f"cannot open {config.db}: {exc}") from None
+    except redis_error as exc:
+        raise CliError(f"cannot use Redis: {exc}") from None
     except (TLSSetupError, MetricsListenError) as exc:
         raise CliError(str(exc)) from None
 
@@ -378,7 +399,13 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(config: Config, secret: str) -> int:
     from chatd.server import ChatServer
 
-    store = SQLiteStore(config.db, max_batch=config.commit_batch)
+    store: Store
+    if config.redis is not None:
+        from chatd.store.redis import RedisStore
+
+        store = RedisStore(config.redis)
+    else:
+        store = SQLiteStore(config.db, max_batch=config.commit_batch)
     server = ChatServer(config, store, secret)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 7777
     db: str = "chatd.db"
+    # --redis / CHATD_REDIS (issue 11): the Redis store instead of SQLite; db is then unused.
+    redis: str | None = None
     secret: str | None = None
     # Contract: a 4,000-char message fully escaped plus a token fits in 64 KiB.
     max_frame: int = 65_536
