@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import json
 import re
 import socket
@@ -34,10 +35,22 @@ GUEST_DEFAULTS = TEST_CONFIG.replace(
 )
 
 
+def _store(cfg: Config) -> Any:
+    """SQLite as configured; CHATD_TEST_STORE=redis runs the in-process servers of a
+    :memory: config on the Redis store instead (a local check of RedisStore behind the
+    whole wire suite; tests/redisutil.py starts the redis-server)."""
+    if os.environ.get("CHATD_TEST_STORE") == "redis" and cfg.db == ":memory:":
+        from chatd.store.redis import RedisStore
+        from tests.redisutil import fresh_redis_url
+
+        return RedisStore(fresh_redis_url())
+    return SQLiteStore(cfg.db)
+
+
 @asynccontextmanager
 async def running_server(config: Config | None = None, **changes: Any) -> AsyncIterator[ChatServer]:
     cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
-    server = ChatServer(cfg, SQLiteStore(cfg.db), SECRET)
+    server = ChatServer(cfg, _store(cfg), SECRET)
     await server.start()
     try:
         yield server

@@ -66,3 +66,34 @@ async def test_an_unreachable_redis_is_refused_at_start_with_one_line() -> None:
         "serve", "--redis", "redis://127.0.0.1:1/0", "--port", "0", "--secret", SECRET
     )
     assert code == 2 and err.startswith("chatd: cannot use Redis: ") and err.count("\n") == 1
+
+
+async def test_redis_going_away_is_a_clear_error_and_the_connection_stays() -> None:
+    from chatd.server import ChatServer
+    from chatd.store.redis import RedisStore
+    from tests.helpers import SECRET as TEST_SECRET
+    from tests.helpers import TEST_CONFIG
+    from tests.redisutil import RedisServer
+
+    redis_server = RedisServer().start()
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_server.url, timeout=2.0), TEST_SECRET)
+    await server.start()
+    try:
+        c = await Client.connect(server.port)
+        try:
+            await c.ok("login", user="ann")
+            await c.ok("room.create", room="dev")
+            redis_server.stop(kill=True)
+            err = await c.call("msg.send", room="dev", text="lost?")
+            assert err["code"] == "internal" and "Redis" in err["message"]
+            assert "127.0.0.1" not in err["message"]  # no detail leaked to the client
+            assert (await c.call("room.history", room="dev"))["code"] == "internal"
+            assert await c.ok("ping") is not None  # the connection stays
+            redis_server.start()  # back on the same port with its AOF
+            sent = (await c.ok("msg.send", room="dev", text="back"))["message"]
+            assert sent["rev"] == 1
+        finally:
+            await c.close()
+    finally:
+        await server.stop()
+        redis_server.close()

@@ -442,7 +442,8 @@ class RedisStore:
             self._failing = True
             log.error("writing to redis failed: %s (%d writes; clients got errors)", exc,
                       len(batch), extra={"event": "store_error", "error": str(exc)})  # fmt: skip
-        err = Internal(f"storage (Redis) unreachable: {exc}; the change may not have been saved")
+        # The client gets no detail (addresses, errors): those are in the log line above.
+        err = Internal("storage (Redis) unreachable; the change may not have been saved")
         for item in batch:
             item.fut.set_exception(err)
 
@@ -473,7 +474,7 @@ class RedisStore:
     def _read_error(self, exc: BaseException) -> Internal:
         log.error("reading from redis failed: %s", exc,
                   extra={"event": "store_error", "error": str(exc)})  # fmt: skip
-        return Internal(f"storage (Redis) unreachable: {exc}")
+        return Internal("storage (Redis) unreachable; try again later")
 
     @staticmethod
     def _page(reply: list[Any]) -> tuple[list[MessageRecord], bool]:
