@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import json
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
