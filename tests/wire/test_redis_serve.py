@@ -97,3 +97,38 @@ async def test_redis_going_away_is_a_clear_error_and_the_connection_stays() -> N
     finally:
         await server.stop()
         redis_server.close()
+
+
+async def test_pipelined_writes_and_reads_on_redis_all_succeed(redis_url: str) -> None:
+    """Commands pipelined on one connection: the next command's store read starts while a
+    write's delivery runs (inside the store's writer), which once broke redis-py's
+    timeouts ("Timeout should be used inside a task")."""
+    import json
+
+    from chatd.server import ChatServer
+    from chatd.store.redis import RedisStore
+    from tests.helpers import SECRET as TEST_SECRET
+    from tests.helpers import TEST_CONFIG
+
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_url), TEST_SECRET)
+    await server.start()
+    try:
+        c = await Client.connect(server.port)
+        try:
+            await c.ok("login", user="ann")
+            await c.ok("room.create", room="dev")
+            first = (await c.ok("msg.send", room="dev", text="a"))["message"]
+            frames = []
+            for i in range(10):  # within the send burst (30)
+                frames.append({"cmd": "msg.send", "id": f"s{i}", "room": "dev", "text": f"m{i}"})
+                frames.append({"cmd": "msg.edit", "id": f"e{i}", "message_id": first["id"],
+                               "text": f"a{i}"})  # fmt: skip
+                frames.append({"cmd": "room.history", "id": f"h{i}", "room": "dev", "limit": 2})
+            await c.send_raw(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+            for f in frames:
+                reply = await c.reply(f["id"])
+                assert reply["type"] == "ok", reply
+        finally:
+            await c.close()
+    finally:
+        await server.stop()

@@ -858,10 +858,10 @@ def _import_args(m: MessageRow) -> tuple[Any, ...]:
 
 
 async def _in_task(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` inside a Task: redis-py's timeouts (asyncio.timeout) need one, and the
-    server's command driver steps handler coroutines outside any Task."""
-    if asyncio.current_task() is not None:
-        return await coro
+    """Run ``coro`` in a Task of its own: redis-py's timeouts (asyncio.timeout) need the
+    Task they run in to be theirs. The server's command driver steps handler coroutines
+    outside any Task, or inside whichever Task delivered a write (this store's writer), so
+    the Task current at the call is no guide."""
     return await asyncio.get_running_loop().create_task(coro)
 
 
