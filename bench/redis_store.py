@@ -28,6 +28,13 @@ from bench.common import SERVER_CORE, new_loop, pin_self
 from chatd.store.base import NewMessage, RoomRecord, Store
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU a process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def drive(store: Store, seconds: float, messages: int, inflight: int) -> dict[str, Any]:
     room = await store.create_room(RoomRecord(0, "bench", "", "ann", time.time(), False, False))
     count = 0
@@ -113,9 +120,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 loop = new_loop()
                 try:
                     store.open()
+                    cpu0, own0 = cpu_seconds(proc.pid), time.process_time()
                     r = loop.run_until_complete(
                         drive(store, args.seconds, args.messages, args.inflight)
                     )
+                    # Who was busy: redis-server's core, and this process (store client,
+                    # producers; for SQLite also its writer thread).
+                    r["redis_cpu"] = round((cpu_seconds(proc.pid) - cpu0) / r["seconds"], 2)
+                    r["client_cpu"] = round((time.process_time() - own0) / r["seconds"], 2)
                     loop.run_until_complete(store.close())
                 finally:
                     loop.close()

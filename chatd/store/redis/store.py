@@ -253,8 +253,9 @@ class RedisStore:
         return Snapshot(
             epoch=self.epoch,
             rev=self.rev,
-            users=[_user(u) for u in users],
-            guests=[_GUEST.decode(g) for g in guests.values()],
+            # In id order and name order, whatever order Redis's hashes hold them in.
+            users=sorted((_user(u) for u in users), key=lambda u: u.id),
+            guests=sorted((_GUEST.decode(g) for g in guests.values()), key=lambda g: g.name),
             revoked={jti: int(exp) for jti, exp in revoked},
             rooms=rooms,
             users_version=int(version),
@@ -534,7 +535,7 @@ class RedisStore:
 
     async def reload_users(self) -> tuple[int, list[UserRecord]]:
         version, users = await self._read("all_users")
-        return int(version), [_user(u) for u in users]
+        return int(version), sorted((_user(u) for u in users), key=lambda u: u.id)
 
     async def users_version(self) -> int:
         v = await self._cmd(lambda c: c.hget(self.prefix + "meta", "users_version"))
