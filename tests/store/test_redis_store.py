@@ -225,3 +225,17 @@ async def test_open_logs_what_an_acknowledgement_means(
     assert "lost when Redis restarts" in describe_persistence({"appendonly": "no"}, {})
     assert "lost when Redis restarts" in describe_persistence({}, {"aof_enabled": 0})
     assert "unknown" in describe_persistence({}, {})
+
+
+def test_a_missing_redis_server_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    from tests.redisutil import redis_server_path
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server there
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the Redis tests"):
+        redis_server_path()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not on PATH"):
+        redis_server_path()
