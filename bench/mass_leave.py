@@ -81,7 +81,7 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
     try:
         await asyncio.wait_for(all_left, timeout)
         finished = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         finished = False
     cleanup = time.monotonic() - t1
     stop = True

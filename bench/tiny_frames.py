@@ -50,7 +50,7 @@ async def run(srv: Server, conns: int, kib: int, settle: float) -> dict[str, Any
     closed = asyncio.gather(*(c.closed for c in lines))
     try:
         await asyncio.wait_for(closed, 120)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     for c in lines:
         if c.transport is not None and not c.closed.done():

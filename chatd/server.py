@@ -37,6 +37,11 @@ _PAUSE_WRITE = 1  # the client does not read: outbox above the soft limit
 _PAUSE_BACKLOG = 2  # frames read but not yet run (input memory stays bounded)
 _PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
 _PAUSE_STOP = 8  # the server is shutting down: never read again
+# The client shut its write side: nothing more to read (reading never resumes), but every
+# complete frame already read still runs and is answered, then the connection closes.
+_PAUSE_EOF = 16
+# Pauses that do not stop commands from running (pump goes on through them).
+_RUNS_THROUGH = _PAUSE_BACKLOG | _PAUSE_EOF
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
 _SLOW = event_frame("slow_consumer", {})
 _LOOPBACK = ("127.0.0.1", "::1")
@@ -65,7 +70,6 @@ class Connection(asyncio.Protocol):
         "out",
         "out_bytes",
         "paused",
-        "queue",
         "session",
         "slots",
         "splitter",
@@ -82,7 +86,6 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.splitter = LineSplitter(srv.config.max_frame)
-        self.queue: collections.deque[Any] | None = None
         self.slots: collections.deque[_Slot] | None = None
         self.held: tuple[Command, Spec] | None = None
         self.paused = 0
@@ -122,14 +125,26 @@ class Connection(asyncio.Protocol):
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
+        # Frames read and not run die with the connection; free them now, not when the
+        # session is let go (issue 13, item 3).
+        self.splitter.clear()
+        self.held = None
         if self.session is not None:  # a refused connection never took a per-IP slot
             srv.forget_ip(self.ip)
         self.out.clear()
+        self.out_bytes = 0
         if self.session is not None:
             srv.app.close_session(self.session)
 
     def eof_received(self) -> bool | None:
-        return None  # close; a partial frame left in the splitter is never executed
+        """Half-close (`nc -N`): run every complete frame already read, send every reply,
+        then close (pump does, once nothing is left). A partial frame left in the
+        splitter is never executed."""
+        if self.dead:
+            return None
+        self.paused |= _PAUSE_EOF  # the transport stopped reading; never resume it
+        self.pump()
+        return True  # keep the write side open for the replies
 
     # --- output ----------------------------------------------------------------------
 
@@ -211,7 +226,7 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         # A backlog is pump's own business: with only that left, pump picks up the held
         # command (a throttled one behind a finished send would otherwise wait forever).
-        if flag != _PAUSE_BACKLOG and not self.paused & ~_PAUSE_BACKLOG:
+        if flag != _PAUSE_BACKLOG and not self.paused & ~_RUNS_THROUGH:
             self.pump()
 
     # --- input -----------------------------------------------------------------------
@@ -219,19 +234,15 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
-        lines = self.splitter.feed(data)
-        if not lines:
-            return
-        q = self.queue
-        if q is None:
-            q = self.queue = collections.deque(lines)
-        else:
-            q.extend(lines)
+        # Frames are split out one at a time as pump runs them; while any are left,
+        # reading stays paused, so input memory is one read chunk plus one partial line
+        # however small the frames are (limits.md, input memory).
+        self.splitter.push(data)
         self.pump()
 
     def pump(self) -> None:
-        """Run queued frames in order, at most frames_per_batch per turn (fairness)."""
-        q = self.queue
+        """Run buffered frames in order, at most frames_per_batch per turn (fairness)."""
+        splitter = self.splitter
         session = self.session
         if self.dead or session is None:
             return
@@ -241,23 +252,25 @@ class Connection(asyncio.Protocol):
         while True:
             if self.held is not None:
                 cmd, spec = self.held
-            elif q:
+            else:
                 if budget <= 0:
+                    if not splitter.buffered:
+                        break
                     self._pause(_PAUSE_BACKLOG)
                     srv.loop.call_soon(self._continue)
                     return
+                line = splitter.next()
+                if line is None:
+                    break
                 budget -= 1
-                line = q.popleft()
                 if line is TOO_LARGE:
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(line)
+                prepared = dispatcher.prepare(cast(bytes, line))
                 if isinstance(prepared, Outcome):
                     self.reply(prepared)
                     continue
                 cmd, spec = prepared
-            else:
-                break
             slots = self.slots
             if self.waiting and (
                 self.barriers or not spec.overlap or self.waiting >= _MAX_WAITING
@@ -287,6 +300,8 @@ class Connection(asyncio.Protocol):
             if self.dead:
                 return
         self._resume(_PAUSE_BACKLOG)
+        if self.paused & _PAUSE_EOF and not self.waiting:
+            self.close()  # every complete frame ran and every reply is queued
 
     def _continue(self) -> None:
         if self.paused == _PAUSE_BACKLOG:
@@ -341,7 +356,11 @@ class Connection(asyncio.Protocol):
             done = slots.popleft().outcome
             assert done is not None
             self.deliver(done)
-        if (self.held is not None or self.queue) and (not slots or self.waiting < _MAX_WAITING):
+        if self.paused & _PAUSE_THROTTLE:
+            return  # its timer resumes pump
+        if (self.held is not None or self.splitter.buffered or self.paused & _PAUSE_EOF) and (
+            not slots or self.waiting < _MAX_WAITING
+        ):
             self.pump()
 
 
@@ -641,7 +660,7 @@ class ChatServer:
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.
             conn._pause(_PAUSE_STOP)
-            conn.queue = None
+            conn.splitter.clear()
             conn.held = None
             conn.send(frame)
         self.flush_all()
