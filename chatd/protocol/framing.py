@@ -40,7 +40,9 @@ class LineSplitter:
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
+        # The read chunk itself while it is being consumed (no copy), a bytearray only
+        # while a partial line grows across reads.
+        self._buf: bytes | bytearray = b""
         self._pos = 0  # the first byte not yet returned
         # Bytes before _scan hold no newline: a line that arrives a byte at a time is
         # searched once, so it costs O(n), not O(n²) (h11's lesson).
@@ -56,7 +58,7 @@ class LineSplitter:
 
     def clear(self) -> None:
         """Forget everything buffered (the connection is gone: its input is freed)."""
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = self._scan = 0
         self._discarding = False
 
@@ -68,14 +70,22 @@ class LineSplitter:
                 return
             self._discarding = False
             data = data[nl + 1 :]
+        if type(data) is not bytes:
+            data = bytes(data)  # kept as is below: never a buffer the caller reuses
         buf = self._buf
         pos = self._pos
-        if pos:
-            # Consumed bytes go before new ones come in (removing a bytearray's head is
-            # cheap in CPython: the start moves, nothing is copied).
-            del buf[:pos]
-            self._scan -= pos
-            self._pos = 0
+        if pos == len(buf):  # nothing left over: work on the chunk itself
+            self._buf = data
+            self._pos = self._scan = 0
+            return
+        # Consumed bytes go before new ones come in; what is left is a partial line or
+        # frames not yet taken, and grows in a bytearray (appending is amortized O(1)).
+        if isinstance(buf, bytes):
+            buf = self._buf = bytearray(memoryview(buf)[pos:])
+        elif pos:
+            del buf[:pos]  # cheap in CPython: the start moves, nothing is copied
+        self._scan -= pos
+        self._pos = 0
         buf += data
 
     def next(self) -> bytes | _TooLarge | None:
@@ -84,31 +94,34 @@ class LineSplitter:
         buf = self._buf
         while True:
             pos = self._pos
-            start = self._scan if self._scan > pos else pos
+            end = len(buf)
+            if pos == end:
+                return None  # drained (the usual way a pump ends: keep it cheap)
+            start = self._scan  # never before pos
             nl = buf.find(b"\n", start)
             if nl < 0:
-                end = len(buf)
                 self.work += end - start
                 if end - pos > self.max_frame + 1:  # max_frame bytes and a "\r" may wait
                     self.clear()
                     self._discarding = True
                     return TOO_LARGE
-                if pos == end:
-                    if end:
-                        self.clear()  # drained: give the read chunk's memory back
-                else:
-                    self._scan = end
+                self._scan = end
                 return None
             self.work += nl + 1 - start
-            self._pos = self._scan = nl + 1
+            if nl + 1 == end:  # the last byte: let the read chunk go
+                self._buf = b""
+                self._pos = self._scan = 0
+            else:
+                self._pos = self._scan = nl + 1
             end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # CRLF tolerated
             n = end - pos
             if n > self.max_frame:
                 return TOO_LARGE
             if n:
-                line = bytes(buf[pos:end])
-                if not line.isspace():
-                    return line
+                line = buf[pos:end]
+                if line[0] == 123 or not line.isspace():  # "{": the usual frame
+                    return line if type(line) is bytes else bytes(line)
+            buf = self._buf
 
     def feed(self, data: bytes) -> list[bytes | _TooLarge]:
         """Push ``data`` and take every complete frame it finishes."""
