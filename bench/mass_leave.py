@@ -3,6 +3,8 @@ drop at once (a network blip, a load balancer restart). A bystander outside the 
 one `ping` in flight the whole time; its latency while the server cleans up is the figure.
 A watcher that stays in the room counts the `member.left` events: the run ends when it has
 one per departed user (every remaining member must get them all), or at the time bound.
+The bystander is a separate process (blocking socket), so the load generator's own work
+closing K sockets does not count as server latency.
 
     python3 dev.py bench mass_leave [--members 10000] [--reset] [--timeout 120]
 
@@ -13,15 +15,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import resource
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import Any
 
 from bench.common import Line, Server, against_server, open_line, percentile
 
 ROOM = "big"
+# The bystander: pings back to back until its stdin closes, then prints
+# [[sent_at, seconds], ...] (time.monotonic is system-wide, so comparable with ours).
+PINGER = r"""
+import json, socket, sys, threading, time
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = sock.makefile("rb")
+f.readline()  # hello
+stop = []
+threading.Thread(target=lambda: (sys.stdin.read(), stop.append(1)), daemon=True).start()
+out = []
+print("ready", flush=True)
+while not stop:
+    t = time.monotonic()
+    sock.sendall(b'{"cmd":"ping","id":1}\n')
+    f.readline()
+    out.append([t, time.monotonic() - t])
+    time.sleep(0.001)
+print(json.dumps(out), flush=True)
+"""
 
 
 async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[str, Any]:
@@ -39,8 +63,6 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
     watcher = await open_line(port, on_line)
     await watcher.call({"cmd": "login", "id": 1, "user": "watcher"})
     await watcher.call({"cmd": "room.create", "id": 2, "room": ROOM})
-    bystander = await open_line(port)
-    await bystander.call({"cmd": "login", "id": 1, "user": "bystander"})
 
     t0 = time.monotonic()
     conns: list[Line] = []
@@ -59,37 +81,37 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
     await watcher.call({"cmd": "ping", "id": 3}, 120)
     setup = time.monotonic() - t0
 
-    latencies: list[float] = []
-    stop = False
-
-    async def pinger() -> None:
-        n = 10
-        while not stop:
-            t = time.monotonic()
-            await bystander.call({"cmd": "ping", "id": n}, timeout + 30)
-            latencies.append(time.monotonic() - t)
-            n += 1
-
+    pinger = subprocess.Popen(  # noqa: ASYNC220 (started once, before the measurement)
+        [sys.executable, "-c", PINGER, str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert pinger.stdout is not None and pinger.stdin is not None
+    loop = asyncio.get_running_loop()
+    assert (await loop.run_in_executor(None, pinger.stdout.readline)).strip() == "ready"
+    await asyncio.sleep(0.2)
+    t1 = time.monotonic()
     for c in conns:
         assert c.transport is not None
         if reset:
             sock = c.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.transport.abort()
-    t1 = time.monotonic()
-    ping_task = asyncio.ensure_future(pinger())
     try:
         await asyncio.wait_for(all_left, timeout)
         finished = True
     except TimeoutError:
         finished = False
-    cleanup = time.monotonic() - t1
-    stop = True
-    await asyncio.wait_for(ping_task, timeout + 30)
+    t2 = time.monotonic()
+    cleanup = t2 - t1
+    pinger.stdin.close()
+    samples = json.loads(await loop.run_in_executor(None, pinger.stdout.read))
+    pinger.wait(30)
+    # Pings that were in flight at any moment of the cleanup.
+    latencies = [d for t, d in samples if t + d >= t1 and t <= t2]
+    before = [d for t, d in samples if t + d < t1]
     rss = srv.rss_kib()
-    for c in (watcher, bystander):
-        assert c.transport is not None
-        c.transport.close()
+    assert watcher.transport is not None
+    watcher.transport.close()
     return {
         "members": members,
         "reset": reset,
@@ -97,6 +119,7 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
         "finished": finished,
         "member_left_seen": left,
         "cleanup_seconds": round(cleanup, 3),
+        "ping_before_max_ms": round(max(before, default=float("nan")) * 1e3, 2),
         "pings": len(latencies),
         "ping_p50_ms": round(percentile(latencies, 0.5) * 1e3, 2),
         "ping_p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -49,6 +50,11 @@ _LOOPBACK = ("127.0.0.1", "::1")
 # fills a group commit, but one commit's replies and events for it stay well under the
 # outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
 _MAX_WAITING = 64
+# Chores done per loop turn for connections that closed or sent EOF (leaving rooms,
+# running what is left, closing): when thousands drop at once, everyone else is served
+# between the batches (issue 13, item 2). A closed connection already takes no input and
+# sends no output, so its cleanup can wait a few turns.
+_CHORES_PER_TURN = 256
 
 
 class _Slot:
@@ -134,7 +140,7 @@ class Connection(asyncio.Protocol):
         self.out.clear()
         self.out_bytes = 0
         if self.session is not None:
-            srv.app.close_session(self.session)
+            srv.later(functools.partial(srv.app.close_session, self.session))
 
     def eof_received(self) -> bool | None:
         """Half-close (`nc -N`): run every complete frame already read, send every reply,
@@ -142,8 +148,13 @@ class Connection(asyncio.Protocol):
         splitter is never executed."""
         if self.dead:
             return None
+        if not self.splitter.buffered and not self.waiting and self.held is None:
+            # Nothing left to answer (how a client usually goes): close now, the cheapest
+            # way when thousands go at once.
+            self.close()
+            return None
         self.paused |= _PAUSE_EOF  # the transport stopped reading; never resume it
-        self.pump()
+        self.srv.later(self.pump)
         return True  # keep the write side open for the replies
 
     # --- output ----------------------------------------------------------------------
@@ -200,8 +211,11 @@ class Connection(asyncio.Protocol):
             return
         self.flush()
         self.dead = True
-        self.transport.close()
-        self.srv.abort_later(self.transport)
+        t = self.transport
+        t.close()
+        if t.get_write_buffer_size():
+            # close() waits for the buffer to drain; a peer that never reads must not pin it.
+            self.srv.abort_later(t)
 
     def pause_writing(self) -> None:
         self._pause(_PAUSE_WRITE)
@@ -446,6 +460,8 @@ class ChatServer:
         self.stalled: dict[Connection, None] = {}
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
+        self.chores: collections.deque[Callable[[], None]] = collections.deque()
+        self._chores_scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.commands: dict[_Drive, None] = {}
         self.per_ip: dict[str, int] = {}
@@ -487,6 +503,29 @@ class ChatServer:
         self.dirty = []
         for conn in dirty:
             conn.flush()
+
+    # --- closed connections ----------------------------------------------------------
+
+    def later(self, chore: Callable[[], None]) -> None:
+        """Run a closing connection's chore within a few loop turns, in order, at most
+        _CHORES_PER_TURN per turn."""
+        self.chores.append(chore)
+        if not self._chores_scheduled:
+            self._chores_scheduled = True
+            self.loop.call_soon(self._run_chores)
+
+    def _run_chores(self) -> None:
+        chores = self.chores
+        for _ in range(min(len(chores), _CHORES_PER_TURN)):
+            chore = chores.popleft()
+            try:
+                chore()
+            except Exception:  # one connection's cleanup must not stop the others'
+                log.exception("closing a connection failed")
+        if chores:
+            self.loop.call_soon(self._run_chores)
+        else:
+            self._chores_scheduled = False
 
     # --- admission -------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
     if room.deleted:
         raise NotFound(f"room {cmd.room!r} was deleted")
     previous = room.name
+    app.settle(room)  # departures go out under the name they happened under
     room.topic = topic
     if renamed:
         app.rooms.rename(room, new_name)
@@ -87,6 +88,7 @@ async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
     _may_manage(req, room)
     await app.store.delete_room(room.id)
     if not room.deleted:
+        app.settle(room)
         members = app.rooms.remove(room)
         req.emit(members, event_frame("room.closed", {"room": room.name, "by": req.user}))
     return {}
@@ -99,6 +101,7 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
 
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
     room = app.rooms.get(cmd.room)
+    app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
     if app.rooms.join(room, s):
         others = [o for o in room.sessions if o is not s]
@@ -114,6 +117,7 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
 
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
     room = app.rooms.get(cmd.room)
+    app.settle(room)  # departures the list no longer shows are announced first
     return {"room": room.name, "members": room.member_names()}
 
 
