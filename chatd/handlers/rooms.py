@@ -106,7 +106,7 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
     if app.rooms.join(room, s):
         others = [o for o in room.sessions if o is not s]
         req.emit(others, event_frame("member.joined", {"room": room.name, "user": req.user}))
-    return {"room": room.info(), "members": room.member_names()}
+    return {"room": room.info(), "members": room.members_json()}
 
 
 async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
@@ -118,7 +118,7 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
     room = app.rooms.get(cmd.room)
     app.settle(room)  # departures the list no longer shows are announced first
-    return {"room": room.name, "members": room.member_names()}
+    return {"room": room.name, "members": room.members_json()}
 
 
 async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
