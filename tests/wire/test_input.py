@@ -152,3 +152,25 @@ async def test_half_close_waits_for_throttled_commands() -> None:
         replies = _replies(await _half_close(srv.port, frames))
         assert [r["id"] for r in replies] == list(range(20))
         assert all(r["type"] == "ok" for r in replies)
+
+
+async def test_out_of_range_numbers_and_a_repeated_cmd_are_bad_request_with_the_id(
+    server: ChatServer,
+) -> None:
+    """Issue 13, item 13 (protocol.md, "Client frames")."""
+    c = await Client.connect(server.port)
+    try:
+        await c.guest("numbers")
+        for raw, rid in [
+            (b'{"cmd":"sync","id":41,"since":1e400}', 41),
+            (b'{"cmd":"sync","id":"n","since":-1e400}', "n"),
+            (b'{"cmd":"ping","cmd":"ping","id":42}', 42),
+            (b'{"cmd":"ping","\\u0063md":"help","id":43}', 43),
+        ]:
+            await c.send_raw(raw + b"\n")
+            frame = await c.recv()
+            assert frame["type"] == "error" and frame["code"] == "bad_request", (raw, frame)
+            assert frame["id"] == rid
+        assert (await c.ok("ping")) == {"pong": True}
+    finally:
+        await c.close()
