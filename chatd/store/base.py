@@ -161,8 +161,8 @@ class Store(Protocol):
         """Every account and the users_version they were read at (one consistent read)."""
         ...
     async def users_version(self) -> int:
-        """A number that changes whenever an `AdminStore` changed the accounts (the
-        server's own account writes do not change it: it knows of them already)."""
+        """A number that changes whenever the accounts were changed from outside this
+        store (an `AdminStore`), so a server polling it knows to `reload_users`."""
         ...
 
     # rooms
@@ -174,7 +174,7 @@ class Store(Protocol):
     async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
         """Store a message with the next id and revision: (record, True). A nonce its
         sender already used gives (the original, False) and allocates nothing. NotFound
-        if the room was deleted."""
+        if the room does not exist (deleted, or an ephemeral room ended by a restart)."""
         ...
     async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None:
         """The changed live message with the next revision; None if missing or deleted."""

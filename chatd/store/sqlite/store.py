@@ -44,14 +44,16 @@ _Insert = Grouped
 
 class _Ledger:
     """What the writer thread allocates, and puts back when a batch fails: the next message
-    id and revision, and the rooms deleted (a send to one is refused in memory: room ids are
-    never reused, AUTOINCREMENT). Writer thread only, after `open`."""
+    id and revision, and which rooms exist (a send to any other room is refused in memory,
+    not by a SELECT per message; room ids are never reused, AUTOINCREMENT). Writer thread
+    only, after `open`."""
 
     def __init__(self) -> None:
         self.rev = 0  # the newest revision written (committed once the batch is)
         self.next_id = 0  # the last message id handed out
-        self.deleted_rooms: set[int] = set()
-        self.batch_deleted: set[int] = set()  # deleted by the running batch
+        self.live_rooms: set[int] = set()
+        self.batch_created: list[int] = []  # rooms made by the running batch
+        self.batch_deleted: list[int] = []  # rooms deleted by the running batch
         self.purges: list[int] = []  # gone rooms whose messages still need deleting
         self.queue_purge: Callable[[int], None] = lambda room_id: None
         self._rev0 = 0
@@ -61,13 +63,22 @@ class _Ledger:
         self._rev0 = self.rev
         self._id0 = self.next_id
 
+    def room_created(self, room_id: int) -> None:
+        self.live_rooms.add(room_id)
+        self.batch_created.append(room_id)
+
+    def room_deleted(self, room_id: int) -> None:
+        if room_id in self.live_rooms:
+            self.live_rooms.discard(room_id)
+            self.batch_deleted.append(room_id)
+
     def before_commit(self, db: sqlite3.Connection) -> None:
         if self.rev != self._rev0:
             q.set_rev(db, self.rev)
 
     def committed(self) -> None:
-        self.deleted_rooms |= self.batch_deleted
         self.purges += self.batch_deleted
+        self.batch_created.clear()
         self.batch_deleted.clear()
         purges, self.purges = self.purges, []
         for room_id in purges:
@@ -80,6 +91,10 @@ class _Ledger:
     def rolled_back(self, batch: list[Queued]) -> None:
         self.rev = self._rev0
         self.next_id = self._id0
+        # Deleted first, then created: a room made and deleted in the batch stays gone.
+        self.live_rooms.update(self.batch_deleted)
+        self.live_rooms.difference_update(self.batch_created)
+        self.batch_created.clear()
         self.batch_deleted.clear()
         # Housekeeping that was rolled back is tried again after the next good commit
         # (not at once: a full disk must not turn the writer into a busy loop).
@@ -94,7 +109,7 @@ class _Ledger:
         out: list[Result] = []
         rows: list[tuple[Any, ...]] = []
         fresh: dict[tuple[str, str], MessageRecord] = {}
-        deleted, batch_deleted = self.deleted_rooms, self.batch_deleted
+        live = self.live_rooms
         for op, fut in run:
             msg: NewMessage = op.item
             sender_key = msg.sender_key or msg.sender.lower()
@@ -105,7 +120,7 @@ class _Ledger:
                 if old is not None:
                     out.append((fut, (old, False), None))
                     continue
-            if msg.room_id is not None and (msg.room_id in deleted or msg.room_id in batch_deleted):
+            if msg.room_id is not None and msg.room_id not in live:
                 out.append((fut, None, NotFound("the room was deleted")))
                 continue
             self.rev += 1
@@ -239,10 +254,10 @@ class SQLiteStore:
         # and those of any room deleted before a crash, go in small batches once running.
         q.drop_ephemeral_rooms(db)
         db.execute("COMMIT")
-        orphans = q.orphaned_rooms(db)
-        self._ledger.deleted_rooms.update(orphans)
-        for room_id in orphans:
+        for room_id in q.orphaned_rooms(db):
             self._queue_purge(room_id)
+        rooms = q.rooms(db)
+        self._ledger.live_rooms = {r.id for r in rooms}
         meta = q.meta(db)
         self.epoch = meta["epoch"]
         self._ledger.rev = int(meta["rev"])
@@ -253,7 +268,7 @@ class SQLiteStore:
             users=q.users(db),
             guests=q.guest_holds(db),
             revoked=q.revoked(db),
-            rooms=q.rooms(db),
+            rooms=rooms,
             users_version=int(meta["users_version"]),
         )
 
@@ -359,7 +374,12 @@ class SQLiteStore:
     # --- rooms -----------------------------------------------------------------------
 
     async def create_room(self, room: RoomRecord) -> RoomRecord:
-        return await self._write(lambda db: q.create_room(db, room))
+        def op(db: sqlite3.Connection) -> RoomRecord:
+            made = q.create_room(db, room)
+            self._ledger.room_created(made.id)
+            return made
+
+        return await self._write(op)
 
     async def update_room(self, room_id: int, name: str, topic: str) -> None:
         await self._write(lambda db: q.update_room(db, room_id, name, topic))
@@ -372,7 +392,7 @@ class SQLiteStore:
             # The room row goes now (its history is unreachable from this commit on); its
             # messages follow in batches, so a huge room never stalls everyone's sends.
             q.delete_room(db, room_id)
-            self._ledger.batch_deleted.add(room_id)
+            self._ledger.room_deleted(room_id)
 
         return self._write(op)
 
