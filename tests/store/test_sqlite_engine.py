@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from chatd.store.base import NewMessage
-from chatd.store.sqlite import SQLiteStore, _Insert
+from chatd.store.base import NewMessage, StoreOpenError
+from chatd.store.sqlite import SQLiteAdmin, SQLiteStore, _Insert
 
 TIMEOUT = 10
 
@@ -78,3 +78,21 @@ def test_the_store_protocols_load_no_driver(module: str) -> None:
 def test_the_sqlite_names_are_still_handed_on_by_the_package() -> None:
     loaded = _loaded_by("from chatd.store import SQLiteStore, SQLiteAdmin")
     assert "chatd.store.sqlite" in loaded
+
+
+def test_an_admin_that_cannot_create_the_database_says_so(tmp_path: Path) -> None:
+    with pytest.raises(StoreOpenError, match="cannot create it"):
+        SQLiteAdmin(str(tmp_path / "no-such-dir" / "x.db"), create=True)
+
+
+def test_an_admin_refuses_a_file_that_is_not_chatds_and_changes_nothing(tmp_path: Path) -> None:
+    foreign = tmp_path / "notes.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE notes (t TEXT)")
+    con.commit()
+    con.close()
+    before = foreign.read_bytes()
+    with pytest.raises(StoreOpenError, match="not a chatd database"):
+        SQLiteAdmin(str(foreign))
+    assert foreign.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.db"]

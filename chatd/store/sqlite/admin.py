@@ -31,7 +31,10 @@ class SQLiteAdmin:
         if not os.path.exists(path):
             if not create:
                 raise StoreMissing(f"no database at {path}")
-            create_private(path)
+            try:
+                create_private(path)
+            except OSError as exc:
+                raise StoreOpenError(f"cannot create it: {exc.strerror or exc}") from None
         check_file(path)
         self.path = path
         db = connect(path)
