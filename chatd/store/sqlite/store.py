@@ -175,6 +175,12 @@ class SQLiteStore:
         self._readers_n = readers
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
+        # Every reader thread's connection, closed with the store: one left open keeps this
+        # process's SQLite state for the file (its -shm mapping, its locks) alive, so a
+        # restore that replaces the file and deletes -wal/-shm would meet stale state
+        # ("disk I/O error") when the store is opened again in the same process.
+        self._reader_dbs: list[sqlite3.Connection] = []
+        self._reader_dbs_lock = threading.Lock()
         self._lock: ServerLock | None = None
 
     @property
@@ -276,9 +282,16 @@ class SQLiteStore:
         """Commit what is queued, then stop the writer and the readers."""
         await self._writer.stop()
         if self._readers is not None:
-            self._readers.shutdown(wait=False)
+            # Reads in flight finish (they are short); then no thread uses a connection.
+            await asyncio.get_running_loop().run_in_executor(None, self._readers.shutdown, True)
+        with self._reader_dbs_lock:
+            reader_dbs, self._reader_dbs = self._reader_dbs, []
+        for db in reader_dbs:
+            db.close()
         if self._db is not None:
             self._db.close()
+        # Only now: closing the lock's descriptor of the database file would drop the
+        # POSIX locks of SQLite connections still open in this process.
         self._unlock()
 
     def _unlock(self, *, refused: bool = False) -> None:
@@ -304,6 +317,8 @@ class SQLiteStore:
         if db is None:
             db = connect(self.path)
             self._local.db = db
+            with self._reader_dbs_lock:
+                self._reader_dbs.append(db)
         return db
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
