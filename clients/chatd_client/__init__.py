@@ -7,6 +7,7 @@ async with connect("127.0.0.1", 7777, user="ann", password="…") as chat:
         ...
 """
 
+from chatd.protocol.replies import PasswdReply, StatsReply, UserEntry, WhoAmIReply
 from chatd_client.bot import Bot
 from chatd_client.client import (
     AUTH_FAILED,
@@ -94,16 +95,20 @@ __all__ = [
     "Message",
     "NotFound",
     "Options",
+    "PasswdReply",
     "RateLimited",
     "RefreshResult",
     "RequestTimeout",
     "RoomInfo",
     "ServerError",
     "SessionEnded",
+    "StatsReply",
     "SyncPage",
     "TokenExpired",
     "Unauthorized",
     "UnknownCommand",
+    "UserEntry",
+    "WhoAmIReply",
     "connect",
     "encode_command",
     "iter_messages",
