@@ -24,7 +24,7 @@ import math
 import random
 import ssl as _ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -64,7 +64,7 @@ from chatd_client.errors import (
     Unauthorized,
 )
 from chatd_client.events import EventStream
-from chatd_client.recovery import END, REFRESH, RELOGIN, Queued, Recovery, Refused, Step
+from chatd_client.recovery import END, REFRESH, RELOGIN, Queued, Recovery, Refused, Resume, Step
 from chatd_client.types import (
     DISCONNECTED,
     MESSAGE_EVENTS,
@@ -160,14 +160,14 @@ class _Link:
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[Hello] = loop.create_future()
         self.dead: asyncio.Future[str] = loop.create_future()
-        self.resume: Any = None  # a recovery.Resume while resuming on this link
+        self.resume: Resume | None = None  # while resuming on this link
 
     @property
     def alive(self) -> bool:
         return not self.dead.done()
 
     @property
-    def pending(self) -> dict[int, Any]:
+    def pending(self) -> Mapping[int, object]:
         """Requests in flight on this link, by id."""
         return self.codec.pending
 

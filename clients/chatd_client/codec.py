@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -121,8 +121,8 @@ class Codec:
         self._failed: Callable[[], ClientError] | None = None
 
     @property
-    def pending(self) -> dict[int, _Pending]:
-        """Requests in flight by id (read-only use: tests and ``len``)."""
+    def pending(self) -> Mapping[int, object]:
+        """Requests in flight by id (to count them; only the codec changes them)."""
         return self._pending
 
     @property
@@ -137,9 +137,7 @@ class Codec:
         rid = self._add(waiter, kind, c.command_name(type(cmd)))
         return rid, encode_command(cmd, rid)
 
-    def request_raw(
-        self, name: str, fields: dict[str, Any], waiter: Waiter
-    ) -> tuple[int, bytes]:
+    def request_raw(self, name: str, fields: dict[str, Any], waiter: Waiter) -> tuple[int, bytes]:
         """A command this library has no Struct for: the reply is plain JSON values."""
         rid = self._add(waiter, dict[str, Any], name)
         return rid, _encoder.encode({**fields, "cmd": name, "id": rid}) + b"\n"
@@ -208,7 +206,9 @@ class Codec:
 
     # --- the end -----------------------------------------------------------------------
 
-    def fail(self, error: Callable[[], ClientError] = lambda: ConnectionLost("not connected")) -> None:
+    def fail(
+        self, error: Callable[[], ClientError] = lambda: ConnectionLost("connection lost")
+    ) -> None:
         """The connection is gone: every waiter fails at once with a fresh ``error()``,
         and so does every later :meth:`request`."""
         if self._failed is None:

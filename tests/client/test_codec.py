@@ -115,7 +115,15 @@ def test_error_replies_raise_the_class_for_their_code() -> None:
     r1, _ = codec.request(c.RoomJoin(room="nowhere"), dict, missing)
     r2, _ = codec.request(c.MsgSend(text="x", room="a"), dict, limited)
     codec.feed(
-        line({"type": "error", "id": r2, "code": "rate_limited", "message": "slow", "retry_after": 0.5})
+        line(
+            {
+                "type": "error",
+                "id": r2,
+                "code": "rate_limited",
+                "message": "slow",
+                "retry_after": 0.5,
+            }
+        )
         + line({"type": "error", "id": r1, "code": "not_found", "message": "no room"})
     )
     assert isinstance(missing.error, NotFound) and missing.error.message == "no room"
@@ -145,7 +153,8 @@ def test_hello_bad_lines_and_unknown_ids_are_reported_not_raised() -> None:
     }  # fmt: skip
     out = codec.feed(
         b"not json\n"
-        + b"x" * 100 + b"\n"  # over max_frame: skipped whole
+        + b"x" * 100
+        + b"\n"  # over max_frame: skipped whole
         + line({"type": "ok", "id": 999, "data": {}})  # nobody waits for it
         + line({"type": "event", "event": "message", "data": {"id": "bad"}})
         + ok(rid, {"pong": True})

@@ -28,7 +28,9 @@ def hello(epoch: str = "e1", rev: int = 0) -> Hello:
     return Hello("chatd", "1", 1, 65536, 4000, 500, epoch, rev)
 
 
-def msg(id: int, rev: int, text: str = "t", *, edited: bool = False, deleted: bool = False) -> Message:
+def msg(
+    id: int, rev: int, text: str = "t", *, edited: bool = False, deleted: bool = False
+) -> Message:
     return Message(
         id=id, rev=rev, room="lobby", to=None, from_="ann", text="" if deleted else text,
         ts="ts", edited_ts="ts2" if edited else None, deleted=deleted,
@@ -47,7 +49,9 @@ def who(user: str = "ann") -> AuthReply:
     return AuthReply(user=user, grants=["msg:edit"], expires_at=99)
 
 
-def logged_in(*, password: str | None = None, rooms: tuple[str, ...] = (), rev: int = 0) -> Recovery:
+def logged_in(
+    *, password: str | None = None, rooms: tuple[str, ...] = (), rev: int = 0
+) -> Recovery:
     """A Recovery as after a first connection: authenticated with a token, in `rooms`."""
     rec = Recovery(user="ann", password=password, token="tok")
     rec.started(hello(rev=rev))
@@ -105,7 +109,9 @@ def test_a_reconnect_re_auths_re_joins_then_syncs_and_delivers_each_change_once(
     resume.hold(live(msg(6, 6, "new")))
     resume.hold(live(msg(5, 5)))
     assert d.expect(c.Sync).since == 5
-    d.reply(SyncReply(changes=[msg(6, 6, "new"), msg(2, 7, "fixed", edited=True)], rev=8, more=True))
+    d.reply(
+        SyncReply(changes=[msg(6, 6, "new"), msg(2, 7, "fixed", edited=True)], rev=8, more=True)
+    )
     assert d.expect(c.Sync).since == 8
     d.reply(SyncReply(changes=[msg(1, 9, deleted=True)], rev=9, more=False))
     assert d.done

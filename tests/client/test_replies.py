@@ -52,11 +52,14 @@ def test_stats_needs_the_contract_fields_only_and_tolerates_more() -> None:
         "version": "0.1.0", "uptime": 1.5, "connections": 1, "users_online": 1, "rooms": 0,
         "messages": 0, "rev": 0,
     }  # fmt: skip
-    got = msgspec.json.decode(json.dumps({**contract, "from_the_future": {"a": 1}}), type=StatsReply)
+    got = msgspec.json.decode(
+        json.dumps({**contract, "from_the_future": {"a": 1}}), type=StatsReply
+    )
     assert got.version == "0.1.0" and got.rev == 0 and got.refused == {}
     try:
-        msgspec.json.decode(json.dumps({k: v for k, v in contract.items() if k != "rev"}),
-                            type=StatsReply)
+        msgspec.json.decode(
+            json.dumps({k: v for k, v in contract.items() if k != "rev"}), type=StatsReply
+        )
     except msgspec.ValidationError as exc:
         assert "rev" in str(exc)
     else:
