@@ -549,7 +549,7 @@ class Client:
     async def _relogin(self, link: _Link) -> None:
         """After session.expired the connection left its rooms: log in again, re-join,
         and sync what was missed meanwhile, like a reconnect on the same socket."""
-        self._rec.token = None
+        self._rec.token_expired()
         self._ready.clear()
         try:
             if not await self._resume(link, 0, notice=False):
@@ -784,7 +784,7 @@ class Client:
         outbox = self._rec.outbox
         try:
             link = self._current()
-            entry.conn = link.conn
+            outbox.written(entry, link.conn)
             res = await self._call(entry.cmd, MessageReply, math.inf, link=link)
         except ServerError as exc:
             outbox.fail(entry, exc)

@@ -104,6 +104,10 @@ class Outbox:
         if entry in self._items:
             self._items.remove(entry)
 
+    def written(self, entry: Queued, conn: int) -> None:
+        """``entry`` went out on connection ``conn``: its reply, or a drop, comes next."""
+        entry.conn = conn
+
     def next_unsent(self, conn: int) -> Queued | None:
         """The oldest send not yet written on connection ``conn``."""
         for entry in self._items:
@@ -177,6 +181,10 @@ class Recovery:
         self.token = self.password = None
         self.authed = self.guest = False
         self.rooms.clear()
+
+    def token_expired(self) -> None:
+        """``session.expired`` with the password at hand: the next authenticate logs in."""
+        self.token = None
 
     def ended(self) -> None:
         """The server refused the session: nothing to restore any more."""
@@ -331,7 +339,7 @@ class Resume:
         up after each reply, so a send queued meanwhile goes too."""
         outbox = self._rec.outbox
         while (entry := outbox.next_unsent(self._conn)) is not None:
-            entry.conn = self._conn
+            outbox.written(entry, self._conn)
             try:
                 res: MessageReply = yield Step(entry.cmd, MessageReply)
             except ServerError as exc:

@@ -201,10 +201,10 @@ def test_queued_sends_go_again_with_their_nonce_after_the_sync() -> None:
     rec = logged_in(rooms=("lobby",))
     lost, queued, written_here, refused = Waiter(), Waiter(), Waiter(), Waiter()
     e1 = rec.outbox.add(c.MsgSend(text="lost reply", room="lobby", nonce="n1"), lost)
-    e1.conn = 1  # written on the connection that dropped
+    rec.outbox.written(e1, 1)  # on the connection that dropped
     rec.outbox.add(c.MsgSend(text="typed offline", room="lobby", nonce="n2"), queued)
     e3 = rec.outbox.add(c.MsgSend(text="already on 2", room="lobby", nonce="n3"), written_here)
-    e3.conn = 2
+    rec.outbox.written(e3, 2)
     resume = rec.resume(hello(), conn=2)
     d = Driver(resume.steps())
     d.expect(c.Auth)
