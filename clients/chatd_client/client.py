@@ -139,20 +139,18 @@ class Options:
 
 # --- one connection -----------------------------------------------------------------------
 
-_conn_ids = itertools.count(1)
-
-
 class _Link:
     """One TCP connection: the socket, its codec (and the requests in flight on it)."""
 
     def __init__(
         self,
+        conn: int,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         max_frame: int,
         on_dead: Callable[[_Link], None],
     ) -> None:
-        self.conn = next(_conn_ids)
+        self.conn = conn  # numbers this client's connections: recovery tells them apart
         self.on_dead = on_dead
         self.reader = reader
         self.writer = writer
@@ -223,6 +221,7 @@ class Client:
         self._ended: SessionEnded | None = None  # why the server refused the session
         self._closing = False
         self._link: _Link | None = None
+        self._conns = itertools.count(1)
         self._ready = asyncio.Event()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -421,7 +420,7 @@ class Client:
         o = self.options
         async with asyncio.timeout(o.connect_timeout):
             reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
-            link = _Link(reader, writer, o.max_frame, self._link_dead)
+            link = _Link(next(self._conns), reader, writer, o.max_frame, self._link_dead)
             self._spawn(self._read(link))
             try:
                 self.hello = await link.hello

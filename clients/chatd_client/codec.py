@@ -125,10 +125,6 @@ class Codec:
         """Requests in flight by id (to count them; only the codec changes them)."""
         return self._pending
 
-    @property
-    def failed(self) -> bool:
-        return self._failed is not None
-
     # --- out ---------------------------------------------------------------------------
 
     def request(self, cmd: c.Command, kind: type[T], waiter: Waiter) -> tuple[int, bytes]:
