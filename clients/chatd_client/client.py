@@ -289,19 +289,16 @@ class Client:
             return SessionEnded(self._ended.message, code=self._ended.code)
         return ClientClosed("client closed")
 
-    async def _end_session(self, refusal: ServerError) -> None:
+    async def _end_session(self, refused: Refused) -> None:
         """The server refused the token and no password can log the same account in again:
         report it and close, never log in as a guest of the same name (issue 12)."""
         if self._closed:
             return
-        self._ended = SessionEnded(
-            f"the server refused the session of {self._rec.user!r} ({refusal.code}: "
-            f"{refusal.message}); not logging in as anyone else",
-            code=refusal.code,
-        )
+        self._ended = refused.session_ended()
         log.warning("%s", self._ended)
         self._rec.ended()
-        self._emit(Event(AUTH_FAILED, {"code": refusal.code, "message": refusal.message}))
+        error = refused.error
+        self._emit(Event(AUTH_FAILED, {"code": error.code, "message": error.message}))
         await self.close(logout=False)
 
     async def __aenter__(self) -> Client:
@@ -400,7 +397,8 @@ class Client:
             # Expired beyond refresh, or revoked: nothing proves this identity again.
             revoked = ev.data.get("reason") == "logout"
             why = "token revoked (logout)" if revoked else "token expired"
-            self._spawn(self._end_session(Unauthorized(why, code="unauthorized")))
+            refused = Refused(Unauthorized(why, code="unauthorized"), self._rec.user)
+            self._spawn(self._end_session(refused))
         self._emit(ev)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -492,7 +490,7 @@ class Client:
                         break
                 except Refused as refused:
                     new.fail("session refused")
-                    await self._end_session(refused.error)
+                    await self._end_session(refused)
                     return
                 except (TimeoutError, ConnectionLost, RequestTimeout, ServerError) as exc:
                     # ServerError: a re-login (rate_limited, internal) or a sync refused
@@ -555,7 +553,7 @@ class Client:
                 link.fail("re-login failed")
         except Refused as refused:
             link.fail("session refused")
-            await self._end_session(refused.error)
+            await self._end_session(refused)
         except (ConnectionLost, RequestTimeout, TimeoutError, ServerError) as exc:
             log.info("re-login failed: %s", exc)
             link.fail("re-login failed")

@@ -36,7 +36,13 @@ from chatd.protocol.replies import (
     SyncReply,
 )
 from chatd_client.codec import Waiter
-from chatd_client.errors import ClientError, ServerError, TokenExpired, Unauthorized
+from chatd_client.errors import (
+    ClientError,
+    ServerError,
+    SessionEnded,
+    TokenExpired,
+    Unauthorized,
+)
 from chatd_client.types import EPOCH_CHANGED, RECONNECTED, REJOIN_FAILED, Event, Hello
 
 __all__ = [
@@ -68,9 +74,20 @@ class Refused(Exception):
     """The server refused the session (``unauthorized``/``token_expired`` on re-auth): not
     a transient fault. The client ends (``SessionEnded``) instead of trying as a guest."""
 
-    def __init__(self, error: ServerError) -> None:
+    def __init__(self, error: ServerError, user: str | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.user = user
+
+    def session_ended(self) -> SessionEnded:
+        """What the client's calls raise from now on (issue 12: it says why, and that the
+        client will not log in as anyone else)."""
+        e = self.error
+        return SessionEnded(
+            f"the server refused the session of {self.user!r} ({e.code}: {e.message}); "
+            "not logging in as anyone else",
+            code=e.code,
+        )
 
 
 class Queued:
@@ -301,7 +318,7 @@ class Resume:
             try:
                 yield from rec.authenticate()
             except (Unauthorized, TokenExpired) as exc:
-                raise Refused(exc) from exc
+                raise Refused(exc, rec.user) from exc
             yield from self._rejoin()
             yield from self._sync()
         yield from self._resend()

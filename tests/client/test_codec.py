@@ -3,7 +3,9 @@ settled by id, events out, every pending request failed at once when the connect
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +182,21 @@ def test_a_live_deletion_is_a_tombstone() -> None:
     (ev,) = codec.feed(line({"type": "event", "event": "message.deleted", "data": data}))
     assert isinstance(ev, Event) and ev.message is not None
     assert ev.message.deleted and ev.message.rev == 10 and ev.room == "lobby"
+
+
+@pytest.mark.parametrize("module", ["codec", "recovery"])
+def test_the_codec_and_the_recovery_are_sans_io(module: str) -> None:
+    """They import no I/O and nothing of the client object: only the wire types, the
+    errors and the event type (the nats.py fault is a parser that calls into the client)."""
+    path = Path(__file__).resolve().parents[2] / "clients" / "chatd_client" / f"{module}.py"
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    io = {"asyncio", "socket", "ssl", "selectors", "chatd_client.client", "chatd_client.events"}
+    assert not imported & io, imported & io
+    assert {m for m in imported if m.startswith("chatd_client")} <= {
+        "chatd_client.codec", "chatd_client.errors", "chatd_client.types",
+    }  # fmt: skip

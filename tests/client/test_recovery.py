@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from chatd_client.errors import Forbidden, NotFound, RateLimited, Unauthorized
+from chatd_client.errors import Forbidden, NotFound, RateLimited, SessionEnded, Unauthorized
 from chatd_client.recovery import END, REFRESH, RELOGIN, Recovery, Refused, Step
 from chatd_client.types import EPOCH_CHANGED, RECONNECTED, REJOIN_FAILED, Event, Hello
 
@@ -131,6 +131,9 @@ def test_a_refused_token_without_password_ends_the_session_instead_of_a_guest_lo
     with pytest.raises(Refused) as refused:
         d.fail(Unauthorized("account deleted", code="unauthorized"))
     assert refused.value.error.code == "unauthorized"
+    ended = refused.value.session_ended()  # what the client raises from then on
+    assert isinstance(ended, SessionEnded) and ended.code == "unauthorized"
+    assert "ann" in str(ended) and "not logging in as anyone else" in str(ended)
     assert [type(cmd) for cmd in d.sent] == [c.Auth]  # no login, as a guest or otherwise
 
 
