@@ -29,6 +29,20 @@ from chatd.version import VERSION
 log = logging.getLogger("chatd")
 __all__ = ["VERSION", "App"]  # VERSION: re-exported for older imports
 GUEST_ID = 0  # the user id in a guest token's jti
+# How long a room's `member.left` events may wait while the room keeps losing members on
+# every loop turn (a mass disconnect): the bound on their delay, not the usual one.
+LEFT_MAX_WAIT = 1.0
+
+
+class _Departures:
+    """`member.left` frames of one room not yet sent, oldest first."""
+
+    __slots__ = ("frames", "fresh", "since")
+
+    def __init__(self, since: float) -> None:
+        self.frames: list[bytes] = []
+        self.fresh = True  # one came in since the flush timer last looked
+        self.since = since
 
 
 class UnknownAccount(Unauthorized):
@@ -87,6 +101,9 @@ class App:
         self.nonces: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self.epoch = ""
         self.help_data: dict[str, Any] = {}
+        # member.left frames waiting to go out, per room (see leave and settle).
+        self.departures: dict[LiveRoom, _Departures] = {}
+        self._departure_timer: Cancellable | None = None
 
     # --- start -----------------------------------------------------------------------
 
@@ -262,13 +279,55 @@ class App:
             self.leave(room, s, reason)
 
     def leave(self, room: LiveRoom, s: Session, reason: str) -> None:
+        """Take the connection out of the room at once; its `member.left` (when it was the
+        user's last connection) goes out batched with the room's other departures."""
         user = s.user
         if self.rooms.leave(room, s) and user is not None:
-            fanout(room.sessions, event_frame("member.left", {"room": room.name, "user": user, "reason": reason}))
+            self._depart(room, event_frame("member.left", {"room": room.name, "user": user, "reason": reason}))
         if room.ephemeral and not room.sessions and not room.deleted:
+            self.departures.pop(room, None)  # nobody is left to tell
             self.rooms.remove(room)
             # Queued now, before anything that could reuse the name is (store order).
             self.scheduler.spawn(self._drop_room(room, self.store.delete_room(room.id)))
+
+    # Issue 13, item 2: when K members of a room drop at once, sending each departure to
+    # the room at once costs O(K²): every member still to be found closed gets all the
+    # others' member.left. So departures are kept per room and sent when the room has
+    # lost nobody for a whole loop turn (the mass disconnect is over, the closed
+    # connections are out of the room), joined into one write per remaining connection;
+    # after LEFT_MAX_WAIT at the latest. Anything else the room's connections are told or
+    # asked (messages, joins, member lists, renames, closing) settles the room first, so
+    # each connection still sees a room's events in the order they happened.
+
+    def _depart(self, room: LiveRoom, frame: bytes) -> None:
+        pending = self.departures.get(room)
+        if pending is None:
+            pending = self.departures[room] = _Departures(self.clock.now())
+        pending.frames.append(frame)
+        pending.fresh = True
+        if self._departure_timer is None:
+            self._departure_timer = self.scheduler.call_later(0, self._flush_departures)
+
+    def _flush_departures(self) -> None:
+        self._departure_timer = None
+        now = self.clock.now()
+        waiting = False
+        for room, pending in list(self.departures.items()):
+            if pending.fresh and now - pending.since < LEFT_MAX_WAIT:
+                pending.fresh = False  # look again next turn
+                waiting = True
+            else:
+                self.settle(room)
+        if waiting:
+            self._departure_timer = self.scheduler.call_later(0, self._flush_departures)
+
+    def settle(self, room: LiveRoom) -> None:
+        """Send the room's waiting `member.left` events to its connections now: call it
+        before anything else goes to the room or is read from its member list."""
+        pending = self.departures.pop(room, None)
+        if pending is not None:
+            frames = pending.frames
+            fanout(room.sessions, frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def _drop_room(self, room: LiveRoom, deleting: Awaitable[None]) -> None:
         try:

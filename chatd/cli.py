@@ -11,11 +11,9 @@ import logging
 import os
 import secrets
 import signal
-import sqlite3
 import ssl
 import sys
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 
 from chatd import logs
@@ -23,16 +21,15 @@ from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
-from chatd.store.base import Store
-from chatd.store.dbfiles import create_private
-from chatd.store.sqlite import (
-    SQLiteStore,
+from chatd.store.base import (
+    AdminStore,
+    NameHeld,
+    Store,
+    StoreMissing,
     StoreOpenError,
-    backup,
-    bump_users_version,
-    identify,
-    migrate,
+    UserRecord,
 )
+from chatd.store.sqlite import SQLiteAdmin, SQLiteStore, backup, check_file
 from chatd.tls import TLSSetupError, client_context, server_context
 
 log = logging.getLogger("chatd")
@@ -426,40 +423,24 @@ async def _serve(config: Config, secret: str) -> int:
 def _refuse_foreign(path: str) -> None:
     """Refuse, before anything is created beside it, a file that is not a chatd database
     (read-only: nothing in someone else's file changes)."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return
     try:
-        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise CliError(f"cannot open {path}: {exc}") from None
-    try:
-        identify(db)
+        check_file(path)
     except StoreOpenError as exc:
         raise CliError(f"cannot open {path}: {exc}") from None
-    finally:
-        db.close()
 
 
-def _open_db(path: str, *, create: bool = False) -> sqlite3.Connection:
-    """The database for an offline command. Only a command that adds something creates a
-    missing database (mode 0600); the others refuse it, so a typo never leaves an empty
-    database behind."""
+def _open_admin(path: str, *, create: bool = False) -> AdminStore:
+    """The accounts, for an offline command (no server lock: a server may be running).
+    Only a command that adds something creates a missing database (mode 0600); the others
+    refuse it, so a typo never leaves an empty database behind."""
     if path == ":memory:":
         raise CliError("--db :memory: keeps nothing; name a database file")
-    if not os.path.exists(path):
-        if not create:
-            raise CliError(f"no database at {path} (start the server once, or check --db)")
-        create_private(path)
-    _refuse_foreign(path)
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA busy_timeout=5000")
     try:
-        identify(db)  # before WAL: never convert someone else's file
-        db.execute("PRAGMA journal_mode=WAL")
-        migrate(db)
-    except (StoreOpenError, sqlite3.DatabaseError) as exc:
+        return SQLiteAdmin(path, create=create)
+    except StoreMissing:
+        raise CliError(f"no database at {path} (start the server once, or check --db)") from None
+    except StoreOpenError as exc:
         raise CliError(f"cannot open {path}: {exc}") from None
-    return db
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -476,89 +457,77 @@ def user_command(args: argparse.Namespace) -> int:
         raise CliError(
             "no terminal to ask for the password: pipe it in with --password-stdin"
         )
-    db = _open_db(args.db, create=args.user_command == "add")
-    if args.user_command == "list":
-        for (name,) in db.execute("SELECT name FROM users ORDER BY name_key"):
-            print(name)
-        return 0
-    if args.user_command == "add":
-        password = _read_password(args.password_stdin)
-        from chatd.errors import BadRequest
-        from chatd.handlers.accounts import check_password
-        from chatd.protocol.commands import NAME_HELP, is_valid_name
-
-        try:
-            check_password(password, _DEFAULTS)  # the same rule as `register`
-        except BadRequest as exc:
-            raise CliError(exc.message) from None
-        if not is_valid_name(args.name):
-            raise CliError(f"invalid name: {NAME_HELP}")
-        hasher = PasswordHasher(workers=1)
-        pw_hash = hasher.hash_sync(password)
-        hasher.close()
-        db.execute("BEGIN IMMEDIATE")
-        _check_guest_hold(db, args.name)
-        cur = db.execute(
-            "INSERT INTO users (name, name_key, pw_hash, admin, created_at) "
-            "VALUES (?, ?, ?, ?, strftime('%s','now')) ON CONFLICT(name_key) DO NOTHING",
-            (args.name, args.name.lower(), pw_hash, int(args.admin)),
-        )
-        if cur.rowcount == 0:
-            db.execute("ROLLBACK")
-            raise CliError(f"user {args.name!r} already exists")
-        bump_users_version(db)
-        db.execute("COMMIT")
-        print(args.name)
-        return 0
-    if args.user_command == "delete":
-        db.execute("BEGIN IMMEDIATE")
-        cur = db.execute("DELETE FROM users WHERE name_key = ?", (args.name.lower(),))
-        if cur.rowcount == 0:
-            db.execute("ROLLBACK")
-            raise CliError(f"no user {args.name!r}")
-        bump_users_version(db)
-        db.execute("COMMIT")
-        return 0
+    admin = _open_admin(args.db, create=args.user_command == "add")
+    try:
+        if args.user_command == "list":
+            for user in admin.list_users():
+                print(user.name)
+            return 0
+        if args.user_command == "add":
+            _user_add(admin, args)
+            print(args.name)
+            return 0
+        if args.user_command == "delete":
+            if not admin.delete_user(args.name):
+                raise CliError(f"no user {args.name!r}")
+            return 0
+    finally:
+        admin.close()
     return 2
 
 
-def _check_guest_hold(db: sqlite3.Connection, name: str) -> None:
-    """Contract: registering a name a guest holds is a conflict, here too. A hold lasts
-    while its guest is connected (held_until NULL, kept so by the running server) and
-    until held_until after that; a lapsed one is removed here (inside the caller's
-    transaction), so the name is free at once even with no server running to release it."""
-    key = name.lower()
-    row = db.execute("SELECT held_until FROM guests WHERE name_key = ?", (key,)).fetchone()
-    if row is None:
-        return
-    (until,) = row
-    if until is None:
-        db.execute("ROLLBACK")
-        raise CliError(f"the name {name!r} is held by a guest while it is connected; try later")
-    if until > time.time():
-        db.execute("ROLLBACK")
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
-        raise CliError(f"the name {name!r} is held by a guest until {when}; try again then")
-    db.execute("DELETE FROM guests WHERE name_key = ?", (key,))
+def _user_add(admin: AdminStore, args: argparse.Namespace) -> None:
+    password = _read_password(args.password_stdin)
+    from chatd.errors import BadRequest, Conflict
+    from chatd.handlers.accounts import check_password
+    from chatd.protocol.commands import NAME_HELP, is_valid_name
+
+    try:
+        check_password(password, _DEFAULTS)  # the same rule as `register`
+    except BadRequest as exc:
+        raise CliError(exc.message) from None
+    if not is_valid_name(args.name):
+        raise CliError(f"invalid name: {NAME_HELP}")
+    hasher = PasswordHasher(workers=1)
+    pw_hash = hasher.hash_sync(password)
+    hasher.close()
+    try:
+        admin.create_user(args.name, pw_hash, args.admin, time.time())
+    except NameHeld as exc:
+        # Contract: registering a name a guest holds is a conflict, here too.
+        if exc.held_until is None:
+            raise CliError(
+                f"the name {args.name!r} is held by a guest while it is connected; try later"
+            ) from None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exc.held_until))
+        raise CliError(
+            f"the name {args.name!r} is held by a guest until {when}; try again then"
+        ) from None
+    except Conflict:
+        raise CliError(f"user {args.name!r} already exists") from None
+
+
+def _find_user(path: str, name: str) -> UserRecord | None:
+    admin = _open_admin(path)
+    try:
+        return admin.find_user(name)
+    finally:
+        admin.close()
 
 
 def token_command(args: argparse.Namespace) -> int:
-    db = _open_db(args.db)
-    row = db.execute(
-        "SELECT id, name, admin, token_version FROM users WHERE name_key = ?", (args.name.lower(),)
-    ).fetchone()
-    if row is None:
+    user = _find_user(args.db, args.name)
+    if user is None:
         raise CliError(f"no user {args.name!r}; add it first with: chatd user add {args.name}")
-    uid, name, admin, version = row
     secret = resolve_secret(args.secret, args.db)
-    base = _DEFAULTS.login_grants + (("admin",) if admin else ())
+    base = _DEFAULTS.login_grants + (("admin",) if user.admin else ())
     grants = tuple(g for g in ALL_GRANTS if g in base and (args.grants is None or g in args.grants))
     ttl = args.ttl if args.ttl is not None else _DEFAULTS.token_ttl
     if ttl <= 0:
         raise CliError("--ttl must be a positive number of seconds")
     ttl = min(ttl, _DEFAULTS.max_token_ttl)
     tokens = TokenService(secret, SystemClock())
-    token, _ = tokens.mint(name, new_jti(uid, version), grants, ttl)
+    token, _ = tokens.mint(user.name, new_jti(user.id, user.token_version), grants, ttl)
     print(token)
     return 0
 
@@ -632,24 +601,25 @@ def _admin_token(args: argparse.Namespace) -> str:
     if args.db != ":memory:" and not os.path.exists(args.db):
         # A read must not leave an empty database behind (nor a secret beside it).
         raise CliError(f"no database {args.db}: pass the server's --db, or --token")
-    db = _open_db(args.db)
-    cols = "SELECT id, name, admin, token_version FROM users"
     if args.user is not None:
-        row = db.execute(f"{cols} WHERE name_key = ?", (args.user.lower(),)).fetchone()
-        if row is None:
+        user = _find_user(args.db, args.user)
+        if user is None:
             raise CliError(f"no user {args.user!r} in {args.db}")
-        if not row[2]:
-            raise CliError(f"{row[1]!r} is not an admin account (chatd user add NAME --admin)")
+        if not user.admin:
+            raise CliError(f"{user.name!r} is not an admin account (chatd user add NAME --admin)")
     else:
-        row = db.execute(f"{cols} WHERE admin = 1 ORDER BY name_key LIMIT 1").fetchone()
-        if row is None:
+        admin = _open_admin(args.db)
+        try:
+            user = next((u for u in admin.list_users() if u.admin), None)
+        finally:
+            admin.close()
+        if user is None:
             raise CliError(
                 f"no admin account in {args.db}: create one with `chatd user add NAME --admin`,"
                 " or pass --token"
             )
-    uid, name, _, version = row
     tokens = TokenService(resolve_secret(args.secret, args.db, create=False), SystemClock())
-    token, _ = tokens.mint(name, new_jti(uid, version), ("admin",), _STATS_TTL)
+    token, _ = tokens.mint(user.name, new_jti(user.id, user.token_version), ("admin",), _STATS_TTL)
     return token
 
 

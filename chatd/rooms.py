@@ -7,7 +7,10 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from chatd.errors import Conflict, NotFound
+from chatd.protocol.frames import encode_json
 from chatd.protocol.models import RenamedRoomInfo, RoomInfo, rfc3339
 from chatd.store.base import RoomRecord
 
@@ -20,11 +23,13 @@ if TYPE_CHECKING:
 class LiveRoom:
     __slots__ = (
         "__weakref__",
+        "_members_json",
         "created_at",
         "deleted",
         "edit_lock",
         "ephemeral",
         "id",
+        "members_sorted",
         "name",
         "open",
         "owner",
@@ -45,6 +50,11 @@ class LiveRoom:
         self.sessions: dict[Session, None] = {}
         # user key -> how many of that user's connections are in the room
         self.users: dict[str, int] = {}
+        # (user key, display name) of every member user, sorted: kept in step by join and
+        # leave (an insort is one memmove), so a member list never sorts (issue 13, item
+        # 11); its JSON is encoded once per change and reused by every reader.
+        self.members_sorted: list[tuple[str, str]] = []
+        self._members_json: msgspec.Raw | None = None
         self.deleted = False
         # room.edit reads name and topic before its write: edits of one room take turns,
         # so a topic change never writes back a name a concurrent rename just replaced.
@@ -71,11 +81,25 @@ class LiveRoom:
         )
 
     def member_names(self) -> list[str]:
-        names: dict[str, str] = {}
-        for s in self.sessions:
-            if s.user_key is not None and s.user is not None:
-                names.setdefault(s.user_key, s.user)
-        return sorted(names.values(), key=str.lower)
+        return [name for _, name in self.members_sorted]
+
+    def members_json(self) -> msgspec.Raw:
+        """The member list (users, by name case-insensitively) as JSON, for replies."""
+        cached = self._members_json
+        if cached is None:
+            cached = self._members_json = msgspec.Raw(encode_json(self.member_names()))
+        return cached
+
+    def _member_in(self, key: str, name: str) -> None:
+        bisect.insort(self.members_sorted, (key, name))
+        self._members_json = None
+
+    def _member_out(self, key: str) -> None:
+        members = self.members_sorted
+        i = bisect.bisect_left(members, (key,))
+        if i < len(members) and members[i][0] == key:
+            del members[i]
+        self._members_json = None
 
     def has_user(self, user_key: str) -> bool:
         return user_key in self.users
@@ -178,6 +202,8 @@ class RoomManager:
             s.rooms.pop(room, None)
         room.sessions.clear()
         room.users.clear()
+        room.members_sorted.clear()
+        room._members_json = None
         return members
 
     @staticmethod
@@ -191,6 +217,8 @@ class RoomManager:
         session.rooms[room] = None
         n = room.users.get(key, 0)
         room.users[key] = n + 1
+        if n == 0:
+            room._member_in(key, session.user or key)
         return n == 0
 
     @staticmethod
@@ -205,6 +233,7 @@ class RoomManager:
         n = room.users.get(key, 1) - 1
         if n <= 0:
             room.users.pop(key, None)
+            room._member_out(key)
             return True
         room.users[key] = n
         return False

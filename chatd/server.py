@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -41,6 +42,11 @@ _PAUSE_WRITE = 1  # the client does not read: outbox above the soft limit
 _PAUSE_BACKLOG = 2  # frames read but not yet run (input memory stays bounded)
 _PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
 _PAUSE_STOP = 8  # the server is shutting down: never read again
+# The client shut its write side: nothing more to read (reading never resumes), but every
+# complete frame already read still runs and is answered, then the connection closes.
+_PAUSE_EOF = 16
+# Pauses that do not stop commands from running (pump goes on through them).
+_RUNS_THROUGH = _PAUSE_BACKLOG | _PAUSE_EOF
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
 _SLOW = event_frame("slow_consumer", {})
 _LOOPBACK = ("127.0.0.1", "::1")
@@ -51,6 +57,11 @@ _MAX_WAITING = 64
 # A connection that has sent this many bad frames is logged once (it is not closed: a bad
 # frame never closes a connection, contract "Error codes").
 _BAD_FRAMES_LOGGED = 100
+# Chores done per loop turn for connections that closed or sent EOF (leaving rooms,
+# running what is left, closing): when thousands drop at once, everyone else is served
+# between the batches (issue 13, item 2). A closed connection already takes no input and
+# sends no output, so its cleanup can wait a few turns.
+_CHORES_PER_TURN = 256
 
 
 class _Slot:
@@ -75,7 +86,6 @@ class Connection(asyncio.Protocol):
         "out",
         "out_bytes",
         "paused",
-        "queue",
         "session",
         "slots",
         "splitter",
@@ -92,7 +102,6 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.splitter = LineSplitter(srv.config.max_frame)
-        self.queue: collections.deque[Any] | None = None
         self.slots: collections.deque[_Slot] | None = None
         self.held: tuple[Command, Spec] | None = None
         self.paused = 0
@@ -148,10 +157,15 @@ class Connection(asyncio.Protocol):
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
+        # Frames read and not run die with the connection; free them now, not when the
+        # session is let go (issue 13, item 3).
+        self.splitter.clear()
+        self.held = None
         self.release()
         self.out.clear()
+        self.out_bytes = 0
         if self.session is not None:
-            srv.app.close_session(self.session)
+            srv.later(functools.partial(srv.app.close_session, self.session))
 
     def release(self) -> None:
         """Give back the per-IP slot (once; a refused connection never took one)."""
@@ -160,7 +174,19 @@ class Connection(asyncio.Protocol):
             self.srv.forget_ip(self.ip)
 
     def eof_received(self) -> bool | None:
-        return None  # close; a partial frame left in the splitter is never executed
+        """Half-close (`nc -N`): run every complete frame already read, send every reply,
+        then close (pump does, once nothing is left). A partial frame left in the
+        splitter is never executed."""
+        if self.dead:
+            return None
+        if not self.splitter.buffered and not self.waiting and self.held is None:
+            # Nothing left to answer (how a client usually goes): close now, the cheapest
+            # way when thousands go at once.
+            self.close()
+            return None
+        self.paused |= _PAUSE_EOF  # the transport stopped reading; never resume it
+        self.srv.later(self.pump)
+        return True  # keep the write side open for the replies
 
     # --- output ----------------------------------------------------------------------
 
@@ -230,8 +256,11 @@ class Connection(asyncio.Protocol):
             return
         self.flush()
         self.dead = True
-        self.transport.close()
-        self.srv.abort_later(self.transport)
+        t = self.transport
+        t.close()
+        if t.get_write_buffer_size():
+            # close() waits for the buffer to drain; a peer that never reads must not pin it.
+            self.srv.abort_later(t)
 
     def pause_writing(self) -> None:
         self._pause(_PAUSE_WRITE)
@@ -256,7 +285,7 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         # A backlog is pump's own business: with only that left, pump picks up the held
         # command (a throttled one behind a finished send would otherwise wait forever).
-        if flag != _PAUSE_BACKLOG and not self.paused & ~_PAUSE_BACKLOG:
+        if flag != _PAUSE_BACKLOG and not self.paused & ~_RUNS_THROUGH:
             self.pump()
 
     # --- input -----------------------------------------------------------------------
@@ -265,19 +294,15 @@ class Connection(asyncio.Protocol):
         if self.dead:
             return
         self.srv.stats.bytes_in += len(data)
-        lines = self.splitter.feed(data)
-        if not lines:
-            return
-        q = self.queue
-        if q is None:
-            q = self.queue = collections.deque(lines)
-        else:
-            q.extend(lines)
+        # Frames are split out one at a time as pump runs them; while any are left,
+        # reading stays paused, so input memory is one read chunk plus one partial line
+        # however small the frames are (limits.md, input memory).
+        self.splitter.push(data)
         self.pump()
 
     def pump(self) -> None:
-        """Run queued frames in order, at most frames_per_batch per turn (fairness)."""
-        q = self.queue
+        """Run buffered frames in order, at most frames_per_batch per turn (fairness)."""
+        splitter = self.splitter
         session = self.session
         if self.dead or session is None:
             return
@@ -287,26 +312,28 @@ class Connection(asyncio.Protocol):
         while True:
             if self.held is not None:
                 cmd, spec = self.held
-            elif q:
+            else:
                 if budget <= 0:
+                    if not splitter.buffered:
+                        break
                     self._pause(_PAUSE_BACKLOG)
                     srv.loop.call_soon(self._continue)
                     return
+                line = splitter.next()
+                if line is None:
+                    break
                 budget -= 1
-                line = q.popleft()
                 if line is TOO_LARGE:
                     srv.stats.bad_frames += 1
                     self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(line)
+                prepared = dispatcher.prepare(cast(bytes, line))
                 if isinstance(prepared, Outcome):
                     self.bad_frame(prepared.reply)
                     self.reply(prepared)
                     continue
                 cmd, spec = prepared
-            else:
-                break
             slots = self.slots
             if self.waiting and (
                 self.barriers or not spec.overlap or self.waiting >= _MAX_WAITING
@@ -336,6 +363,8 @@ class Connection(asyncio.Protocol):
             if self.dead:
                 return
         self._resume(_PAUSE_BACKLOG)
+        if self.paused & _PAUSE_EOF and not self.waiting:
+            self.close()  # every complete frame ran and every reply is queued
 
     def bad_frame(self, what: bytes | str) -> None:
         """Count a bad frame; log the connection once when it passes the threshold."""
@@ -406,7 +435,11 @@ class Connection(asyncio.Protocol):
             done = slots.popleft().outcome
             assert done is not None
             self.deliver(done)
-        if (self.held is not None or self.queue) and (not slots or self.waiting < _MAX_WAITING):
+        if self.paused & _PAUSE_THROTTLE:
+            return  # its timer resumes pump
+        if (self.held is not None or self.splitter.buffered or self.paused & _PAUSE_EOF) and (
+            not slots or self.waiting < _MAX_WAITING
+        ):
             self.pump()
 
 
@@ -505,6 +538,8 @@ class ChatServer:
         self.stalled: dict[Connection, None] = {}
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
+        self.chores: collections.deque[Callable[[], None]] = collections.deque()
+        self._chores_scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.commands: dict[_Drive, None] = {}
         self.per_ip: dict[str, int] = {}
@@ -546,6 +581,29 @@ class ChatServer:
         self.dirty = []
         for conn in dirty:
             conn.flush()
+
+    # --- closed connections ----------------------------------------------------------
+
+    def later(self, chore: Callable[[], None]) -> None:
+        """Run a closing connection's chore within a few loop turns, in order, at most
+        _CHORES_PER_TURN per turn."""
+        self.chores.append(chore)
+        if not self._chores_scheduled:
+            self._chores_scheduled = True
+            self.loop.call_soon(self._run_chores)
+
+    def _run_chores(self) -> None:
+        chores = self.chores
+        for _ in range(min(len(chores), _CHORES_PER_TURN)):
+            chore = chores.popleft()
+            try:
+                chore()
+            except Exception:  # one connection's cleanup must not stop the others'
+                log.exception("closing a connection failed")
+        if chores:
+            self.loop.call_soon(self._run_chores)
+        else:
+            self._chores_scheduled = False
 
     # --- admission -------------------------------------------------------------------
 
@@ -868,7 +926,7 @@ class ChatServer:
         for conn in list(self.connections):
             # Nothing read after the notice runs: replies would follow server.shutdown.
             conn._pause(_PAUSE_STOP)
-            conn.queue = None
+            conn.splitter.clear()
             conn.held = None
             conn.send(frame)
         self.flush_all()

@@ -65,7 +65,10 @@ def audience(app: App, m: MessageRecord) -> list[Session]:
     """Who gets the events of a message: the room's connections, or both users' (DM)."""
     if m.room_id is not None:
         room = app.rooms.by_id.get(m.room_id)
-        return list(room.sessions) if room is not None else []
+        if room is None:
+            return []
+        app.settle(room)  # departures before this message are announced before it
+        return list(room.sessions)
     # The two identities' connections, not whoever holds those names now.
     sessions = [s for s in app.sessions_of(m.sender.lower()) if s.identity == m.sender_key]
     if m.recipient is not None and m.recipient_key != m.sender_key:

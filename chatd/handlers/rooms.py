@@ -107,6 +107,7 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
     if room.deleted:
         raise NotFound(f"room {cmd.room!r} was deleted")
     previous = room.name
+    app.settle(room)  # departures go out under the name they happened under
     room.topic = topic
     if renamed:
         app.rooms.rename(room, new_name)
@@ -122,6 +123,7 @@ async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
     _may_manage(req, room)
     await app.store.delete_room(room.id)
     if not room.deleted:
+        app.settle(room)
         members = app.rooms.remove(room)
         req.emit(members, event_frame("room.closed", {"room": room.name, "by": req.user}))
     return {}
@@ -174,11 +176,12 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
     return reply
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
     room = app.rooms.get(cmd.room)
+    app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
     if app.rooms.join(room, s):
         others = [o for o in room.sessions if o is not s]
         req.emit(others, event_frame("member.joined", {"room": room.name, "user": req.user}))
-    return {"room": room.info(), "members": room.member_names()}
+    return {"room": room.info(), "members": room.members_json()}
 
 
 async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
@@ -189,7 +192,8 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
 
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
     room = app.rooms.get(cmd.room)
-    return {"room": room.name, "members": room.member_names()}
+    app.settle(room)  # departures the list no longer shows are announced first
+    return {"room": room.name, "members": room.members_json()}
 
 
 async def channels(app: App, req: Request, cmd: c.Channels) -> Any:

@@ -1,13 +1,15 @@
-"""The sans-I/O wire protocol: framing, commands, frames, models. Never imports asyncio."""
+"""The sans-I/O wire protocol: framing, commands, replies, frames, models. Never imports asyncio."""
 
 from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, Command, command_name
 from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import encode_json, error_frame, event_frame, ok_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.protocol.models import Message, RenamedRoomInfo, RoomInfo, rfc3339
+from chatd.protocol.replies import REPLIES, Reply, reply_type
 
 __all__ = [
     "ALL_COMMANDS",
+    "REPLIES",
     "TOO_LARGE",
     "AnyCommand",
     "Command",
@@ -15,6 +17,7 @@ __all__ = [
     "LineSplitter",
     "Message",
     "RenamedRoomInfo",
+    "Reply",
     "RoomInfo",
     "command_name",
     "decode_command",
@@ -22,5 +25,6 @@ __all__ = [
     "error_frame",
     "event_frame",
     "ok_frame",
+    "reply_type",
     "rfc3339",
 ]

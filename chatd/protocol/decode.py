@@ -8,6 +8,7 @@ then fields (`bad_request`).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -24,7 +25,9 @@ from chatd.protocol.commands import (
 )
 
 _decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
-_lenient = msgspec.json.Decoder()
+# float_hook: a number too big for a float (1e400) is a number out of range, a
+# `bad_request` naming the field, not unreadable JSON (protocol.md, "Client frames").
+_lenient = msgspec.json.Decoder(float_hook=float)
 _NAME_FIELDS = {cls: name_fields(cls) for cls in ALL_COMMANDS}
 # Names already found valid (a pure check, memoized: the same rooms and users recur).
 _good_names: set[str] = set()
@@ -53,6 +56,10 @@ def decode_command(line: bytes) -> Command:
         raise FrameError(BadFrame("frame is not valid JSON"), None) from None
     except RecursionError:
         raise FrameError(BadFrame("frame is nested too deeply"), None) from None
+    # A second "cmd" key is legal JSON that the decoder quietly reads once; look closer
+    # only when the bytes allow it: "cmd" twice, or a key spelled with a \u006x escape.
+    if (line.count(b'"cmd"') > 1 or b"\\u006" in line) and _cmd_repeated(line):
+        raise FrameError(BadRequest("field `cmd` is given more than once"), cmd.id)
     for attr, wire in _NAME_FIELDS[type(cmd)]:
         name = getattr(cmd, attr)
         if name is not None and name not in _good_names:
@@ -82,6 +89,21 @@ def _explain(line: bytes, detail: str) -> FrameError:
             return FrameError(BadRequest("field `cmd` is given more than once"), rid)
         return FrameError(UnknownCommand(f"unknown command {cmd[:64]!r}; send help"), rid)
     return FrameError(BadRequest(detail), rid)
+
+
+def _cmd_repeated(line: bytes) -> bool:
+    """Whether the frame's top-level object has the key "cmd" more than once."""
+    top: list[list[tuple[str, Any]]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        top.append(items)  # the outermost object comes last
+        return {}
+
+    try:
+        json.loads(line, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # msgspec read it; never expected here
+        return False
+    return sum(1 for key, _ in top[-1] if key == "cmd") > 1
 
 
 def _request_id(value: object) -> int | str | None:

@@ -1,7 +1,14 @@
-"""The one storage interface chatd uses (a typing.Protocol) and the records it moves.
+"""The storage interfaces chatd uses (typing.Protocols) and the records they move.
 
-Writes resolve only after their transaction has committed (group commit), so whatever
-the server acknowledges survives a crash. Ids and revisions are assigned by the store.
+- `Store`: everything durable the running server needs. Writes resolve only after their
+  transaction has committed (group commit), so whatever the server acknowledges survives a
+  crash. Message ids and revisions are allocated by the store, never by its caller, and
+  `Store.rev` is the `sync` watermark (see there): a second backend owns both.
+- `AdminStore`: the offline account commands of the command line (`chatd user`, `chatd
+  token`), synchronous, usable while a server runs on the same data.
+
+Nothing here imports an implementation (the SQLite one is `chatd.store.sqlite`), so
+importing this module loads no database driver.
 """
 
 from __future__ import annotations
@@ -10,6 +17,27 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 import msgspec
+
+from chatd.errors import Conflict
+
+
+class StoreOpenError(Exception):
+    """The store cannot be used: missing, newer than this program, not chatd's, unreadable,
+    or locked by a running server. The message says why, for an operator."""
+
+
+class StoreMissing(StoreOpenError):
+    """An admin open without ``create`` found no store (a read must not make one)."""
+
+
+class NameHeld(Conflict):
+    """`AdminStore.create_user`: a guest holds the name. ``held_until`` is None while the
+    guest is connected, else the unix second its grace ends."""
+
+    def __init__(self, name: str, held_until: int | None) -> None:
+        super().__init__(f"the name {name!r} is held by a guest")
+        self.name = name
+        self.held_until = held_until
 
 
 class UserRecord(msgspec.Struct):
@@ -83,10 +111,28 @@ class NewMessage(msgspec.Struct):
 
 
 class Store(Protocol):
-    """Everything durable. Writes are group-committed; reads run off the event loop."""
+    """Everything durable. Writes are group-committed; reads run off the event loop.
 
-    rev: int
+    Ids and revisions: the store allocates message ids (strictly growing, never handed out
+    again, not even after the newest is deleted) and revisions (one global counter; every
+    stored change of a message - send, edit, delete - takes the next one). Callers never
+    compute either; `add_message`, `edit_message` and `delete_message` return the record
+    with what was allocated.
+
+    Writes are applied in the order they were called (a write is queued at the call, not at
+    its first await), and their results are delivered in that order too.
+    """
+
     epoch: str
+
+    @property
+    def rev(self) -> int:
+        """The `sync` watermark (contract, Revisions): every change with a revision up to
+        `rev` is committed and visible to every read that starts after `rev` was looked at
+        (`changes_since`, histories, `get_message`). It advances only after the commit of
+        the writes that took those revisions, in order, never ahead of what reads return;
+        it never goes back while the store is open. `open()` sets it to the stored value."""
+        ...
 
     def open(self) -> Snapshot: ...
     async def close(self) -> None: ...
@@ -111,8 +157,13 @@ class Store(Protocol):
         release's own version)."""
         ...
     async def purge_expired(self, now: int) -> None: ...
-    async def reload_users(self) -> tuple[int, list[UserRecord]]: ...
-    async def users_version(self) -> int: ...
+    async def reload_users(self) -> tuple[int, list[UserRecord]]:
+        """Every account and the users_version they were read at (one consistent read)."""
+        ...
+    async def users_version(self) -> int:
+        """A number that changes whenever the accounts were changed from outside this
+        store (an `AdminStore`), so a server polling it knows to `reload_users`."""
+        ...
 
     # rooms
     async def create_room(self, room: RoomRecord) -> RoomRecord: ...
@@ -120,9 +171,18 @@ class Store(Protocol):
     def delete_room(self, room_id: int) -> Awaitable[None]: ...
 
     # messages
-    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]: ...
-    async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None: ...
-    async def delete_message(self, message_id: int) -> MessageRecord | None: ...
+    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+        """Store a message with the next id and revision: (record, True). A nonce its
+        sender already used gives (the original, False) and allocates nothing. NotFound
+        if the room does not exist (deleted, or an ephemeral room ended by a restart)."""
+        ...
+    async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None:
+        """The changed live message with the next revision; None if missing or deleted."""
+        ...
+    async def delete_message(self, message_id: int) -> MessageRecord | None:
+        """The tombstone (text "", deleted) with the next revision; None if missing or
+        already deleted."""
+        ...
     async def get_message(self, message_id: int) -> MessageRecord | None: ...
     async def count_messages(self) -> int:
         """How many messages are stored (tombstones included), for `stats`."""
@@ -138,9 +198,43 @@ class Store(Protocol):
         ...
     async def changes_since(
         self, rev: int, room_ids: list[int], me: str, limit: int
-    ) -> tuple[list[MessageRecord], bool]: ...
+    ) -> tuple[list[MessageRecord], bool]:
+        """Messages changed after revision `rev` in those rooms and in `me`'s DMs, each
+        once in its newest state, oldest revision first; at most `limit`, and whether more
+        are left. With `Store.rev` read before the call, nothing up to it is missing."""
+        ...
     async def has_dms_between(self, me: str, other: str) -> bool: ...
 
     # retention: messages older than max_age seconds, all but the newest `keep` per room
     # and DM pair (0 = off); returns how many left history
     async def prune(self, now: float, max_age: float, keep: int, batch: int = 500) -> int: ...
+
+
+class AdminStore(Protocol):
+    """The offline account commands (`chatd user add|list|delete`, `chatd token`, the
+    token `chatd stats` mints): synchronous, and usable while a server runs on the same
+    data, so an implementation never takes the server's lock. Every change is committed
+    before the call returns and tells a running server at once (its `Store.users_version`
+    changes, and `Store.get_user` reads the change), so a login right after works."""
+
+    def create_user(self, name: str, pw_hash: str, admin: bool, now: float) -> UserRecord:
+        """A new account. Conflict if the name (any case) is taken; NameHeld if a guest
+        holds it at `now` (contract: registering a held name is a conflict). A hold that
+        lapsed before `now` is removed in the same step, so the name is free at once even
+        with no server running to release it."""
+        ...
+
+    def find_user(self, name: str) -> UserRecord | None:
+        """The account of that name (any case), or None."""
+        ...
+
+    def list_users(self) -> list[UserRecord]:
+        """Every account, sorted by name case-insensitively."""
+        ...
+
+    def delete_user(self, name: str) -> bool:
+        """Delete the account; whether there was one. A running server closes its
+        connections when it sees the change."""
+        ...
+
+    def close(self) -> None: ...

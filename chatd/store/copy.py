@@ -22,7 +22,7 @@ from typing import Any
 
 from chatd.store.base import GuestHold, RoomRecord
 from chatd.store.dump import Dump, MessageRow, UserRow
-from chatd.store.schema import SCHEMA_VERSION
+from chatd.store.sqlite.schema import SCHEMA_VERSION
 
 
 class CopyError(Exception):
@@ -152,8 +152,8 @@ def sqlite_is_empty(path: str) -> bool:
 def import_sqlite(path: str, dump: Dump, messages: Iterator[list[MessageRow]]) -> int:
     """Write a dump into the (empty) SQLite database at ``path`` in one transaction,
     creating it (mode 0600) if missing. Returns how many messages were written."""
-    from chatd.store.dbfiles import create_private
     from chatd.store.sqlite import dm_key, migrate
+    from chatd.store.sqlite.dbfiles import create_private
 
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

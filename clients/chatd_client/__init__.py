@@ -5,8 +5,16 @@ async with connect("127.0.0.1", 7777, user="ann", password="…") as chat:
     await chat.send("hello", room="lobby")
     async for event in chat.events():
         ...
+
+Inside: ``codec.py`` (sans-I/O: bytes -> events, replies settled by id from the pending
+map; commands -> bytes), ``recovery.py`` (sans-I/O: the session state and the commands
+that restore it after a reconnect: re-auth, re-join, sync, resend of queued sends),
+``client.py`` (the asyncio layer: sockets, the reconnect loop, one method per command),
+``events.py`` (bounded event streams), ``errors.py``, ``types.py``; reply data are the
+server's own Structs from ``chatd.protocol.replies``.
 """
 
+from chatd.protocol.replies import PasswdReply, StatsReply, UserEntry, WhoAmIReply
 from chatd_client.bot import Bot
 from chatd_client.client import (
     AUTH_FAILED,
@@ -94,16 +102,20 @@ __all__ = [
     "Message",
     "NotFound",
     "Options",
+    "PasswdReply",
     "RateLimited",
     "RefreshResult",
     "RequestTimeout",
     "RoomInfo",
     "ServerError",
     "SessionEnded",
+    "StatsReply",
     "SyncPage",
     "TokenExpired",
     "Unauthorized",
     "UnknownCommand",
+    "UserEntry",
+    "WhoAmIReply",
     "connect",
     "encode_command",
     "iter_messages",

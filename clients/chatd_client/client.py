@@ -1,21 +1,22 @@
+"""The public asyncio API: one awaitable method per command, events as an async iterator,
+and a reconnect loop with backoff. A thin layer over two sans-I/O parts:
 
-"""The asyncio client: one awaitable method per command, events as an async iterator,
-and a reconnect loop that recovers what was missed (wire contract, "Revisions").
+- ``codec.py`` turns bytes into events and settles each request's future by id (the
+  pending map); when a connection dies every pending future fails at once with
+  ``ConnectionLost``.
+- ``recovery.py`` owns the session state (credentials, rooms, the highest revision seen,
+  queued sends) and says which commands restore it after a reconnect: re-auth, re-join,
+  ``sync`` from that revision, resend of queued sends by nonce. This module only runs those
+  commands on the socket and hands the resulting events to the application.
 
-Shape (STYLE 11):
-- a ``_Link`` is one TCP connection: a reader task, a pending map of request id -> future.
-  When it dies every pending future fails at once with ``ConnectionLost``.
-- the ``Client`` owns the current link, a supervisor task that notices the link dying and
-  reconnects with an injectable backoff, and the event subscriptions.
-- after reconnecting it re-authenticates, re-joins its rooms and runs ``sync`` from the
-  highest revision it has seen; live message events that arrive meanwhile are held back and
-  merged with the sync pages, so the application sees every change once, in revision order.
+A ``_Link`` is one TCP connection: the socket, its codec, a reader task. The ``Client``
+owns the current link, a supervisor task that notices the link dying and reconnects, and
+the event subscriptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -23,16 +24,36 @@ import math
 import random
 import ssl as _ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
-
-import msgspec
+from typing import Any, TypeVar, cast
 
 from chatd.protocol import commands as c
-from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.protocol.models import Message, RoomInfo
+from chatd.protocol.replies import (
+    AuthReply,
+    ChannelsReply,
+    Empty,
+    HelpReply,
+    HistoryReply,
+    LoginReply,
+    MessageReply,
+    PasswdReply,
+    PingReply,
+    RefreshReply,
+    RegisterReply,
+    RoomJoinReply,
+    RoomListReply,
+    RoomMembersReply,
+    RoomReply,
+    StatsReply,
+    SyncReply,
+    UserEntry,
+    UserListReply,
+    WhoAmIReply,
+)
+from chatd_client.codec import Codec, encode_command
 from chatd_client.errors import (
     ClientClosed,
     ClientError,
@@ -40,32 +61,22 @@ from chatd_client.errors import (
     RequestTimeout,
     ServerError,
     SessionEnded,
-    TokenExpired,
     Unauthorized,
-    error_from_wire,
 )
+from chatd_client.events import EventStream
+from chatd_client.recovery import END, REFRESH, RELOGIN, Queued, Recovery, Refused, Resume, Step
 from chatd_client.types import (
     DISCONNECTED,
-    EPOCH_CHANGED,
-    EVENTS_DROPPED,
     MESSAGE_EVENTS,
-    RECONNECTED,
-    REJOIN_FAILED,
-    AuthResult,
     Channel,
     CommandHelp,
     Event,
     Hello,
-    HistoryPage,
-    JoinResult,
-    LoginResult,
-    Members,
-    RefreshResult,
-    SyncPage,
 )
 
 log = logging.getLogger("chatd_client")
 T = TypeVar("T")
+R = TypeVar("R")
 # data: {"code", "message"}: the server refused the session; the client closes itself next
 # (its calls and event iteration raise SessionEnded).
 AUTH_FAILED = "auth.failed"
@@ -126,98 +137,39 @@ class Options:
     read_chunk: int = 64 * 1024
 
 
-# --- wire frames --------------------------------------------------------------------------
-
-
-class _Frame(msgspec.Struct):
-    type: str
-    id: int | str | None = None
-    data: msgspec.Raw = msgspec.Raw(b"{}")
-    event: str = ""
-    code: str = ""
-    message: str = ""
-    retry_after: float | None = None
-
-
-class _MessageReply(msgspec.Struct, frozen=True):
-    message: Message
-
-
-class _RoomReply(msgspec.Struct, frozen=True):
-    room: RoomInfo
-
-
-class _RoomsReply(msgspec.Struct, frozen=True):
-    rooms: list[RoomInfo]
-    more: bool = False
-    next: str | None = None
-
-
-class _ChannelsReply(msgspec.Struct, frozen=True):
-    channels: list[Channel]
-    more: bool = False
-    next: str | None = None
-
-
-class _HelpReply(msgspec.Struct, frozen=True):
-    commands: list[CommandHelp]
-
-
-class _Empty(msgspec.Struct, frozen=True):
-    pass
-
-
-_frame_decoder = msgspec.json.Decoder(_Frame)
-_any_decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
-
-
-def encode_command(cmd: c.Command, request_id: int) -> bytes:
-    """One client frame: flat fields beside ``cmd`` and ``id``, unset optionals omitted."""
-    fields = msgspec.to_builtins(cmd)
-    fields["id"] = request_id
-    return _encoder.encode({k: v for k, v in fields.items() if v is not None}) + b"\n"
-
-
-def _tombstone(data: dict[str, Any]) -> Message:
-    return Message(
-        id=int(data["id"]),
-        rev=int(data["rev"]),
-        room=data.get("room"),
-        to=data.get("to"),
-        from_="",
-        deleted=True,
-    )
-
-
 # --- one connection -----------------------------------------------------------------------
 
-
 class _Link:
-    """One TCP connection and the requests in flight on it."""
+    """One TCP connection: the socket, its codec (and the requests in flight on it)."""
 
     def __init__(
         self,
+        conn: int,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        max_frame: int,
         on_dead: Callable[[_Link], None],
     ) -> None:
+        self.conn = conn  # numbers this client's connections: recovery tells them apart
         self.on_dead = on_dead
         self.reader = reader
         self.writer = writer
-        self.pending: dict[int, asyncio.Future[_Frame]] = {}
+        self.codec = Codec(max_frame)
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[Hello] = loop.create_future()
         self.dead: asyncio.Future[str] = loop.create_future()
-        # While resuming, live message events are held back to be merged with sync pages.
-        self.recovering = False
-        self.held: list[Event] = []
+        self.resume: Resume | None = None  # while resuming on this link
 
     @property
     def alive(self) -> bool:
         return not self.dead.done()
 
-    def fail(self, reason: str, exc: Callable[[str], ConnectionLost] = ConnectionLost) -> None:
+    @property
+    def pending(self) -> Mapping[int, object]:
+        """Requests in flight on this link, by id."""
+        return self.codec.pending
+
+    def fail(self, reason: str, exc: Callable[[str], ClientError] = ConnectionLost) -> None:
         """Mark dead, fail every pending request at once, drop the socket."""
         if self.dead.done():
             return
@@ -226,88 +178,8 @@ class _Link:
         if not self.hello.done():
             self.hello.set_exception(exc(reason))
             self.hello.exception()  # retrieved: nobody may be waiting any more
-        pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc(reason))
+        self.codec.fail(lambda: exc(reason))
         self.writer.transport.abort()  # never wait for a peer that does not read
-
-
-# --- event subscriptions ------------------------------------------------------------------
-
-
-class EventStream:
-    """An async iterator of events over a bounded buffer.
-
-    Past ``max_events`` the oldest are dropped and an ``events.dropped`` notice with the
-    count comes before the next event (never silent, never blocking the connection).
-    Iteration ends when the client is closed.
-    """
-
-    def __init__(self, client: Client, maxsize: int, rooms: frozenset[str] | None) -> None:
-        self._client = client
-        self._items: collections.deque[Event] = collections.deque()
-        self._maxsize = maxsize
-        self._rooms = rooms
-        self._dropped = 0
-        self._wake = asyncio.Event()
-        self._closed = False
-
-    def _put(self, ev: Event) -> None:
-        if self._rooms is not None and not ev.is_client_notice:
-            if ev.room is None or ev.room.lower() not in self._rooms:
-                return
-        if len(self._items) >= self._maxsize:
-            self._items.popleft()
-            self._dropped += 1
-        self._items.append(ev)
-        self._wake.set()
-
-    def _end(self) -> None:
-        self._closed = True
-        self._wake.set()
-
-    def close(self) -> None:
-        """Stop receiving (a filtered stream unsubscribes)."""
-        self._client._unsubscribe(self)
-        self._end()
-
-    def pending(self) -> int:
-        return len(self._items)
-
-    async def get(self, timeout: float | None = None) -> Event:
-        """The next event. Raises ``TimeoutError`` after ``timeout``; ``ClientClosed``
-        once the client is closed and the buffer is empty (``SessionEnded`` if the server
-        refused the session)."""
-        async with asyncio.timeout(timeout):
-            while not self._items and not self._dropped:
-                if self._closed:
-                    raise self._client._closed_error()
-                self._wake.clear()
-                await self._wake.wait()
-        if self._dropped:
-            n, self._dropped = self._dropped, 0
-            return Event(EVENTS_DROPPED, {"count": n})
-        return self._items.popleft()
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        """Iteration ends quietly after ``close()``; a refused session raises
-        ``SessionEnded`` instead, so a bot does not exit as if all were well."""
-        try:
-            return await self.get()
-        except SessionEnded:
-            raise
-        except ClientClosed:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -345,28 +217,18 @@ class Client:
         self.ssl = ssl or None
         self.options = options or Options()
         self._backoff: Backoff = backoff or ExponentialBackoff()
-        self._user = user
-        self._password = password
-        self._token = token
-        self._authed = False  # whether the session should be restored after a reconnect
-        self._guest = False  # logged in as a guest by this client: close() logs it out
+        self._rec = Recovery(user=user, password=password, token=token)
         self._ended: SessionEnded | None = None  # why the server refused the session
         self._closing = False
-        self._rooms: dict[str, str] = {}  # lower -> display name, to re-join
         self._link: _Link | None = None
+        self._conns = itertools.count(1)
         self._ready = asyncio.Event()
         self._closed = False
-        self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._supervisor: asyncio.Task[None] | None = None
-        self._primary = EventStream(self, self.options.max_events, None)
+        self._primary = self._stream(None)
         self._streams: list[EventStream] = [self._primary]
-        self._epoch: str | None = None
-        self._rev = 0  # highest revision seen: the sync cursor and the dedupe bound
-        self._max_id = 0
         self.hello: Hello | None = None
-        self.grants: list[str] = []
-        self.expires_at: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -378,12 +240,11 @@ class Client:
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         assert self.hello is not None
-        self._epoch = self.hello.epoch
-        self._rev = self.hello.rev
+        self._rec.started(self.hello)
         self._link = link
         try:
-            if self._token is not None or self._user is not None:
-                await self._authenticate(link)
+            if self._rec.token is not None or self._rec.user is not None:
+                await self._drive(link, self._rec.authenticate())
         except BaseException:
             await self.close()
             raise
@@ -403,14 +264,15 @@ class Client:
             return
         self._closing = True
         if logout is None:
-            logout = self._guest
-        if logout and self._authed and self.connected:
+            logout = self._rec.guest
+        if logout and self._rec.authed and self.connected:
             with contextlib.suppress(ClientError, TimeoutError):
-                await self._call(c.Logout(), _Empty, min(2.0, self.options.request_timeout))
+                await self._call(c.Logout(), Empty, min(2.0, self.options.request_timeout))
         self._closed = True
         self._ready.set()  # wakes whoever waits for a connection; they see _closed
         if self._link is not None:
             self._link.fail("client closed", lambda _: self._closed_error())
+        self._rec.outbox.fail_all(self._closed_error)
         me = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not me]
         for t in tasks:
@@ -427,19 +289,16 @@ class Client:
             return SessionEnded(self._ended.message, code=self._ended.code)
         return ClientClosed("client closed")
 
-    async def _end_session(self, refusal: ServerError) -> None:
+    async def _end_session(self, refused: Refused) -> None:
         """The server refused the token and no password can log the same account in again:
         report it and close, never log in as a guest of the same name (issue 12)."""
         if self._closed:
             return
-        self._ended = SessionEnded(
-            f"the server refused the session of {self._user!r} ({refusal.code}: "
-            f"{refusal.message}); not logging in as anyone else",
-            code=refusal.code,
-        )
+        self._ended = refused.session_ended()
         log.warning("%s", self._ended)
-        self._authed = False
-        self._emit(Event(AUTH_FAILED, {"code": refusal.code, "message": refusal.message}))
+        self._rec.ended()
+        error = refused.error
+        self._emit(Event(AUTH_FAILED, {"code": error.code, "message": error.message}))
         await self.close(logout=False)
 
     async def __aenter__(self) -> Client:
@@ -457,21 +316,29 @@ class Client:
     @property
     def user(self) -> str | None:
         """The name the server knows us by (as first written), once authenticated."""
-        return self._user
+        return self._rec.user
 
     @property
     def token(self) -> str | None:
-        return self._token
+        return self._rec.token
+
+    @property
+    def grants(self) -> list[str]:
+        return self._rec.grants
+
+    @property
+    def expires_at(self) -> int | None:
+        return self._rec.expires_at
 
     @property
     def rooms(self) -> list[str]:
         """Rooms this client is in (and re-joins after a reconnect)."""
-        return list(self._rooms.values())
+        return list(self._rec.rooms.values())
 
     @property
     def rev(self) -> int:
         """The highest revision seen; recovery runs ``sync since=rev``."""
-        return self._rev
+        return self._rec.rev
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Until connected and resumed. Raises ``TimeoutError``, or ``ClientClosed``."""
@@ -483,18 +350,26 @@ class Client:
         if self._closed:
             raise self._closed_error()
 
+    # --- events ------------------------------------------------------------------------
+
     def events(self, *rooms: str) -> EventStream:
         """The event stream. Without rooms: the client's main stream, buffered since
         connect. With rooms: a new stream of events concerning those rooms (plus client
         notices), from now on; close it when done."""
         if not rooms:
             return self._primary
-        stream = EventStream(self, self.options.max_events, frozenset(r.lower() for r in rooms))
+        stream = self._stream(frozenset(r.lower() for r in rooms))
         if self._closed:
             stream._end()
         else:
             self._streams.append(stream)
         return stream
+
+    def _stream(self, rooms: frozenset[str] | None) -> EventStream:
+        return EventStream(
+            self.options.max_events, rooms,
+            closed_error=self._closed_error, unsubscribe=self._unsubscribe,
+        )  # fmt: skip
 
     def _unsubscribe(self, stream: EventStream) -> None:
         if stream is not self._primary and stream in self._streams:
@@ -503,6 +378,28 @@ class Client:
     def _emit(self, ev: Event) -> None:
         for s in self._streams:
             s._put(ev)
+
+    def _on_event(self, link: _Link, ev: Event) -> None:
+        """An event from the codec: message changes are deduped by revision (or held while
+        resuming); the rest keep the session state in step and may call for an action."""
+        if ev.name in MESSAGE_EVENTS:
+            if link.resume is not None:
+                link.resume.hold(ev)
+            elif self._rec.accept(ev):
+                self._emit(ev)
+            return
+        action = self._rec.observe(ev, current=link is self._link)
+        if action == REFRESH:
+            self._spawn(self._refresh_quietly(link))
+        elif action == RELOGIN:
+            self._spawn(self._relogin(link))
+        elif action == END:
+            # Expired beyond refresh, or revoked: nothing proves this identity again.
+            revoked = ev.data.get("reason") == "logout"
+            why = "token revoked (logout)" if revoked else "token expired"
+            refused = Refused(Unauthorized(why, code="unauthorized"), self._rec.user)
+            self._spawn(self._end_session(refused))
+        self._emit(ev)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -521,7 +418,7 @@ class Client:
         o = self.options
         async with asyncio.timeout(o.connect_timeout):
             reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
-            link = _Link(reader, writer, self._link_dead)
+            link = _Link(next(self._conns), reader, writer, o.max_frame, self._link_dead)
             self._spawn(self._read(link))
             try:
                 self.hello = await link.hello
@@ -537,98 +434,22 @@ class Client:
             self._ready.clear()  # at once: a retrying send must wait, not spin
 
     async def _read(self, link: _Link) -> None:
-        splitter = LineSplitter(self.options.max_frame)
         reason = "connection closed by the server"
         try:
             while link.alive:
                 data = await link.reader.read(self.options.read_chunk)
                 if not data:
                     break
-                for line in splitter.feed(data):
-                    if line is TOO_LARGE:
-                        log.warning("skipped a server frame over %d bytes", splitter.max_frame)
-                        continue
-                    assert isinstance(line, bytes)
-                    self._on_frame(link, line)
+                for item in link.codec.feed(data):
+                    if isinstance(item, Hello):
+                        if not link.hello.done():
+                            link.hello.set_result(item)
+                    else:
+                        self._on_event(link, item)
         except (OSError, EOFError) as exc:
             reason = f"connection lost: {exc or type(exc).__name__}"
         finally:
             link.fail(reason)
-
-    def _on_frame(self, link: _Link, line: bytes) -> None:
-        try:
-            frame = _frame_decoder.decode(line)
-        except msgspec.DecodeError:
-            log.warning("ignored an undecodable server frame")
-            return
-        if frame.type == "event":
-            try:
-                self._on_event(link, frame)
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-                log.warning("ignored a malformed %r event", frame.event)
-            return
-        if isinstance(frame.id, int):
-            fut = link.pending.pop(frame.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(frame)
-                return
-        if frame.type == "error":
-            # id null: frame_too_large, or the server closing us (e.g. not logged in in time)
-            log.warning("server error %s: %s", frame.code, frame.message)
-
-    def _on_event(self, link: _Link, frame: _Frame) -> None:
-        name = frame.event
-        if name == "hello":
-            if not link.hello.done():
-                link.hello.set_result(msgspec.json.decode(frame.data, type=Hello))
-            return
-        if name in ("message", "message.edited"):
-            msg = msgspec.json.decode(frame.data, type=Message)
-            self._change(link, Event(name, msgspec.to_builtins(msg), msg.room or None, msg))
-            return
-        data: dict[str, Any] = _any_decoder.decode(frame.data)
-        if name == "message.deleted":
-            msg = _tombstone(data)
-            self._change(link, Event(name, data, msg.room, msg))
-            return
-        room = data.get("room") if isinstance(data.get("room"), str) else None
-        if name == "room.updated":
-            room = data["name"]
-            prev = data.get("previous_name")
-            if isinstance(prev, str) and prev.lower() in self._rooms:
-                del self._rooms[prev.lower()]
-                self._rooms[room.lower()] = room
-        elif name == "room.closed" and room is not None:
-            self._rooms.pop(room.lower(), None)
-        elif name == "session.expiring" and link is self._link:
-            self._spawn(self._refresh_quietly(link))
-        elif name == "session.expired" and link is self._link:
-            self.expires_at = None
-            revoked = data.get("reason") == "logout"
-            if self._password is not None and not revoked:
-                self._spawn(self._relogin(link))
-            elif self._authed:
-                # Expired beyond refresh, or revoked: nothing proves this identity again.
-                why = "token revoked (logout)" if revoked else "token expired"
-                self._spawn(self._end_session(Unauthorized(why, code="unauthorized")))
-        self._emit(Event(name, data, room))
-
-    def _change(self, link: _Link, ev: Event) -> None:
-        if link.recovering:
-            link.held.append(ev)
-        else:
-            self._deliver(ev)
-
-    def _deliver(self, ev: Event) -> None:
-        msg = ev.message
-        assert msg is not None
-        # One connection sees changes in revision order (contract), and sync pages are
-        # merged by revision: anything at or below the highest revision seen is a repeat.
-        if msg.rev <= self._rev:
-            return
-        self._rev = msg.rev
-        self._max_id = max(self._max_id, msg.id)
-        self._emit(ev)
 
     async def _keepalive(self, link: _Link, interval: float) -> None:
         while link.alive:
@@ -638,10 +459,10 @@ class Client:
             except TimeoutError:
                 pass
             try:
-                await self._call(c.Ping(), _Any, self.options.ping_timeout, link=link)
+                await self._call(c.Ping(), PingReply, self.options.ping_timeout, link=link)
             except RequestTimeout:
                 link.fail("missed ping")
-            except ConnectionLost:
+            except (ConnectionLost, ServerError):
                 return
 
     async def _supervise(self) -> None:
@@ -665,137 +486,74 @@ class Client:
                     log.info("reconnect attempt %d failed: %s", attempt, exc)
                     continue
                 try:
-                    if await self._resume(new, attempt) is not None:
+                    if await self._resume(new, attempt):
                         break
-                except _Refused as refused:
+                except Refused as refused:
                     new.fail("session refused")
-                    await self._end_session(refused.error)
+                    await self._end_session(refused)
                     return
                 except (TimeoutError, ConnectionLost, RequestTimeout, ServerError) as exc:
-                    # ServerError: a re-join or sync refused mid-resume; the next attempt
-                    # re-authenticates and finds out whether the session is still good.
+                    # ServerError: a re-login (rate_limited, internal) or a sync refused
+                    # mid-resume; the next attempt starts over.
                     log.info("resume after attempt %d failed: %s", attempt, exc)
                 new.fail("resume failed")
 
-    async def _resume(self, link: _Link, attempts: int, *, notice: bool = True) -> bool | None:
-        """Re-authenticate, re-join, sync from the highest revision seen. Live changes
-        arriving meanwhile are held and merged with the sync pages by revision."""
+    async def _resume(self, link: _Link, attempts: int, *, notice: bool = True) -> bool:
+        """Run recovery's commands on ``link``, then switch to it. False if the link died
+        meanwhile. Raises Refused, or what a command raised."""
         assert self.hello is not None
-        hello = self.hello
-        epoch_changed = hello.epoch != self._epoch
-        link.recovering = True
-        since = self._rev
-        if epoch_changed:
-            # A new store: the old cursor means nothing there (contract, "Revisions").
-            since = hello.rev
-        changes: list[Event] = []
-        if self._authed:
-            try:
-                await self._authenticate(link)
-            except (Unauthorized, TokenExpired) as exc:
-                raise _Refused(exc) from exc
-            except ServerError as exc:  # rate_limited, internal (e.g. storage full): transient
-                log.info("re-login failed (%s): %s", exc.code, exc)
-                return None  # the next attempt, after the backoff
-            await self._rejoin(link)
-            changes = await self._sync_all(link, since)
-        if not link.alive:
-            return None
-        # From here to the end nothing awaits: the switch is atomic for the application.
-        if epoch_changed:
-            self._emit(Event(EPOCH_CHANGED, {"old": self._epoch, "new": hello.epoch}))
-            self._epoch = hello.epoch
-            self._rev = since
-            self._max_id = 0
+        resume = self._rec.resume(self.hello, conn=link.conn, attempts=attempts, notice=notice)
+        link.resume = resume
+        try:
+            await self._drive(link, resume.steps())
+            if not link.alive:
+                return False
+            # From here to the end nothing awaits: the switch is atomic for the application.
+            events = resume.commit()
+        finally:
+            link.resume = None
         self._link = link
-        if notice:
-            self._emit(Event(RECONNECTED, {"attempts": attempts, "epoch_changed": epoch_changed}))
-        merged = sorted(changes + link.held, key=lambda e: e.message.rev if e.message else 0)
-        link.held = []
-        link.recovering = False
-        for ev in merged:
-            self._deliver(ev)
-        self._rev = max(self._rev, since)
+        for ev in events:
+            self._emit(ev)
         self._ready.set()
-        return epoch_changed
+        return True
 
-    async def _sync_all(self, link: _Link, since: int) -> list[Event]:
-        out: list[Event] = []
-        while True:
-            page = await self._call(c.Sync(since=since), SyncPage, None, link=link)
-            for m in page.changes:
-                if m.deleted:
-                    data = {"id": m.id, "rev": m.rev, "room": m.room, "to": m.to, "by": None}
-                    name = "message.deleted"
-                elif m.edited_ts is not None and m.id <= self._max_id:
-                    name, data = "message.edited", msgspec.to_builtins(m)
+    async def _drive(self, link: _Link, steps: Generator[Step, Any, R]) -> R:
+        """Send each command a sans-I/O generator yields; send it back the reply (or throw
+        in the ServerError). Connection faults propagate and end the generator."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    reply = await self._call(step.cmd, step.kind, None, link=link)
+                except ServerError as exc:
+                    step = steps.throw(exc)
                 else:
-                    name, data = "message", msgspec.to_builtins(m)
-                out.append(Event(name, data, m.room, m, recovered=True))
-            since = page.rev
-            if not page.more:
-                return out
-
-    async def _rejoin(self, link: _Link) -> None:
-        for key, name in list(self._rooms.items()):
-            try:
-                joined = await self._call(c.RoomJoin(room=name), JoinResult, None, link=link)
-            except ServerError as exc:
-                self._rooms.pop(key, None)
-                self._emit(
-                    Event(
-                        REJOIN_FAILED,
-                        {"room": name, "code": exc.code, "message": exc.message},
-                        name,
-                    )
-                )
-            else:
-                self._rooms.pop(key, None)
-                self._rooms[joined.room.name.lower()] = joined.room.name
-
-    async def _authenticate(self, link: _Link) -> None:
-        """Token first (auth). A refused token is replaced only by a login with the
-        password, which proves the same account; never by a guest login of the same name
-        (issue 12: a deleted account must not come back as a guest). A guest login happens
-        only when there was no token yet. Raises the refusal's ServerError."""
-        if self._token is not None:
-            try:
-                r = await self._call(c.Auth(token=self._token), AuthResult, None, link=link)
-            except (Unauthorized, TokenExpired):
-                if self._user is None or self._password is None:
-                    raise
-            else:
-                self._bound(r.user, r.grants, r.expires_at)
-                return
-        assert self._user is not None
-        login = c.Login(user=self._user, password=self._password)
-        res = await self._call(login, LoginResult, None, link=link)
-        self._token = res.token
-        self._guest = self._password is None
-        self._bound(res.user, res.grants, res.expires_at)
-
-    def _bound(self, user: str, grants: list[str], expires_at: int) -> None:
-        self._user, self.grants, self.expires_at, self._authed = user, grants, expires_at, True
+                    step = steps.send(reply)
+        except StopIteration as stop:
+            return cast(R, stop.value)
+        finally:
+            steps.close()
 
     async def _refresh_quietly(self, link: _Link) -> None:
         try:
-            res = await self._call(c.Refresh(), RefreshResult, None, link=link)
+            res = await self._call(c.Refresh(), RefreshReply, None, link=link)
         except (ServerError, ConnectionLost, RequestTimeout) as exc:
             log.info("token refresh failed: %s", exc)
             return
-        self._token, self.expires_at = res.token, res.expires_at
+        self._rec.refreshed(res)
 
     async def _relogin(self, link: _Link) -> None:
         """After session.expired the connection left its rooms: log in again, re-join,
         and sync what was missed meanwhile, like a reconnect on the same socket."""
-        self._token = None
+        self._rec.token_expired()
         self._ready.clear()
         try:
-            if await self._resume(link, 0, notice=False) is None:
+            if not await self._resume(link, 0, notice=False):
                 link.fail("re-login failed")
-        except _Refused as refused:
+        except Refused as refused:
             link.fail("session refused")
-            await self._end_session(refused.error)
+            await self._end_session(refused)
         except (ConnectionLost, RequestTimeout, TimeoutError, ServerError) as exc:
             log.info("re-login failed: %s", exc)
             link.fail("re-login failed")
@@ -814,39 +572,37 @@ class Client:
         self, cmd: c.Command, kind: type[T], timeout: float | None, *, link: _Link | None = None
     ) -> T:
         link = link or self._current()
-        rid = next(self._ids)
-        return await self._roundtrip(
-            link, rid, encode_command(cmd, rid), c.command_name(type(cmd)), timeout, kind
-        )
+        name = c.command_name(type(cmd))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not link.alive:
+            raise ConnectionLost("not connected")
+        rid, frame = link.codec.request(cmd, kind, fut)
+        return cast(T, await self._roundtrip(link, rid, frame, fut, name, timeout))
 
     async def _roundtrip(
         self,
         link: _Link,
         rid: int,
-        frame_bytes: bytes,
+        frame: bytes,
+        fut: asyncio.Future[Any],
         name: str,
         timeout: float | None,
-        kind: type[T],
-    ) -> T:
-        if not link.alive:
-            raise ConnectionLost("not connected")
-        fut: asyncio.Future[_Frame] = asyncio.get_running_loop().create_future()
-        link.pending[rid] = fut
+    ) -> Any:
+        """Write a request and wait for the codec to settle its future. ``timeout``: None
+        is ``Options.request_timeout``; ``math.inf`` waits as long as the caller does."""
+        limit = timeout or self.options.request_timeout
         try:
-            async with asyncio.timeout(timeout or self.options.request_timeout):
+            async with asyncio.timeout(None if math.isinf(limit) else limit):
                 try:
-                    link.writer.write(frame_bytes)
+                    link.writer.write(frame)
                     await link.writer.drain()
                 except (OSError, RuntimeError) as exc:
                     link.fail(f"connection lost: {exc}")
-                frame = await fut
+                return await fut
         except TimeoutError:
             raise RequestTimeout(f"no reply to {name} in time") from None
         finally:
-            link.pending.pop(rid, None)
-        if frame.type == "error":
-            raise error_from_wire(frame.code, frame.message, frame.retry_after)
-        return msgspec.json.decode(frame.data, type=kind)
+            link.codec.forget(rid)
 
     # --- commands (wire contract, "Commands") -------------------------------------------
 
@@ -856,20 +612,20 @@ class Client:
         """Escape hatch for a command this library has no method for (e.g. newer than it):
         the reply's ``data`` as plain JSON values. Raises like every other method."""
         link = self._current()
-        rid = next(self._ids)
-        frame = _encoder.encode({**(fields or {}), "cmd": cmd, "id": rid}) + b"\n"
-        return await self._roundtrip(link, rid, frame, cmd, timeout, _Any)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        rid, frame = link.codec.request_raw(cmd, fields or {}, fut)
+        return await self._roundtrip(link, rid, frame, fut, cmd, timeout)
 
     async def ping(self, *, timeout: float | None = None) -> bool:
-        return (await self._call(c.Ping(), dict[str, bool], timeout)).get("pong", False)
+        return (await self._call(c.Ping(), PingReply, timeout)).pong
 
     async def help(self, *, timeout: float | None = None) -> list[CommandHelp]:
-        return (await self._call(c.Help(), _HelpReply, timeout)).commands
+        return (await self._call(c.Help(), HelpReply, timeout)).commands
 
     async def register(self, user: str, password: str, *, timeout: float | None = None) -> str:
         """Create an account; returns the name. Does not log in."""
-        data = await self._call(c.Register(user=user, password=password), dict[str, str], timeout)
-        return data["user"]
+        cmd = c.Register(user=user, password=password)
+        return (await self._call(cmd, RegisterReply, timeout)).user
 
     async def login(
         self,
@@ -879,38 +635,41 @@ class Client:
         grants: list[str] | None = None,
         ttl: int | None = None,
         timeout: float | None = None,
-    ) -> LoginResult:
+    ) -> LoginReply:
         """Log in (a guest login without password); remembered for reconnects."""
         cmd = c.Login(user=user, password=password, grants=grants, ttl=ttl)
-        res = await self._call(cmd, LoginResult, timeout)
-        self._password = password
-        self._token = res.token
-        self._guest = password is None
-        self._bound(res.user, res.grants, res.expires_at)
+        res = await self._call(cmd, LoginReply, timeout)
+        self._rec.logged_in(res, password)
         return res
 
-    async def auth(self, token: str, *, timeout: float | None = None) -> AuthResult:
+    async def auth(self, token: str, *, timeout: float | None = None) -> AuthReply:
         """Bind the connection to a token; remembered for reconnects."""
-        res = await self._call(c.Auth(token=token), AuthResult, timeout)
-        self._token = token
-        self._guest = False  # not known from a token: close() keeps it unless asked
-        self._bound(res.user, res.grants, res.expires_at)
+        res = await self._call(c.Auth(token=token), AuthReply, timeout)
+        self._rec.authed_with(token, res)
         return res
 
-    async def refresh(self, *, timeout: float | None = None) -> RefreshResult:
-        res = await self._call(c.Refresh(), RefreshResult, timeout)
-        self._token, self.expires_at = res.token, res.expires_at
+    async def refresh(self, *, timeout: float | None = None) -> RefreshReply:
+        res = await self._call(c.Refresh(), RefreshReply, timeout)
+        self._rec.refreshed(res)
+        return res
+
+    async def passwd(
+        self, password: str, new_password: str, *, timeout: float | None = None
+    ) -> PasswdReply:
+        """Change the password; the connection is bound to the new token it returns (every
+        other token of the account stops working). Remembered for reconnects."""
+        cmd = c.Passwd(password=password, new_password=new_password)
+        res = await self._call(cmd, PasswdReply, timeout)
+        self._rec.password_changed(new_password, res)
         return res
 
     async def logout(self, *, all: bool = False, timeout: float | None = None) -> None:
         """Revoke the token; the client forgets its credentials and rooms."""
-        await self._call(c.Logout(all=all), _Empty, timeout)
-        self._token = self._password = None
-        self._authed = self._guest = False
-        self._rooms.clear()
+        await self._call(c.Logout(all=all), Empty, timeout)
+        self._rec.logged_out()
 
-    async def whoami(self, *, timeout: float | None = None) -> AuthResult:
-        return await self._call(c.WhoAmI(), AuthResult, timeout)
+    async def whoami(self, *, timeout: float | None = None) -> WhoAmIReply:
+        return await self._call(c.WhoAmI(), WhoAmIReply, timeout)
 
     async def room_create(
         self,
@@ -923,8 +682,8 @@ class Client:
     ) -> RoomInfo:
         """Create a room; the creator joins it (and re-joins it after a reconnect)."""
         cmd = c.RoomCreate(room=room, topic=topic, ephemeral=ephemeral, open=open)
-        info = (await self._call(cmd, _RoomReply, timeout)).room
-        self._rooms[info.name.lower()] = info.name
+        info = (await self._call(cmd, RoomReply, timeout)).room
+        self._rec.joined(info.name)
         return info
 
     async def room_edit(
@@ -935,39 +694,36 @@ class Client:
         name: str | None = None,
         timeout: float | None = None,
     ) -> RoomInfo:
-        info = (
-            await self._call(c.RoomEdit(room=room, topic=topic, name=name), _RoomReply, timeout)
-        ).room
-        if room.lower() in self._rooms:
-            del self._rooms[room.lower()]
-            self._rooms[info.name.lower()] = info.name
+        cmd = c.RoomEdit(room=room, topic=topic, name=name)
+        info = (await self._call(cmd, RoomReply, timeout)).room
+        self._rec.renamed(room, info.name)
         return info
 
     async def room_delete(self, room: str, *, timeout: float | None = None) -> None:
-        await self._call(c.RoomDelete(room=room), _Empty, timeout)
-        self._rooms.pop(room.lower(), None)
+        await self._call(c.RoomDelete(room=room), Empty, timeout)
+        self._rec.left(room)
 
     async def room_list(self, *, timeout: float | None = None) -> list[RoomInfo]:
         """Every room, following the server's pages (`after` = the reply's `next`)."""
-        page = await self._call(c.RoomList(), _RoomsReply, timeout)
+        page = await self._call(c.RoomList(), RoomListReply, timeout)
         rooms = list(page.rooms)
         while page.more and page.next is not None:
-            page = await self._call(c.RoomList(after=page.next), _RoomsReply, timeout)
+            page = await self._call(c.RoomList(after=page.next), RoomListReply, timeout)
             rooms += page.rooms
         return rooms
 
-    async def join(self, room: str, *, timeout: float | None = None) -> JoinResult:
+    async def join(self, room: str, *, timeout: float | None = None) -> RoomJoinReply:
         """Join (idempotent); the room is re-joined after a reconnect."""
-        res = await self._call(c.RoomJoin(room=room), JoinResult, timeout)
-        self._rooms[res.room.name.lower()] = res.room.name
+        res = await self._call(c.RoomJoin(room=room), RoomJoinReply, timeout)
+        self._rec.joined(res.room.name)
         return res
 
     async def leave(self, room: str, *, timeout: float | None = None) -> None:
-        await self._call(c.RoomLeave(room=room), _Empty, timeout)
-        self._rooms.pop(room.lower(), None)
+        await self._call(c.RoomLeave(room=room), Empty, timeout)
+        self._rec.left(room)
 
     async def members(self, room: str, *, timeout: float | None = None) -> list[str]:
-        return (await self._call(c.RoomMembers(room=room), Members, timeout)).members
+        return (await self._call(c.RoomMembers(room=room), RoomMembersReply, timeout)).members
 
     async def history(
         self,
@@ -977,9 +733,9 @@ class Client:
         after: int | None = None,
         limit: int | None = None,
         timeout: float | None = None,
-    ) -> HistoryPage:
+    ) -> HistoryReply:
         cmd = c.RoomHistory(room=room, before=before, after=after, limit=limit)
-        return await self._call(cmd, HistoryPage, timeout)
+        return await self._call(cmd, HistoryReply, timeout)
 
     async def send(
         self,
@@ -992,44 +748,57 @@ class Client:
     ) -> Message:
         """Post to a room or a user; returns the message as stored.
 
-        Every send carries a nonce (a fresh one unless given). A send made while
-        disconnected waits for the reconnect, and one whose reply was lost to a drop is
-        sent again on the next connection: the server answers a repeated nonce with the
-        original message, so a message is never posted twice.
+        Every send carries a nonce (a fresh one unless given) and waits in the outbox
+        until confirmed. A send made while disconnected goes out when the connection is
+        back, and one whose reply was lost to a drop is sent again on the next connection
+        (both by the recovery, before anything sent later): the server answers a repeated
+        nonce with the original message, so a message is never posted twice.
 
         ``timeout`` bounds the whole wait, outage included (default
         ``Options.send_timeout``, 30 s; ``math.inf`` waits until ``close()``). Raises
         ``RequestTimeout`` after it, ``ClientClosed`` (``SessionEnded``) if the client
         closes first.
         """
+        if self._closed:
+            raise self._closed_error()
         cmd = c.MsgSend(text=text, room=room, to=to, nonce=nonce or uuid.uuid4().hex)
-        loop = asyncio.get_running_loop()
         limit = self.options.send_timeout if timeout is None else timeout
-        deadline = None if limit is None or math.isinf(limit) else loop.time() + limit
-        while True:
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise RequestTimeout("message not confirmed in time")
-            try:
-                await self.wait_connected(left)
-                left = None if deadline is None else max(1e-3, deadline - loop.time())
-                return (await self._call(cmd, _MessageReply, left)).message
-            except TimeoutError:
-                raise RequestTimeout("message not confirmed in time") from None
-            except ClientClosed:
-                raise
-            except ConnectionLost:
-                if not self.options.reconnect:
-                    raise
-                continue  # same nonce on the next connection
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        entry = self._rec.outbox.add(cmd, waiter)
+        try:
+            async with asyncio.timeout(None if limit is None or math.isinf(limit) else limit):
+                if self.connected:
+                    await self._transmit(entry)
+                return await waiter
+        except TimeoutError:
+            raise RequestTimeout("message not confirmed in time") from None
+        finally:
+            self._rec.outbox.discard(entry)
+
+    async def _transmit(self, entry: Queued) -> None:
+        """Send a queued message on the current link. A drop leaves it queued for the
+        recovery to send again (or fails it when the client does not reconnect)."""
+        outbox = self._rec.outbox
+        try:
+            link = self._current()
+            outbox.written(entry, link.conn)
+            res = await self._call(entry.cmd, MessageReply, math.inf, link=link)
+        except ServerError as exc:
+            outbox.fail(entry, exc)
+        except ClientClosed as exc:
+            outbox.fail(entry, exc)
+        except ConnectionLost as exc:
+            if not self.options.reconnect:
+                outbox.fail(entry, exc)
+        else:
+            outbox.confirm(entry, res.message)
 
     async def edit(self, message_id: int, text: str, *, timeout: float | None = None) -> Message:
-        return (
-            await self._call(c.MsgEdit(message_id=message_id, text=text), _MessageReply, timeout)
-        ).message
+        cmd = c.MsgEdit(message_id=message_id, text=text)
+        return (await self._call(cmd, MessageReply, timeout)).message
 
     async def delete(self, message_id: int, *, timeout: float | None = None) -> None:
-        await self._call(c.MsgDelete(message_id=message_id), _Empty, timeout)
+        await self._call(c.MsgDelete(message_id=message_id), Empty, timeout)
 
     async def dm_history(
         self,
@@ -1039,38 +808,36 @@ class Client:
         after: int | None = None,
         limit: int | None = None,
         timeout: float | None = None,
-    ) -> HistoryPage:
+    ) -> HistoryReply:
         cmd = c.DmHistory(with_=with_, before=before, after=after, limit=limit)
-        return await self._call(cmd, HistoryPage, timeout)
+        return await self._call(cmd, HistoryReply, timeout)
 
     async def sync(
         self, since: int, *, limit: int | None = None, timeout: float | None = None
-    ) -> SyncPage:
+    ) -> SyncReply:
         """One raw sync page (the client runs its own sync after reconnecting)."""
-        return await self._call(c.Sync(since=since, limit=limit), SyncPage, timeout)
+        return await self._call(c.Sync(since=since, limit=limit), SyncReply, timeout)
 
     async def channels(self, *, timeout: float | None = None) -> list[Channel]:
         """Every room and known user, following the server's pages."""
-        page = await self._call(c.Channels(), _ChannelsReply, timeout)
+        page = await self._call(c.Channels(), ChannelsReply, timeout)
         out = list(page.channels)
         while page.more and page.next is not None:
-            page = await self._call(c.Channels(after=page.next), _ChannelsReply, timeout)
+            page = await self._call(c.Channels(after=page.next), ChannelsReply, timeout)
             out += page.channels
         return out
 
     async def user_delete(self, user: str, *, timeout: float | None = None) -> None:
-        await self._call(c.UserDelete(user=user), _Empty, timeout)
+        await self._call(c.UserDelete(user=user), Empty, timeout)
 
+    async def user_list(self, *, timeout: float | None = None) -> list[UserEntry]:
+        """Every registered account, sorted by name (grant ``admin``)."""
+        return (await self._call(c.UserList(), UserListReply, timeout)).users
 
-_Any = dict[str, Any]
-
-
-class _Refused(Exception):
-    """Inside the resume path: the server refused the session (not a transient fault)."""
-
-    def __init__(self, error: ServerError) -> None:
-        super().__init__(str(error))
-        self.error = error
+    async def stats(self, *, timeout: float | None = None) -> StatsReply:
+        """The server's figures (grant ``admin``); fields newer than this library are
+        ignored (``request("stats")`` returns them all)."""
+        return await self._call(c.Stats(), StatsReply, timeout)
 
 
 class _Connect:
@@ -1129,4 +896,5 @@ __all__ = [
     "ExponentialBackoff",
     "Options",
     "connect",
+    "encode_command",
 ]

@@ -1,14 +1,26 @@
-"""Typed reply data and events. Message and RoomInfo are the server's own
-(chatd.protocol.models), so the client's types cannot drift from the wire."""
+"""Typed events and the names of reply data. Message, RoomInfo and every reply Struct
+are the server's own (chatd.protocol.models and .replies), so the client's types cannot
+drift from the wire."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from chatd.protocol.models import Message, RoomInfo
+from chatd.protocol.replies import (
+    AuthReply,
+    Channel,
+    CommandHelp,
+    HistoryReply,
+    LoginReply,
+    RefreshReply,
+    RoomJoinReply,
+    RoomMembersReply,
+    SyncReply,
+)
 
 __all__ = [
     "AuthResult",
@@ -38,57 +50,15 @@ class Hello(msgspec.Struct, frozen=True):
     rev: int
 
 
-class LoginResult(msgspec.Struct, frozen=True):
-    token: str
-    user: str
-    grants: list[str]
-    expires_at: int
-
-
-class AuthResult(msgspec.Struct, frozen=True):
-    """The reply to ``auth`` and ``whoami``."""
-
-    user: str
-    grants: list[str]
-    expires_at: int
-
-
-class RefreshResult(msgspec.Struct, frozen=True):
-    token: str
-    expires_at: int
-
-
-class CommandHelp(msgspec.Struct, frozen=True):
-    cmd: str
-    usage: str
-    auth: bool = True
-    grant: str | None = None
-
-
-class JoinResult(msgspec.Struct, frozen=True):
-    room: RoomInfo
-    members: list[str]
-
-
-class Members(msgspec.Struct, frozen=True):
-    room: str
-    members: list[str]
-
-
-class HistoryPage(msgspec.Struct, frozen=True):
-    messages: list[Message]
-    more: bool
-
-
-class SyncPage(msgspec.Struct, frozen=True):
-    changes: list[Message]
-    rev: int
-    more: bool
-
-
-class Channel(msgspec.Struct, frozen=True):
-    name: str
-    type: Literal["room", "user"]
+# The reply types are the wire's own (chatd.protocol.replies); these names stay for
+# applications written against earlier versions of this library.
+LoginResult = LoginReply
+AuthResult = AuthReply  # auth; whoami returns WhoAmIReply, a subclass of it
+RefreshResult = RefreshReply
+JoinResult = RoomJoinReply
+Members = RoomMembersReply
+HistoryPage = HistoryReply
+SyncPage = SyncReply
 
 
 # Events the client itself adds to the stream (not wire events).

@@ -239,3 +239,31 @@ async def test_session_expiring_refreshes_the_token() -> None:
             await ann.ping()
             assert ann.token != first.token
             assert (await ann.whoami()).user == "ann"
+
+
+async def test_sends_queued_while_down_go_out_once_in_the_order_they_were_made(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "chat.db")
+    gate = Gate()
+    async with killable(db) as (srv1, stack1):
+        port = srv1.port
+        ann = await connect("127.0.0.1", port, user="ann", options=FAST, backoff=gate)
+        async with ann:
+            events = ann.events()
+            await ann.room_create("lobby")
+            await stack1.aclose()
+            await next_event(events, "disconnected")
+            typed = [asyncio.ensure_future(ann.send(f"q{i}", room="lobby")) for i in range(5)]
+            await asyncio.wait_for(gate.waiting.wait(), T)
+            async with running_server(db=db, port=port, rate_limit=0):
+                gate.open.set()
+                got = await collect_until(events, lambda e: e.name == "reconnected")
+                sent = [await asyncio.wait_for(t, T) for t in typed]
+                assert [m.text for m in sent] == [f"q{i}" for i in range(5)]
+                ids = [m.id for m in sent]
+                assert ids == sorted(ids)  # posted in the order they were typed
+                got += await collect_until(events, _is("q4"))
+                page = await ann.history("lobby")
+                assert [m.text for m in page.messages] == [f"q{i}" for i in range(5)]
+                assert [e.message.id for e in got if e.message] == ids

@@ -1,63 +1,99 @@
 """The Store conformance suite (issue 10): one set of tests every Store implementation must
-pass, written against the `chatd.store.base.Store` protocol only. A second backend is added
-to BACKENDS and proved by the same tests; nothing here may reach into one implementation.
+pass, written against the `chatd.store.base` protocols (`Store`, `AdminStore`) only. A second
+backend is added to BACKENDS and proved by the same tests; nothing here may reach into one
+implementation.
 
-Each backend is a factory of (store, reopen): `reopen` gives a fresh store over the same
-data, or None for a backend that keeps nothing (SQLite `:memory:`)."""
+Each backend is a function of the test's tmp_path giving a `Backend`: how to make a Store over
+this test's data (called again for a reopen), whether that data outlives a reopen, and how to
+open an AdminStore beside a running Store on the same data (None for a backend that shares
+nothing, SQLite `:memory:`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from chatd.errors import Conflict
-from chatd.store.base import MessageRecord, NewMessage, RoomRecord, Snapshot, Store
+from chatd.errors import Conflict, NotFound
+from chatd.store.base import (
+    AdminStore,
+    GuestHold,
+    MessageRecord,
+    NameHeld,
+    NewMessage,
+    RoomRecord,
+    Snapshot,
+    Store,
+    StoreMissing,
+)
 from chatd.store.redis import RedisStore
-from chatd.store.sqlite import SQLiteStore
+from chatd.store.sqlite import SQLiteAdmin, SQLiteStore
 from tests.redisutil import fresh_redis_url
 
-Factory = Callable[[], Store]
+
+@dataclass
+class Backend:
+    store: Callable[[], Store]
+    durable: bool  # the data outlives a reopen
+    # An AdminStore on the same data (create: make it if missing), None if nothing is shared.
+    admin: Callable[[bool], AdminStore] | None = None
+    # An AdminStore opened without `create` where there is no data yet (StoreMissing).
+    missing_admin: Callable[[], AdminStore] | None = None
 
 
-def _sqlite_file(tmp: Path) -> tuple[Factory, bool]:
-    return (lambda: SQLiteStore(str(tmp / "conformance.db"))), True
+def _sqlite_file(tmp: Path) -> Backend:
+    path = str(tmp / "conformance.db")
+    return Backend(
+        store=lambda: SQLiteStore(path),
+        durable=True,
+        admin=lambda create: SQLiteAdmin(path, create=create),
+        missing_admin=lambda: SQLiteAdmin(str(tmp / "missing.db")),
+    )
 
 
-def _sqlite_memory(tmp: Path) -> tuple[Factory, bool]:
-    return (lambda: SQLiteStore(":memory:")), False
+def _sqlite_memory(tmp: Path) -> Backend:
+    return Backend(store=lambda: SQLiteStore(":memory:"), durable=False)
 
 
-def _redis(tmp: Path) -> tuple[Factory, bool]:
+def _redis(tmp: Path) -> Backend:
     url = fresh_redis_url()  # a real redis-server (tests/redisutil.py); reopen: same db
-    return (lambda: RedisStore(url)), True
+    return Backend(store=lambda: RedisStore(url), durable=True)
 
 
-BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory, "redis": _redis}
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "sqlite-file": _sqlite_file,
+    "sqlite-memory": _sqlite_memory,
+    "redis": _redis,
+}
 DURABLE = ["sqlite-file", "redis"]  # the backends whose data outlives a reopen
+SHARED = ["sqlite-file"]  # the backends an AdminStore can open beside a running Store
 
 
 class Opened:
     """One backend under test: the open store, its snapshot, and a way to reopen."""
 
-    def __init__(self, factory: Factory, durable: bool) -> None:
-        self.factory = factory
-        self.durable = durable
-        self.store = factory()
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.durable = backend.durable
+        self.store = backend.store()
         self.snap = self.store.open()
 
     async def reopen(self) -> Snapshot:
         await self.store.close()
-        self.store = self.factory()
+        self.store = self.backend.store()
         self.snap = self.store.open()
         return self.snap
 
+    def admin(self) -> AdminStore:
+        assert self.backend.admin is not None
+        return self.backend.admin(False)
+
 
 async def _opened(name: str, tmp_path: Path) -> AsyncIterator[Opened]:
-    factory, durable = BACKENDS[name](tmp_path)
-    opened = Opened(factory, durable)
+    opened = Opened(BACKENDS[name](tmp_path))
     try:
         yield opened
     finally:
@@ -72,6 +108,12 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 @pytest.fixture(params=DURABLE)
 async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opened]:
+    async for opened in _opened(request.param, tmp_path):
+        yield opened
+
+
+@pytest.fixture(params=SHARED)
+async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opened]:
     async for opened in _opened(request.param, tmp_path):
         yield opened
 
@@ -335,3 +377,288 @@ async def test_prune_keeps_the_newest_per_room(backend: Opened) -> None:
     assert removed == 7
     page, more = await s.room_history(r.id, None, None, 50)
     assert [m.id for m in page] == ids[7:] and not more
+
+
+async def test_count_messages_counts_tombstones_until_retention_removes_them(
+    backend: Opened,
+) -> None:
+    s = backend.store
+    assert await s.count_messages() == 0
+    r = await room(s)
+    sent = await send_all(s, [new(r.id, f"m{i}", ts=float(i)) for i in range(5)])
+    await send_all(s, [new(None, "dm", to="bob")])
+    await s.delete_message(sent[0].id)
+    assert await s.count_messages() == 6  # a tombstone is still a stored message
+    assert await s.prune(now=100.0, max_age=0, keep=2) == 2  # m1, m2 (m0 was deleted)
+    assert await s.count_messages() == 3
+
+
+# --- the sync watermark (Store.rev) -----------------------------------------------------
+
+
+async def test_an_acknowledged_change_is_in_changes_since_the_rev_before_it(
+    backend: Opened,
+) -> None:
+    s = backend.store
+    r = await room(s)
+    reader = "cat#3"
+
+    async def since(before: int) -> list[tuple[int, int, str, bool]]:
+        changes, more = await s.changes_since(before, [r.id], reader, 50)
+        assert not more
+        return [(c.id, c.rev, c.text, c.deleted) for c in changes]
+
+    before = s.rev
+    m, _ = await s.add_message(new(r.id, "a"))
+    assert before < m.rev <= s.rev
+    assert await since(before) == [(m.id, m.rev, "a", False)]
+    before = s.rev
+    edited = await s.edit_message(m.id, "b", 2.0, "ann")
+    assert edited is not None and before < edited.rev <= s.rev
+    assert await since(before) == [(m.id, edited.rev, "b", False)]
+    before = s.rev
+    gone = await s.delete_message(m.id)
+    assert gone is not None and before < gone.rev <= s.rev
+    assert await since(before) == [(m.id, gone.rev, "", True)]
+    # A write that changed nothing takes no revision and moves no watermark.
+    before = s.rev
+    assert await s.edit_message(m.id, "c", 3.0, "ann") is None
+    assert s.rev == before and await since(before) == []
+
+
+async def test_the_watermark_never_runs_ahead_of_what_reads_return(backend: Opened) -> None:
+    """While sends are in flight, every revision up to a `rev` just read is already
+    visible to a read started after it (contract, Revisions: `sync` returns `rev`)."""
+    s = backend.store
+    r = await room(s)
+    total, wave = 600, 60
+
+    async def write() -> None:
+        for start in range(0, total, wave):
+            await asyncio.gather(
+                *(s.add_message(new(r.id, f"m{i}")) for i in range(start, start + wave))
+            )
+
+    writing = asyncio.create_task(write())
+    seen_rev = 0
+    checks = 0
+    async with asyncio.timeout(60):
+        while checks == 0 or not writing.done():
+            mark = s.rev
+            assert mark >= seen_rev  # never goes back
+            seen_rev = mark
+            changes, _ = await s.changes_since(0, [r.id], "ann#1", total + 1)
+            assert {c.rev for c in changes} >= set(range(1, mark + 1)), mark
+            checks += 1
+        await writing
+    assert s.rev == total
+
+
+# --- guest holds (contract: Guest names come back) --------------------------------------
+
+
+async def test_a_hold_changes_only_over_an_older_version_of_the_same_hold(
+    backend: Opened,
+) -> None:
+    s = backend.store
+    await s.hold_guest(GuestHold("Gus", "9", None, 1))
+    assert await s.update_hold(GuestHold("Gus", "9", 500, 3))
+    assert not await s.update_hold(GuestHold("Gus", "9", None, 2))  # decided earlier
+    assert not await s.update_hold(GuestHold("Gus", "9", None, 3))  # not newer either
+    assert not await s.release_guest(GuestHold("Gus", "9", None, 3))
+    assert not await s.update_hold(GuestHold("gus", "1", None, 99))  # another hold of the name
+    assert not await s.release_guest(GuestHold("gus", "1", None, 99))
+    assert await s.release_guest(GuestHold("GUS", "9", 500, 4))  # names in any case
+    # An extension decided before the release, written after it, brings nothing back.
+    assert not await s.update_hold(GuestHold("Gus", "9", 9999, 3))
+    assert not await s.release_guest(GuestHold("Gus", "9", None, 5))
+
+
+async def test_hold_writes_apply_in_the_order_they_were_called(backend: Opened) -> None:
+    s = backend.store
+    await s.hold_guest(GuestHold("Ola", "4", None, 1))
+    # Called before either is awaited: the release (v3) lands first, the older
+    # extension (v2) after it finds nothing.
+    released = s.release_guest(GuestHold("Ola", "4", None, 3))
+    extended = s.update_hold(GuestHold("Ola", "4", 700, 2))
+    assert await released and not await extended
+    await s.hold_guest(GuestHold("Pia", "5", None, 1))
+    extended = s.update_hold(GuestHold("Pia", "5", 700, 2))
+    released = s.release_guest(GuestHold("Pia", "5", 700, 3))
+    assert await extended and await released
+
+
+async def test_a_new_hold_replaces_a_released_or_lapsed_one(backend: Opened) -> None:
+    s = backend.store
+    await s.hold_guest(GuestHold("Quy", "6", None, 1))
+    assert await s.update_hold(GuestHold("Quy", "6", 100, 2))  # lapsed, never released
+    await s.hold_guest(GuestHold("quy", "7", None, 1))  # a new guest takes the name
+    assert not await s.update_hold(GuestHold("Quy", "6", 200, 3))  # the old hold is gone
+    assert await s.update_hold(GuestHold("quy", "7", 300, 2))
+    if backend.durable:
+        snap = await backend.reopen()
+        assert snap.guests == [GuestHold("quy", "7", 300, 2)]
+
+
+async def test_guest_holds_survive_a_reopen(durable: Opened) -> None:
+    s = durable.store
+    await s.hold_guest(GuestHold("Ann", "1", None, 1))  # connected when stopped
+    await s.hold_guest(GuestHold("Bo", "2", None, 1))
+    assert await s.update_hold(GuestHold("Bo", "2", 1_700_000_120, 2))  # in its grace
+    await s.hold_guest(GuestHold("Cy", "3", None, 1))
+    assert await s.release_guest(GuestHold("Cy", "3", None, 2))
+    snap = await durable.reopen()
+    assert sorted(snap.guests, key=lambda h: h.name) == [
+        GuestHold("Ann", "1", None, 1),
+        GuestHold("Bo", "2", 1_700_000_120, 2),
+    ]
+    # The versions came back too: compare-and-set goes on where it stopped.
+    assert not await durable.store.update_hold(GuestHold("Bo", "2", None, 2))
+    assert await durable.store.update_hold(GuestHold("Bo", "2", None, 3))
+
+
+# --- accounts: users_version and reload ---------------------------------------------------
+
+
+async def test_reload_users_reads_every_account_with_its_users_version(backend: Opened) -> None:
+    s = backend.store
+    version, users = await s.reload_users()
+    assert users == [] and version == await s.users_version() == backend.snap.users_version
+    await s.create_user("bob", "h1", False)
+    ann = await s.create_user("Ann", "h2", True)
+    assert await s.set_password(ann.id, "h3") == 1
+    version, users = await s.reload_users()
+    assert version == await s.users_version()
+    assert sorted((u.name, u.pw_hash, u.admin, u.token_version) for u in users) == [
+        ("Ann", "h3", True, 1),
+        ("bob", "h1", False, 0),
+    ]
+    assert await s.set_password(ann.id + 100, "h4") is None
+    got = await s.get_user("ANN")
+    assert got is not None and got.id == ann.id and got.pw_hash == "h3"
+    assert await s.get_user("nobody") is None
+
+
+# --- rooms: update and delete ---------------------------------------------------------------
+
+
+async def test_a_deleted_room_takes_no_more_messages(backend: Opened) -> None:
+    s = backend.store
+    gone, kept = await room(s, "gone"), await room(s, "kept")
+    await send_all(s, [new(gone.id, "before")])
+    rev = s.rev
+    await s.delete_room(gone.id)
+    with pytest.raises(NotFound):
+        await s.add_message(new(gone.id, "after"))
+    assert s.rev == rev  # the refused send took no revision
+    (m,) = await send_all(s, [new(kept.id, "elsewhere")])
+    assert m.rev == rev + 1
+    if backend.durable:
+        await backend.reopen()
+        with pytest.raises(NotFound):
+            await backend.store.add_message(new(gone.id, "after a restart"))
+
+
+async def test_a_room_update_is_kept_and_ephemeral_rooms_end_at_a_restart(
+    durable: Opened,
+) -> None:
+    s = durable.store
+    kept = await room(s, "kept")
+    await s.update_room(kept.id, "Kept", "a topic")
+    brief = await s.create_room(RoomRecord(0, "brief", "t", "ann", 2.0, True, True))
+    await send_all(s, [new(brief.id, "short-lived")])
+    snap = await durable.reopen()
+    assert [(r.id, r.name, r.topic, r.ephemeral) for r in snap.rooms] == [
+        (kept.id, "Kept", "a topic", False)
+    ]
+    with pytest.raises(NotFound):
+        await durable.store.add_message(new(brief.id, "too late"))
+    again = await room(durable.store, "brief")  # the name is free; the id is new
+    assert again.id > brief.id
+
+
+# --- the offline admin API (AdminStore), beside a running Store --------------------------
+
+
+async def test_admin_account_changes_are_seen_by_a_running_store_at_once(shared: Opened) -> None:
+    s = shared.store
+    v0 = await s.users_version()
+    admin = shared.admin()
+    try:
+        dee = admin.create_user("Dee", "hash", True, now=1.0)
+        assert (dee.name, dee.pw_hash, dee.admin, dee.token_version) == ("Dee", "hash", True, 0)
+        v1 = await s.users_version()
+        assert v1 != v0
+        assert await s.get_user("dee") == dee
+        version, users = await s.reload_users()
+        assert version == v1 and users == [dee]
+        with pytest.raises(Conflict):
+            admin.create_user("DEE", "other", False, now=1.0)
+        with pytest.raises(Conflict):
+            await s.create_user("dee", "other", False)  # one namespace for both
+        ann = await s.create_user("ann", "h", False)
+        assert admin.list_users() == [ann, dee]  # sorted case-insensitively
+        assert admin.find_user("ANN") == ann and admin.find_user("nobody") is None
+        assert admin.delete_user("Ann") is True
+        assert await s.get_user("ann") is None
+        v2 = await s.users_version()
+        assert v2 != v1
+        assert admin.delete_user("ann") is False
+        assert admin.list_users() == [dee]
+    finally:
+        admin.close()
+
+
+async def test_admin_refuses_a_name_a_guest_holds_and_frees_a_lapsed_one(shared: Opened) -> None:
+    s = shared.store
+    await s.hold_guest(GuestHold("Gil", "1", None, 1))  # connected
+    await s.hold_guest(GuestHold("Hal", "2", None, 1))
+    assert await s.update_hold(GuestHold("Hal", "2", 2_000, 2))  # held until 2000
+    await s.hold_guest(GuestHold("Ivy", "3", None, 1))
+    assert await s.update_hold(GuestHold("Ivy", "3", 1_000, 2))  # lapsed at 1000
+    admin = shared.admin()
+    try:
+        with pytest.raises(NameHeld) as held:
+            admin.create_user("gil", "h", False, now=1_500.0)
+        assert held.value.held_until is None and isinstance(held.value, Conflict)
+        with pytest.raises(NameHeld) as held:
+            admin.create_user("HAL", "h", False, now=1_500.0)
+        assert held.value.held_until == 2_000
+        ivy = admin.create_user("ivy", "h", False, now=1_500.0)
+        assert admin.list_users() == [ivy]  # the refused ones changed nothing
+    finally:
+        admin.close()
+    # The lapsed hold went with the account's creation; the others are untouched.
+    assert not await s.update_hold(GuestHold("Ivy", "3", None, 3))
+    assert await s.update_hold(GuestHold("Hal", "2", 3_000, 3))
+    snap = await shared.reopen()
+    assert sorted(h.name for h in snap.guests) == ["Gil", "Hal"]
+    assert [u.name for u in snap.users] == ["ivy"]
+
+
+@pytest.mark.parametrize("name", SHARED)
+async def test_an_admin_opened_without_create_refuses_missing_data(
+    tmp_path: Path, name: str
+) -> None:
+    backend = BACKENDS[name](tmp_path)
+    assert backend.missing_admin is not None
+    with pytest.raises(StoreMissing):
+        backend.missing_admin()
+    assert list(tmp_path.iterdir()) == []  # a read made nothing
+
+
+@pytest.mark.parametrize("name", SHARED)
+async def test_an_admin_can_make_the_data_a_store_then_opens(tmp_path: Path, name: str) -> None:
+    backend = BACKENDS[name](tmp_path)
+    assert backend.admin is not None
+    admin = backend.admin(True)
+    try:
+        root = admin.create_user("root", "h", True, now=0.0)
+    finally:
+        admin.close()
+    store = backend.store()
+    snap = store.open()
+    try:
+        assert snap.users == [root] and snap.rev == 0 and snap.epoch
+    finally:
+        await store.close()

@@ -201,3 +201,52 @@ def test_cmd_given_twice_is_bad_request_not_unknown_command() -> None:
     assert err.error.code == "bad_request" and err.request_id == 1
     assert "cmd" in err.error.message
     assert fail(b'{"cmd":"ping","cmd":"nope"}').error.code == "unknown_command"
+
+
+@pytest.mark.parametrize(
+    ("line", "rid", "field"),
+    [
+        (b'{"cmd":"sync","id":5,"since":1e400}', 5, "since"),
+        (b'{"cmd":"sync","id":"s","since":-1e400}', "s", "since"),
+        (b'{"cmd":"room.history","id":6,"room":"lobby","limit":1E999}', 6, "limit"),
+        (b'{"cmd":"ping","id":1e400}', None, "id"),  # the id itself is not valid: null
+    ],
+)
+def test_a_number_too_big_for_a_float_is_bad_request_with_the_id_echoed(
+    line: bytes, rid: object, field: str
+) -> None:
+    # Issue 13, item 13: it was bad_frame with id null.
+    err = fail(line)
+    assert err.error.code == "bad_request" and err.request_id == rid
+    assert f"`$.{field}`" in err.error.message
+
+
+def test_a_huge_number_in_an_ignored_field_is_ignored() -> None:
+    assert isinstance(decode_command(b'{"cmd":"ping","id":1,"pad":1e400}'), c.Ping)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"cmd":"ping","cmd":"ping","id":7}',
+        b'{"cmd":"ping","id":7,"cmd":"help"}',
+        b'{"cmd":"ping","\\u0063md":"ping","id":7}',  # the same key, spelled with an escape
+        b'{"\\u0063\\u006d\\u0064":"ping","cmd":"ping","id":7}',
+    ],
+)
+def test_cmd_given_twice_is_bad_request(line: bytes) -> None:
+    err = fail(line)
+    assert err.error.code == "bad_request" and err.request_id == 7
+    assert "more than once" in err.error.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"cmd":"msg.send","room":"a","text":"{\\"cmd\\":\\"x\\",\\"cmd\\":1} \\u0063"}',
+        b'{"cmd":"ping","nested":{"cmd":1,"cmd":2}}',
+        b'{"cmd":"ping","\\u0063m":"not cmd"}',
+    ],
+)
+def test_cmd_in_texts_or_nested_objects_is_not_a_second_cmd(line: bytes) -> None:
+    decode_command(line)

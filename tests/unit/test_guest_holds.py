@@ -13,8 +13,8 @@ from chatd.auth import Claims
 from chatd.errors import Unauthorized
 from chatd.session import Session
 from chatd.store.base import GuestHold, Snapshot
-from chatd.store.schema import APPLICATION_ID, MIGRATIONS
 from chatd.store.sqlite import SQLiteStore
+from chatd.store.sqlite.schema import APPLICATION_ID, MIGRATIONS
 from tests.unit.fakes import UNIT_CONFIG, Core, core
 
 GRACE = UNIT_CONFIG.replace(guest_grace=120)

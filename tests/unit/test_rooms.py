@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chatd.errors import Conflict, NotFound
@@ -124,3 +126,40 @@ def test_room_info_shape(rooms: RoomManager) -> None:
     assert info.name == "Lobby" and info.topic == "" and info.members == 0
     assert info.created_at == "2023-11-14T22:13:20.000Z"
     assert isinstance(rooms.get("lobby"), LiveRoom)
+
+
+def test_member_list_is_kept_sorted_and_encoded_once_per_change(
+    rooms: RoomManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, item 11: asking a big room for its members neither walks nor sorts it."""
+    import chatd.rooms as rooms_mod
+
+    encodes: list[int] = []
+    real = rooms_mod.encode_json
+
+    def counting_encode(value: list[str]) -> bytes:
+        encodes.append(len(value))
+        return real(value)
+
+    monkeypatch.setattr(rooms_mod, "encode_json", counting_encode)
+    monkeypatch.setattr(rooms_mod, "sorted", _no_sort, raising=False)
+    room = rooms.get("lobby")
+    names = [f"U{i:04d}" if i % 2 else f"u{i:04d}" for i in range(4000)]
+    for name in reversed(names):
+        RoomManager.join(room, conn(name))
+    RoomManager.join(room, conn("U0001"))  # a second connection changes nothing
+    first = room.members_json()
+    assert [first is room.members_json() for _ in range(16)] == [True] * 16
+    assert encodes == [4000]  # one encoding for 17 readers
+    assert json.loads(bytes(first)) == sorted(names, key=str.lower)
+    late = conn("aaa")
+    RoomManager.join(room, late)
+    assert json.loads(bytes(room.members_json()))[:2] == ["aaa", "u0000"]
+    RoomManager.leave(room, late)
+    assert room.member_names()[:1] == ["u0000"]
+    assert json.loads(bytes(room.members_json())) == sorted(names, key=str.lower)
+    assert encodes == [4000, 4001, 4000]
+
+
+def _no_sort(*args: object, **kwargs: object) -> list[object]:
+    raise AssertionError("a member list must not be sorted per call")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.store.dbfiles import is_part_of
+from chatd.store.sqlite.dbfiles import is_part_of
 from tests.helpers import SECRET, TIMEOUT, Client
 from tests.process import chatd_run
 from tests.wire.test_crash import serving

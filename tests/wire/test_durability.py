@@ -23,8 +23,8 @@ from chatd.config import Config
 from chatd.errors import Internal
 from chatd.server import ChatServer
 from chatd.store.base import NewMessage
-from chatd.store.schema import SCHEMA_VERSION
 from chatd.store.sqlite import SQLiteStore, _Insert
+from chatd.store.sqlite.schema import SCHEMA_VERSION
 from tests.helpers import SECRET, TEST_CONFIG, TIMEOUT, Client, running_server, until
 from tests.process import chatd_run
 from tests.wire.test_crash import serving

@@ -22,6 +22,8 @@ touches keys of many slots):
   P d:{<ident>}:with    set of lower names it has DMs with (tombstones count)
   P d:{<ident>}:revs    zset of all its DMs, score = rev (sync)
   P p:<pair>:ids        zset of a DM pair's live messages (retention's `keep`)
+  P r:<room>:dead       zset of a room's tombstones, score = id (retention's `keep`)
+  P p:<pair>:dead       the same for a DM pair
   P pairs               set of DM pair keys
   P changes             stream: one entry per revision, fields rev, kind, and the message
 """
@@ -41,6 +43,11 @@ local function rev_keys(room, sk, tk)
   return {P..'d:{'..sk..'}:revs', P..'d:{'..tk..'}:revs'}
 end
 local STATE = {'i', 'd', 'r', 'sk', 'tk', 'sl', 'tl', 'p', 'n', 'ts'}
+-- A room's or DM pair's tombstones by id (retention's `keep` removes those below its cut).
+local function dead_key(st)
+  if st[3] then return P..'r:'..st[3]..':dead' end
+  return P..'p:'..st[8]..':dead'
+end
 local function unlive(id, st)
   for _, k in ipairs(live_keys(st[3], st[4], st[5], st[6], st[7], st[8])) do
     redis.call('ZREM', k, id)
@@ -51,6 +58,7 @@ local function drop(id, st)
   unlive(id, st)
   for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZREM', k, id) end
   if st[9] then redis.call('HDEL', P..'nonce', st[4]..'\n'..st[9]) end
+  redis.call('ZREM', dead_key(st), id)
   redis.call('ZREM', P..'all', id)
   redis.call('DEL', P..'m:'..id)
 end
@@ -131,6 +139,7 @@ if kind == 'edited' then
 else
   redis.call('HSET', key, 'x', '', 'd', '1', 'v', rev)
   unlive(id, st)
+  redis.call('ZADD', dead_key(st), id, id)
 end
 for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZADD', k, rev, id) end
 local all = redis.call('HGETALL', key)
@@ -159,6 +168,7 @@ for _, id in ipairs(ids) do
       if not st[2] then
         redis.call('HSET', P..'m:'..id, 'x', '', 'd', '1')
         unlive(id, st)
+        redis.call('ZADD', dead_key(st), id, id)
       end
     else
       drop(id, st)
@@ -182,7 +192,7 @@ for _, id in ipairs(ids) do
   local st = redis.call('HMGET', P..'m:'..id, unpack(STATE))
   if st[1] then drop(id, st) else redis.call('ZREM', revs, id) end
 end
-if #ids < batch then redis.call('DEL', revs, P..'r:'..room..':ids') end
+if #ids < batch then redis.call('DEL', revs, P..'r:'..room..':ids', P..'r:'..room..':dead') end
 return #ids
 """
 
@@ -374,6 +384,10 @@ for i = 2, #ARGV, 16 do
   redis.call('ZADD', P..'all', id, id)
   if ARGV[i+11] ~= '1' then
     for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
+  elseif room then
+    redis.call('ZADD', P..'r:'..room..':dead', id, id)
+  else
+    redis.call('ZADD', P..'p:'..pair..':dead', id, id)
   end
   for _, k in ipairs(rev_keys(room, sk, tk)) do redis.call('ZADD', k, rev, id) end
 end

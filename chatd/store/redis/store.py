@@ -663,9 +663,8 @@ class RedisStore:
 
     async def prune(self, now: float, max_age: float, keep: int, batch: int = 500) -> int:
         """Retention with the SQLite store's rules (messages older than ``max_age``; all but
-        the newest ``keep`` per room and DM pair; a nonce younger than 24 h blanks instead of
-        deleting). One difference: the ``keep`` rule walks each group's live messages, so
-        tombstones below the cut-off stay until the age rule or the room's deletion."""
+        the newest ``keep`` per room and DM pair, tombstones below that cut too; a nonce
+        younger than 24 h blanks instead of deleting)."""
         total = 0
         cut = _f(now - NONCE_KEEP)
         if max_age > 0:
@@ -680,7 +679,10 @@ class RedisStore:
 
                 below = await self._cmd(cutoff)
                 if below:
+                    # The live messages below the cut, then the tombstones there.
                     total += await self._prune_range(index, below[0], "", cut, batch)
+                    dead = index.removesuffix(":ids") + ":dead"
+                    total += await self._prune_range(dead, below[0], "", cut, batch)
         return total
 
     async def _over_keep(self, keep: int) -> list[str]:
