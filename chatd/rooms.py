@@ -111,6 +111,9 @@ class RoomManager:
 
     def __init__(self) -> None:
         self.rooms: dict[str, LiveRoom] = {}
+        # Membership is kept here alone: each room's connections (LiveRoom.sessions) and,
+        # for connections in at least one room, the rooms they are in.
+        self._joined: dict[Session, dict[LiveRoom, None]] = {}
         self.by_id: dict[int, LiveRoom] = {}
         self._reserved: set[str] = set()
         # owner (case-folded) -> rooms owned now, live and being created (issue 13, item 5)
@@ -199,35 +202,48 @@ class RoomManager:
         room.deleted = True
         members = list(room.sessions)
         for s in members:
-            s.rooms.pop(room, None)
+            self._forget(s, room)
         room.sessions.clear()
         room.users.clear()
         room.members_sorted.clear()
         room._members_json = None
         return members
 
-    @staticmethod
-    def join(room: LiveRoom, session: Session) -> bool:
+    def rooms_of(self, session: Session) -> list[LiveRoom]:
+        """The rooms a connection is in, in the order it joined them."""
+        joined = self._joined.get(session)
+        return list(joined) if joined is not None else []
+
+    def _forget(self, session: Session, room: LiveRoom) -> None:
+        joined = self._joined.get(session)
+        if joined is not None:
+            joined.pop(room, None)
+            if not joined:
+                del self._joined[session]
+
+    def join(self, room: LiveRoom, session: Session) -> bool:
         """Add a connection; True when it is the user's first connection in the room."""
         if session in room.sessions:
             return False
         key = session.user_key
         assert key is not None
         room.sessions[session] = None
-        session.rooms[room] = None
+        joined = self._joined.get(session)
+        if joined is None:
+            joined = self._joined[session] = {}
+        joined[room] = None
         n = room.users.get(key, 0)
         room.users[key] = n + 1
         if n == 0:
             room._member_in(key, session.user or key)
         return n == 0
 
-    @staticmethod
-    def leave(room: LiveRoom, session: Session) -> bool:
+    def leave(self, room: LiveRoom, session: Session) -> bool:
         """Remove a connection; True when it was the user's last connection in the room."""
         if session not in room.sessions:
             return False
         del room.sessions[session]
-        session.rooms.pop(room, None)
+        self._forget(session, room)
         key = session.user_key
         assert key is not None
         n = room.users.get(key, 1) - 1
