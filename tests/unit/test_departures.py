@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from chatd.app import LEFT_MAX_WAIT
-from chatd.dispatch import Outcome
-from chatd.dispatch import Request
+from chatd.dispatch import Outcome, Request
 from chatd.handlers.messages import emit_message_event
 from chatd.rooms import LiveRoom
 from chatd.session import Session
