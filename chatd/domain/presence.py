@@ -53,6 +53,7 @@ class Presence:
         self._bound = 0
         self._timer: Cancellable | None = None
         self._timer_at = 0.0
+        self._firing = False  # in _fire: it arms the timer once, at the end
 
     # --- reading -----------------------------------------------------------------------
 
@@ -130,7 +131,8 @@ class Presence:
         if len(self._due) > 2 * self._bound + 64:
             self._due = [e for e in self._due if e[2].claims is e[3]]
             heapq.heapify(self._due)
-        self._arm()
+        if not self._firing:
+            self._arm()
 
     def _arm(self) -> None:
         if not self._due:
@@ -152,14 +154,17 @@ class Presence:
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.now()
-        due = self._due
-        while due and due[0][0] <= now:
-            _, _, s, claims, what = heapq.heappop(due)
-            if s.claims is not claims:
-                continue  # unbound or bound anew since
-            if what == _NOTICE:
-                self._push(claims.exp, s, claims, _EXPIRY)
-                self._on_due(s, claims, False)
-            else:
-                self._on_due(s, claims, True)
+        self._firing = True
+        try:
+            while self._due and self._due[0][0] <= now:
+                _, _, s, claims, what = heapq.heappop(self._due)
+                if s.claims is not claims:
+                    continue  # unbound or bound anew since
+                if what == _NOTICE:
+                    self._push(claims.exp, s, claims, _EXPIRY)
+                    self._on_due(s, claims, False)
+                else:
+                    self._on_due(s, claims, True)
+        finally:
+            self._firing = False
         self._arm()
