@@ -161,7 +161,7 @@ class App:
 
     # --- tokens ----------------------------------------------------------------------
 
-    def authenticate(self, s: Session, token: str | None, fx: Effects) -> Claims:
+    def authenticate(self, s: Session, token: str | None) -> Claims:
         """The token of a command: the frame's, else the bound one (contract). Binds the
         connection to the first valid token. Raises Unauthorized, TokenExpired, Forbidden."""
         if token is None:
@@ -173,7 +173,12 @@ class App:
             self.accounts.check_claims(claims)
         except Unauthorized:
             if token == s.token:
-                self.expire(s, None, fx)  # the bound token died without expiring: unbind
+                # The bound token died without expiring (a guest's hold released, say):
+                # unbind, don't wedge. It died before this command, so the notice is a
+                # timer-like outcome of its own, delivered at once (ahead of the reply).
+                fx = Effects()
+                self.expire(s, None, fx)
+                deliver(self.bus, fx)
             raise
         if s.user_key is None:
             self.bind(s, token, claims)

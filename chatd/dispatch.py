@@ -244,7 +244,7 @@ class Dispatcher:
 
         async def run() -> Any:
             await self.app.refresh_user(key)
-            req.authenticated(self.app.authenticate(session, cmd.token, req))
+            req.authenticated(self.app.authenticate(session, cmd.token))
             _check_grant(spec, req)
             value = spec.handler(self.app, req, cmd)
             if type(value) is types.CoroutineType:
@@ -274,7 +274,7 @@ class Dispatcher:
                 spec.check(cmd, self.app.config)
             if spec.auth:
                 try:
-                    req.authenticated(self.app.authenticate(session, cmd.token, req))
+                    req.authenticated(self.app.authenticate(session, cmd.token))
                 except UnknownAccount as exc:
                     if cmd.token is None or cmd.token == session.token:
                         raise
