@@ -277,3 +277,41 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     deliver(bus, fx)
     assert log == [("ann", b"joined\n"), ("bob2", b"joined\n")]
     assert outsider.user is None and bob_other.identity == "bob#g5"
+
+
+# --- one event path: a command's closes are part of its outcome -------------------------
+
+
+async def test_deleting_ones_own_account_closes_the_connection_after_the_reply() -> None:
+    import asyncio
+    import json
+
+    from chatd.dispatch import Pending
+    from chatd.domain.identity import account_jti as jti
+    from tests.unit.fakes import core
+
+    store = SQLiteStore(":memory:")
+    store.open()
+    try:
+        with core(UNIT_CONFIG, store) as k:
+            rec = await store.create_user("Root", "hash", admin=True)
+            k.app.accounts.adopt("root", rec)
+            log: list[tuple[str, Any]] = []
+            me = k.app.open_session(LogPeer("me", log), "127.0.0.1")
+            twin = k.app.open_session(LogPeer("twin", log), "127.0.0.1")
+            token, _ = k.tokens.mint("Root", jti(rec.id, 0), ("admin",), 600)
+            k.app.bind(twin, token, k.tokens.verify(token))
+            line = json.dumps({"cmd": "user.delete", "id": 1, "user": "root", "token": token})
+            pending = k.dispatcher.handle(me, line.encode())
+            assert isinstance(pending, Pending)
+            out = await asyncio.wait_for(pending.coro, 5)
+            assert json.loads(out.reply)["type"] == "ok"
+            assert me.user is None and twin.user is None  # unbound at once, tokens dead
+            assert log == []  # nothing sent or closed before the edge delivers
+            others_now(k.app.bus, out, me)
+            assert log == [("twin", "closed")]
+            me.send(out.reply)
+            deliver_own(k.app.bus, out)
+            assert log[1:] == [("me", out.reply), ("me", "closed")]
+    finally:
+        await store.close()
