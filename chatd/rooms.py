@@ -113,7 +113,8 @@ class RoomManager:
         self.rooms: dict[str, LiveRoom] = {}
         # Membership is kept here alone: each room's connections (LiveRoom.sessions) and,
         # for connections in at least one room, the rooms they are in.
-        self._joined: dict[Session, dict[LiveRoom, None]] = {}
+        # (Its one room, or a dict once it is in several: most connections are in one.)
+        self._joined: dict[Session, LiveRoom | dict[LiveRoom, None]] = {}
         self.by_id: dict[int, LiveRoom] = {}
         self._reserved: set[str] = set()
         # owner (case-folded) -> rooms owned now, live and being created (issue 13, item 5)
@@ -212,14 +213,18 @@ class RoomManager:
     def rooms_of(self, session: Session) -> list[LiveRoom]:
         """The rooms a connection is in, in the order it joined them."""
         joined = self._joined.get(session)
-        return list(joined) if joined is not None else []
+        if joined is None:
+            return []
+        return list(joined) if isinstance(joined, dict) else [joined]
 
     def _forget(self, session: Session, room: LiveRoom) -> None:
         joined = self._joined.get(session)
-        if joined is not None:
+        if joined is room:
+            del self._joined[session]
+        elif isinstance(joined, dict):
             joined.pop(room, None)
-            if not joined:
-                del self._joined[session]
+            if len(joined) == 1:
+                self._joined[session] = next(iter(joined))
 
     def join(self, room: LiveRoom, session: Session) -> bool:
         """Add a connection; True when it is the user's first connection in the room."""
@@ -230,8 +235,11 @@ class RoomManager:
         room.sessions[session] = None
         joined = self._joined.get(session)
         if joined is None:
-            joined = self._joined[session] = {}
-        joined[room] = None
+            self._joined[session] = room
+        elif isinstance(joined, dict):
+            joined[room] = None
+        else:
+            self._joined[session] = {joined: None, room: None}
         n = room.users.get(key, 0)
         room.users[key] = n + 1
         if n == 0:

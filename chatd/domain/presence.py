@@ -47,7 +47,9 @@ class Presence:
         self._scheduler = scheduler
         self._on_due = on_due
         self._sessions: dict[Session, None] = {}
-        self._online: dict[str, dict[Session, None]] = {}
+        # Per user: its one connection, or a dict of them once it has several (most users
+        # have one: a dict each would cost ~200 bytes per connection).
+        self._online: dict[str, Session | dict[Session, None]] = {}
         self._due: list[_Entry] = []
         self._seq = 0
         self._bound = 0
@@ -71,7 +73,10 @@ class Presence:
 
     def sessions_of(self, user_key: str) -> Iterable[Session]:
         """The user's connections (a live view: copy it before unbinding any)."""
-        return self._online.get(user_key, ())
+        held = self._online.get(user_key)
+        if held is None:
+            return ()
+        return held if isinstance(held, dict) else (held,)
 
     # --- connections -------------------------------------------------------------------
 
@@ -103,18 +108,26 @@ class Presence:
         s.identity = identity_of(claims.sub, claims.jti)
         s.token = token
         s.claims = claims
-        self._online.setdefault(key, {})[s] = None
+        held = self._online.get(key)
+        if held is None:
+            self._online[key] = s
+        elif isinstance(held, dict):
+            held[s] = None
+        elif held is not s:
+            self._online[key] = {held: None, s: None}
         self._push(claims.exp - self._config.session_expiring_notice, s, claims, _NOTICE)
 
     def unbind(self, s: Session) -> None:
         """Forget the token and who `s` is; it is no longer online as that user."""
         key = s.user_key
         if key is not None:
-            sessions = self._online.get(key)
-            if sessions is not None:
-                sessions.pop(s, None)
-                if not sessions:
-                    del self._online[key]
+            held = self._online.get(key)
+            if held is s:
+                del self._online[key]
+            elif isinstance(held, dict):
+                held.pop(s, None)
+                if len(held) == 1:
+                    self._online[key] = next(iter(held))
         if s.claims is not None:
             self._bound -= 1
             if self._bound == 0:
