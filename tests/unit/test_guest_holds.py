@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatd.auth import Claims
+from chatd.domain.identity import guest_jti
 from chatd.errors import Unauthorized
 from chatd.session import Session
 from chatd.store.base import GuestHold, Snapshot
@@ -22,7 +23,7 @@ GRACE = UNIT_CONFIG.replace(guest_grace=120)
 
 def bind_guest(k: Core, name: str, *sessions: Session) -> Claims:
     hold = k.app.accounts.guest_hold(name.lower()) or k.app.accounts.new_hold(name)
-    token, claims = k.tokens.mint(name, f"0.{hold.jti}.x", (), 3600)
+    token, claims = k.tokens.mint(name, guest_jti(hold.jti), (), 3600)
     for s in sessions:
         k.app.bind(s, token, claims)
     return claims
