@@ -13,7 +13,6 @@ import concurrent.futures
 import functools
 import math
 import os
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from jwt.api_jws import PyJWS
 
 from chatd.clock import Clock
 from chatd.config import ALL_GRANTS
+from chatd.domain.identity import TokenId, account_jti
 from chatd.errors import BadRequest, RateLimited, TokenExpired, Unauthorized
 
 ISSUER = "chatd"
@@ -168,22 +168,13 @@ class TokenService:
 
 
 def new_jti(user_id: int, token_version: int) -> str:
-    """A token id that names the account and its token generation.
-
-    A deleted account's tokens then fail even if the name is registered again (new id), and
-    `logout all` revokes every token at once by bumping the generation.
-    """
-    return f"{user_id}.{token_version}.{secrets.token_urlsafe(12)}"
+    """A token id naming the account and its token generation (chatd.domain.identity)."""
+    return account_jti(user_id, token_version)
 
 
 def parse_jti(jti: str) -> tuple[int, int] | None:
-    parts = jti.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        return int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
+    """(account id, generation), or None (chatd.domain.identity.TokenId.parse)."""
+    return TokenId.parse(jti)
 
 
 class _Job:

@@ -15,8 +15,10 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Union
 
-from chatd.app import App, UnknownAccount
+from chatd.app import App
+from chatd.bus import Audience, Effects, Events
 from chatd.config import Config
+from chatd.domain.accounts import UnknownAccount
 from chatd.errors import ChatError, Forbidden, Internal, RateLimited
 from chatd.protocol.commands import Command, command_name
 from chatd.protocol.decode import FrameError, decode_command
@@ -25,22 +27,23 @@ from chatd.session import Session
 
 log = logging.getLogger("chatd")
 
-Events = list[tuple[Any, bytes]]
 # Plain functions for commands that never wait; async functions for the others.
 Handler = Callable[[App, "Request", Any], Any]
 
 
-class Request:
-    """One command in flight: who sent it, with which token, and the events it causes
-    (sent after its reply, so the caller sees the reply first — contract)."""
+class Request(Effects):
+    """One command in flight: who sent it, with which token, and the events and closes it
+    causes (Effects: addressed to audiences, delivered through chatd.bus; the caller's own
+    copies after its reply — contract)."""
 
-    __slots__ = ("_identity", "_user", "_user_key", "app", "claims", "events", "session")
+    __slots__ = ("_identity", "_user", "_user_key", "app", "claims", "session")
 
     def __init__(self, app: App, session: Session) -> None:
+        self.events: Events = []
+        self.closes: list[Audience] | None = None
         self.app = app
         self.session = session
         self.claims: Any = None
-        self.events: Events = []
         self._user: str | None = None
         self._user_key: str | None = None
         self._identity: str | None = None
@@ -75,8 +78,10 @@ class Request:
     def has(self, grant: str) -> bool:
         return self.claims is not None and grant in self.claims.grants
 
-    def emit(self, sessions: Any, frame: bytes) -> None:
-        self.events.append((sessions, frame))
+    def outcome(self, reply: bytes) -> Outcome:
+        """The command's reply with the events and closes it caused (a failed command
+        keeps those it caused before failing: a logout that expired other sessions)."""
+        return Outcome(reply, self.events or None, self.closes)
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,19 @@ class Spec:
 
 
 class Outcome:
-    __slots__ = ("events", "reply")
+    """What running a command gives: its reply, then the events it causes and the
+    connections it closes, addressed to audiences (chatd.bus). The edge delivers the
+    events to everyone else at once (``bus.others_now``) and the caller's own share
+    after the reply (``bus.deliver_own``)."""
 
-    def __init__(self, reply: bytes, events: Events | None = None) -> None:
+    __slots__ = ("closes", "events", "reply")
+
+    def __init__(
+        self, reply: bytes, events: Events | None = None, closes: list[Audience] | None = None
+    ) -> None:
         self.reply = reply
         self.events = events
+        self.closes = closes
 
 
 class Throttle:
@@ -150,15 +163,15 @@ class Pending:
         self.overlap = overlap
 
     def finish(self, value: Any) -> Outcome:
-        return Outcome(ok_frame(self.rid, value), self.req.events)
+        return self.req.outcome(ok_frame(self.rid, value))
 
     def fail(self, exc: BaseException) -> Outcome:
         if isinstance(exc, ChatError):
             if isinstance(exc, RateLimited):
                 self.req.app.stats.rate_limited += 1
-            return Outcome(error_frame(self.rid, exc))
+            return self.req.outcome(error_frame(self.rid, exc))
         log.error("internal error in %s", self.name, exc_info=exc)
-        return Outcome(error_frame(self.rid, Internal("internal error")))
+        return self.req.outcome(error_frame(self.rid, Internal("internal error")))
 
     @property
     def coro(self) -> Coroutine[Any, Any, Outcome]:
@@ -242,7 +255,7 @@ class Dispatcher:
         try:
             first = coro.send(None)
         except StopIteration as stop:
-            return Outcome(ok_frame(cmd.id, stop.value), req.events)
+            return req.outcome(ok_frame(cmd.id, stop.value))
         return Pending(coro, first, cmd.id, req, spec.name, False)
 
     def execute(self, session: Session, cmd: Command, spec: Spec) -> Result:
@@ -272,18 +285,18 @@ class Dispatcher:
             coro = spec.handler(self.app, req, cmd)
             if type(coro) is not types.CoroutineType:
                 # A plain function (ping, help): its value is the reply, no coroutine.
-                return Outcome(ok_frame(rid, coro), req.events)
+                return req.outcome(ok_frame(rid, coro))
             try:
                 first = coro.send(None)
             except StopIteration as stop:
-                return Outcome(ok_frame(rid, stop.value), req.events)
+                return req.outcome(ok_frame(rid, stop.value))
         except ChatError as exc:
             if isinstance(exc, RateLimited):
                 self.stats.rate_limited += 1
-            return Outcome(error_frame(rid, exc))
+            return req.outcome(error_frame(rid, exc))
         except Exception:
             log.exception("internal error in %s", spec.name)
-            return Outcome(error_frame(rid, Internal("internal error")))
+            return req.outcome(error_frame(rid, Internal("internal error")))
         return Pending(coro, first, rid, req, spec.name, spec.overlap)
 
 

@@ -111,6 +111,10 @@ class RoomManager:
 
     def __init__(self) -> None:
         self.rooms: dict[str, LiveRoom] = {}
+        # Membership is kept here alone: each room's connections (LiveRoom.sessions) and,
+        # for connections in at least one room, the rooms they are in.
+        # (Its one room, or a dict once it is in several: most connections are in one.)
+        self._joined: dict[Session, LiveRoom | dict[LiveRoom, None]] = {}
         self.by_id: dict[int, LiveRoom] = {}
         self._reserved: set[str] = set()
         # owner (case-folded) -> rooms owned now, live and being created (issue 13, item 5)
@@ -199,35 +203,55 @@ class RoomManager:
         room.deleted = True
         members = list(room.sessions)
         for s in members:
-            s.rooms.pop(room, None)
+            self._forget(s, room)
         room.sessions.clear()
         room.users.clear()
         room.members_sorted.clear()
         room._members_json = None
         return members
 
-    @staticmethod
-    def join(room: LiveRoom, session: Session) -> bool:
+    def rooms_of(self, session: Session) -> list[LiveRoom]:
+        """The rooms a connection is in, in the order it joined them."""
+        joined = self._joined.get(session)
+        if joined is None:
+            return []
+        return list(joined) if isinstance(joined, dict) else [joined]
+
+    def _forget(self, session: Session, room: LiveRoom) -> None:
+        joined = self._joined.get(session)
+        if joined is room:
+            del self._joined[session]
+        elif isinstance(joined, dict):
+            joined.pop(room, None)
+            if len(joined) == 1:
+                self._joined[session] = next(iter(joined))
+
+    def join(self, room: LiveRoom, session: Session) -> bool:
         """Add a connection; True when it is the user's first connection in the room."""
         if session in room.sessions:
             return False
         key = session.user_key
         assert key is not None
         room.sessions[session] = None
-        session.rooms[room] = None
+        joined = self._joined.get(session)
+        if joined is None:
+            self._joined[session] = room
+        elif isinstance(joined, dict):
+            joined[room] = None
+        else:
+            self._joined[session] = {joined: None, room: None}
         n = room.users.get(key, 0)
         room.users[key] = n + 1
         if n == 0:
             room._member_in(key, session.user or key)
         return n == 0
 
-    @staticmethod
-    def leave(room: LiveRoom, session: Session) -> bool:
+    def leave(self, room: LiveRoom, session: Session) -> bool:
         """Remove a connection; True when it was the user's last connection in the room."""
         if session not in room.sessions:
             return False
         del room.sessions[session]
-        session.rooms.pop(room, None)
+        self._forget(session, room)
         key = session.user_key
         assert key is not None
         n = room.users.get(key, 1) - 1

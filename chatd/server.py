@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
+from chatd.bus import deliver_own, others_now  # the delivery seam (domain)
 from chatd.clock import Clock, SystemClock
 from chatd.config import Config
 from chatd.dispatch import Dispatcher, Outcome, Pending, Spec, Throttle, command_table
@@ -393,36 +394,24 @@ class Connection(asyncio.Protocol):
         else:
             self.deliver(outcome)
 
+    # --- delivery (the core's seam: chatd.bus) -------------------------------------
     def _others_now(self, outcome: Outcome) -> Outcome:
-        """Send a finished command's events to the other connections at once, so every
-        connection sees changes in commit (revision) order; keep this connection's own
-        copies to follow its reply, which waits for the replies before it."""
-        if not outcome.events:
-            return outcome
-        me = self.session
-        own: list[tuple[Any, bytes]] = []
-        stats = self.srv.stats
-        for sessions, frame in outcome.events:
-            mine = False
-            for s in sessions:
-                if s is me:
-                    mine = True
-                else:
-                    s.send(frame)
-            stats.deliveries += len(sessions) - mine  # its own copy counts when delivered
-            if mine:
-                own.append(((me,), frame))
-        outcome.events = own
+        """Deliver a finished command's events and closes to the other connections at
+        once, so every connection sees changes in commit (revision) order; keep this
+        connection's own share to follow its reply, which waits for the replies before it."""
+        if outcome.events or outcome.closes:
+            others_now(self.srv.app.bus, outcome, self.session)
         return outcome
 
     def deliver(self, outcome: Outcome) -> None:
+        """The reply, then the events and closes it caused (the caller's own last)."""
         self.send(outcome.reply)
-        if outcome.events:
-            stats = self.srv.stats
-            for sessions, frame in outcome.events:
-                stats.deliveries += len(sessions)
-                for s in sessions:
-                    s.send(frame)
+        if outcome.events or outcome.closes:
+            bus = self.srv.app.bus
+            others_now(bus, outcome, self.session)
+            deliver_own(bus, outcome)
+
+    # --- end of the delivery seam -------------------------------------------------
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         slots = self.slots

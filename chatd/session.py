@@ -1,8 +1,14 @@
-"""Per-connection state, free of I/O: who the connection is bound to and where it is.
+"""Per-connection state, free of I/O: who the connection is bound to.
 
-The server gives each Session a Peer (its socket side). The core writes through
-``Session.send`` (the peer's send, bound once for fan-out) and closes through ``peer.close``
-(App.drop_user after a deleted account's reply; the server's idle sweep); it never sees a
+One per connection, so it is kept small (__slots__, nothing allocated until needed):
+which rooms it is in lives in chatd.rooms.RoomManager, its send and registration budgets
+in chatd.domain.limits, its token's expiry on chatd.domain.presence's shared heap. Its
+binding (user, token, claims, identity) is written by chatd.domain.presence alone.
+
+The server gives each Session a Peer (its socket side). The core reaches it only through
+the Bus (chatd.bus): ``Session.send`` (the peer's send, bound once for fan-out) for frames
+and ``peer.close`` to close (a deleted account's connections, after the caller's reply);
+the server itself also closes through the peer (idle sweep). The core never sees a
 socket, so it runs in tests with a fake Peer.
 """
 
@@ -11,11 +17,9 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Protocol
 
-from chatd.ratelimit import TokenBucket
-
 if TYPE_CHECKING:
     from chatd.auth import Claims
-    from chatd.rooms import LiveRoom
+    from chatd.ratelimit import TokenBucket
 
 _ids = itertools.count(1)
 
@@ -36,20 +40,14 @@ class Cancellable(Protocol):
 
 class Session:
     __slots__ = (
-        "__weakref__",
         "claims",
         "closed",
         "commands",
-        "guest_logins",
         "id",
         "identity",
         "ip",
         "peer",
-        "registers",
-        "rooms",
         "send",
-        "sends",
-        "timers",
         "token",
         "unbound_since",
         "user",
@@ -63,24 +61,12 @@ class Session:
         self.ip = ip
         self.user: str | None = None  # display name of the bound user
         self.user_key: str | None = None
-        self.identity: str | None = None  # the account behind the name (App.identity)
+        self.identity: str | None = None  # the account behind the name (domain.identity)
         self.token: str | None = None
         self.claims: Claims | None = None
-        self.rooms: dict[LiveRoom, None] = {}
-        self.timers: list[Cancellable] = []
-        self.commands = commands
-        # Per-connection budgets beside the per-user and per-address ones (issue 13): made
-        # on first use, so a connection that never registers or sends pays nothing.
-        self.sends: TokenBucket | None = None  # msg.send/msg.edit, as --rate-limit
-        self.registers: TokenBucket | None = None
-        self.guest_logins: TokenBucket | None = None
+        self.commands = commands  # the per-connection command rate (limits.md)
         self.unbound_since = now
         self.closed = False
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.user or '-'}>"
-
-    def cancel_timers(self) -> None:
-        for t in self.timers:
-            t.cancel()
-        self.timers.clear()

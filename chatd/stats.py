@@ -103,22 +103,22 @@ class Stats:
         """Every figure, as the `stats` command returns it (protocol.md, "stats"). The
         first seven names are fixed by the wire contract."""
         mono = time.monotonic() if now is None else now
-        from chatd.app import GUEST_ID, VERSION  # here: chatd.app imports this module
+        from chatd.domain.identity import is_guest_jti
+        from chatd.version import VERSION
 
-        guest_prefix = f"{GUEST_ID}."
         logged_in = guests = 0
-        for s in app.sessions:
+        for s in app.presence.sessions():
             if s.claims is not None:
                 logged_in += 1
-                if s.claims.jti.startswith(guest_prefix):
+                if is_guest_jti(s.claims.jti):
                     guests += 1
         p50, p99 = percentiles(getattr(app.store, "commit_times", ()))
 
         return {
             "version": VERSION,
             "uptime": round(mono - self.started, 3),
-            "connections": len(app.sessions) + self.handshaking,
-            "users_online": len(app.online),
+            "connections": app.presence.count() + self.handshaking,
+            "users_online": app.presence.users_online(),
             "rooms": len(app.rooms.by_id),
             "messages": messages_stored,
             "rev": app.store.rev,

@@ -184,8 +184,8 @@ async def second(connect: Connect, first: Client) -> Client:
 async def admin(server: ChatServer, connect: Connect, name: str = "root") -> Client:
     """A connection logged in as a fresh admin account (made through the store)."""
     pw = "admin-password"
-    rec = await server.store.create_user(name, await server.app.hasher.hash(pw), True)
-    server.app.users[name.lower()] = rec
+    await server.store.create_user(name, await server.app.hasher.hash(pw), True)
+    await server.app.refresh_user(name.lower())  # as a `chatd user add` is seen at once
     c = await connect()
     data = await c.ok("login", user=name, password=pw)
     assert "admin" in data["grants"]

@@ -4,25 +4,20 @@ contract, "Identity and tokens" and "Decided for the next round")."""
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from chatd.app import GUEST_ID, is_guest
-from chatd.auth import Claims, new_jti, normalize_grants
+from chatd.auth import Claims, normalize_grants
 from chatd.config import Config
+from chatd.domain.identity import account_jti, guest_jti, is_guest_jti, is_hold_jti
 from chatd.errors import (
     BadRequest,
     Conflict,
     Forbidden,
     NotFound,
-    RateLimited,
     Unauthorized,
 )
 from chatd.protocol import commands as c
-from chatd.ratelimit import TokenBucket
 from chatd.store.base import GuestHold, UserRecord
 
 if TYPE_CHECKING:
@@ -31,9 +26,6 @@ if TYPE_CHECKING:
     from chatd.session import Session
 
 log = logging.getLogger("chatd")
-_HOUR = 3_600.0
-_MINUTE = 60.0
-_LOOPBACK = ("127.0.0.1", "::1")  # as chatd.server: exempt from per-address guest limits
 
 
 def check_password(password: str, config: Config) -> None:
@@ -75,93 +67,28 @@ def check_passwd(cmd: c.Passwd, config: Config) -> None:
 
 def _held(app: App, name: str, hold: GuestHold) -> Conflict:
     """Contract: a conflict for a held name says until when it is held."""
-    return Conflict(f"the name {name!r} is held by a guest {app.hold_note(hold)}")
+    return Conflict(f"the name {name!r} is held by a guest {app.accounts.hold_note(hold)}")
 
 
 async def register(app: App, req: Request, cmd: c.Register) -> Any:
-    key = cmd.user.lower()
-    hold = app.guest_hold(key)
+    accounts = app.accounts
+    hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
         raise _held(app, cmd.user, hold)
-    if key in app.users or key in app.registering:
+    if accounts.is_registered(cmd.user.lower()) or accounts.is_registering(cmd.user.lower()):
         raise Conflict(f"the name {cmd.user!r} is taken")
-    _spend_register_budget(app, req.session)
-    app.registering.add(key)  # reserved until written: a racing guest login gets conflict
+    # Counted only when a hash is about to run (a taken name or a bad password costs
+    # nothing).
+    app.limits.spend_register(req.session)
+    key = accounts.begin_register(cmd.user)  # a racing guest login gets conflict
     try:
         pw_hash = await app.hasher.hash(cmd.password)
         user = await app.store.create_user(cmd.user, pw_hash, admin=False)
-    finally:
-        app.registering.discard(key)
-    app.users[key] = user
+    except BaseException:
+        accounts.end_register(key, None)
+        raise
+    accounts.end_register(key, user)
     return {"user": user.name}
-
-
-def _session_bucket(bucket: TokenBucket | None, count: int, period: float, now: float) -> TokenBucket | None:
-    if count <= 0:
-        return None
-    return bucket or TokenBucket(count / period, count, now)
-
-
-def _spend_register_budget(app: App, s: Session) -> None:
-    """Registrations per connection and per address (issue 13, item 4): each costs a KDF
-    run and an account forever. Counted only when a hash is about to run (a taken name or
-    a bad password costs nothing); checked in full before either budget is spent."""
-    cfg = app.config
-    now = app.clock.now()
-    s.registers = _session_bucket(s.registers, cfg.register_per_connection, _HOUR, now)
-    wait = s.registers.wait(now) if s.registers is not None else 0.0
-    if wait:
-        raise RateLimited(
-            f"too many registrations on this connection "
-            f"(at most {cfg.register_per_connection} an hour); try again later",
-            wait,
-        )
-    wait = app.register_ips.wait(s.ip, now)
-    if wait:
-        raise RateLimited(
-            f"too many registrations from your address "
-            f"(at most {cfg.register_per_ip} an hour); try again later",
-            wait,
-        )
-    if s.registers is not None:
-        s.registers.take(now)
-    app.register_ips.take(s.ip, now)
-
-
-def _spend_guest_budget(app: App, s: Session) -> None:
-    """New guest names per connection and per address (issue 13, item 10): rotating
-    names must not be a way round per-user limits, nor fill the store with holds.
-    Loopback is exempt from the per-address one, as from --per-ip-connections."""
-    cfg = app.config
-    now = app.clock.now()
-    s.guest_logins = _session_bucket(s.guest_logins, cfg.guest_logins_per_connection, _MINUTE, now)
-    wait = s.guest_logins.wait(now) if s.guest_logins is not None else 0.0
-    if wait:
-        raise RateLimited(
-            f"too many guest logins on this connection "
-            f"(at most {cfg.guest_logins_per_connection} a minute); try again later",
-            wait,
-        )
-    ip = s.ip if s.ip not in _LOOPBACK else None
-    wait = app.guest_ips.wait(ip, now) if ip is not None else 0.0
-    if wait:
-        raise RateLimited(
-            f"too many guest logins from your address "
-            f"(at most {cfg.guest_logins_per_ip} a minute); try again later",
-            wait,
-        )
-    if s.guest_logins is not None:
-        s.guest_logins.take(now)
-    if ip is not None:
-        app.guest_ips.take(ip, now)
-
-
-def _failure_keys(app: App, s: Session, key: str) -> list[tuple[Hashable, int]]:
-    """Whose failed logins a password check counts against, with each one's limit
-    (limits.md: per connection and per account; issue 13: per address too)."""
-    cfg = app.config
-    per = cfg.login_failures_per_minute
-    return [(("account", key), per), (("conn", s.id), per), (("ip", s.ip), cfg.login_failures_per_ip)]
 
 
 async def check_user_password(app: App, s: Session, key: str, password: str) -> UserRecord:
@@ -171,8 +98,9 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
     until they are proven otherwise, so guesses sent in parallel, from one connection or
     many, cannot get more checks than the limit (issue 13, item 6). Raises RateLimited
     once the failures reach a limit."""
-    keys = _failure_keys(app, s, key)
-    await app.login_gate.admit(keys)
+    keys = app.limits.failure_keys(s, key)
+    gate = app.limits.login_gate
+    await gate.admit(keys)
     failed = False
     try:
         if s.closed:
@@ -181,13 +109,13 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
         # ago logs in at once (contract), one it deleted does not.
         user = await app.refresh_user(key)
         ok = await app.hasher.verify(user.pw_hash if user else None, password)
-        now = app.users.get(key)
+        now = app.accounts.user(key)
         # The account may have gone or changed its password meanwhile.
         if not ok or user is None or now is None or now.id != user.id or now.pw_hash != user.pw_hash:
             failed = True
             raise Unauthorized("wrong user name or password")
     finally:
-        app.login_gate.finish(keys, failed=failed)
+        gate.finish(keys, failed=failed)
         if failed:
             _log_burst(app, s, key, keys)
     return now
@@ -198,7 +126,7 @@ def _log_burst(app: App, s: Session, key: str, keys: list[tuple[Hashable, int]])
     connection or the address reach their limit (later attempts are refused before they
     can fail, so the line is not repeated)."""
     now = app.clock.now()
-    counts = [app.login_gate.failures(k, now) for k, _ in keys]
+    counts = [app.limits.login_gate.failures(k, now) for k, _ in keys]
     if not any(n == limit for n, (_, limit) in zip(counts, keys, strict=True)):
         return
     app.stats.login_bursts += 1
@@ -237,7 +165,7 @@ async def login(app: App, req: Request, cmd: c.Login) -> Any:
     base = app.config.login_grants + (("admin",) if user.admin else ())
     grants = normalize_grants([g for g in base if wanted is None or g in wanted])
     token, claims = app.tokens.mint(
-        user.name, new_jti(user.id, user.token_version), grants, _ttl(app, cmd.ttl)
+        user.name, account_jti(user.id, user.token_version), grants, _ttl(app, cmd.ttl)
     )
     app.bind(s, token, claims)
     return _token_reply(token, claims, user.name)
@@ -249,13 +177,14 @@ async def _guest_login(
     key = cmd.user.lower()
     if not app.config.guests:
         raise Forbidden("guest logins are turned off on this server")
-    if key in app.users:
+    accounts = app.accounts
+    if accounts.is_registered(key):
         raise Unauthorized("that name is registered: log in with its password")
     own = _own_hold(app, req.session, key)
-    held = app.guest_hold(key)
+    held = accounts.guest_hold(key)
     if own is None and held is not None:
         raise _held(app, cmd.user, held)
-    if key in app.registering:
+    if accounts.is_registering(key):
         raise Conflict(f"the name {cmd.user!r} is being registered")
     # Contract, "Guest grants": --guest-grants (never admin, whatever the Config says),
     # intersected with what the login asks for.
@@ -266,53 +195,52 @@ async def _guest_login(
         # The holder itself, on its bound connection, is not "another guest": a new token
         # under the same hold (which lasts while it is connected, whatever the token's life).
         token, claims = app.tokens.mint(
-            own.name, f"{GUEST_ID}.{own.jti}.{secrets.token_urlsafe(12)}", grants,
-            _ttl(app, cmd.ttl),
+            own.name, guest_jti(own.jti), grants, _ttl(app, cmd.ttl)
         )
         app.bind(req.session, token, claims)
         return _token_reply(token, claims, own.name)
-    _spend_guest_budget(app, req.session)
-    hold = app.new_hold(cmd.user)  # reserved now, so a racing guest login gets conflict
+    app.limits.spend_guest_login(req.session)
+    hold = accounts.new_hold(cmd.user)  # reserved now, so a racing guest login gets conflict
     token, claims = app.tokens.mint(
-        cmd.user, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", grants, _ttl(app, cmd.ttl)
+        cmd.user, guest_jti(hold.jti), grants, _ttl(app, cmd.ttl)
     )
     try:
         await app.store.hold_guest(hold)
     except BaseException:
-        app.drop_hold(hold)
+        accounts.drop_hold(hold)
         raise
-    if app.guests.get(key) is not hold:
+    if not accounts.is_current_hold(hold):
         raise Conflict(f"the name {cmd.user!r} was taken meanwhile")
     app.bind(req.session, token, claims)
-    app.settle_hold(key)  # not bound after all (the connection went meanwhile): grace
+    accounts.settle_hold(key)  # not bound after all (the connection went meanwhile): grace
     return _token_reply(token, claims, cmd.user)
 
 
 def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
     """The hold of guest `key` when this connection is bound to that very guest."""
-    hold = app.guest_hold(key)
+    hold = app.accounts.guest_hold(key)
     claims = session.claims
     if hold is None or claims is None or session.user_key != key:
         return None
     try:
-        app.check_claims(claims)
+        app.accounts.check_claims(claims)
     except Unauthorized:
         return None
-    return hold if claims.jti.startswith(f"{GUEST_ID}.{hold.jti}.") else None
+    return hold if is_hold_jti(claims.jti, hold.jti) else None
 
 
 async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
     assert cmd.token is not None
     claims = app.tokens.verify(cmd.token)
     try:
-        app.check_claims(claims)
+        app.accounts.check_claims(claims)
     except Unauthorized:
-        if is_guest(claims) or claims.jti in app.revoked:
+        if is_guest_jti(claims.jti) or app.accounts.is_revoked(claims.jti):
             raise
         # Perhaps an account `chatd user add` made (and `chatd token` signed for) a moment
         # ago, not yet seen by the poll: look in the store before saying no.
         await app.refresh_user(claims.sub.lower())
-        app.check_claims(claims)
+        app.accounts.check_claims(claims)
     app.bind(req.session, cmd.token, claims)
     return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
 
@@ -326,59 +254,44 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
     old: Claims = req.claims
     key = req.user_key
     max_ttl = app.config.token_ttl
-    if is_guest(old):
+    if is_guest_jti(old.jti):
         # No await before the token exists: the hold checked a moment ago by the dispatcher
         # is the current one (a racing logout either came first, and this is unauthorized,
         # or comes after, and this token dies with the hold).
-        hold = app.guest_hold(key)
+        hold = app.accounts.guest_hold(key)
         if hold is None:
             raise Unauthorized("guest session ended")
-        token, claims = app.tokens.renew(
-            old, f"{GUEST_ID}.{hold.jti}.{secrets.token_urlsafe(12)}", max_ttl
-        )
+        token, claims = app.tokens.renew(old, guest_jti(hold.jti), max_ttl)
     else:
-        user = app.users[key]
-        token, claims = app.tokens.renew(old, new_jti(user.id, user.token_version), max_ttl)
+        user = app.accounts.user(key)
+        assert user is not None  # the dispatcher checked the token against it just now
+        token, claims = app.tokens.renew(old, account_jti(user.id, user.token_version), max_ttl)
     if req.session.user_key == key:
         app.bind(req.session, token, claims)
     return {"token": token, "expires_at": claims.exp}
-
-
-def _end_other_sessions(app: App, key: str) -> None:
-    """Connections of `key` whose token stopped working get `session.expired` (logout)."""
-    for other in app.sessions_of(key):
-        if other.claims is None:
-            continue
-        try:
-            app.check_claims(other.claims)
-        except Unauthorized:
-            app.expire(other, "logout")
 
 
 async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
-    if is_guest(claims):
+    if is_guest_jti(claims.jti):
         # A guest that logs out gives its name back; its other tokens die with the hold.
         # Decided at once, before anything waits (issue 13.7: a refresh or login racing
         # this logout finds the hold gone, and no later write brings it back).
-        hold = app.guest_hold(key)
-        written = app.release_hold(hold) if hold is not None else None
+        hold = app.accounts.guest_hold(key)
+        written = app.accounts.release_hold(hold) if hold is not None else None
         app.unbind(s, "logout")
-        _end_other_sessions(app, key)
+        app.end_revoked_sessions(key, req)
         if written is not None:
             await written  # acknowledged only once the release is durable
         return {}
     await app.store.revoke(claims.jti, claims.exp)
-    app.revoked[claims.jti] = claims.exp
+    app.accounts.revoke(claims.jti, claims.exp)
     if cmd.all:
-        version = await app.store.bump_token_version(key)
-        user = app.users.get(key)
-        if user is not None:
-            app.users[key] = msgspec.structs.replace(user, token_version=version)
+        app.accounts.new_generation(key, await app.store.bump_token_version(key))
     app.unbind(s, "logout")
-    _end_other_sessions(app, key)
+    app.end_revoked_sessions(key, req)
     return {}
 
 
@@ -388,19 +301,17 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
     old: Claims = req.claims
     key = req.user_key
     s = req.session
-    if is_guest(old):
+    if is_guest_jti(old.jti):
         raise Forbidden("a guest has no password; register an account first")
     user = await check_user_password(app, s, key, cmd.password)
     pw_hash = await app.hasher.hash(cmd.new_password)
     version = await app.store.set_password(user.id, pw_hash)
-    now = app.users.get(key)
-    if version is None or now is None or now.id != user.id:
+    if version is None or not app.accounts.password_changed(key, user.id, pw_hash, version):
         raise Unauthorized("the token's account no longer exists")
-    app.users[key] = msgspec.structs.replace(now, pw_hash=pw_hash, token_version=version)
-    token, claims = app.tokens.renew(old, new_jti(user.id, version), app.config.token_ttl)
+    token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
     if s.user_key == key:
         app.bind(s, token, claims)
-    _end_other_sessions(app, key)
+    app.end_revoked_sessions(key, req)
     return {"token": token, "expires_at": claims.exp}
 
 
@@ -414,13 +325,13 @@ async def user_list(app: App, req: Request, cmd: c.UserList) -> Any:
 
 async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
     key = cmd.user.lower()
-    if key not in app.users:
+    if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
     if not await app.store.delete_user(cmd.user):
         raise NotFound(f"no user {cmd.user!r}")
-    # Its tokens stop working now; the member.left events and closes follow on the next
-    # turn of the loop, so the caller's reply comes before the events it causes.
-    user = app.users.pop(key, None)
-    if user is not None:
-        app.scheduler.call_later(0, lambda: app.drop_user(key, "deleted", forget=False))
+    # Its tokens stop working now; its connections leave their rooms (member.left goes
+    # out batched, as for any departure) and are closed as part of this outcome: after
+    # the caller's reply when the caller is one of them (contract: reply first).
+    if app.accounts.forget_user(key) is not None:
+        app.drop_user(key, "deleted", req)
     return {}

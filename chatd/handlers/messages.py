@@ -6,18 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from chatd.bus import ToRoom, ToUser
 from chatd.config import Config
-from chatd.errors import BadRequest, ChatError, Forbidden, NotFound, RateLimited
+from chatd.errors import BadRequest, ChatError, Forbidden, NotFound
 from chatd.protocol import commands as c
 from chatd.protocol.frames import encode_json, event_frame
 from chatd.protocol.models import Message, rfc3339
-from chatd.ratelimit import TokenBucket
 from chatd.store.base import MessageRecord, NewMessage
 
 if TYPE_CHECKING:
     from chatd.app import App
     from chatd.dispatch import Request
-    from chatd.session import Session
 
 
 def check_text(text: str, config: Config) -> None:
@@ -61,49 +60,25 @@ def to_wire(app: App, m: MessageRecord) -> Message:
     )
 
 
-def audience(app: App, m: MessageRecord) -> list[Session]:
-    """Who gets the events of a message: the room's connections, or both users' (DM)."""
+def emit_message_event(app: App, req: Request, m: MessageRecord, frame: bytes) -> None:
+    """A message's event goes to the room, or to both identities' connections (a DM: not
+    to whoever holds those names now)."""
     if m.room_id is not None:
         room = app.rooms.by_id.get(m.room_id)
         if room is None:
-            return []
+            return
         app.settle(room)  # departures before this message are announced before it
-        return list(room.sessions)
-    # The two identities' connections, not whoever holds those names now.
-    sessions = [s for s in app.sessions_of(m.sender.lower()) if s.identity == m.sender_key]
-    if m.recipient is not None and m.recipient_key != m.sender_key:
-        sessions += [
-            s for s in app.sessions_of(m.recipient.lower()) if s.identity == m.recipient_key
-        ]
-    return sessions
-
-
-def _rate(app: App, req: Request) -> None:
-    """msg.send/msg.edit budgets: the user's (limits.md) and the connection's, at the same
-    rate and burst (issue 13, item 10: a connection that logs in as a fresh guest after
-    every burst must not get a fresh budget with the name). Both are checked before
-    either is spent."""
-    c_ = app.config
-    if c_.rate_limit <= 0:
+        req.emit(ToRoom(room), frame)
         return
-    now = app.clock.now()
-    bucket = app.send_buckets.get(req.user_key)
-    if bucket is None:
-        bucket = app.send_buckets[req.user_key] = TokenBucket(c_.rate_limit, c_.rate_burst, now)
-    s = req.session
-    if s.sends is None:
-        s.sends = TokenBucket(c_.rate_limit, c_.rate_burst, now)
-    wait = max(bucket.wait(now), s.sends.wait(now))
-    if wait:
-        raise RateLimited("sending too fast; slow down", wait)
-    bucket.take(now)
-    s.sends.take(now)
+    req.emit(ToUser(m.sender.lower(), m.sender_key), frame)
+    if m.recipient is not None and m.recipient_key != m.sender_key:
+        req.emit(ToUser(m.recipient.lower(), m.recipient_key), frame)
 
 
 async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
     key = req.identity  # nonces are the sender's own, not its name's next holder's
     if cmd.nonce is not None:
-        seen = app.nonces.get((key, cmd.nonce))
+        seen = app.nonces.get(key, cmd.nonce)
         if seen is not None:
             # The message as it is now (edited or deleted since), as after a restart.
             current = await app.store.get_message(seen)
@@ -112,7 +87,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
                 return {"message": to_wire(app, current)}
     try:
         room_id = _may_send(app, req, cmd)
-        _rate(app, req)
+        app.limits.spend_send(req.user_key, req.session)
     except ChatError:
         # A retry after a dropped connection may come before re-joining: a nonce
         # already used answers with the original message (contract, "Revisions").
@@ -131,17 +106,17 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
             app.clock.now(),
             cmd.nonce,
             key,
-            app.current_identity(cmd.to) if cmd.to is not None else None,
+            app.accounts.current_identity(cmd.to) if cmd.to is not None else None,
         )
     )
     _room_still_there(app, rec)
     # Encoded once: the same bytes go into the reply and the event for every member.
     msg = msgspec.Raw(encode_json(to_wire(app, rec)))
     if cmd.nonce is not None:
-        app.remember_nonce(key, cmd.nonce, rec.id)
+        app.nonces.remember(key, cmd.nonce, rec.id)
     if created:
         app.stats.messages += 1
-        req.emit(audience(app, rec), event_frame("message", msg))
+        emit_message_event(app, req, rec, event_frame("message", msg))
     return {"message": msg}
 
 
@@ -153,7 +128,7 @@ def _room_still_there(app: App, rec: MessageRecord) -> None:
 
 
 def _recipient(app: App, cmd: c.MsgSend) -> str | None:
-    return app.display_name(cmd.to) if cmd.to is not None else None
+    return app.accounts.display_name(cmd.to) if cmd.to is not None else None
 
 
 def _may_send(app: App, req: Request, cmd: c.MsgSend) -> int | None:
@@ -163,7 +138,7 @@ def _may_send(app: App, req: Request, cmd: c.MsgSend) -> int | None:
             raise Forbidden(f"join {room.name} before sending to it")
         return room.id
     assert cmd.to is not None
-    if not app.known_user(cmd.to):
+    if not app.accounts.known_user(cmd.to):
         raise NotFound(f"no user {cmd.to!r}")
     return None
 
@@ -192,13 +167,13 @@ def _may_change(req: Request, m: MessageRecord, verb: str) -> None:
 async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
     m = await _visible(app, req, cmd.message_id)
     _may_change(req, m, "edit")
-    _rate(app, req)
+    app.limits.spend_send(req.user_key, req.session)
     rec = await app.store.edit_message(m.id, cmd.text, app.clock.now(), req.user)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
     msg = to_wire(app, rec)
-    req.emit(audience(app, rec), event_frame("message.edited", msg))
+    emit_message_event(app, req, rec, event_frame("message.edited", msg))
     return {"message": msg}
 
 
@@ -211,7 +186,7 @@ async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Any:
     _room_still_there(app, rec)
     wire = to_wire(app, rec)
     data = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient, "by": req.user}
-    req.emit(audience(app, rec), event_frame("message.deleted", data))
+    emit_message_event(app, req, rec, event_frame("message.deleted", data))
     return {}
 
 
@@ -252,7 +227,7 @@ async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> Any:
 
 async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
     other = cmd.with_
-    if other is not None and other.lower() not in app.users:
+    if other is not None and not app.accounts.is_registered(other.lower()):
         if not await app.store.has_dms_between(req.identity, other):
             raise NotFound(f"no user {other!r}")
     limit = _limit(app, cmd.limit, app.config.history_default)
@@ -265,7 +240,7 @@ async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
     # Everything committed up to `now_rev` is visible to the read that follows.
     now_rev = app.store.rev
     limit = _limit(app, cmd.limit, app.config.history_limit)
-    room_ids = [r.id for r in req.session.rooms]
+    room_ids = [r.id for r in app.rooms.rooms_of(req.session)]
     recs, more = await app.store.changes_since(cmd.since, room_ids, req.identity, limit)
     page, kept, more = page_of(app, recs, more, keep_newest=False)
     if more:

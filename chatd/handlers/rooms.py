@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from chatd.bus import ToRoom, ToSessions
 from chatd.config import Config
 from chatd.errors import BadRequest, Forbidden, NotFound
 from chatd.protocol import commands as c
@@ -114,7 +115,7 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
         info: Any = room.renamed_info(previous)
     else:
         info = room.info()
-    req.emit(list(room.sessions), event_frame("room.updated", info))
+    req.emit(ToRoom(room), event_frame("room.updated", info))
     return {"room": room.info()}
 
 
@@ -125,7 +126,8 @@ async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
     if not room.deleted:
         app.settle(room)
         members = app.rooms.remove(room)
-        req.emit(members, event_frame("room.closed", {"room": room.name, "by": req.user}))
+        frame = event_frame("room.closed", {"room": room.name, "by": req.user})
+        req.emit(ToSessions.of(members), frame)  # the members it had: it has none now
     return {}
 
 
@@ -179,8 +181,7 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
     if app.rooms.join(room, s):
-        others = [o for o in room.sessions if o is not s]
-        req.emit(others, event_frame("member.joined", {"room": room.name, "user": req.user}))
+        req.emit(ToRoom(room, skip=s), event_frame("member.joined", {"room": room.name, "user": req.user}))
     return {"room": room.info(), "members": room.members_json()}
 
 
@@ -222,8 +223,8 @@ async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
 
 def _known_users(app: App, after: str | None) -> list[str]:
     """Registered users and online guests, in name order, after `after` (case-folded)."""
-    names = [u.name for u in app.users.values()]
-    names += [h.name for k in list(app.guests) if (h := app.guest_hold(k)) is not None]
+    names = [u.name for u in app.accounts.users()]
+    names += app.accounts.guest_names()
     ordered = sorted(set(names), key=str.lower)
     if after is None:
         return ordered

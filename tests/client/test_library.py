@@ -144,7 +144,7 @@ async def test_each_server_error_raises_its_class() -> None:
                 await anon.register("ANN", "password1")
             with pytest.raises(cc.Unauthorized):
                 await anon.login("ann", "wrong-password")
-        uid = srv.app.users["ann"].id
+        uid = srv.app.accounts.user("ann").id  # type: ignore[union-attr]
 
         expired, _ = TokenService(SECRET, _PastClock()).mint(
             "ann", new_jti(uid, 0), ("msg:edit",), 60

@@ -13,7 +13,7 @@ from chatd.clock import FakeClock
 from chatd.config import Config
 from chatd.dispatch import Dispatcher, command_table
 from chatd.session import Session
-from chatd.store.base import UserRecord
+from chatd.store.base import Store, UserRecord
 from chatd.store.sqlite import SQLiteStore
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
@@ -77,13 +77,14 @@ class FakeScheduler:
 class Core:
     """An App and its Dispatcher over fakes."""
 
-    def __init__(self, config: Config = UNIT_CONFIG) -> None:
+    def __init__(self, config: Config = UNIT_CONFIG, store: Store | None = None) -> None:
         self.clock = FakeClock()
         self.scheduler = FakeScheduler()
         self.tokens = TokenService(SECRET, self.clock)
         self.hasher = PasswordHasher(memory_kib=1024, time_cost=1, workers=1)
         self.app = App(
-            config, self.clock, SQLiteStore(":memory:"), self.tokens, self.hasher, self.scheduler
+            config, self.clock, store or SQLiteStore(":memory:"), self.tokens, self.hasher,
+            self.scheduler,
         )
         self.dispatcher = Dispatcher(self.app, command_table())
 
@@ -93,7 +94,7 @@ class Core:
 
     def add_user(self, name: str, uid: int, *, admin: bool = False) -> UserRecord:
         user = UserRecord(id=uid, name=name, pw_hash="", admin=admin, token_version=0)
-        self.app.users[name.lower()] = user
+        self.app.accounts.adopt(name.lower(), user)  # as the store has it (`chatd user add`)
         return user
 
     def token(self, user: UserRecord, grants: tuple[str, ...] = (), ttl: int = 3600) -> str:
@@ -106,8 +107,8 @@ class Core:
 
 
 @contextmanager
-def core(config: Config = UNIT_CONFIG) -> Iterator[Core]:
-    c = Core(config)
+def core(config: Config = UNIT_CONFIG, store: Store | None = None) -> Iterator[Core]:
+    c = Core(config, store)
     try:
         yield c
     finally:

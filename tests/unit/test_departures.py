@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from chatd.app import LEFT_MAX_WAIT
-from chatd.dispatch import Outcome
-from chatd.handlers.messages import audience
+from chatd.dispatch import Outcome, Request
+from chatd.handlers.messages import emit_message_event
 from chatd.rooms import LiveRoom
 from chatd.session import Session
 from chatd.store.base import MessageRecord, RoomRecord
@@ -40,7 +40,7 @@ def room(k: Core, name: str = "big", *, ephemeral: bool = False) -> LiveRoom:
 
 
 def member(k: Core, r: LiveRoom, name: str) -> tuple[Session, CountingPeer]:
-    uid = len(k.app.users) + 1
+    uid = len(list(k.app.accounts.users())) + 1
     user = k.add_user(name, uid)
     peer = CountingPeer()
     s = k.app.open_session(peer, "127.0.0.1")
@@ -85,7 +85,7 @@ def test_a_mass_disconnect_costs_one_write_per_remaining_connection(k: Core) -> 
         ("member.left", "big", "disconnected")
     }
     assert all(p.sent == [] for _, p in members)
-    assert k.app.departures == {}
+    assert k.app.departures_waiting() == 0
 
 
 def test_departures_wait_while_the_room_keeps_losing_members(k: Core) -> None:
@@ -154,7 +154,9 @@ def test_member_list_and_messages_come_after_the_departures_they_follow(k: Core)
     other, _ = member(k, r, "other")
     k.app.close_session(other)
     rec = MessageRecord(1, 1, r.id, "asker", None, "hi", 0.0, None, None, False)
-    assert audience(k.app, rec) == [asker]
+    req = Request(k.app, asker)
+    emit_message_event(k.app, req, rec, b"m\n")
+    assert [list(a.local(k.app.presence)) for a, _ in req.events] == [[asker]]
     assert [e["data"]["user"] for e in apeer.lines()] == ["other"]  # before the message
 
 
@@ -165,6 +167,6 @@ async def test_an_emptied_ephemeral_room_drops_its_waiting_departures(k: Core) -
     b, _ = member(k, r, "b")
     k.app.close_session(b)
     k.app.close_session(a)
-    assert k.app.departures == {} and r.deleted
+    assert k.app.departures_waiting() == 0 and r.deleted
     settle_all(k)
     assert apeer.sent == []

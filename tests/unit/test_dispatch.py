@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from chatd.bus import ToSessions
 from chatd.dispatch import Dispatcher, Outcome, Pending, Request, Spec, Throttle, command_table
 from chatd.errors import NotFound
 from chatd.protocol import commands as c
@@ -161,7 +162,7 @@ async def test_a_deleted_account_token_is_unauthorized() -> None:
         try:
             ann = k.add_user("Ann", 1)
             token = k.token(ann)
-            del k.app.users["ann"]
+            k.app.accounts.forget_user("ann")
             s, _ = k.session()
             # An account not in memory is looked for in the store first (it may have been
             # added by `chatd user add` a moment ago); it is not there either.
@@ -193,7 +194,7 @@ def test_session_expiry_timer_unbinds_and_tells_the_client() -> None:
         k.clock.advance(60)
         expired.fire()
         assert peer.frames() == [{"type": "event", "event": "session.expired", "data": {}}]
-        assert s.user is None and s.token is None and "ann" not in k.app.online
+        assert s.user is None and s.token is None and not k.app.presence.is_online("ann")
         assert run(k, s, {"cmd": "whoami"})["code"] == "unauthorized"
 
 
@@ -204,7 +205,7 @@ def test_closing_a_session_cancels_its_timers() -> None:
         run(k, s, {"cmd": "whoami", "token": k.token(ann)})
         assert len(k.scheduler.live()) == 1
         k.app.close_session(s)
-        assert k.scheduler.live() == [] and s not in k.app.sessions
+        assert k.scheduler.live() == [] and s not in k.app.presence.sessions()
 
 
 def test_metered_commands_are_throttled_but_ping_is_not() -> None:
@@ -268,7 +269,7 @@ async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None
 
     async def waits(app: Any, req: Request, cmd: Any) -> Any:
         value = await gate
-        req.emit([], b"event\n")
+        req.emit(ToSessions(), b"event\n")
         return {"got": value}
 
     async def waits_then_fails(app: Any, req: Request, cmd: Any) -> Any:
@@ -292,6 +293,6 @@ async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None
         gate2.set_result("no")
         done = await asyncio.wait_for(first.coro, 5)
         assert reply(done) == {"type": "ok", "id": 1, "data": {"got": "yes"}}
-        assert done.events == [([], b"event\n")]
+        assert [f for _, f in done.events or ()] == [b"event\n"]
         failed = await asyncio.wait_for(second.coro, 5)
         assert reply(failed)["code"] == "internal"

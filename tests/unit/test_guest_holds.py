@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatd.auth import Claims
+from chatd.domain.identity import guest_jti
 from chatd.errors import Unauthorized
 from chatd.session import Session
 from chatd.store.base import GuestHold, Snapshot
@@ -21,8 +22,8 @@ GRACE = UNIT_CONFIG.replace(guest_grace=120)
 
 
 def bind_guest(k: Core, name: str, *sessions: Session) -> Claims:
-    hold = k.app.guest_hold(name.lower()) or k.app.new_hold(name)
-    token, claims = k.tokens.mint(name, f"0.{hold.jti}.x", (), 3600)
+    hold = k.app.accounts.guest_hold(name.lower()) or k.app.accounts.new_hold(name)
+    token, claims = k.tokens.mint(name, guest_jti(hold.jti), (), 3600)
     for s in sessions:
         k.app.bind(s, token, claims)
     return claims
@@ -36,22 +37,22 @@ async def test_a_hold_lasts_while_connected_then_for_the_grace() -> None:
     with core(GRACE) as k:
         (s1, _), (s2, _) = k.session(), k.session()
         claims = bind_guest(k, "Ann", s1, s2)
-        assert k.app.guest_hold("ann").held_until is None  # type: ignore[union-attr]
+        assert k.app.accounts.guest_hold("ann").held_until is None  # type: ignore[union-attr]
         k.app.close_session(s1)
-        assert k.app.guest_hold("ann").held_until is None  # type: ignore[union-attr]
+        assert k.app.accounts.guest_hold("ann").held_until is None  # type: ignore[union-attr]
         assert live_hold_timers(k) == []
         k.app.close_session(s2)  # the last one: the grace starts
-        hold = k.app.guest_hold("ann")
+        hold = k.app.accounts.guest_hold("ann")
         assert hold is not None and hold.held_until == k.clock.now() + 120
         assert live_hold_timers(k) == [120]
         k.clock.advance(119)
-        assert k.app.check_claims(claims) is hold
+        assert k.app.accounts.check_claims(claims) is hold
         k.clock.advance(1)
         [timer] = [t for t in k.scheduler.live() if t.fn.__name__ == "lapse"]
         timer.fire()
-        assert k.app.guest_hold("ann") is None
+        assert k.app.accounts.guest_hold("ann") is None
         with pytest.raises(Unauthorized, match="guest session ended"):
-            k.app.check_claims(claims)
+            k.app.accounts.check_claims(claims)
 
 
 async def test_a_late_timer_does_not_release_a_hold_that_came_back() -> None:
@@ -63,10 +64,10 @@ async def test_a_late_timer_does_not_release_a_hold_that_came_back() -> None:
         k.clock.advance(60)
         k.app.bind(s2, "tok", claims)  # reconnects within the grace
         assert first.cancelled
-        assert k.app.guest_hold("bo").held_until is None  # type: ignore[union-attr]
+        assert k.app.accounts.guest_hold("bo").held_until is None  # type: ignore[union-attr]
         k.app.close_session(s2)  # a new grace, from now
         first.fn()  # the old timer running anyway (compare-and-set: it changes nothing)
-        hold = k.app.guest_hold("bo")
+        hold = k.app.accounts.guest_hold("bo")
         assert hold is not None and hold.held_until == k.clock.now() + 120
         assert hold.version == 4  # created, grace, back, grace again
 
@@ -78,8 +79,8 @@ async def test_a_hold_whose_timer_is_late_ends_when_its_grace_does() -> None:
         k.app.close_session(s)
         k.clock.advance(120)
         with pytest.raises(Unauthorized, match="guest session ended"):
-            k.app.check_claims(claims)
-        assert k.app.guest_hold("cy") is None
+            k.app.accounts.check_claims(claims)
+        assert k.app.accounts.guest_hold("cy") is None
 
 
 async def test_with_no_grace_the_last_connection_releases_at_once() -> None:
@@ -87,7 +88,7 @@ async def test_with_no_grace_the_last_connection_releases_at_once() -> None:
         s, _ = k.session()
         bind_guest(k, "di", s)
         k.app.close_session(s)
-        assert k.app.guest_hold("di") is None
+        assert k.app.accounts.guest_hold("di") is None
 
 
 async def test_a_restart_gives_every_hold_a_fresh_grace() -> None:
@@ -96,16 +97,16 @@ async def test_a_restart_gives_every_hold_a_fresh_grace() -> None:
         connected = GuestHold("fi", "8", None, 2)
         k.app.load(Snapshot("e", 0, [], [stale, connected], {}, [], 0))
         for key in ("ed", "fi"):
-            hold = k.app.guest_hold(key)
+            hold = k.app.accounts.guest_hold(key)
             assert hold is not None and hold.held_until == k.clock.now() + 120
         assert sorted(live_hold_timers(k)) == [120, 120]
 
 
 async def test_hold_note_says_until_when() -> None:
     with core(GRACE) as k:
-        assert k.app.hold_note(GuestHold("a", "1", None, 1)) == "while connected"
+        assert k.app.accounts.hold_note(GuestHold("a", "1", None, 1)) == "while connected"
         assert k.clock.now() == 1_700_000_000
-        assert k.app.hold_note(GuestHold("a", "1", 1_700_000_120, 2)) == (
+        assert k.app.accounts.hold_note(GuestHold("a", "1", 1_700_000_120, 2)) == (
             "until 2023-11-14T22:15:20.000Z (in 120 s)"
         )
 
@@ -140,18 +141,17 @@ async def test_memory_and_store_agree_after_a_grace_then_a_release() -> None:
     store = SQLiteStore(":memory:")
     store.open()
     try:
-        with core(GRACE) as k:
-            k.app.store = store
+        with core(GRACE, store) as k:
             s, _ = k.session()
-            hold = k.app.new_hold("hy")
+            hold = k.app.accounts.new_hold("hy")
             await store.hold_guest(hold)
             bind_guest(k, "hy", s)
             k.app.close_session(s)  # grace: version 2
-            k.app.drop_hold(k.app.guest_hold("hy"))  # type: ignore[arg-type]  # released: v3
+            k.app.accounts.drop_hold(k.app.accounts.guest_hold("hy"))  # type: ignore[arg-type]  # released: v3
             for coro in k.scheduler.spawned:
                 await asyncio.wait_for(coro, 5)
             k.scheduler.spawned.clear()
-            assert k.app.guest_hold("hy") is None
+            assert k.app.accounts.guest_hold("hy") is None
             rows = await store._read(lambda db: db.execute("SELECT * FROM guests").fetchall())
             assert rows == []
     finally:

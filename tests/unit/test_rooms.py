@@ -43,14 +43,14 @@ def test_rooms_are_found_case_insensitively(rooms: RoomManager) -> None:
 def test_first_connection_of_a_user_joins_last_one_leaves(rooms: RoomManager) -> None:
     room = rooms.get("lobby")
     a1, a2, b = conn("Ann"), conn("ANN"), conn("bob")
-    assert RoomManager.join(room, a1) is True
-    assert RoomManager.join(room, a2) is False  # same user, second connection
-    assert RoomManager.join(room, b) is True
+    assert rooms.join(room, a1) is True
+    assert rooms.join(room, a2) is False  # same user, second connection
+    assert rooms.join(room, b) is True
     assert room.info().members == 2 and len(room.sessions) == 3
     assert room.member_names() == ["Ann", "bob"]
-    assert RoomManager.leave(room, a1) is False  # Ann is still there on a2
+    assert rooms.leave(room, a1) is False  # Ann is still there on a2
     assert room.has_user("ann")
-    assert RoomManager.leave(room, a2) is True
+    assert rooms.leave(room, a2) is True
     assert not room.has_user("ann") and room.info().members == 1
     assert room.member_names() == ["bob"]
 
@@ -58,36 +58,36 @@ def test_first_connection_of_a_user_joins_last_one_leaves(rooms: RoomManager) ->
 def test_join_is_idempotent_per_connection(rooms: RoomManager) -> None:
     room = rooms.get("lobby")
     a = conn("ann")
-    assert RoomManager.join(room, a) is True
-    assert RoomManager.join(room, a) is False
+    assert rooms.join(room, a) is True
+    assert rooms.join(room, a) is False
     assert room.users == {"ann": 1}
-    assert RoomManager.leave(room, a) is True
-    assert room.users == {} and room.sessions == {} and a.rooms == {}
+    assert rooms.leave(room, a) is True
+    assert room.users == {} and room.sessions == {} and rooms.rooms_of(a) == []
 
 
 def test_leaving_a_room_one_is_not_in_is_a_no_op(rooms: RoomManager) -> None:
     room = rooms.get("lobby")
     a, b = conn("ann"), conn("ann")
-    RoomManager.join(room, a)
-    assert RoomManager.leave(room, b) is False
+    rooms.join(room, a)
+    assert rooms.leave(room, b) is False
     assert room.users == {"ann": 1}
 
 
 def test_session_knows_its_rooms(rooms: RoomManager) -> None:
     other = rooms.add(record(2, "dev"))
     a = conn("ann")
-    RoomManager.join(rooms.get("lobby"), a)
-    RoomManager.join(other, a)
-    assert list(a.rooms) == [rooms.get("lobby"), other]
+    rooms.join(rooms.get("lobby"), a)
+    rooms.join(other, a)
+    assert rooms.rooms_of(a) == [rooms.get("lobby"), other]
 
 
 def test_remove_returns_the_members_and_forgets_the_room(rooms: RoomManager) -> None:
     room = rooms.get("lobby")
     a, b = conn("ann"), conn("bob")
-    RoomManager.join(room, a)
-    RoomManager.join(room, b)
+    rooms.join(room, a)
+    rooms.join(room, b)
     assert rooms.remove(room) == [a, b]
-    assert room.deleted and a.rooms == {} and b.rooms == {} and room.users == {}
+    assert room.deleted and rooms.rooms_of(a) == [] and rooms.rooms_of(b) == [] and room.users == {}
     assert 1 not in rooms.by_id
     with pytest.raises(NotFound):
         rooms.get("lobby")
@@ -110,7 +110,7 @@ def test_reserve_blocks_a_second_create_of_the_same_name(rooms: RoomManager) -> 
 def test_rename_keeps_identity_and_members(rooms: RoomManager) -> None:
     room = rooms.get("lobby")
     a = conn("ann")
-    RoomManager.join(room, a)
+    rooms.join(room, a)
     rooms.rename(room, "Hall")
     assert rooms.get("hall") is room and room.name == "Hall" and rooms.by_id[1] is room
     with pytest.raises(NotFound):
@@ -146,16 +146,16 @@ def test_member_list_is_kept_sorted_and_encoded_once_per_change(
     room = rooms.get("lobby")
     names = [f"U{i:04d}" if i % 2 else f"u{i:04d}" for i in range(4000)]
     for name in reversed(names):
-        RoomManager.join(room, conn(name))
-    RoomManager.join(room, conn("U0001"))  # a second connection changes nothing
+        rooms.join(room, conn(name))
+    rooms.join(room, conn("U0001"))  # a second connection changes nothing
     first = room.members_json()
     assert [first is room.members_json() for _ in range(16)] == [True] * 16
     assert encodes == [4000]  # one encoding for 17 readers
     assert json.loads(bytes(first)) == sorted(names, key=str.lower)
     late = conn("aaa")
-    RoomManager.join(room, late)
+    rooms.join(room, late)
     assert json.loads(bytes(room.members_json()))[:2] == ["aaa", "u0000"]
-    RoomManager.leave(room, late)
+    rooms.leave(room, late)
     assert room.member_names()[:1] == ["u0000"]
     assert json.loads(bytes(room.members_json())) == sorted(names, key=str.lower)
     assert encodes == [4000, 4001, 4000]

@@ -237,7 +237,7 @@ class RoomsMachine(RuleBasedStateMachine):
             users = [self.sessions[m][1] for m in model.members]
             assert room.users == {u: users.count(u) for u in set(users)}
         for slot, (s, _) in self.sessions.items():
-            assert {r.name.lower() for r in s.rooms} == {
+            assert {r.name.lower() for r in live.rooms_of(s)} == {
                 k for k, r in self.rooms.items() if slot in r.members
             }
         for user in USERS:

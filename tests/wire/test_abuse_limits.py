@@ -39,7 +39,8 @@ async def closing(*clients: Client) -> None:
 async def add_user(srv: ChatServer, name: str, *, admin: bool = False) -> None:
     """An account made as `chatd user add` would (no registration budget spent)."""
     user = await srv.store.create_user(name, srv.hasher.hash_sync(PASSWORD), admin=admin)
-    srv.app.users[name.lower()] = user
+    assert user is not None
+    await srv.app.refresh_user(name.lower())  # seen at once, as the contract says
 
 
 # --- item 4: registrations -------------------------------------------------------------

@@ -43,7 +43,8 @@ async def account(c: Client, name: str, password: str = PASSWORD, **login: Any) 
 async def add_admin(server: ChatServer, name: str, password: str = PASSWORD) -> None:
     """An admin account made through the store, as `chatd user add --admin` would."""
     user = await server.store.create_user(name, server.hasher.hash_sync(password), admin=True)
-    server.app.users[name.lower()] = user
+    assert user is not None
+    await server.app.refresh_user(name.lower())  # seen at once, as the contract says
 
 
 def b64(data: bytes) -> str:
@@ -1176,7 +1177,8 @@ async def test_user_delete_reply_comes_before_member_left(server, connect) -> No
         rec = await store.create_user("root", hasher.hash_sync("root-password"), admin=True)
     finally:
         hasher.close()
-    server.app.users["root"] = rec
+    assert rec is not None
+    await server.app.refresh_user("root")
     await admin.ok("login", user="root", password="root-password")
     await admin.ok("room.create", room="shared")
     await admin.ok("register", user="doomed", password="doomed-password")

@@ -154,7 +154,7 @@ async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
         # A command from the paused client is not read: it is still in the room.
         await slow.send({"cmd": "room.leave", "id": "leave", "room": "lobby"})
         await asyncio.sleep(0.3)  # a bounded wait for an absence
-        assert slow_conn.session is not None and slow_conn.session.rooms
+        assert slow_conn.session is not None and srv.app.rooms.rooms_of(slow_conn.session)
         assert slow_conn.paused
         assert (await sender.ok("ping")) == {"pong": True}
         other = await Client.connect(srv.port)

@@ -447,7 +447,7 @@ async def test_a_login_abandoned_mid_hash_leaves_no_session_behind(server, conne
     await other.ok("ping")
     for _ in range(100):  # the abandoned login's write commits within a few turns
         await asyncio.sleep(0.01)
-    assert "ghostly" not in server.app.online
+    assert not server.app.presence.is_online("ghostly")
 
 
 async def test_an_emptied_ephemeral_rooms_name_can_be_reused_in_the_same_breath(
@@ -467,7 +467,6 @@ async def test_an_emptied_ephemeral_rooms_name_can_be_reused_in_the_same_breath(
 async def test_sends_racing_an_ephemeral_rooms_end_never_ack_a_message_without_a_room(
     server, connect
 ) -> None:
-    server.app.send_buckets.clear()
     owner = await guest(connect, "host")
     await owner.ok("room.create", room="brief", ephemeral=True, open=True)
     poster = await guest(connect, "poster")

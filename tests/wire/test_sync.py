@@ -260,7 +260,8 @@ async def test_logout_all_expires_the_users_other_connections(connect) -> None:
 async def test_deleted_account_leaves_its_rooms_with_reason_deleted(server, connect) -> None:
     pw = "admin-password"
     rec = await server.store.create_user("root", await server.app.hasher.hash(pw), True)
-    server.app.users["root"] = rec
+    assert rec is not None
+    await server.app.refresh_user("root")
     root = await connect()
     await root.ok("login", user="root", password=pw)
     victim = await connect()

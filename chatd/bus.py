@@ -1,0 +1,201 @@
+"""The one event path: frames addressed to audiences, delivered by a Bus.
+
+A command's Outcome (chatd.dispatch) carries its reply, its events as ``(audience,
+frame)`` pairs and the connections it closes (audiences too); a timer's outcome (expiry,
+a guest's grace, batched departures) carries the same. Nothing in the core sends to a
+connection any other way.
+
+Audiences name who should get a frame, not sockets: a room (``ToRoom``), a user's
+connections (``ToUser``, optionally only those of one identity), or given connections
+(``ToSessions``). The in-process ``LocalBus`` resolves them to this process's sessions.
+A bus for several nodes (issue 11) implements the same ``Bus`` protocol: it delivers
+locally as ``LocalBus`` does and forwards the frame with its audience to the other nodes,
+whose bus delivers it to their own sessions; message events carry their revision, and a
+node delivers arriving events in revision order.
+
+Ordering rule (wire contract: on the caller's own connection a command's reply comes
+before the events it causes): ``others_now`` delivers an outcome's events and closes to
+every connection except the caller's at once, and leaves in the outcome only the caller's
+own share, which ``deliver_own`` sends after the reply. Fan-out encodes once: the same
+bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol, Union
+
+if TYPE_CHECKING:
+    from chatd.rooms import LiveRoom
+    from chatd.session import Session
+    from chatd.stats import Stats
+
+
+class Directory(Protocol):
+    """Who is connected here, for resolving audiences (chatd.domain.presence)."""
+
+    def sessions_of(self, user_key: str) -> Iterable[Session]: ...
+
+
+class ToRoom:
+    """Every connection in the room when the frame is delivered (``skip``: but that one)."""
+
+    __slots__ = ("room", "skip")
+
+    def __init__(self, room: LiveRoom, skip: Session | None = None) -> None:
+        self.room = room
+        self.skip = skip
+
+    def local(self, directory: Directory) -> Iterable[Session]:
+        if self.skip is None:
+            return self.room.sessions
+        skip = self.skip
+        return [s for s in self.room.sessions if s is not skip]
+
+
+class ToUser:
+    """Every connection of a user (by case-folded name); with ``identity``, only those
+    bound to that identity (chatd.domain.identity), so a name's next holder gets nothing
+    meant for the former one."""
+
+    __slots__ = ("identity", "key")
+
+    def __init__(self, key: str, identity: str | None = None) -> None:
+        self.key = key
+        self.identity = identity
+
+    def local(self, directory: Directory) -> Iterable[Session]:
+        sessions = directory.sessions_of(self.key)
+        if self.identity is None:
+            return list(sessions)
+        return [s for s in sessions if s.identity == self.identity]
+
+
+class ToSessions:
+    """The given connections (a room's members captured before the room went, or one
+    connection). A bus for several nodes names them by node and connection id."""
+
+    __slots__ = ("sessions",)
+
+    def __init__(self, *sessions: Session) -> None:
+        self.sessions = sessions
+
+    @staticmethod
+    def of(sessions: Iterable[Session]) -> ToSessions:
+        return ToSessions(*sessions)
+
+    def local(self, directory: Directory) -> Iterable[Session]:
+        return self.sessions
+
+
+Audience = Union[ToRoom, ToUser, ToSessions]
+Events = list[tuple[Audience, bytes]]
+
+
+class Bus(Protocol):
+    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
+        """Deliver `frame` to every connection of `audience` at once, except `caller`;
+        True when `caller` is in the audience (its copy is then the caller's to send,
+        after its reply). Never waits."""
+        ...
+
+    def close(self, audience: Audience, caller: Session | None = None) -> bool:
+        """Close every connection of `audience` (queued bytes flushed first), except
+        `caller`; True when `caller` is in it."""
+        ...
+
+
+class LocalBus:
+    """The in-process Bus: audiences resolve to this process's sessions."""
+
+    __slots__ = ("_directory", "_stats")
+
+    def __init__(self, directory: Directory, stats: Stats) -> None:
+        self._directory = directory
+        self._stats = stats
+
+    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
+        mine = False
+        n = 0
+        for s in audience.local(self._directory):
+            if s is caller:
+                mine = True
+            else:
+                s.send(frame)
+                n += 1
+        self._stats.deliveries += n
+        return mine
+
+    def close(self, audience: Audience, caller: Session | None = None) -> bool:
+        mine = False
+        for s in list(audience.local(self._directory)):
+            if s is caller:
+                mine = True
+            else:
+                s.peer.close()
+        return mine
+
+
+class Effects:
+    """Events and closes collected while something happens (a command: chatd.dispatch's
+    Request is one; a timer makes its own and hands it to ``deliver``)."""
+
+    __slots__ = ("closes", "events")
+
+    def __init__(self) -> None:
+        self.events: Events = []
+        self.closes: list[Audience] | None = None
+
+    def emit(self, audience: Audience, frame: bytes) -> None:
+        self.events.append((audience, frame))
+
+    def close(self, audience: Audience) -> None:
+        if self.closes is None:
+            self.closes = []
+        self.closes.append(audience)
+
+
+class Delivery(Protocol):
+    """What the bus needs of an outcome (chatd.dispatch.Outcome)."""
+
+    events: Events | None
+    closes: list[Audience] | None
+
+
+def others_now(bus: Bus, outcome: Delivery, me: Session | None) -> None:
+    """Deliver the outcome's events and closes to everyone but `me` now, so every
+    connection sees changes in commit (revision) order; leave in the outcome only `me`'s
+    own share, for ``deliver_own`` after its reply."""
+    events = outcome.events
+    if events:
+        own: Events = []
+        for audience, frame in events:
+            if bus.publish(audience, frame, me) and me is not None:
+                own.append((ToSessions(me), frame))
+        outcome.events = own or None
+    closes = outcome.closes
+    if closes:
+        close_me = False
+        for audience in closes:
+            close_me = bus.close(audience, me) or close_me
+        outcome.closes = [ToSessions(me)] if close_me and me is not None else None
+
+
+def deliver_own(bus: Bus, outcome: Delivery) -> None:
+    """The caller's own share of an outcome (after ``others_now``), once its reply is
+    queued: its events, then its close."""
+    if outcome.events:
+        for audience, frame in outcome.events:
+            bus.publish(audience, frame)
+    if outcome.closes:
+        for audience in outcome.closes:
+            bus.close(audience)
+
+
+def deliver(bus: Bus, fx: Effects) -> None:
+    """A timer's outcome (no caller): every event, then every close, at once."""
+    for audience, frame in fx.events:
+        bus.publish(audience, frame)
+    if fx.closes:
+        for audience in fx.closes:
+            bus.close(audience)
