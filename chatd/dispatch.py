@@ -173,9 +173,9 @@ class Driver:
     - they may await store `Deferred`s (chatd.store.deferred), asyncio futures (an
       executor's, ``loop.create_future()``) and ``asyncio.sleep(0)`` (a bare yield: goes on
       next turn), and coroutines that await only those;
-    - they must not use what needs a Task of their own: ``asyncio.current_task()``,
-      ``asyncio.timeout``/``wait_for`` around their own awaits, ``asyncio.sleep(d > 0)``
-      (it needs a running Task's handle); anything else awaited answers ``internal``;
+    - they must not use what needs a Task of their own: ``asyncio.current_task()`` (it is
+      None, or an unrelated Task), ``asyncio.timeout`` (raises: not inside a task);
+      awaiting anything that is not a future answers ``internal``;
     - an exception from the handler is its reply (`Pending.fail`); a ``CancelledError``
       (or any BaseException) is answered ``internal`` and then propagates to whoever
       resolved the future, as asyncio would.

@@ -9,8 +9,8 @@ import socket
 import struct
 from typing import Any
 
-from chatd.protocol.framing import LineSplitter
 from chatd.connection import Connection
+from chatd.protocol.framing import LineSplitter
 from chatd.server import ChatServer
 from tests.helpers import TIMEOUT, Client, running_server, until
 
