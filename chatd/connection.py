@@ -29,7 +29,7 @@ import collections
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
@@ -371,9 +371,8 @@ class Connection:
         if outcome.events:
             deliver_events(outcome.events, self.session, self.host.stats, False)
 
-    def finished(self, slot: Any, outcome: Outcome) -> None:
+    def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
-        slot = cast(_Slot, slot)
         slots = self.slots
         assert slots is not None
         slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
