@@ -121,22 +121,26 @@ class _Slot:
         self.overlap = overlap
 
 
-def deliver_events(events: Events, me: Session | None, stats: Stats, hold_own: bool) -> Events:
+def deliver_events(
+    events: Events, me: Session | None, stats: Stats, hold_own: bool
+) -> Events | None:
     """Send a command's events to their sessions. With `hold_own`, `me`'s own copies are
     not sent but returned (they follow its reply, which waits for the replies before it;
     the others get theirs at once, so every connection sees changes in commit order).
     The one place the pipeline reads the shape of ``Outcome.events``."""
-    own: Events = []
+    own: Events | None = None
+    delivered = 0
     for sessions, frame in events:
-        mine = False
         for s in sessions:
             if hold_own and s is me:
-                mine = True
+                if own is None:
+                    own = []
+                own.append(((me,), frame))
             else:
                 s.send(frame)
-        stats.deliveries += len(sessions) - mine  # a held copy counts when delivered
-        if mine:
-            own.append(((me,), frame))
+        delivered += len(sessions)
+    # A held copy counts when it is delivered.
+    stats.deliveries += delivered - len(own) if own is not None else delivered
     return own
 
 

@@ -229,10 +229,9 @@ class Driver:
 
     def _end(self, p: Pending, outcome: Outcome) -> None:
         self.running.pop(p, None)
-        done, tag = p.done, p.tag
-        p.done = p.tag = None
+        done = p.done
         assert done is not None
-        done(tag, outcome)
+        done(p.tag, outcome)
 
 
 class Dispatcher:
