@@ -175,7 +175,7 @@ class Connection:
         self.slots: collections.deque[_Slot] | None = None  # made when a command waits
         self.held: tuple[Command, Spec] | None = None
         self.paused = 0  # PAUSE_* bits; reading is on when none is set
-        self.out: list[bytes] | None = None  # made when there is something to send
+        self.out: list[bytes] = []  # emptied by each flush, kept (fan-out appends per turn)
         self.out_bytes = 0
         self.unsent = 0  # bytes the edge took and has not sent yet (as it last said)
         self.dead = False
@@ -230,7 +230,7 @@ class Connection:
         self.dead = True
         self.splitter.clear()
         self.held = None
-        self.out = None
+        self.out.clear()
         self.out_bytes = 0
         if self.session is not None:
             host = self.host
@@ -404,8 +404,7 @@ class Connection:
         if self.dead:
             return
         out = self.out
-        if out is None:
-            out = self.out = []
+        if not out:
             self.host.want_flush(self)
         out.append(data)
         self.out_bytes += len(data)
@@ -421,10 +420,10 @@ class Connection:
     def data_to_send(self) -> bytes:
         """Everything queued, as one write (b"" when nothing is)."""
         out = self.out
-        if out is None or self.dead:
+        if not out or self.dead:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
-        self.out = None
+        out.clear()
         self.out_bytes = 0
         self.host.stats.bytes_out += len(data)
         return data
@@ -443,7 +442,7 @@ class Connection:
             return
         self.dead = True
         queued = self.out_bytes + self.unsent
-        self.out = None
+        self.out.clear()
         self.out_bytes = 0
         user = self.session.user if self.session is not None else None
         log.warning(

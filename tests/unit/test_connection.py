@@ -269,7 +269,7 @@ def test_past_the_hard_limit_a_connection_that_does_not_read_is_dropped() -> Non
         assert r.edge.dropped and r.conn.dead
         assert r.host.stats.slow_consumers == 1
         r.conn.send(chunk)  # nothing more is queued for a dropped connection
-        assert r.conn.out is None
+        assert not r.conn.out
     finally:
         r.close()
 
@@ -359,7 +359,7 @@ def test_a_lost_connection_frees_what_it_read_and_queued(rig: Rig) -> None:
     rig.conn.send(b"queued\n")
     rig.conn.lost()
     assert rig.conn.splitter.buffered == 0 and rig.conn.held is None
-    assert rig.conn.out is None and rig.conn.out_bytes == 0
+    assert not rig.conn.out and rig.conn.out_bytes == 0
     assert rig.conn.session is not None and not rig.conn.session.closed
     rig.host.turn()  # the session closes as a chore, a turn later
     assert rig.conn.session.closed
