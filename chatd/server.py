@@ -1,8 +1,10 @@
-"""The asyncio edge: listening, one Protocol object per connection, bounded outboxes,
-slow-consumer drop, sweeps for idle and stuck connections, and ordered shutdown.
+"""The asyncio edge: listening, admission, TLS, one Protocol adapter per connection around
+the sans-I/O pipeline (chatd.connection), sweeps for idle and stuck connections, and
+ordered shutdown.
 
-A frame's path: data_received → LineSplitter → Dispatcher.prepare/execute → reply and
-events as bytes into outboxes → one flush per loop turn (many frames, one write).
+A frame's path: ConnectionProtocol.data_received → Connection.receive_data (split, run
+through Dispatcher.prepare/execute, replies in order into its outbox) → one flush per loop
+turn (ChatServer.flush_all: many frames, one write). ARCHITECTURE.md draws it.
 """
 
 from __future__ import annotations
