@@ -131,14 +131,18 @@ def deliver_events(
     own: Events | None = None
     delivered = 0
     for sessions, frame in events:
+        delivered += len(sessions)
+        if not hold_own:
+            for s in sessions:  # the fan-out loop: nothing else per recipient
+                s.send(frame)
+            continue
         for s in sessions:
-            if hold_own and s is me:
+            if s is me:
                 if own is None:
                     own = []
                 own.append(((me,), frame))
             else:
                 s.send(frame)
-        delivered += len(sessions)
     # A held copy counts when it is delivered.
     stats.deliveries += delivered - len(own) if own is not None else delivered
     return own
