@@ -1,7 +1,11 @@
 """Idle connections: open N connections (each gets its hello), and report the server's
 resident memory per connection, and the same after each one logs in and joins a room.
 
-    python3 dev.py bench idle [--conns 19000]
+    python3 dev.py bench idle [--conns 19000] [--rooms 1]
+
+With one room (the default) every join tells every member already there (`member.joined`):
+about N²/2 events while the figures are taken, whose transient buffers stay in the
+allocator's high-water mark; `--rooms K` spreads the members over K rooms.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from bench.common import Line, Server, new_loop, open_line, pin_self
 
 
-async def run(srv: Server, conns: int) -> dict[str, float]:
+async def run(srv: Server, conns: int, rooms: int = 1) -> dict[str, float]:
     base = srv.rss_kib()
     lines: list[Line] = []
     t0 = time.monotonic()
@@ -28,13 +32,17 @@ async def run(srv: Server, conns: int) -> dict[str, float]:
     # Now bind each to a user in one room: the state a chat member really holds.
     first = lines[0]
     await first.call({"cmd": "login", "id": 1, "user": "idle0"})
-    await first.call({"cmd": "room.create", "id": 2, "room": "idle", "ephemeral": True})
+    for r in range(rooms):
+        await first.call({"cmd": "room.create", "id": 2, "room": f"idle{r}", "ephemeral": True})
     for i in range(1, len(lines), 500):
         chunk = lines[i : i + 500]
         await asyncio.gather(
             *(c.call({"cmd": "login", "id": 1, "user": f"idle{i + k}"}) for k, c in enumerate(chunk))
         )
-        await asyncio.gather(*(c.call({"cmd": "room.join", "id": 2, "room": "idle"}) for c in chunk))
+        await asyncio.gather(*(
+            c.call({"cmd": "room.join", "id": 2, "room": f"idle{(i + k) % rooms}"})
+            for k, c in enumerate(chunk)
+        ))  # fmt: skip
     await asyncio.sleep(1.0)
     joined = srv.rss_kib()
     for c in lines:
@@ -46,12 +54,14 @@ async def run(srv: Server, conns: int) -> dict[str, float]:
         "server_rss_base_kib": base,
         "idle_kib_per_conn": round((idle - base) / len(lines), 2),
         "logged_in_joined_kib_per_conn": round((joined - base) / len(lines), 2),
+        "rooms": rooms,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--conns", type=int, default=19_000)
+    ap.add_argument("--rooms", type=int, default=1, help="spread the members over this many rooms")
     args = ap.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with Server("--max-connections", str(conns + 10), "--db", ":memory:") as srv:
         loop = new_loop()
         try:
-            r = loop.run_until_complete(run(srv, conns))
+            r = loop.run_until_complete(run(srv, conns, max(1, args.rooms)))
         finally:
             loop.close()
     print(json.dumps(r))

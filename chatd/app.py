@@ -119,25 +119,6 @@ class App:
         self.accounts.purge(now)
         self.limits.purge(now)
 
-    # Transitional names for chatd/server.py's periodic purge and shutdown (another
-    # engineer's file in this round; the merge replaces its two assignments with
-    # `app.purge(now)`). Reading gives nothing to filter; assigning runs the purge.
-    @property
-    def revoked(self) -> dict[str, int]:
-        return {}
-
-    @revoked.setter
-    def revoked(self, _: object) -> None:
-        self.purge(self.clock.now())
-
-    @property
-    def send_buckets(self) -> dict[str, Any]:
-        return {}
-
-    @send_buckets.setter
-    def send_buckets(self, _: object) -> None:
-        pass  # purged with `revoked` above
-
     def sweep_holds(self) -> None:
         self.accounts.sweep_holds()
 

@@ -8,10 +8,11 @@ of errors to frames happen here and nowhere else (STYLE 3). Order of checks (con
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -136,15 +137,11 @@ Result = Union[Outcome, Throttle, "Pending"]
 
 
 class Pending:
-    """A command that waits for the store or a hash. The server drives ``handler`` from
-    the future it first yielded (``first``) and hands the result to ``finish`` or the
-    exception to ``fail``; ``coro`` does the same as one awaitable (tests, tools).
+    """A command that waits for the store or a hash: its handler coroutine, stopped at
+    its first await (``first``), to be driven by the `Driver`. ``finish`` turns the
+    handler's value into the Outcome, ``fail`` its exception."""
 
-    Handlers are driven without a Task of their own, so they must not rely on
-    ``asyncio.current_task()`` (no ``asyncio.timeout`` inside a handler).
-    """
-
-    __slots__ = ("first", "handler", "name", "overlap", "req", "rid")
+    __slots__ = ("done", "first", "handler", "name", "overlap", "req", "rid", "tag")
 
     def __init__(
         self,
@@ -161,6 +158,8 @@ class Pending:
         self.req = req
         self.name = name
         self.overlap = overlap
+        self.done: Callable[[Any, Outcome], None] | None = None
+        self.tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
         return self.req.outcome(ok_frame(self.rid, value))
@@ -173,16 +172,79 @@ class Pending:
         log.error("internal error in %s", self.name, exc_info=exc)
         return self.req.outcome(error_frame(self.rid, Internal("internal error")))
 
-    @property
-    def coro(self) -> Coroutine[Any, Any, Outcome]:
-        return self._run()
 
-    async def _run(self) -> Outcome:
+class Driver:
+    """The one way a command runs. `Dispatcher.execute` starts a handler with
+    ``send(None)``; most finish there, at once, with no Task and no future. One that
+    awaits comes back as `Pending`, and `start` goes on driving it from the done-callbacks
+    of what it awaits, until it returns; then ``done(tag, outcome)`` is called (the
+    connection, which puts the reply in order). No Task per command: a group commit
+    resolves thousands of sends in one callback, and a Task each costs more than the send
+    itself (figures in ARCHITECTURE.md).
+
+    The contract for handlers (tests/unit/test_driver.py holds it):
+    - they may await store `Deferred`s (chatd.store.deferred), asyncio futures (an
+      executor's, ``loop.create_future()``) and ``asyncio.sleep(0)`` (a bare yield: goes on
+      next turn), and coroutines that await only those;
+    - they must not use what needs a Task of their own: ``asyncio.current_task()`` (it is
+      None, or an unrelated Task), ``asyncio.timeout`` (raises: not inside a task);
+      awaiting anything that is not a future answers ``internal``;
+    - an exception from the handler is its reply (`Pending.fail`); a ``CancelledError``
+      (or any BaseException) is answered ``internal`` and then propagates to whoever
+      resolved the future, as asyncio would.
+
+    ``running`` holds every command being driven, so shutdown can wait for them.
+    """
+
+    __slots__ = ("call_soon", "running")
+
+    def __init__(self, call_soon: Callable[..., Any]) -> None:
+        self.call_soon = call_soon  # loop.call_soon
+        self.running: dict[Pending, None] = {}
+
+    def start(self, pending: Pending, done: Callable[[Any, Outcome], None], tag: Any) -> None:
+        pending.done = done
+        pending.tag = tag
+        self.running[pending] = None
+        self._wait(pending, pending.first)
+
+    def _wait(self, p: Pending, yielded: Any) -> None:
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): go on next turn
+            self.call_soon(self._step, p, None)
+            return
+        if getattr(yielded, "_asyncio_future_blocking", None) is None:
+            p.handler.close()
+            self._end(p, p.fail(RuntimeError(f"handler awaited {yielded!r}")))
+            return
+        yielded._asyncio_future_blocking = False
+        yielded.add_done_callback(functools.partial(self._step, p))
+
+    def _step(self, p: Pending, fut: Any) -> None:
+        handler = p.handler
         try:
-            value = await _resume(self.handler, self.first)
+            if fut is None:
+                yielded = handler.send(None)
+            elif fut.cancelled():
+                yielded = handler.throw(asyncio.CancelledError())
+            else:
+                exc = fut.exception()
+                yielded = handler.throw(exc) if exc is not None else handler.send(fut.result())
+        except StopIteration as stop:
+            self._end(p, p.finish(stop.value))
+            return
         except Exception as exc:
-            return self.fail(exc)
-        return self.finish(value)
+            self._end(p, p.fail(exc))
+            return
+        except BaseException as exc:  # CancelledError and friends: answer, then let go
+            self._end(p, p.fail(exc))
+            raise
+        self._wait(p, yielded)
+
+    def _end(self, p: Pending, outcome: Outcome) -> None:
+        self.running.pop(p, None)
+        done = p.done
+        assert done is not None
+        done(p.tag, outcome)
 
 
 class Dispatcher:
@@ -309,28 +371,6 @@ def help_summary(usage: str, auth: bool, grant: str | None) -> str:
 def _check_grant(spec: Spec, req: Request) -> None:
     if spec.grant is not None and spec.grant not in req.claims.grants:
         raise Forbidden(f"{spec.name} needs the {spec.grant} grant")
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on driving a coroutine that was started by hand and stopped at its first await.
-
-    Starting handlers with ``send(None)`` lets the common case (no await) finish without a
-    Task; only commands that really wait pay for one.
-    """
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:  # cancellation and friends go into the handler
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
 
 
 def command_table() -> list[Spec]:

@@ -1,8 +1,10 @@
-"""The asyncio edge: listening, one Protocol object per connection, bounded outboxes,
-slow-consumer drop, sweeps for idle and stuck connections, and ordered shutdown.
+"""The asyncio edge: listening, admission, TLS, one Protocol adapter per connection around
+the sans-I/O pipeline (chatd.connection), sweeps for idle and stuck connections, and
+ordered shutdown.
 
-A frame's path: data_received → LineSplitter → Dispatcher.prepare/execute → reply and
-events as bytes into outboxes → one flush per loop turn (many frames, one write).
+A frame's path: ConnectionProtocol.data_received → Connection.receive_data (split, run
+through Dispatcher.prepare/execute, replies in order into its outbox) → one flush per loop
+turn (ChatServer.flush_all: many frames, one write). ARCHITECTURE.md draws it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import functools
 import heapq
 import itertools
 import logging
@@ -24,14 +25,12 @@ from typing import Any, cast
 
 from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
-from chatd.bus import deliver_own, others_now  # the delivery seam (domain)
 from chatd.clock import Clock, SystemClock
 from chatd.config import Config
-from chatd.dispatch import Dispatcher, Outcome, Pending, Spec, Throttle, command_table
-from chatd.errors import FrameTooLarge, RateLimited, Unauthorized
-from chatd.protocol.commands import Command
+from chatd.connection import SLOW_CONSUMER, Connection
+from chatd.dispatch import Dispatcher, Driver, command_table
+from chatd.errors import RateLimited, Unauthorized
 from chatd.protocol.frames import error_frame, event_frame
-from chatd.protocol.framing import TOO_LARGE, LineSplitter
 from chatd.session import Cancellable, Session
 from chatd.stats import Stats
 from chatd.store.base import Store
@@ -39,25 +38,7 @@ from chatd.tls import server_context
 
 log = logging.getLogger("chatd")
 
-_PAUSE_WRITE = 1  # the client does not read: outbox above the soft limit
-_PAUSE_BACKLOG = 2  # frames read but not yet run (input memory stays bounded)
-_PAUSE_THROTTLE = 4  # per-connection command rate spent (fakelag)
-_PAUSE_STOP = 8  # the server is shutting down: never read again
-# The client shut its write side: nothing more to read (reading never resumes), but every
-# complete frame already read still runs and is answered, then the connection closes.
-_PAUSE_EOF = 16
-# Pauses that do not stop commands from running (pump goes on through them).
-_RUNS_THROUGH = _PAUSE_BACKLOG | _PAUSE_EOF
-_TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
-_SLOW = event_frame("slow_consumer", {})
 _LOOPBACK = ("127.0.0.1", "::1")
-# Commands of one connection waiting for the store at once. A pipelining client still
-# fills a group commit, but one commit's replies and events for it stay well under the
-# outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
-_MAX_WAITING = 64
-# A connection that has sent this many bad frames is logged once (it is not closed: a bad
-# frame never closes a connection, contract "Error codes").
-_BAD_FRAMES_LOGGED = 100
 # Chores done per loop turn for connections that closed or sent EOF (leaving rooms,
 # running what is left, closing): when thousands drop at once, everyone else is served
 # between the batches (issue 13, item 2). A closed connection already takes no input and
@@ -65,74 +46,35 @@ _BAD_FRAMES_LOGGED = 100
 _CHORES_PER_TURN = 256
 
 
-class _Slot:
-    """A reply position: commands may finish out of order, replies go out in order."""
+class ConnectionProtocol(asyncio.Protocol):
+    """The asyncio side of one connection, a thin adapter around the sans-I/O pipeline
+    (chatd.connection.Connection, ``pipe``): it admits the client, feeds the pipeline what
+    the transport reads, writes what the pipeline has to send (once per loop turn, by
+    ChatServer.flush_all), and carries out its decisions: reading on and off, close, drop.
+    It is the pipeline's `Edge`."""
 
-    __slots__ = ("outcome", "overlap")
-
-    def __init__(self, overlap: bool) -> None:
-        self.outcome: Outcome | None = None
-        self.overlap = overlap
-
-
-class Connection(asyncio.Protocol):
-    __slots__ = (
-        "accepted",
-        "bad",
-        "barriers",
-        "counted",
-        "dead",
-        "held",
-        "ip",
-        "out",
-        "out_bytes",
-        "paused",
-        "session",
-        "slots",
-        "splitter",
-        "srv",
-        "stall_since",
-        "stall_size",
-        "tbuf",
-        "transport",
-        "waiting",
-    )
+    __slots__ = ("accepted", "counted", "ip", "pipe", "srv", "transport")
 
     def __init__(self, srv: ChatServer) -> None:
         self.srv = srv
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
-        self.splitter = LineSplitter(srv.config.max_frame)
-        self.slots: collections.deque[_Slot] | None = None
-        self.held: tuple[Command, Spec] | None = None
-        self.paused = 0
-        self.out: list[bytes] = []
-        self.out_bytes = 0
-        self.tbuf = 0
-        self.dead = False
+        self.pipe: Connection | None = None  # made when the connection speaks frames
         self.ip = ""
-        self.stall_size = 0
-        self.stall_since = 0.0
-        self.waiting = 0  # commands started and not finished
-        self.barriers = 0  # of those, the ones later commands must wait for
         self.counted = False  # holds a per-IP slot (admitted)
         self.accepted: float | None = None  # TLS: when accepted (the idle clock's start)
-        self.bad = 0  # bad frames so far (logged once past _BAD_FRAMES_LOGGED)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
-        srv = self.srv
         if self.counted:
             # TLS: admitted at accept (ChatServer.accept_tls), and its handshake is done.
             self.opened(t, self.accepted)
             return
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if isinstance(peer, tuple) else ""
-        refusal = srv.admit(self.ip)
+        refusal = self.srv.admit(self.ip)
         if refusal is not None:
-            self.dead = True
             t.write(error_frame(None, refusal))
             t.close()
             return
@@ -146,27 +88,18 @@ class Connection(asyncio.Protocol):
         self.transport = t
         c = srv.config
         t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
-        self.session = srv.app.open_session(self, self.ip)
-        if accepted is not None:
-            self.session.unbound_since = accepted
+        pipe = self.pipe = Connection(srv, self, self.ip)
         srv.connections[self] = None
-        srv.watch_idle(self.session)
-        self.send(srv.app.hello_frame())
+        session = pipe.open(accepted)
+        srv.watch_idle(session)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.dead = True
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
-        # Frames read and not run die with the connection; free them now, not when the
-        # session is let go (issue 13, item 3).
-        self.splitter.clear()
-        self.held = None
         self.release()
-        self.out.clear()
-        self.out_bytes = 0
-        if self.session is not None:
-            srv.later(functools.partial(srv.app.close_session, self.session))
+        if self.pipe is not None:
+            self.pipe.lost()
 
     def release(self) -> None:
         """Give back the per-IP slot (once; a refused connection never took one)."""
@@ -174,313 +107,77 @@ class Connection(asyncio.Protocol):
             self.counted = False
             self.srv.forget_ip(self.ip)
 
+    @property
+    def dead(self) -> bool:
+        return self.pipe is None or self.pipe.dead
+
+    # --- from the transport ----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.pipe is not None:
+            self.pipe.receive_data(data)
+
     def eof_received(self) -> bool | None:
-        """Half-close (`nc -N`): run every complete frame already read, send every reply,
-        then close (pump does, once nothing is left). A partial frame left in the
-        splitter is never executed."""
-        if self.dead:
+        if self.pipe is None:
             return None
-        if not self.splitter.buffered and not self.waiting and self.held is None:
-            # Nothing left to answer (how a client usually goes): close now, the cheapest
-            # way when thousands go at once.
-            self.close()
-            return None
-        self.paused |= _PAUSE_EOF  # the transport stopped reading; never resume it
-        self.srv.later(self.pump)
-        return True  # keep the write side open for the replies
+        return True if self.pipe.receive_eof() else None
 
-    # --- output ----------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        t = self.transport
+        # The stuck-writer sweep watches it from now (limits.md, --write-deadline).
+        self.srv.stalled[self] = [t.get_write_buffer_size() if t else 0, time.monotonic()]
+        if self.pipe is not None:
+            self.pipe.write_paused(True)
 
-    def send(self, data: bytes) -> None:
-        """Queue bytes; flushed once per loop turn. Never waits: past the hard limit the
-        connection is dropped (limits.md, outbox hard limit)."""
-        if self.dead:
-            return
-        if not self.out:
-            self.srv.dirty.append(self)
-            if not self.srv.flush_scheduled:
-                self.srv.schedule_flush()
-        self.out.append(data)
-        self.out_bytes += len(data)
-        if self.out_bytes + self.tbuf > self.srv.config.outbox_hard:
-            # A burst within one loop turn (a group commit fanning out many messages) is
-            # not a slow consumer: hand it to the kernel first, judge what is left after.
-            self.flush()
-            if self.tbuf > self.srv.config.outbox_hard:
-                self.srv.stats.slow_consumers += 1
-                self.drop_slow()
+    def resume_writing(self) -> None:
+        self.srv.stalled.pop(self, None)
+        if self.pipe is not None:
+            self.pipe.write_paused(False)
+
+    # --- the pipeline's Edge ---------------------------------------------------------
 
     def flush(self) -> None:
+        pipe = self.pipe
         t = self.transport
-        if self.dead or t is None or not self.out:
+        if pipe is None or t is None:
             return
-        out = self.out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        t.write(data)
-        self.srv.stats.bytes_out += len(data)
-        out.clear()
-        self.out_bytes = 0
-        self.tbuf = t.get_write_buffer_size()
+        data = pipe.data_to_send()
+        if data:
+            t.write(data)
+            pipe.unsent = t.get_write_buffer_size()
 
-    def drop_slow(self, why: str = "slow consumer", reason: str = "slow_consumer") -> None:
-        """Best effort slow_consumer, then abort: never wait for a client that does not read."""
-        if self.dead:
-            return
-        self.dead = True
-        queued = self.out_bytes + self.tbuf
-        self.out.clear()
+    def set_reading(self, on: bool) -> None:
         t = self.transport
-        srv = self.srv
-        user = self.session.user if self.session is not None else None
-        log.warning(
-            "closed connection from %s (user %s): %s, %d bytes queued",
-            self.ip, user or "-", why, queued,
-            extra={"event": "connection_closed", "reason": reason,
-                   "ip": self.ip, "user": user, "queued": queued},
-        )  # fmt: skip
         if t is not None:
-            # The notice goes straight to the socket, ahead of what is queued. Never under
-            # TLS: plain bytes there would be written past the TLS layer into the record
-            # stream; the notice is best effort (contract), so it is skipped.
-            sock = t.get_extra_info("socket") if srv.tls is None else None
-            try:
-                # "\n" first: it ends whatever partial line the kernel already holds.
-                if sock is not None:
-                    os.write(sock.fileno(), b"\n" + _SLOW)
-            except OSError:
-                pass
-            t.abort()
+            if on:
+                t.resume_reading()
+            else:
+                t.pause_reading()
 
     def close(self) -> None:
-        """Flush what is queued, then close (the Peer interface)."""
-        if self.dead or self.transport is None:
-            return
-        self.flush()
-        self.dead = True
         t = self.transport
+        if t is None:
+            return
         t.close()
         if t.get_write_buffer_size():
             # close() waits for the buffer to drain; a peer that never reads must not pin it.
             self.srv.abort_later(t)
 
-    def pause_writing(self) -> None:
-        self._pause(_PAUSE_WRITE)
-        self.stall_size = self.transport.get_write_buffer_size() if self.transport else 0
-        self.stall_since = time.monotonic()
-        self.srv.stalled[self] = None
-
-    def resume_writing(self) -> None:
-        self.srv.stalled.pop(self, None)
-        self._resume(_PAUSE_WRITE)
-
-    def _pause(self, flag: int) -> None:
-        if not self.paused and self.transport is not None and not self.dead:
-            self.transport.pause_reading()
-        self.paused |= flag
-
-    def _resume(self, flag: int) -> None:
-        if not self.paused & flag:
+    def drop(self) -> None:
+        t = self.transport
+        if t is None:
             return
-        self.paused &= ~flag
-        if not self.paused and self.transport is not None and not self.dead:
-            self.transport.resume_reading()
-        # A backlog is pump's own business: with only that left, pump picks up the held
-        # command (a throttled one behind a finished send would otherwise wait forever).
-        if flag != _PAUSE_BACKLOG and not self.paused & ~_RUNS_THROUGH:
-            self.pump()
-
-    # --- input -----------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        if self.dead:
-            return
-        self.srv.stats.bytes_in += len(data)
-        # Frames are split out one at a time as pump runs them; while any are left,
-        # reading stays paused, so input memory is one read chunk plus one partial line
-        # however small the frames are (limits.md, input memory).
-        self.splitter.push(data)
-        self.pump()
-
-    def pump(self) -> None:
-        """Run buffered frames in order, at most frames_per_batch per turn (fairness)."""
-        splitter = self.splitter
-        session = self.session
-        if self.dead or session is None:
-            return
-        srv = self.srv
-        dispatcher = srv.dispatcher
-        budget = srv.config.frames_per_batch
-        while True:
-            if self.held is not None:
-                cmd, spec = self.held
-            else:
-                if budget <= 0:
-                    if not splitter.buffered:
-                        break
-                    self._pause(_PAUSE_BACKLOG)
-                    srv.loop.call_soon(self._continue)
-                    return
-                line = splitter.next()
-                if line is None:
-                    break
-                budget -= 1
-                if line is TOO_LARGE:
-                    srv.stats.bad_frames += 1
-                    self.bad_frame("frame too large")
-                    self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
-                    continue
-                prepared = dispatcher.prepare(cast(bytes, line))
-                if isinstance(prepared, Outcome):
-                    self.bad_frame(prepared.reply)
-                    self.reply(prepared)
-                    continue
-                cmd, spec = prepared
-            slots = self.slots
-            if self.waiting and (
-                self.barriers or not spec.overlap or self.waiting >= _MAX_WAITING
-            ):
-                self.held = (cmd, spec)  # starts when what is in flight has finished
-                self._pause(_PAUSE_BACKLOG)
-                return
-            self.held = None
-            result = dispatcher.execute(session, cmd, spec)
-            if isinstance(result, Outcome):
-                self.reply(result)
-            elif isinstance(result, Pending):
-                slot = _Slot(result.overlap)
-                if slots is None:
-                    slots = self.slots = collections.deque()
-                slots.append(slot)
-                self.waiting += 1
-                if not result.overlap:
-                    self.barriers += 1
-                _Drive(srv, self, slot, result)
-            else:
-                assert isinstance(result, Throttle)
-                self.held = (cmd, spec)
-                self._pause(_PAUSE_THROTTLE)
-                srv.loop.call_later(result.delay, self._resume, _PAUSE_THROTTLE)
-                return
-            if self.dead:
-                return
-        self._resume(_PAUSE_BACKLOG)
-        if self.paused & _PAUSE_EOF and not self.waiting:
-            self.close()  # every complete frame ran and every reply is queued
-
-    def bad_frame(self, what: bytes | str) -> None:
-        """Count a bad frame; log the connection once when it passes the threshold."""
-        self.bad += 1
-        if self.bad == _BAD_FRAMES_LOGGED:
-            user = self.session.user if self.session is not None else None
-            text = what.decode("utf-8", "replace").strip() if isinstance(what, bytes) else what
-            log.warning(
-                "connection from %s (user %s) has sent %d bad frames; the last got %s",
-                self.ip, user or "-", self.bad, text[:200],
-                extra={"event": "bad_frames", "ip": self.ip, "user": user, "count": self.bad},
-            )  # fmt: skip
-
-    def _continue(self) -> None:
-        if self.paused == _PAUSE_BACKLOG:
-            self.paused = 0
-            if self.transport is not None and not self.dead:
-                self.transport.resume_reading()
-        self.pump()
-
-    def reply(self, outcome: Outcome) -> None:
-        if self.slots:
-            slot = _Slot(False)
-            slot.outcome = self._others_now(outcome)
-            self.slots.append(slot)
-        else:
-            self.deliver(outcome)
-
-    # --- delivery (the core's seam: chatd.bus) -------------------------------------
-    def _others_now(self, outcome: Outcome) -> Outcome:
-        """Deliver a finished command's events and closes to the other connections at
-        once, so every connection sees changes in commit (revision) order; keep this
-        connection's own share to follow its reply, which waits for the replies before it."""
-        if outcome.events or outcome.closes:
-            others_now(self.srv.app.bus, outcome, self.session)
-        return outcome
-
-    def deliver(self, outcome: Outcome) -> None:
-        """The reply, then the events and closes it caused (the caller's own last)."""
-        self.send(outcome.reply)
-        if outcome.events or outcome.closes:
-            bus = self.srv.app.bus
-            others_now(bus, outcome, self.session)
-            deliver_own(bus, outcome)
-
-    # --- end of the delivery seam -------------------------------------------------
-
-    def finished(self, slot: _Slot, outcome: Outcome) -> None:
-        slots = self.slots
-        assert slots is not None
-        slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
-        self.waiting -= 1
-        if not slot.overlap:
-            self.barriers -= 1
-        while slots and slots[0].outcome is not None:
-            done = slots.popleft().outcome
-            assert done is not None
-            self.deliver(done)
-        if self.paused & _PAUSE_THROTTLE:
-            return  # its timer resumes pump
-        if (self.held is not None or self.splitter.buffered or self.paused & _PAUSE_EOF) and (
-            not slots or self.waiting < _MAX_WAITING
-        ):
-            self.pump()
-
-
-class _Drive:
-    """Runs a waiting command on its futures' callbacks, without a Task per command: a
-    group commit resolves thousands of sends at once, and each Task costs more than the
-    send itself. Tracked in ``srv.commands`` so shutdown can wait for them."""
-
-    __slots__ = ("conn", "pending", "slot", "srv")
-
-    def __init__(self, srv: ChatServer, conn: Connection, slot: _Slot, pending: Pending) -> None:
-        self.srv = srv
-        self.conn = conn
-        self.slot = slot
-        self.pending = pending
-        srv.commands[self] = None
-        self._wait(pending.first)
-
-    def _wait(self, yielded: Any) -> None:
-        if yielded is None:  # a bare yield (asyncio.sleep(0)): go on next turn
-            self.srv.loop.call_soon(self._step, None)
-            return
-        if getattr(yielded, "_asyncio_future_blocking", None) is None:
-            self._end(self.pending.fail(RuntimeError(f"handler awaited {yielded!r}")))
-            return
-        yielded._asyncio_future_blocking = False
-        yielded.add_done_callback(self._step)
-
-    def _step(self, fut: asyncio.Future[Any] | None) -> None:
-        handler = self.pending.handler
+        # The notice goes straight to the socket, ahead of what is queued. Never under
+        # TLS: plain bytes there would be written past the TLS layer into the record
+        # stream; the notice is best effort (contract), so it is skipped.
+        sock = t.get_extra_info("socket") if self.srv.tls is None else None
         try:
-            if fut is None:
-                yielded = handler.send(None)
-            elif fut.cancelled():
-                yielded = handler.throw(asyncio.CancelledError())
-            else:
-                exc = fut.exception()
-                yielded = handler.throw(exc) if exc is not None else handler.send(fut.result())
-        except StopIteration as stop:
-            self._end(self.pending.finish(stop.value))
-            return
-        except Exception as exc:
-            self._end(self.pending.fail(exc))
-            return
-        except BaseException as exc:  # CancelledError and friends: answer, then let go
-            self._end(self.pending.fail(exc))
-            raise
-        self._wait(yielded)
-
-    def _end(self, outcome: Outcome) -> None:
-        self.srv.commands.pop(self, None)
-        self.conn.finished(self.slot, outcome)
+            # "\n" first: it ends whatever partial line the kernel already holds.
+            if sock is not None:
+                os.write(sock.fileno(), b"\n" + SLOW_CONSUMER)
+        except OSError:
+            pass
+        t.abort()
 
 
 class ChatServer:
@@ -516,21 +213,24 @@ class ChatServer:
             self.stats.tls = True
         self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
         self.dispatcher = Dispatcher(self.app, command_table())
-        self.connections: dict[Connection, None] = {}
+        self.connections: dict[ConnectionProtocol, None] = {}
         # TLS: connections admitted and still shaking hands, with their handshake tasks;
         # the listening sockets and their accept loops.
-        self.handshakes: dict[Connection, asyncio.Task[None]] = {}
+        self.handshakes: dict[ConnectionProtocol, asyncio.Task[None]] = {}
         self.listeners: list[socket.socket] = []
         self.acceptors: list[asyncio.Task[None]] = []
         self.metrics: Any = None  # the Prometheus endpoint (chatd.metrics), when on
         self._refusal_log = _LogGate()
-        self.stalled: dict[Connection, None] = {}
+        # Connections whose writes are paused: [unsent bytes, since when] (the stuck-writer
+        # sweep), here rather than two fields on every connection.
+        self.stalled: dict[ConnectionProtocol, list[float]] = {}
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
         self.chores: collections.deque[Callable[[], None]] = collections.deque()
         self._chores_scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.commands: dict[_Drive, None] = {}
+        self.driver = Driver(self.loop.call_soon)
+        self.commands = self.driver.running  # shutdown waits for these
         self.per_ip: dict[str, int] = {}
         self.ip_new: dict[str, collections.deque[float]] = {}
         # (deadline, tiebreak, session, unbound_since): a heap, since a logout's deadline
@@ -547,6 +247,19 @@ class ChatServer:
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable:
         return self.loop.call_later(delay, fn)  # a TimerHandle is already Cancellable
+
+    # --- Host (for the connections) --------------------------------------------------
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        self.loop.call_soon(fn)
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.loop.call_later(delay, fn)
+
+    def want_flush(self, conn: Connection) -> None:
+        self.dirty.append(conn)
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
@@ -569,7 +282,7 @@ class ChatServer:
         dirty = self.dirty
         self.dirty = []
         for conn in dirty:
-            conn.flush()
+            conn.edge.flush()
 
     # --- closed connections ----------------------------------------------------------
 
@@ -662,14 +375,14 @@ class ChatServer:
             if refusal is not None:
                 sock.close()  # not worth a handshake: the connection just closes
                 continue
-            conn = Connection(self)
+            conn = ConnectionProtocol(self)
             conn.ip = ip
             conn.counted = True
             conn.accepted = self.clock.now()
             self.stats.handshaking += 1
             self.handshakes[conn] = loop.create_task(self._handshake(conn, sock))
 
-    async def _handshake(self, conn: Connection, sock: socket.socket) -> None:
+    async def _handshake(self, conn: ConnectionProtocol, sock: socket.socket) -> None:
         c = self.config
         opened = False
         try:
@@ -696,7 +409,6 @@ class ChatServer:
             self.handshakes.pop(conn, None)
             self.stats.handshaking -= 1
             if not opened:
-                conn.dead = True
                 conn.release()
 
     def forget_ip(self, ip: str) -> None:
@@ -753,18 +465,18 @@ class ChatServer:
                 # being unbound"): look again, so it is not forgotten.
                 self._idle_at(now + max(self.config.idle_timeout, 1.0), s, -1.0)
         mono = time.monotonic()
-        for conn in list(self.stalled):
+        for conn, stall in list(self.stalled.items()):
             t = conn.transport
-            if t is None or conn.dead:
+            if t is None or conn.pipe is None or conn.pipe.dead:
                 self.stalled.pop(conn, None)
                 continue
             size = t.get_write_buffer_size()
-            if size < conn.stall_size:
-                conn.stall_size, conn.stall_since = size, mono
-            elif mono - conn.stall_since > self.config.write_deadline:
+            if size < stall[0]:
+                stall[0], stall[1] = size, mono
+            elif mono - stall[1] > self.config.write_deadline:
                 self.stalled.pop(conn, None)
                 self.stats.stuck_writers += 1
-                conn.drop_slow(
+                conn.pipe.drop_slow(
                     f"stuck writer (no progress for {self.config.write_deadline:g} s)",
                     "stuck_writer",
                 )
@@ -789,13 +501,8 @@ class ChatServer:
 
     async def _purge(self) -> None:
         now = int(self.clock.now())
-        app = self.app
-        app.revoked = {j: e for j, e in app.revoked.items() if e > now}
-        app.sweep_holds()
-        # Per-user send buckets that have refilled hold no state worth keeping.
-        app.send_buckets = {
-            k: b for k, b in app.send_buckets.items() if not b.full(now)
-        }
+        # Expired revocations, lapsed holds, refilled send buckets (each owner its own).
+        self.app.purge(now)
         mono = time.monotonic()
         self.ip_new = {ip: d for ip, d in self.ip_new.items() if d and mono - d[-1] <= 60}
         await self.store.purge_expired(now)
@@ -829,7 +536,7 @@ class ChatServer:
                 self.listeners = sockets = _listen(self.config.host, self.config.port, 4096)
             else:
                 server = await self.loop.create_server(
-                    lambda: Connection(self),
+                    lambda: ConnectionProtocol(self),
                     self.config.host,
                     self.config.port,
                     reuse_address=True,
@@ -913,11 +620,8 @@ class ChatServer:
             await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
         frame = event_frame("server.shutdown", {"reason": reason})
         for conn in list(self.connections):
-            # Nothing read after the notice runs: replies would follow server.shutdown.
-            conn._pause(_PAUSE_STOP)
-            conn.splitter.clear()
-            conn.held = None
-            conn.send(frame)
+            if conn.pipe is not None:
+                conn.pipe.stop(frame)
         self.flush_all()
         # Commands already running (a send waiting for its commit) get to finish.
         deadline = time.monotonic() + self.config.shutdown_grace / 2
@@ -930,8 +634,8 @@ class ChatServer:
         self.flush_all()
         deadline = time.monotonic() + self.config.shutdown_grace
         for conn in list(self.connections):
-            if conn.transport is not None and not conn.dead:
-                conn.dead = True
+            if conn.transport is not None and conn.pipe is not None and not conn.pipe.dead:
+                conn.pipe.dead = True
                 conn.transport.close()
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

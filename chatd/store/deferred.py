@@ -79,11 +79,19 @@ class Deferred(Generic[T]):
     def _fire(self) -> None:
         self._done = True
         callbacks, self._callbacks = self._callbacks, []
+        escaped: BaseException | None = None
         for fn, context in callbacks:
             if context is not None:
                 self._loop.call_soon(fn, self, context=context)
                 continue
             try:
                 fn(self)
-            except BaseException:  # one command's failure must not stop the batch's others
+            except Exception:  # one command's failure must not stop the batch's others
                 log.exception("a command failed while its write was delivered")
+            except BaseException as exc:
+                # CancelledError, KeyboardInterrupt, SystemExit: never swallowed (STYLE 8);
+                # the rest of the batch is still told, then the first one goes on up.
+                if escaped is None:
+                    escaped = exc
+        if escaped is not None:
+            raise escaped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -11,13 +12,21 @@ from chatd.app import App
 from chatd.auth import PasswordHasher, TokenService, new_jti
 from chatd.clock import FakeClock
 from chatd.config import Config
-from chatd.dispatch import Dispatcher, command_table
+from chatd.dispatch import Dispatcher, Driver, Outcome, Pending, command_table
 from chatd.session import Session
 from chatd.store.base import Store, UserRecord
 from chatd.store.sqlite import SQLiteStore
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 UNIT_CONFIG = Config(db=":memory:", argon2_memory_kib=1024, argon2_time_cost=1)
+
+
+async def drive(pending: Pending, timeout: float = 5) -> Outcome:
+    """Finish a waiting command as the server does: with the one production Driver."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Outcome] = loop.create_future()
+    Driver(loop.call_soon).start(pending, lambda _tag, outcome: done.set_result(outcome), None)
+    return await asyncio.wait_for(done, timeout)
 
 
 class FakePeer:

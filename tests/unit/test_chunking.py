@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
-from chatd.server import ChatServer, Connection
+from chatd.server import ChatServer, ConnectionProtocol
 from chatd.store.sqlite import SQLiteStore
 from tests.helpers import SECRET, TEST_CONFIG
 
@@ -88,7 +88,7 @@ def test_any_chunking_splits_into_the_same_frames(
 
 
 class FakeTransport:
-    """What Connection uses of an asyncio transport; records what it is told."""
+    """What ConnectionProtocol uses of an asyncio transport; records what it is told."""
 
     def __init__(self) -> None:
         self.out = bytearray()
@@ -123,7 +123,7 @@ class FakeTransport:
 async def _run(srv: ChatServer, chunks: list[bytes]) -> list[dict[str, Any]]:
     """Feed reads as a transport would (never while reading is paused), then EOF; return
     every frame sent, up to the close."""
-    conn = Connection(srv)
+    conn = ConnectionProtocol(srv)
     t = FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
     pending = list(chunks)

@@ -53,3 +53,17 @@ async def test_a_finished_result_is_returned_without_waiting() -> None:
     d: Deferred[str] = Deferred(asyncio.get_running_loop())
     d.set_result("done")
     assert await d == "done"
+
+
+async def test_a_cancellation_from_a_callback_is_not_swallowed_and_the_batch_still_runs() -> None:
+    d: Deferred[int] = Deferred(asyncio.get_running_loop())
+    seen: list[int] = []
+
+    def cancelled(_: object) -> None:
+        raise asyncio.CancelledError
+
+    d.add_done_callback(cancelled)
+    d.add_done_callback(lambda fut: seen.append(fut.result()))
+    with pytest.raises(asyncio.CancelledError):
+        d.set_result(5)
+    assert seen == [5]  # every other waiter of the batch was still told

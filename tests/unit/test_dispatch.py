@@ -16,7 +16,7 @@ from chatd.errors import NotFound
 from chatd.protocol import commands as c
 from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, command_name
 from chatd.session import Session
-from tests.unit.fakes import UNIT_CONFIG, Core, core
+from tests.unit.fakes import UNIT_CONFIG, Core, core, drive
 
 
 def reply(result: object) -> dict[str, Any]:
@@ -168,7 +168,7 @@ async def test_a_deleted_account_token_is_unauthorized() -> None:
             # added by `chatd user add` a moment ago); it is not there either.
             pending = k.dispatcher.handle(s, json.dumps({"cmd": "whoami", "token": token}).encode())
             assert isinstance(pending, Pending)
-            assert reply(await asyncio.wait_for(pending.coro, 5))["code"] == "unauthorized"
+            assert reply(await drive(pending))["code"] == "unauthorized"
             # Same name, new account: the old token does not work, and no read is needed.
             k.add_user("Ann", 7)
             assert run(k, s, {"cmd": "whoami", "token": token})["code"] == "unauthorized"
@@ -291,8 +291,8 @@ async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None
         assert isinstance(second, Pending) and not second.overlap
         gate.set_result("yes")
         gate2.set_result("no")
-        done = await asyncio.wait_for(first.coro, 5)
+        done = await drive(first)
         assert reply(done) == {"type": "ok", "id": 1, "data": {"got": "yes"}}
         assert [f for _, f in done.events or ()] == [b"event\n"]
-        failed = await asyncio.wait_for(second.coro, 5)
+        failed = await drive(second)
         assert reply(failed)["code"] == "internal"

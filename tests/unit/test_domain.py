@@ -38,7 +38,7 @@ from chatd.session import Session
 from chatd.stats import Stats
 from chatd.store.base import RoomRecord, UserRecord
 from chatd.store.sqlite import SQLiteStore
-from tests.unit.fakes import SECRET, UNIT_CONFIG, FakePeer, FakeScheduler
+from tests.unit.fakes import SECRET, UNIT_CONFIG, FakePeer, FakeScheduler, drive
 
 # --- identity ---------------------------------------------------------------------------
 
@@ -283,7 +283,6 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
 
 
 async def test_deleting_ones_own_account_closes_the_connection_after_the_reply() -> None:
-    import asyncio
     import json
 
     from chatd.dispatch import Pending
@@ -304,7 +303,7 @@ async def test_deleting_ones_own_account_closes_the_connection_after_the_reply()
             line = json.dumps({"cmd": "user.delete", "id": 1, "user": "root", "token": token})
             pending = k.dispatcher.handle(me, line.encode())
             assert isinstance(pending, Pending)
-            out = await asyncio.wait_for(pending.coro, 5)
+            out = await drive(pending)
             assert json.loads(out.reply)["type"] == "ok"
             assert me.user is None and twin.user is None  # unbound at once, tokens dead
             assert log == []  # nothing sent or closed before the edge delivers

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from chatd.dispatch import Outcome, Pending
 from chatd.session import Session
-from tests.unit.fakes import UNIT_CONFIG, Core
+from tests.unit.fakes import UNIT_CONFIG, Core, drive
 
 USERS = ("ann", "bob", "cy")
 ROOMS = ("lobby", "Dev", "misc")
@@ -71,7 +71,7 @@ class RoomsMachine(RuleBasedStateMachine):
         async def go() -> dict[str, Any]:
             result = self.k.dispatcher.handle(s, json.dumps(frame).encode())
             if isinstance(result, Pending):
-                result = await asyncio.wait_for(result.coro, 5)
+                result = await drive(result)
             assert isinstance(result, Outcome), result
             await self._drain()
             reply: dict[str, Any] = json.loads(result.reply)

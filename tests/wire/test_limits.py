@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from chatd.server import ChatServer, Connection
+from chatd.server import ChatServer, ConnectionProtocol
 from tests.helpers import TIMEOUT, Client, deaf_client, running_server
 
 TEXT = "x" * 4000
@@ -33,9 +33,10 @@ async def connect_from(port: int, source: str) -> Client:
     return Client(r, w)
 
 
-def conn_of(srv: ChatServer, user: str) -> Connection:
+def conn_of(srv: ChatServer, user: str) -> ConnectionProtocol:
     for conn in srv.connections:
-        if conn.session is not None and conn.session.user == user:
+        pipe = conn.pipe
+        if pipe is not None and pipe.session is not None and pipe.session.user == user:
             return conn
     raise AssertionError(f"no connection of {user}")
 
@@ -144,7 +145,7 @@ async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
         await sender.event("member.joined")
         slow_conn = conn_of(srv, "slow")
         sent = 0
-        while not slow_conn.paused:
+        while not slow_conn.pipe.paused:
             assert sent < 5000, "the server never stopped reading the non-reading client"
             await sender.ok("msg.send", room="lobby", text=TEXT)
             sent += 1
@@ -154,8 +155,8 @@ async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
         # A command from the paused client is not read: it is still in the room.
         await slow.send({"cmd": "room.leave", "id": "leave", "room": "lobby"})
         await asyncio.sleep(0.3)  # a bounded wait for an absence
-        assert slow_conn.session is not None and srv.app.rooms.rooms_of(slow_conn.session)
-        assert slow_conn.paused
+        assert slow_conn.pipe.session is not None and srv.app.rooms.rooms_of(slow_conn.pipe.session)
+        assert slow_conn.pipe.paused
         assert (await sender.ok("ping")) == {"pong": True}
         other = await Client.connect(srv.port)
         assert (await other.ok("ping")) == {"pong": True}
@@ -172,7 +173,7 @@ async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
         assert got == sent
         left = await sender.event("member.left")
         assert left == {"room": "lobby", "user": "slow", "reason": "left"}
-        assert not slow_conn.dead and slow_conn.paused == 0
+        assert not slow_conn.dead and slow_conn.pipe.paused == 0
         assert (await slow.ok("ping")) == {"pong": True}
         for c in (sender, slow, other):
             await c.close()
@@ -301,7 +302,7 @@ async def test_a_stuck_writer_is_dropped_after_the_write_deadline() -> None:
         await stuck.ok("room.join", room="lobby")
         conn = conn_of(srv, "stuck")
         sent = 0
-        while not conn.paused:
+        while not conn.pipe.paused:
             assert sent < 5000
             await sender.ok("msg.send", room="lobby", text=TEXT)
             sent += 1

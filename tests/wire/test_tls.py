@@ -169,8 +169,8 @@ async def test_the_idle_time_counts_from_accept_not_from_the_handshake(certs: Ce
         began = srv.clock.now()
         c = await tls_client(srv.port, certs.client(), sock=sock)
         conn = next(iter(srv.connections))
-        assert conn.session is not None
-        assert conn.session.unbound_since <= accepted_by < began
+        assert conn.pipe is not None and conn.pipe.session is not None
+        assert conn.pipe.session.unbound_since <= accepted_by < began
         await c.close()
 
 
