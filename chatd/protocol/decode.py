@@ -58,7 +58,13 @@ def decode_command(line: bytes) -> Command:
         raise FrameError(BadFrame("frame is nested too deeply"), None) from None
     # A second "cmd" key is legal JSON that the decoder quietly reads once; look closer
     # only when the bytes allow it: "cmd" twice, or a key spelled with a \u006x escape.
-    if (line.count(b'"cmd"') > 1 or b"\\u006" in line) and _cmd_repeated(line):
+    # Single-byte counts first (memchr-fast): a substring search costs ~0.25 µs even on a
+    # ping, and most frames have one "c" and no backslash.
+    if (
+        (92 in line or line.count(99) > 1)  # a backslash, or more than one "c"
+        and (line.count(b'"cmd"') > 1 or b"\\u006" in line)
+        and _cmd_repeated(line)
+    ):
         raise FrameError(BadRequest("field `cmd` is given more than once"), cmd.id)
     for attr, wire in _NAME_FIELDS[type(cmd)]:
         name = getattr(cmd, attr)
