@@ -180,6 +180,24 @@ class ConnectionProtocol(asyncio.Protocol):
         t.abort()
 
 
+class _ClockTimer:
+    """A core timer on an injected clock (ChatServer.call_later under a FakeClock)."""
+
+    __slots__ = ("cancelled", "fn", "seq", "when")
+
+    def __init__(self, when: float, seq: int, fn: Callable[[], None]) -> None:
+        self.when = when
+        self.seq = seq
+        self.fn = fn
+        self.cancelled = False
+
+    def __lt__(self, other: _ClockTimer) -> bool:
+        return (self.when, self.seq) < (other.when, other.seq)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class ChatServer:
     """Owns the listening socket, every connection and every background task."""
 
@@ -237,6 +255,11 @@ class ChatServer:
         # can be earlier than one queued before it.
         self.idle: list[tuple[float, int, Session, float]] = []
         self._idle_seq = itertools.count()
+        # The core's timers on an injected clock (chatd.clock.FakeClock in tests), due when
+        # `run_due` sees them; None under the system clock: then loop.call_later, as ever.
+        self._timers: list[_ClockTimer] | None = (
+            None if isinstance(self.clock, SystemClock) else []
+        )
         self.server: asyncio.AbstractServer | None = None
         self.max_connections = config.max_connections
         self.stopping = False
@@ -246,7 +269,25 @@ class ChatServer:
     # --- Scheduler (for the core) ----------------------------------------------------
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable:
-        return self.loop.call_later(delay, fn)  # a TimerHandle is already Cancellable
+        if self._timers is None or delay <= 0:
+            return self.loop.call_later(delay, fn)  # a TimerHandle is already Cancellable
+        timer = _ClockTimer(self.clock.now() + delay, next(self._idle_seq), fn)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def run_due(self) -> None:
+        """Under an injected clock (tests): run the timers and idle deadlines that are due
+        at its `now`, in deadline order. A test calls it after moving its FakeClock, instead
+        of waiting real seconds; with the system clock there is nothing to run here."""
+        timers = self._timers
+        if timers is None:
+            return
+        now = self.clock.now()
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.fn()
+        self.sweep_idle(now)
 
     # --- Host (for the connections) --------------------------------------------------
 
@@ -438,11 +479,8 @@ class ChatServer:
 
     # --- sweeps ----------------------------------------------------------------------
 
-    def sweep(self) -> None:
-        """Once a second: unauthenticated idle connections, stuck writers, a sample of
-        the counters for the rates."""
-        self.stats.sample()
-        now = self.clock.now()
+    def sweep_idle(self, now: float) -> None:
+        """Close the connections not logged in within the idle timeout by `now`."""
         idle = self.idle
         while idle and idle[0][0] <= now:
             _, _, s, since = heapq.heappop(idle)
@@ -464,6 +502,12 @@ class ChatServer:
                 # Bound now, but logout or expiry may unbind it later (limits.md: "or of
                 # being unbound"): look again, so it is not forgotten.
                 self._idle_at(now + max(self.config.idle_timeout, 1.0), s, -1.0)
+
+    def sweep(self) -> None:
+        """Once a second: unauthenticated idle connections, stuck writers, a sample of
+        the counters for the rates."""
+        self.stats.sample()
+        self.sweep_idle(self.clock.now())
         mono = time.monotonic()
         for conn, stall in list(self.stalled.items()):
             t = conn.transport

@@ -5,12 +5,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from chatd.server import ChatServer
-from tests.helpers import Client, running_server
+from tests.helpers import Client, fake_clock, running_server
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ChatServer]:
-    async with running_server() as srv:
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[ChatServer]:
+    # @pytest.mark.fake_clock: its timers wait for tests.helpers.advance, not real time.
+    clock = fake_clock() if request.node.get_closest_marker("fake_clock") else None
+    async with running_server(clock=clock) as srv:
         yield srv
 
 

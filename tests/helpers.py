@@ -10,10 +10,12 @@ import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from chatd.clock import Clock, FakeClock
 from chatd.config import DEFAULT_LOGIN_GRANTS, Config
 from chatd.server import ChatServer
 from chatd.store.sqlite import SQLiteStore
@@ -49,9 +51,13 @@ def _store(cfg: Config) -> Any:
 
 
 @asynccontextmanager
-async def running_server(config: Config | None = None, **changes: Any) -> AsyncIterator[ChatServer]:
+async def running_server(
+    config: Config | None = None, *, clock: Clock | None = None, **changes: Any
+) -> AsyncIterator[ChatServer]:
+    """An in-process server; with `clock=FakeClock(...)` its timers (expiry, notices,
+    guest graces, idle deadlines) wait for `advance`, not for real time."""
     cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
-    server = ChatServer(cfg, _store(cfg), SECRET)
+    server = ChatServer(cfg, _store(cfg), SECRET, clock=clock)
     await server.start()
     try:
         yield server
@@ -220,3 +226,18 @@ async def deaf_client(port: int, source: str | None = None) -> Client:
     c = Client(r, w)
     c.hello = await c.recv()
     return c
+
+
+def fake_clock() -> FakeClock:
+    """A FakeClock starting at the real time (stored timestamps stay plausible)."""
+    return FakeClock(time.time())
+
+
+async def advance(server: ChatServer, seconds: float) -> None:
+    """Move the server's FakeClock on by `seconds` and run what became due, as the event
+    loop would have after a real wait; then one loop turn, so the frames it sent go out."""
+    clock = server.clock
+    assert isinstance(clock, FakeClock), "advance needs running_server(clock=fake_clock())"
+    clock.advance(seconds)
+    server.run_due()
+    await asyncio.sleep(0)

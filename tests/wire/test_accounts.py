@@ -22,7 +22,15 @@ from chatd.auth import PasswordHasher
 from chatd.config import ALL_GRANTS, DEFAULT_LOGIN_GRANTS
 from chatd.server import ChatServer
 from chatd.store.sqlite import SQLiteStore
-from tests.helpers import SECRET, TEST_CONFIG, TIMEOUT, Client, running_server
+from tests.helpers import (
+    SECRET,
+    TEST_CONFIG,
+    TIMEOUT,
+    Client,
+    advance,
+    fake_clock,
+    running_server,
+)
 
 Connect = Callable[[], Awaitable[Client]]
 PASSWORD = "correct horse battery"
@@ -734,10 +742,11 @@ async def test_online_guests_are_listed_in_channels(connect: Connect) -> None:
 async def test_an_expired_guest_token_starts_the_grace() -> None:
     # Contract, "Guest names come back": the hold lasts while a connection is bound to the
     # guest; its token expiring unbinds the last one, so (grace 0) the name is free.
-    async with running_server(guest_grace=0) as server:
+    async with running_server(guest_grace=0, clock=fake_clock()) as server:
         a, b = await Client.connect(server.port), await Client.connect(server.port)
-        await a.ok("login", user="brief", ttl=1)
+        data = await a.ok("login", user="brief", ttl=1)
         await b.error("login", "conflict", user="brief")
+        await advance(server, data["expires_at"] - server.clock.now())
         await a.event("session.expired", timeout=TIMEOUT)
         assert (await b.guest("brief"))["user"] == "brief"
         await a.close()
@@ -1004,6 +1013,7 @@ async def test_malformed_tokens_are_unauthorized(server: ChatServer) -> None:
 # --- expiry mid-session ----------------------------------------------------------------
 
 
+@pytest.mark.fake_clock
 async def test_session_expires_on_its_own_and_the_connection_stays_open(
     server: ChatServer, connect: Connect
 ) -> None:
@@ -1024,8 +1034,11 @@ async def test_session_expires_on_its_own_and_the_connection_stays_open(
     await watcher.event("member.joined")
     expiring = await a.event("session.expiring", timeout=TIMEOUT)
     assert expiring == {"expires_at": data["expires_at"]}
+    await advance(server, data["expires_at"] - server.clock.now() - 0.01)
+    await a.no_frame(0.05)  # not before its time
+    await advance(server, 0.01)
     assert await a.event("session.expired", timeout=TIMEOUT) == {}
-    assert time.time() >= data["expires_at"] - 0.05
+    assert server.clock.now() >= data["expires_at"]
     left = [await member_left(watcher), await member_left(watcher)]
     assert sorted(e["room"] for e in left) == ["alley", "plaza"]
     assert all(e["user"] == "xander" and e["reason"] == "expired" for e in left)
@@ -1041,34 +1054,44 @@ async def test_session_expires_on_its_own_and_the_connection_stays_open(
     assert not [e for e in a.events if e["event"] == "session.expiring"]
 
 
-async def test_a_refreshed_session_does_not_expire_with_the_old_token(connect: Connect) -> None:
+@pytest.mark.fake_clock
+async def test_a_refreshed_session_does_not_expire_with_the_old_token(
+    server: ChatServer, connect: Connect
+) -> None:
     c = await connect()
     await c.ok("register", user="zelda", password=PASSWORD)
     old = await c.ok("login", user="zelda", password=PASSWORD, ttl=1)
     assert (await c.event("session.expiring"))["expires_at"] == old["expires_at"]
-    await asyncio.sleep(max(0.0, old["expires_at"] - 1 - time.time()) + 0.1)
+    await advance(server, max(0.0, old["expires_at"] - 1 - server.clock.now()) + 0.1)
     new = await c.ok("refresh")
     assert new["expires_at"] > old["expires_at"]
     # A new token: a new notice; the old token's expiry passes without session.expired.
     assert (await c.event("session.expiring"))["expires_at"] == new["expires_at"]
-    await c.no_frame(within=max(0.0, old["expires_at"] - time.time()) + 0.2)
+    await advance(server, max(0.0, old["expires_at"] - server.clock.now()) + 0.2)
+    await c.no_frame(within=0.1)
     assert (await c.ok("whoami"))["expires_at"] == new["expires_at"]
     # The new token's own expiry is then honoured.
+    await advance(server, new["expires_at"] - server.clock.now())
     assert await c.event("session.expired") == {}
-    assert time.time() >= new["expires_at"] - 0.05
+    assert server.clock.now() >= new["expires_at"]
 
 
 async def test_notice_comes_before_expiry_and_once_per_token() -> None:
-    async with running_server(session_expiring_notice=1) as server:
+    async with running_server(session_expiring_notice=1, clock=fake_clock()) as server:
         a, b = await Client.connect(server.port), await Client.connect(server.port)
         await a.ok("register", user="noel", password=PASSWORD)
         data = await a.ok("login", user="noel", password=PASSWORD, ttl=2)
         await b.ok("auth", token=data["token"])
-        await a.no_frame(within=max(0.0, data["expires_at"] - 1 - time.time() - 0.1))
+        await advance(server, data["expires_at"] - 1 - server.clock.now() - 0.01)
+        await a.no_frame(within=0.1)
+        await advance(server, 0.01)
         assert await a.event("session.expiring") == {"expires_at": data["expires_at"]}
-        assert time.time() >= data["expires_at"] - 1 - 0.05
+        assert server.clock.now() >= data["expires_at"] - 1
         # auth again with the bound token: no second notice for the same token.
         await a.ok("auth", token=data["token"])
+        await advance(server, data["expires_at"] - server.clock.now() - 0.01)
+        await a.no_frame(within=0.1)  # not expired early
+        await advance(server, 0.01)
         assert await a.event("session.expired") == {}
         assert await b.event("session.expiring") == {"expires_at": data["expires_at"]}
         assert await b.event("session.expired") == {}
@@ -1077,12 +1100,16 @@ async def test_notice_comes_before_expiry_and_once_per_token() -> None:
         await b.close()
 
 
-async def test_expiry_of_a_frame_token_does_not_unbind_the_connection(connect: Connect) -> None:
+@pytest.mark.fake_clock
+async def test_expiry_of_a_frame_token_does_not_unbind_the_connection(
+    server: ChatServer, connect: Connect
+) -> None:
     a, b = await connect(), await connect()
     await account(a, "abel")
     short = await b.ok("login", user="abel", password=PASSWORD, ttl=1)
     # a is bound to its own hour-long token; a frame with the short one is fine, then dies.
     assert (await a.ok("whoami", token=short["token"]))["expires_at"] == short["expires_at"]
+    await advance(server, short["expires_at"] - server.clock.now())
     await b.event("session.expired")
     await a.error("whoami", "token_expired", token=short["token"])
     assert (await a.ok("whoami"))["user"] == "abel"

@@ -9,7 +9,15 @@ import json
 from typing import Any
 
 from chatd.config import Config
-from tests.helpers import GUEST_DEFAULTS, TIMEOUT, Client, running_server, until
+from tests.helpers import (
+    GUEST_DEFAULTS,
+    TIMEOUT,
+    Client,
+    advance,
+    fake_clock,
+    running_server,
+    until,
+)
 from tests.process import chatd_run, chatd_serving
 
 PASSWORD = "correct horse battery"
@@ -49,8 +57,7 @@ async def test_a_guest_name_is_held_while_connected_and_the_conflict_says_so() -
 
 
 async def test_a_guest_name_comes_back_when_the_grace_ends() -> None:
-    # 2 s: the first probe sees the grace running even on a slow machine.
-    async with running_server(GUEST_DEFAULTS, guest_grace=2) as server:
+    async with running_server(GUEST_DEFAULTS, guest_grace=2, clock=fake_clock()) as server:
         a = await Client.connect(server.port)
         token = (await a.guest("bea"))["token"]
         await a.close()
@@ -59,7 +66,11 @@ async def test_a_guest_name_comes_back_when_the_grace_ends() -> None:
             lambda: _conflict_with(server.port, "bea", "until"), within=TIMEOUT
         )
         assert "T" in frame["message"] and "Z" in frame["message"], frame
-        # Then it is released: another guest gets it, the old token has stopped working.
+        await advance(server, 1.9)  # the grace is 2 s
+        assert await _conflict_with(server.port, "bea", "until"), "released too early"
+        # Then it is released (the hold ends on a whole second): another guest gets it,
+        # the old token has stopped working.
+        await advance(server, 1.2)
         await until(lambda: _ok_guest(server.port, "bea"), within=TIMEOUT)
         frame = await fresh_auth(server.port, token)
         assert frame["code"] == "unauthorized", frame
@@ -115,7 +126,7 @@ async def test_a_restart_gives_every_held_name_a_fresh_grace(tmp_path: Any) -> N
         token = (await a.guest("fay"))["token"]
         # Still connected when the server stops.
     await a.close()
-    async with running_server(GUEST_DEFAULTS, db=db, guest_grace=1) as server:
+    async with running_server(GUEST_DEFAULTS, db=db, guest_grace=1, clock=fake_clock()) as server:
         # Held from the start (a client reconnecting keeps its name) ...
         frame = await guest_login(server.port, "fay")
         assert frame["code"] == "conflict" and "until" in frame["message"], frame
@@ -123,6 +134,9 @@ async def test_a_restart_gives_every_held_name_a_fresh_grace(tmp_path: Any) -> N
         # binds its token would start it anew) ...
         w = await Client.connect(server.port)
         await w.guest("watcher")
+        await advance(server, 0.9)  # the grace is 1 s
+        assert not await _not_listed(w, "fay"), "released too early"
+        await advance(server, 1.2)
         await until(lambda: _not_listed(w, "fay"))
         await w.close()
         frame = await fresh_auth(server.port, token)

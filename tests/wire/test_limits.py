@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from chatd.server import ChatServer, ConnectionProtocol
-from tests.helpers import TIMEOUT, Client, deaf_client, running_server
+from tests.helpers import TIMEOUT, Client, advance, deaf_client, fake_clock, running_server
 
 TEXT = "x" * 4000
 SMALL_OUTBOX: dict[str, Any] = {
@@ -183,46 +183,50 @@ async def test_soft_limit_pauses_reading_of_that_client_only() -> None:
 
 
 async def test_unauthenticated_idle_connection_is_closed_and_pings_do_not_extend_it() -> None:
-    async with running_server(idle_timeout=1.0) as srv:
+    async with running_server(idle_timeout=1.0, clock=fake_clock()) as srv:
         c = await Client.connect(srv.port)
-        start = time.monotonic()
-        frame: dict[str, Any] = {}
-        while time.monotonic() - start < 4.0:
+        for _ in range(5):  # a ping every 0.19 s: open until the timeout, not extended
             await c.send({"cmd": "ping", "id": "p"})
             frame = await c.recv()
-            if frame["type"] == "error":
-                break
             assert frame == {"type": "ok", "id": "p", "data": {"pong": True}}
-            await asyncio.sleep(0.2)
+            await advance(srv, 0.19)
+        await c.no_frame(0.05)  # 0.95 s: still open
+        await advance(srv, 0.1)
+        frame = await c.recv()
         assert frame["type"] == "error", "never closed"
         assert frame["code"] == "unauthorized" and frame["id"] is None
         await expect_closed(c)
-        assert 0.9 <= time.monotonic() - start < 3.5
         await c.close()
         await wait_until(lambda: not srv.connections)
 
 
 async def test_a_logged_in_connection_is_not_closed_when_idle() -> None:
-    async with running_server(idle_timeout=1.0) as srv:
+    async with running_server(idle_timeout=1.0, clock=fake_clock()) as srv:
         c = await Client.connect(srv.port)
         await c.guest("ann")
-        await c.no_frame(2.5)
+        for _ in range(3):  # several idle timeouts pass while bound
+            await advance(srv, 1.0)
+        await c.no_frame(0.1)
         assert (await c.ok("ping")) == {"pong": True}
         await c.close()
 
 
 async def test_the_idle_timer_restarts_when_a_connection_is_unbound() -> None:
-    async with running_server(idle_timeout=1.0) as srv:
+    async with running_server(idle_timeout=1.0, clock=fake_clock()) as srv:
         c = await Client.connect(srv.port)
         await c.guest("ann")
-        await c.no_frame(2.2)  # the first deadline passes while bound
+        for _ in range(2):  # the first deadline passes while bound
+            await advance(srv, 1.1)
+        await c.no_frame(0.1)
         await c.ok("logout")
-        start = time.monotonic()
-        frame = await c.recv(timeout=4.0)
+        # A full idle timeout from the logout: not before, and then at once.
+        await advance(srv, 0.9)
+        await c.no_frame(0.1)
+        await advance(srv, 0.2)
+        frame = await c.recv()
         assert frame["type"] == "error" and frame["code"] == "unauthorized"
         assert frame["id"] is None
         await expect_closed(c)
-        assert time.monotonic() - start < 3.5
         await c.close()
 
 

@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from tests.helpers import (
     RFC3339,
     TIMEOUT,
     Client,
     admin,
+    advance,
     guest,
     running_server,
     second,
@@ -367,7 +370,8 @@ async def test_channels_lists_rooms_and_known_users_typed(server, connect) -> No
 # --- cleanup when a connection goes ----------------------------------------------------
 
 
-async def test_abrupt_close_logout_and_expiry_give_member_left_with_reason(connect) -> None:
+@pytest.mark.fake_clock
+async def test_abrupt_close_logout_and_expiry_give_member_left_with_reason(server, connect) -> None:
     ann = await guest(connect, "ann")
     await ann.ok("room.create", room="dev")
     cases: list[tuple[str, str]] = [("dropper", "disconnected"), ("quitter", "logout"),
@@ -383,6 +387,8 @@ async def test_abrupt_close_logout_and_expiry_give_member_left_with_reason(conne
     assert await clients["quitter"].ok("logout") == {}
     assert await ann.event("member.left") == {"room": "dev", "user": "quitter", "reason": "logout"}
     exp = clients["expirer"]
+    assert "session.expired" not in [e["event"] for e in exp.events]
+    await advance(server, 2.0)  # its ttl is 1 s
     assert await exp.event("session.expired") == {}
     assert await ann.event("member.left") == {"room": "dev", "user": "expirer", "reason": "expired"}
     await exp.error("room.join", "unauthorized", room="dev")

@@ -13,7 +13,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatd.app import VERSION
 from chatd.server import ChatServer
-from tests.helpers import TIMEOUT, Client, admin, deaf_client, guest, running_server
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    admin,
+    advance,
+    deaf_client,
+    fake_clock,
+    guest,
+    running_server,
+)
 from tests.wire.test_limits import SMALL_OUTBOX, conn_of, connect_from, read_to_end, wait_until
 
 CONTRACT_KEYS = {"version", "uptime", "connections", "users_online", "rooms", "messages", "rev"}
@@ -225,11 +234,12 @@ async def test_a_failed_login_burst_is_logged_once(caplog: pytest.LogCaptureFixt
 
 async def test_idle_closes_and_refusals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="chatd")
-    async with running_server(idle_timeout=0.5, max_connections=1) as srv:
+    async with running_server(idle_timeout=0.5, max_connections=1, clock=fake_clock()) as srv:
         c = await Client.connect(srv.port)
         r, w = await asyncio.open_connection("127.0.0.1", srv.port)
         refused = Client(r, w)
         await read_to_end(refused)
+        await advance(srv, 0.6)
         assert (await c.recv(timeout=4.0))["code"] == "unauthorized"
         await wait_until(lambda: bool(events(caplog, "connection_closed")))
         idle = events(caplog, "connection_closed")

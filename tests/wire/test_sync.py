@@ -8,7 +8,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tests.helpers import Client, running_server
+import pytest
+
+from tests.helpers import Client, advance, running_server
 
 Connect = Callable[[], Awaitable[Client]]
 
@@ -227,7 +229,8 @@ async def test_rooms_history_and_dms_survive_a_restart(tmp_path) -> None:
 # --- the other live events -------------------------------------------------------------
 
 
-async def test_session_expiring_then_expired_and_member_left(connect) -> None:
+@pytest.mark.fake_clock
+async def test_session_expiring_then_expired_and_member_left(server, connect) -> None:
     ann = await guest(connect, "ann")
     short = await guest(connect, "short", ttl=1)
     await ann.ok("room.create", room="dev")
@@ -235,6 +238,8 @@ async def test_session_expiring_then_expired_and_member_left(connect) -> None:
     await ann.event("member.joined")
     expiring = await short.event("session.expiring")
     assert list(expiring) == ["expires_at"] and isinstance(expiring["expires_at"], int)
+    await short.no_frame(0.05)  # not expired before its time
+    await advance(server, expiring["expires_at"] - server.clock.now())
     assert await short.event("session.expired") == {}
     assert await ann.event("member.left") == {"room": "dev", "user": "short", "reason": "expired"}
     await short.error("whoami", "unauthorized")
