@@ -148,7 +148,7 @@ class TokenService:
         return claims
 
     def _decode(self, token: str) -> Claims:
-        # limits.md: at most max_bytes, checked before decoding. A JWT is ASCII, so a
+        # protocol.md Limits: at most max_bytes, checked before decoding. A JWT is ASCII, so a
         # character count is a byte count once the non-ASCII ones are turned away.
         if len(token) > self._max_bytes:
             raise Unauthorized(f"the token is too long (more than {self._max_bytes} bytes)")

@@ -10,12 +10,12 @@ its `Edge` to act: flush, pause or resume reading, close, drop. It owns, as plai
   not overlap (``Spec.overlap``) waits until everything before it finished (a barrier);
 - fairness and input memory: at most ``frames_per_batch`` frames per turn, then a yield;
   frames are split out lazily, one at a time, and reading stays paused while complete
-  frames wait, so input memory is one read chunk plus one partial line (limits.md);
+  frames wait, so input memory is one read chunk plus one partial line (protocol.md Limits);
 - the throttle hold (fakelag): a command over the connection's rate is held, reading
   pauses, and it runs when the host's timer says so;
 - the outbox: bytes queued here plus bytes the edge reports still unsent; above the soft
   limit the edge pauses writing (and this pauses reading), past the hard limit the
-  connection is dropped as a slow consumer (limits.md, outbox).
+  connection is dropped as a slow consumer (protocol.md Limits, outbox).
 
 Nothing here knows of asyncio or a transport: the `Host` (one per server) gives time-based
 scheduling and the shared services, the `Edge` (one per connection) does the I/O. Unit
@@ -183,7 +183,7 @@ class Connection:
         self.host.stats.bytes_in += len(data)
         # Frames are split out one at a time as pump runs them; while any are left,
         # reading stays paused, so input memory is one read chunk plus one partial line
-        # however small the frames are (limits.md, input memory).
+        # however small the frames are (protocol.md Limits, input memory).
         self.splitter.push(data)
         self.pump()
 
@@ -387,7 +387,7 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         """Queue bytes; flushed once per loop turn. Never waits: past the hard limit the
-        connection is dropped (limits.md, outbox hard limit)."""
+        connection is dropped (protocol.md Limits, outbox hard limit)."""
         if self.dead:
             return
         out = self.out

@@ -95,7 +95,7 @@ class Spec:
     # May start while earlier commands of the same connection still wait for the store:
     # message writes pipeline into one group commit, their replies still in order.
     overlap: bool = False
-    # Counted against the per-connection command rate (backpressure, limits.md).
+    # Counted against the per-connection command rate (backpressure, protocol.md Limits).
     metered: bool = True
     # Field rules msgspec cannot express; run before the token is looked at (contract).
     check: Callable[[Any, Config], None] | None = None

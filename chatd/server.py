@@ -124,7 +124,7 @@ class ConnectionProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         t = self.transport
-        # The stuck-writer sweep watches it from now (limits.md, --write-deadline).
+        # The stuck-writer sweep watches it from now (protocol.md Limits, --write-deadline).
         self.srv.stalled[self] = [t.get_write_buffer_size() if t else 0, time.monotonic()]
         if self.pipe is not None:
             self.pipe.write_paused(True)
@@ -400,7 +400,7 @@ class ChatServer:
                 sock, addr = await loop.sock_accept(listener)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors or memory: pause accepting (limits.md), as
+                    # Out of descriptors or memory: pause accepting (protocol.md Limits), as
                     # asyncio's own accept loop does, until some are freed.
                     self._refusal_log.log(
                         ("accept", exc.errno), logging.ERROR,
@@ -499,7 +499,7 @@ class ChatServer:
             elif s.user_key is None:
                 self.watch_idle(s)
             else:
-                # Bound now, but logout or expiry may unbind it later (limits.md: "or of
+                # Bound now, but logout or expiry may unbind it later (protocol.md Limits: "or of
                 # being unbound"): look again, so it is not forgotten.
                 self._idle_at(now + max(self.config.idle_timeout, 1.0), s, -1.0)
 
@@ -648,7 +648,7 @@ class ChatServer:
 
     async def stop(self, reason: str = "shutting down") -> None:
         """Stop accepting, tell everyone, commit what is queued, give writers a grace
-        period, then abort whatever is left (limits.md, shutdown)."""
+        period, then abort whatever is left (protocol.md Limits, shutdown)."""
         if self.stopping:
             return
         self.stopping = True

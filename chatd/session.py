@@ -64,7 +64,7 @@ class Session:
         self.identity: str | None = None  # the account behind the name (domain.identity)
         self.token: str | None = None
         self.claims: Claims | None = None
-        self.commands = commands  # the per-connection command rate (limits.md)
+        self.commands = commands  # the per-connection command rate (protocol.md Limits)
         self.unbound_since = now
         self.closed = False
 

@@ -1,5 +1,5 @@
 """Rate budgets that are not per command: msg.send/msg.edit per user and per connection
-(limits.md), failed logins (the gate counts checks in flight), registrations and new
+(protocol.md Limits), failed logins (the gate counts checks in flight), registrations and new
 guest names per connection and per address (issue 13). The only writer of these buckets;
 per-connection ones are made on first use and forgotten when the connection closes, so a
 connection that never sends or registers pays nothing."""
@@ -34,7 +34,7 @@ class Limits:
         self._conn_registers: dict[int, TokenBucket] = {}
         self._conn_guests: dict[int, TokenBucket] = {}
         # Failed logins per account, connection and address, checks in flight counted as
-        # failures (limits.md, login failures; issue 13 item 6).
+        # failures (protocol.md Limits, login failures; issue 13 item 6).
         self.login_gate = FailureGate(60.0, clock)
         # Per address: registrations per hour, new guest names per minute (issue 13).
         self._register_ips = KeyedBuckets(config.register_per_ip, _HOUR)
@@ -43,7 +43,7 @@ class Limits:
     # --- msg.send / msg.edit -----------------------------------------------------------
 
     def spend_send(self, user_key: str, s: Session) -> None:
-        """One msg.send/msg.edit of `user_key` on `s`: the user's budget (limits.md) and
+        """One msg.send/msg.edit of `user_key` on `s`: the user's budget (protocol.md Limits) and
         the connection's, at the same rate and burst (issue 13, item 10: a connection that
         logs in as a fresh guest after every burst must not get a fresh budget with the
         name). Both are checked before either is spent. Raises RateLimited."""
@@ -120,7 +120,7 @@ class Limits:
 
     def failure_keys(self, s: Session, account: str) -> list[tuple[Hashable, int]]:
         """Whose failed logins a password check counts against, with each one's limit
-        (limits.md: per connection and per account; issue 13: per address too)."""
+        (protocol.md Limits: per connection and per account; issue 13: per address too)."""
         cfg = self._config
         per = cfg.login_failures_per_minute
         return [

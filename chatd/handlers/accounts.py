@@ -30,7 +30,7 @@ log = logging.getLogger("chatd")
 
 def check_password(password: str, config: Config) -> None:
     """At least password_min characters (contract: "≥ 8 chars") and 8 … 1,024 bytes of UTF-8
-    (limits.md), checked before hashing so a huge password never costs a KDF run."""
+    (protocol.md Limits), checked before hashing so a huge password never costs a KDF run."""
     if len(password) < config.password_min or (
         len(password) * 4 > config.password_max  # cheap: most passwords end here
         and len(password.encode("utf-8")) > config.password_max

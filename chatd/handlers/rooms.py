@@ -137,7 +137,7 @@ def _list_limit(app: App, asked: int | None) -> int:
 
 class _Page:
     """Entries encoded once, up to `limit` of them and within the reply byte budget (as
-    history pages, limits.md): a reply never trips the outbox hard limit."""
+    history pages, protocol.md Limits): a reply never trips the outbox hard limit."""
 
     def __init__(self, app: App, limit: int) -> None:
         self.items: list[msgspec.Raw] = []

@@ -1,4 +1,4 @@
-"""Line splitting with a discard mode (wire contract, "Framing"; limits.md, input memory).
+"""Line splitting with a discard mode (wire contract, "Framing"; protocol.md Limits, input memory).
 
 Bytes are pushed in as they arrive and frames are taken out one at a time, only when the
 connection is ready to run one: nothing is split ahead of need, so a read chunk full of
