@@ -69,52 +69,57 @@ class Limits:
         """Registrations per connection and per address (issue 13, item 4): each costs a
         KDF run and an account forever. Checked in full before either is spent."""
         cfg = self._config
-        now = self._clock.now()
-        conn = _conn_bucket(self._conn_registers, s.id, cfg.register_per_connection, _HOUR, now)
-        wait = conn.wait(now) if conn is not None else 0.0
-        if wait:
-            raise RateLimited(
-                f"too many registrations on this connection "
-                f"(at most {cfg.register_per_connection} an hour); try again later",
-                wait,
-            )
-        wait = self._register_ips.wait(s.ip, now)
-        if wait:
-            raise RateLimited(
-                f"too many registrations from your address "
-                f"(at most {cfg.register_per_ip} an hour); try again later",
-                wait,
-            )
-        if conn is not None:
-            conn.take(now)
-        self._register_ips.take(s.ip, now)
+        self._spend_pair(
+            "registrations", "an hour", _HOUR, s,
+            self._conn_registers, cfg.register_per_connection,
+            self._register_ips, cfg.register_per_ip, s.ip,
+        )  # fmt: skip
 
     def spend_guest_login(self, s: Session) -> None:
         """New guest names per connection and per address (issue 13, item 10): rotating
         names must not be a way round per-user limits, nor fill the store with holds.
         Loopback is exempt from the per-address one, as from --per-ip-connections."""
         cfg = self._config
+        self._spend_pair(
+            "guest logins", "a minute", _MINUTE, s,
+            self._conn_guests, cfg.guest_logins_per_connection,
+            self._guest_ips, cfg.guest_logins_per_ip, s.ip if s.ip not in _LOOPBACK else None,
+        )  # fmt: skip
+
+    def _spend_pair(
+        self,
+        what: str,
+        per: str,
+        period: float,
+        s: Session,
+        conn_buckets: dict[int, TokenBucket],
+        conn_limit: int,
+        ip_buckets: KeyedBuckets,
+        ip_limit: int,
+        ip: str | None,
+    ) -> None:
+        """One `what` on connection `s` from `ip` (None: exempt): both budgets are checked
+        before either is spent, so a refusal costs nothing."""
         now = self._clock.now()
-        conn = _conn_bucket(self._conn_guests, s.id, cfg.guest_logins_per_connection, _MINUTE, now)
+        conn = _conn_bucket(conn_buckets, s.id, conn_limit, period, now)
         wait = conn.wait(now) if conn is not None else 0.0
         if wait:
             raise RateLimited(
-                f"too many guest logins on this connection "
-                f"(at most {cfg.guest_logins_per_connection} a minute); try again later",
+                f"too many {what} on this connection (at most {conn_limit} {per}); "
+                "try again later",
                 wait,
             )
-        ip = s.ip if s.ip not in _LOOPBACK else None
-        wait = self._guest_ips.wait(ip, now) if ip is not None else 0.0
+        wait = ip_buckets.wait(ip, now) if ip is not None else 0.0
         if wait:
             raise RateLimited(
-                f"too many guest logins from your address "
-                f"(at most {cfg.guest_logins_per_ip} a minute); try again later",
+                f"too many {what} from your address (at most {ip_limit} {per}); "
+                "try again later",
                 wait,
             )
         if conn is not None:
             conn.take(now)
         if ip is not None:
-            self._guest_ips.take(ip, now)
+            ip_buckets.take(ip, now)
 
     # --- failed logins -----------------------------------------------------------------
 
