@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 ALL_GRANTS: tuple[str, ...] = (
     "room:create",
@@ -126,3 +127,9 @@ class Config:
     @property
     def rate_burst(self) -> float:
         return self.rate_limit * 3
+
+
+def redis_address(url: str) -> str:
+    """A Redis URL fit for a log line or an error message: without its password."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"

@@ -26,7 +26,7 @@ from typing import Any, cast
 from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
 from chatd.clock import Clock, SystemClock
-from chatd.config import Config
+from chatd.config import Config, redis_address
 from chatd.connection import SLOW_CONSUMER, Connection
 from chatd.dispatch import Dispatcher, Driver, command_table
 from chatd.errors import RateLimited, Unauthorized
@@ -629,10 +629,11 @@ class ChatServer:
         """What an operator wants to see in the start line."""
         c = self.config
         m = self.metrics
+        store = {"redis": redis_address(c.redis)} if c.redis else {"db": c.db}
         return {
             "version": VERSION,
             "tls": "on" if self.tls is not None else "off",
-            "db": c.db,
+            **store,
             "guests": "on" if c.guests else "off",
             "max_connections": self.max_connections,
             "per_ip_connections": c.per_ip_connections,
@@ -787,3 +788,4 @@ def _raise_nofile() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
