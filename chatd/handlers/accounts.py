@@ -60,8 +60,10 @@ def check_auth(cmd: c.Auth, config: Config) -> None:
 
 
 def check_passwd(cmd: c.Passwd, config: Config) -> None:
-    # The old password too: one outside the rules cannot be right, and must not cost a hash.
-    check_password(cmd.password, config)
+    # Contract: a wrong old `password` is `unauthorized` (a failed login), whatever its
+    # length; only an oversized one is refused before it can cost a hash.
+    if len(cmd.password.encode("utf-8")) > config.password_max:
+        raise BadRequest(f"password must be at most {config.password_max} bytes (UTF-8)")
     check_password(cmd.new_password, config)
 
 
