@@ -30,6 +30,7 @@ from chatd.domain.nonces import Nonces
 from chatd.domain.presence import Presence
 from chatd.errors import Forbidden, Unauthorized
 from chatd.protocol.frames import event_frame
+from chatd.protocol.replies import HelpReply
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Peer, Session
 from chatd.stats import Stats
@@ -82,7 +83,7 @@ class App:
         self.nonces = Nonces(config.nonce_cache)
         self.bus: Bus = LocalBus(self.presence, self.stats)
         self.epoch = ""
-        self.help_data: dict[str, Any] = {}
+        self.help_data = HelpReply(commands=[])  # the command table's, set by the Dispatcher
         # member.left frames waiting to go out, per room (see leave and settle).
         self._departures: dict[LiveRoom, _Departures] = {}
         self._departure_timer: Any = None
