@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
-from chatd.bus import ToRoom, ToUser
+from chatd import changes
+from chatd.bus import ToRoom
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatError, Forbidden, NotFound
 from chatd.protocol import commands as c
-from chatd.protocol.frames import encode_json, event_frame
-from chatd.protocol.models import Message, rfc3339
+from chatd.protocol.events import Event, MessageEdited, MessagePosted
+from chatd.protocol.frames import encode_json
+from chatd.protocol.models import Message
 from chatd.protocol.replies import EMPTY, Empty, HistoryReply, MessageReply, SyncReply
 from chatd.store.base import MessageRecord, NewMessage
 
@@ -43,37 +45,16 @@ def check_limit(cmd: c.RoomHistory | c.DmHistory | c.Sync, config: Config) -> No
 
 
 def to_wire(app: App, m: MessageRecord) -> Message:
-    room = None
-    if m.room_id is not None:
-        live = app.rooms.by_id.get(m.room_id)
-        room = live.name if live is not None else None
-    return Message(
-        id=m.id,
-        rev=m.rev,
-        room=room,
-        to=m.recipient,
-        from_=m.sender,
-        text=m.text,
-        ts=rfc3339(m.ts),
-        edited_ts=rfc3339(m.edited_ts) if m.edited_ts is not None else None,
-        edited_by=m.edited_by,
-        deleted=m.deleted,
-    )
+    return changes.message_of(app.rooms, m)
 
 
-def emit_message_event(app: App, req: Request, m: MessageRecord, frame: bytes) -> None:
+def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -> None:
     """A message's event goes to the room, or to both identities' connections (a DM: not
-    to whoever holds those names now)."""
-    if m.room_id is not None:
-        room = app.rooms.by_id.get(m.room_id)
-        if room is None:
-            return
-        app.settle(room)  # departures before this message are announced before it
-        req.emit(ToRoom(room), frame)
-        return
-    req.emit(ToUser(m.sender.lower(), m.sender_key), frame)
-    if m.recipient is not None and m.recipient_key != m.sender_key:
-        req.emit(ToUser(m.recipient.lower(), m.recipient_key), frame)
+    to whoever holds those names now): chatd.changes.audiences."""
+    for audience in changes.audiences(app.rooms, m):
+        if isinstance(audience, ToRoom):
+            app.settle(audience.room)  # departures before this message are announced first
+        req.emit(audience, event)
 
 
 async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
@@ -111,14 +92,13 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
         )
     )
     _room_still_there(app, rec)
-    # Encoded once: the same bytes go into the reply and the event for every member.
-    msg = msgspec.Raw(encode_json(to_wire(app, rec)))
+    msg = to_wire(app, rec)
     if cmd.nonce is not None:
         app.nonces.remember(key, cmd.nonce, rec.id)
     if created:
         app.stats.messages += 1
-        emit_message_event(app, req, rec, event_frame("message", msg))
-    return MessageReply(message=cast(Message, msg))
+        emit_message_event(app, req, rec, MessagePosted(msg))
+    return MessageReply(message=msg)
 
 
 def _room_still_there(app: App, rec: MessageRecord) -> None:
@@ -174,7 +154,7 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> MessageReply:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
     msg = to_wire(app, rec)
-    emit_message_event(app, req, rec, event_frame("message.edited", msg))
+    emit_message_event(app, req, rec, MessageEdited(msg))
     return MessageReply(message=msg)
 
 
@@ -185,9 +165,7 @@ async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Empty:
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
-    wire = to_wire(app, rec)
-    data = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient, "by": req.user}
-    emit_message_event(app, req, rec, event_frame("message.deleted", data))
+    emit_message_event(app, req, rec, changes.deleted(app.rooms, rec, req.user))
     return EMPTY
 
 

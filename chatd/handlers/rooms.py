@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -12,7 +12,8 @@ from chatd.bus import ToRoom, ToSessions
 from chatd.config import Config
 from chatd.errors import BadRequest, Forbidden, NotFound
 from chatd.protocol import commands as c
-from chatd.protocol.frames import encode_json, event_frame
+from chatd.protocol.events import MemberJoined, RoomClosed, RoomUpdated
+from chatd.protocol.frames import encode_json
 from chatd.protocol.models import RoomInfo
 from chatd.protocol.replies import (
     EMPTY,
@@ -123,10 +124,10 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Room
     room.topic = topic
     if renamed:
         app.rooms.rename(room, new_name)
-        info: Any = room.renamed_info(previous)
+        info: RoomInfo = room.renamed_info(previous)
     else:
         info = room.info()
-    req.emit(ToRoom(room), event_frame("room.updated", info))
+    req.emit(ToRoom(room), RoomUpdated(info))
     return RoomReply(room=room.info())
 
 
@@ -137,8 +138,8 @@ async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Empty:
     if not room.deleted:
         app.settle(room)
         members = app.rooms.remove(room)
-        frame = event_frame("room.closed", {"room": room.name, "by": req.user})
-        req.emit(ToSessions.of(members), frame)  # the members it had: it has none now
+        # The members it had: it has none now.
+        req.emit(ToSessions.of(members), RoomClosed(room=room.name, by=req.user))
     return EMPTY
 
 
@@ -193,7 +194,7 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
     if app.rooms.join(room, s):
-        req.emit(ToRoom(room, skip=s), event_frame("member.joined", {"room": room.name, "user": req.user}))
+        req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
     return RoomJoinReply(room=room.info(), members=_members(room))
 
 

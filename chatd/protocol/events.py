@@ -13,6 +13,7 @@ The class attribute ``name`` is the event's wire name; the Struct's fields are i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Union
 
 import msgspec
@@ -168,7 +169,7 @@ class Batch:
 
     __slots__ = ("_json", "events")
 
-    def __init__(self, events: list[Event]) -> None:
+    def __init__(self, events: Sequence[Event]) -> None:
         self.events = events
         self._json: bytes | None = None
 
