@@ -44,10 +44,6 @@ def check_limit(cmd: c.RoomHistory | c.DmHistory | c.Sync, config: Config) -> No
         raise BadRequest("limit must be at least 1")
 
 
-def to_wire(app: App, m: MessageRecord) -> Message:
-    return changes.message_of(app.rooms, m)
-
-
 def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -> None:
     """A message's event goes to the room, or to both identities' connections (a DM: not
     to whoever holds those names now): chatd.changes.audiences."""
@@ -66,7 +62,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
             current = await app.store.get_message(seen)
             if current is not None:
                 _room_still_there(app, current)
-                return MessageReply(message=to_wire(app, current))
+                return MessageReply(message=changes.message_of(app.rooms, current))
     try:
         room_id = _may_send(app, req, cmd)
         app.limits.spend_send(req.user_key, req.session)
@@ -77,7 +73,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
             old = await app.store.find_nonce(key, cmd.nonce)
             if old is not None:
                 _room_still_there(app, old)
-                return MessageReply(message=to_wire(app, old))
+                return MessageReply(message=changes.message_of(app.rooms, old))
         raise
     rec, created = await app.store.add_message(
         NewMessage(
@@ -92,7 +88,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
         )
     )
     _room_still_there(app, rec)
-    msg = to_wire(app, rec)
+    msg = changes.message_of(app.rooms, rec)
     if cmd.nonce is not None:
         app.nonces.remember(key, cmd.nonce, rec.id)
     if created:
@@ -153,7 +149,7 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> MessageReply:
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
-    msg = to_wire(app, rec)
+    msg = changes.message_of(app.rooms, rec)
     emit_message_event(app, req, rec, MessageEdited(msg))
     return MessageReply(message=msg)
 
@@ -180,7 +176,7 @@ def page_of(
     travel: the messages (each encoded once, a ``msgspec.Raw`` spliced into the reply
     Struct as it is), the records kept, and `more`."""
     budget = app.config.history_page_bytes - 64
-    encoded = [msgspec.Raw(encode_json(to_wire(app, r))) for r in recs]
+    encoded = [msgspec.Raw(encode_json(changes.message_of(app.rooms, r))) for r in recs]
     sizes = [len(e) + 1 for e in encoded]
     if sum(sizes) <= budget:
         return cast("list[Message]", encoded), recs, more

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from chatd.app import LEFT_MAX_WAIT
+from chatd.changes import message_of
 from chatd.dispatch import Outcome, Request
-from chatd.handlers.messages import emit_message_event, to_wire
+from chatd.handlers.messages import emit_message_event
 from chatd.protocol.events import MessagePosted
 from chatd.rooms import LiveRoom
 from chatd.session import Session
@@ -156,7 +157,7 @@ def test_member_list_and_messages_come_after_the_departures_they_follow(k: Core)
     k.app.close_session(other)
     rec = MessageRecord(1, 1, r.id, "asker", None, "hi", 0.0, None, None, False)
     req = Request(k.app, asker)
-    emit_message_event(k.app, req, rec, MessagePosted(to_wire(k.app, rec)))
+    emit_message_event(k.app, req, rec, MessagePosted(message_of(k.app.rooms, rec)))
     assert [list(a.local(k.app.presence)) for a, _ in req.events] == [[asker]]
     assert [e["data"]["user"] for e in apeer.lines()] == ["other"]  # before the message
 
