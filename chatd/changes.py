@@ -44,17 +44,19 @@ def message_of(rooms: RoomManager, m: MessageRecord) -> Message:
     )
 
 
-def deleted(rooms: RoomManager, m: MessageRecord, by: str) -> MessageDeleted:
-    """``by``: who deleted it (the record does not say)."""
+def deleted(rooms: RoomManager, m: MessageRecord, by: str | None) -> MessageDeleted:
+    """``by``: who deleted it (the record does not say; None when nobody knows)."""
     room = rooms.by_id.get(m.room_id) if m.room_id is not None else None
     return MessageDeleted(
         id=m.id, rev=m.rev, room=room.name if room is not None else None, to=m.recipient, by=by
     )
 
 
-def message_event(rooms: RoomManager, kind: str, m: MessageRecord, by: str = "") -> Event:
-    """The event of a change by its `kind` (one of ``MESSAGE_KINDS``); raises ValueError
-    for another kind."""
+def message_event(
+    rooms: RoomManager, kind: str, m: MessageRecord, by: str | None = None
+) -> Event:
+    """The event of a change by its `kind` (one of ``MESSAGE_KINDS``; `by`: who deleted,
+    for ``message.deleted``); raises ValueError for another kind."""
     if kind == "message":
         return MessagePosted(message_of(rooms, m))
     if kind == "message.edited":

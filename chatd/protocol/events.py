@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Union
 import msgspec
 
 from chatd.protocol.frames import event_frame
-from chatd.protocol.models import Message, RoomInfo
+from chatd.protocol.models import Message, RenamedRoomInfo, RoomInfo
 
 __all__ = [
     "EVENTS",
@@ -38,6 +38,7 @@ __all__ = [
     "SessionExpired",
     "SessionExpiring",
     "SlowConsumer",
+    "decode_event",
 ]
 
 
@@ -51,6 +52,11 @@ class Event(msgspec.Struct, dict=True):
     def data(self) -> Any:
         """What goes in the frame's ``data``."""
         return self
+
+    @classmethod
+    def from_data(cls, data: bytes) -> Event:
+        """The event from its ``data`` as JSON (``decode_event``)."""
+        return msgspec.json.decode(data, type=cls)
 
     def json_frame(self) -> bytes:
         """The JSON line (``{"type":"event","event":…,"data":…}`` and ``\\n``), encoded
@@ -85,6 +91,10 @@ class MessagePosted(Event):
     def data(self) -> Message:
         return self.message
 
+    @classmethod
+    def from_data(cls, data: bytes) -> Event:
+        return cls(msgspec.json.decode(data, type=Message))
+
 
 class MessageEdited(MessagePosted):
     name = "message.edited"
@@ -96,7 +106,7 @@ class MessageDeleted(Event):
     rev: int
     room: str | None
     to: str | None
-    by: str
+    by: str | None  # who deleted it (null only when a stored change does not say)
 
 
 class MemberJoined(Event):
@@ -123,11 +133,18 @@ class RoomUpdated(Event):
     def data(self) -> RoomInfo:
         return self.room
 
+    @classmethod
+    def from_data(cls, data: bytes) -> Event:
+        try:
+            return cls(msgspec.json.decode(data, type=RenamedRoomInfo))
+        except msgspec.ValidationError:
+            return cls(msgspec.json.decode(data, type=RoomInfo))
 
-class RoomClosed(Event):
+
+class RoomClosed(Event, omit_defaults=True):
     name = "room.closed"
     room: str
-    by: str
+    by: str | None = None  # left out only when a stored change does not say
 
 
 class SessionExpiring(Event):
@@ -160,6 +177,26 @@ EVENTS: dict[str, type[Event]] = {
         SlowConsumer,
     )
 }  # fmt: skip
+
+
+class _Incoming(msgspec.Struct):
+    event: str
+    data: msgspec.Raw
+
+
+_incoming = msgspec.json.Decoder(_Incoming)
+
+
+def decode_event(line: bytes) -> Event:
+    """The event value of an encoded event frame (one line, as ``json_frame`` made it: an
+    event another node published, say). Its encoding is kept as the event's own, so it is
+    not encoded again. Raises ``msgspec.DecodeError`` (or ``ValidationError``) for a frame
+    that is not an event of the contract, KeyError for an unknown event name."""
+    frame = _incoming.decode(line)
+    event = EVENTS[frame.event].from_data(frame.data)
+    if line.endswith(b"\n"):
+        event.__dict__["json"] = line
+    return event
 
 
 class Batch:

@@ -31,6 +31,7 @@ from chatd.protocol.events import (
     SessionExpired,
     SessionExpiring,
     SlowConsumer,
+    decode_event,
 )
 from chatd.protocol.models import Message, RenamedRoomInfo, RoomInfo
 from chatd.rooms import RoomManager
@@ -74,9 +75,7 @@ ROOM = RoomInfo("Builds", "builds and releases", "carol", "2026-12-01T08:33:41.9
                 False, False)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("event", "line"),
-    [
+EXAMPLES = [
         (Hello(server="chatd", version="0.1.0", protocol=1, max_frame=65536, max_text=4000,
                history_limit=500, epoch="28d3", rev=0),
          '{"type":"event","event":"hello","data":{"server":"chatd","version":"0.1.0","protocol":1,"max_frame":65536,"max_text":4000,"history_limit":500,"epoch":"28d3","rev":0}}'),
@@ -104,12 +103,28 @@ ROOM = RoomInfo("Builds", "builds and releases", "carol", "2026-12-01T08:33:41.9
         (ServerShutdown(reason="shutting down"),
          '{"type":"event","event":"server.shutdown","data":{"reason":"shutting down"}}'),
         (SlowConsumer(), '{"type":"event","event":"slow_consumer","data":{}}'),
-    ],
-    ids=lambda v: v.name if isinstance(v, Event) else "",
-)  # fmt: skip
+        (RoomClosed(room="BUILDS"), '{"type":"event","event":"room.closed","data":{"room":"BUILDS"}}'),
+]  # fmt: skip
+_IDS = [f"{e.name}-{i}" for i, (e, _) in enumerate(EXAMPLES)]
+
+
+@pytest.mark.parametrize(("event", "line"), EXAMPLES, ids=_IDS)
 def test_each_event_encodes_as_the_contract_shows(event: Event, line: str) -> None:
     """protocol.md's examples from real runs, byte for byte."""
     assert event.json_frame() == line.encode() + b"\n"
+
+
+@pytest.mark.parametrize(("event", "line"), EXAMPLES, ids=_IDS)
+def test_an_encoded_event_decodes_to_the_same_value_and_keeps_its_bytes(
+    event: Event, line: str, encodes: list[str]
+) -> None:
+    """Another node's event, read back as bytes, is the same value, not encoded again."""
+    data = line.encode() + b"\n"
+    got = decode_event(data)
+    assert type(got) is type(event) and got == event
+    assert got.json_frame() is data and encodes == []
+    with pytest.raises(KeyError):
+        decode_event(b'{"type":"event","event":"no.such","data":{}}\n')
 
 
 def test_an_event_is_encoded_once_however_often_it_is_asked(encodes: list[str]) -> None:
