@@ -1,15 +1,17 @@
-"""The one event path: frames addressed to audiences, delivered by a Bus.
+"""The one event path: events addressed to audiences, delivered by a Bus.
 
 A command's Outcome (chatd.dispatch) carries its reply, its events as ``(audience,
-frame)`` pairs and the connections it closes (audiences too); a timer's outcome (expiry,
+event)`` pairs and the connections it closes (audiences too); a timer's outcome (expiry,
 a guest's grace, batched departures) carries the same. Nothing in the core sends to a
-connection any other way.
+connection any other way. Events are values (chatd.protocol.events); the bus is where
+they become bytes, once per event however many connections get it (``Event.json_frame``
+caches the encoding on the event).
 
 Audiences name who should get a frame, not sockets: a room (``ToRoom``), a user's
 connections (``ToUser``, optionally only those of one identity), or given connections
 (``ToSessions``). The in-process ``LocalBus`` resolves them to this process's sessions.
 A bus for several nodes (issue 11) implements the same ``Bus`` protocol: it delivers
-locally as ``LocalBus`` does and forwards the frame with its audience to the other nodes,
+locally as ``LocalBus`` does and forwards the event with its audience to the other nodes,
 whose bus delivers it to their own sessions; message events carry their revision, and a
 node delivers arriving events in revision order.
 
@@ -18,12 +20,16 @@ before the events it causes): ``others_now`` delivers an outcome's events and cl
 every connection except the caller's at once, and leaves in the outcome only the caller's
 own share, which ``deliver_own`` sends after the reply. Fan-out encodes once: the same
 bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
+(A second wire format: each session would name its format, and the bus would take each
+event's encoding for that format, still once per event and format.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, Union
+
+from chatd.protocol.events import Frame
 
 if TYPE_CHECKING:
     from chatd.rooms import LiveRoom
@@ -38,7 +44,7 @@ class Directory(Protocol):
 
 
 class ToRoom:
-    """Every connection in the room when the frame is delivered (``skip``: but that one)."""
+    """Every connection in the room when the event is delivered (``skip``: but that one)."""
 
     __slots__ = ("room", "skip")
 
@@ -89,14 +95,14 @@ class ToSessions:
 
 
 Audience = Union[ToRoom, ToUser, ToSessions]
-Events = list[tuple[Audience, bytes]]
+Events = list[tuple[Audience, Frame]]
 
 
 class Bus(Protocol):
-    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
-        """Deliver `frame` to every connection of `audience` at once, except `caller`;
-        True when `caller` is in the audience (its copy is then the caller's to send,
-        after its reply). Never waits."""
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        """Deliver `frame` (an event, or a Batch of them) to every connection of `audience`
+        at once, except `caller`; True when `caller` is in the audience (its copy is then
+        the caller's to send, after its reply). Never waits."""
         ...
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:
@@ -114,14 +120,15 @@ class LocalBus:
         self._directory = directory
         self._stats = stats
 
-    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         mine = False
         n = 0
+        data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
         for s in audience.local(self._directory):
             if s is caller:
                 mine = True
             else:
-                s.send(frame)
+                s.send(data)
                 n += 1
         self._stats.deliveries += n
         return mine
@@ -146,7 +153,7 @@ class Effects:
         self.events: Events = []
         self.closes: list[Audience] | None = None
 
-    def emit(self, audience: Audience, frame: bytes) -> None:
+    def emit(self, audience: Audience, frame: Frame) -> None:
         self.events.append((audience, frame))
 
     def close(self, audience: Audience) -> None:

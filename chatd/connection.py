@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Protocol, cast
 from chatd.bus import deliver_own, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
-from chatd.protocol.frames import error_frame, event_frame
+from chatd.protocol.events import SlowConsumer
+from chatd.protocol.frames import error_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ PAUSE_EOF = 16
 # Pauses that do not stop commands from running (pump goes on through them).
 _RUNS_THROUGH = PAUSE_BACKLOG | PAUSE_EOF
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
-SLOW_CONSUMER = event_frame("slow_consumer", {})
+SLOW_CONSUMER = SlowConsumer().json_frame()
 # Commands of one connection waiting for the store at once. A pipelining client still
 # fills a group commit, but one commit's replies and events for it stay well under the
 # outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
@@ -168,7 +169,7 @@ class Connection:
         s = self.session = app.open_session(self, self.ip)
         if since is not None:
             s.unbound_since = since
-        self.send(app.hello_frame())
+        self.send(app.hello().json_frame())
         return s
 
     @property

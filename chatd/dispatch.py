@@ -24,6 +24,7 @@ from chatd.errors import ChatError, Forbidden, Internal, RateLimited
 from chatd.protocol.commands import Command, command_name
 from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import RequestId, error_frame, ok_frame
+from chatd.protocol.replies import CommandHelp, HelpReply
 from chatd.session import Session
 
 log = logging.getLogger("chatd")
@@ -254,20 +255,20 @@ class Dispatcher:
         self.specs = {spec.command: spec for spec in table}
         app.help_data = self.help()
 
-    def help(self) -> dict[str, Any]:
+    def help(self) -> HelpReply:
         """Every command as protocol.md's table has it; `summary` says it all in one line,
         first after `cmd`, for people reading the reply in a terminal."""
         out = []
         for s in self.specs.values():
             grant = s.grant or s.shown_grant
-            out.append({
-                "cmd": s.name,
-                "summary": help_summary(s.usage, s.auth, grant),
-                "usage": s.usage,
-                "auth": s.auth,
-                "grant": grant,
-            })  # fmt: skip
-        return {"commands": out}
+            out.append(CommandHelp(
+                cmd=s.name,
+                summary=help_summary(s.usage, s.auth, grant),
+                usage=s.usage,
+                auth=s.auth,
+                grant=grant,
+            ))  # fmt: skip
+        return HelpReply(commands=out)
 
     def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
         """Decode a frame and find its command, or the error frame to answer with."""

@@ -30,7 +30,8 @@ from chatd.config import Config, redis_address
 from chatd.connection import SLOW_CONSUMER, Connection
 from chatd.dispatch import Dispatcher, Driver, command_table
 from chatd.errors import RateLimited, Unauthorized
-from chatd.protocol.frames import error_frame, event_frame
+from chatd.protocol.events import ServerShutdown
+from chatd.protocol.frames import error_frame
 from chatd.session import Cancellable, Session
 from chatd.stats import Stats
 from chatd.store.base import Store
@@ -663,7 +664,7 @@ class ChatServer:
             task.cancel()  # a half-done TLS handshake gets no notice, just the close
         if shaking:
             await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
-        frame = event_frame("server.shutdown", {"reason": reason})
+        frame = ServerShutdown(reason=reason).json_frame()  # once, for every connection
         for conn in list(self.connections):
             if conn.pipe is not None:
                 conn.pipe.stop(frame)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chatd.auth import Claims, normalize_grants
 from chatd.config import Config
@@ -18,6 +18,18 @@ from chatd.errors import (
     Unauthorized,
 )
 from chatd.protocol import commands as c
+from chatd.protocol.replies import (
+    EMPTY,
+    AuthReply,
+    Empty,
+    LoginReply,
+    PasswdReply,
+    RefreshReply,
+    RegisterReply,
+    UserEntry,
+    UserListReply,
+    WhoAmIReply,
+)
 from chatd.store.base import GuestHold, UserRecord
 
 if TYPE_CHECKING:
@@ -72,7 +84,7 @@ def _held(app: App, name: str, hold: GuestHold) -> Conflict:
     return Conflict(f"the name {name!r} is held by a guest {app.accounts.hold_note(hold)}")
 
 
-async def register(app: App, req: Request, cmd: c.Register) -> Any:
+async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
     accounts = app.accounts
     hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
@@ -90,7 +102,7 @@ async def register(app: App, req: Request, cmd: c.Register) -> Any:
         accounts.end_register(key, None)
         raise
     accounts.end_register(key, user)
-    return {"user": user.name}
+    return RegisterReply(user=user.name)
 
 
 async def check_user_password(app: App, s: Session, key: str, password: str) -> UserRecord:
@@ -146,8 +158,8 @@ def _ttl(app: App, asked: int | None) -> int:
     return min(asked or app.config.token_ttl, app.config.token_ttl)
 
 
-def _token_reply(token: str, claims: Claims, user: str) -> dict[str, Any]:
-    return {"token": token, "user": user, "grants": list(claims.grants), "expires_at": claims.exp}
+def _token_reply(token: str, claims: Claims, user: str) -> LoginReply:
+    return LoginReply(token=token, user=user, grants=list(claims.grants), expires_at=claims.exp)
 
 
 def _check_not_bound_elsewhere(session: Session, key: str) -> None:
@@ -155,7 +167,7 @@ def _check_not_bound_elsewhere(session: Session, key: str) -> None:
         raise Forbidden(f"this connection is logged in as {session.user}; log out first")
 
 
-async def login(app: App, req: Request, cmd: c.Login) -> Any:
+async def login(app: App, req: Request, cmd: c.Login) -> LoginReply:
     s = req.session
     key = cmd.user.lower()
     _check_not_bound_elsewhere(s, key)
@@ -175,7 +187,7 @@ async def login(app: App, req: Request, cmd: c.Login) -> Any:
 
 async def _guest_login(
     app: App, req: Request, cmd: c.Login, wanted: tuple[str, ...] | None
-) -> Any:
+) -> LoginReply:
     key = cmd.user.lower()
     if not app.config.guests:
         raise Forbidden("guest logins are turned off on this server")
@@ -231,7 +243,7 @@ def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
     return hold if is_hold_jti(claims.jti, hold.jti) else None
 
 
-async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
+async def auth(app: App, req: Request, cmd: c.Auth) -> AuthReply:
     assert cmd.token is not None
     claims = app.tokens.verify(cmd.token)
     try:
@@ -244,15 +256,15 @@ async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
         await app.refresh_user(claims.sub.lower())
         app.accounts.check_claims(claims)
     app.bind(req.session, cmd.token, claims)
-    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+    return AuthReply(user=req.user, grants=list(claims.grants), expires_at=claims.exp)
 
 
-async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> Any:
+async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> WhoAmIReply:
     claims = req.claims
-    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+    return WhoAmIReply(user=req.user, grants=list(claims.grants), expires_at=claims.exp)
 
 
-async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
+async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
     old: Claims = req.claims
     key = req.user_key
     max_ttl = app.config.token_ttl
@@ -270,10 +282,10 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
         token, claims = app.tokens.renew(old, account_jti(user.id, user.token_version), max_ttl)
     if req.session.user_key == key:
         app.bind(req.session, token, claims)
-    return {"token": token, "expires_at": claims.exp}
+    return RefreshReply(token=token, expires_at=claims.exp)
 
 
-async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
+async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
@@ -287,17 +299,17 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
         app.end_revoked_sessions(key, req)
         if written is not None:
             await written  # acknowledged only once the release is durable
-        return {}
+        return EMPTY
     await app.store.revoke(claims.jti, claims.exp)
     app.accounts.revoke(claims.jti, claims.exp)
     if cmd.all:
         app.accounts.new_generation(key, await app.store.bump_token_version(key))
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
-    return {}
+    return EMPTY
 
 
-async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
+async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
     """Contract, "passwd": a new token like `refresh`'s; every other token of the account
     stops working (as `logout all`)."""
     old: Claims = req.claims
@@ -314,18 +326,18 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
     if s.user_key == key:
         app.bind(s, token, claims)
     app.end_revoked_sessions(key, req)
-    return {"token": token, "expires_at": claims.exp}
+    return PasswdReply(token=token, expires_at=claims.exp)
 
 
-async def user_list(app: App, req: Request, cmd: c.UserList) -> Any:
+async def user_list(app: App, req: Request, cmd: c.UserList) -> UserListReply:
     # The store's list (the command line may have changed it a moment ago); names
     # compare case-insensitively, so they sort that way.
     _, users = await app.store.reload_users()
     users.sort(key=lambda u: u.name.lower())
-    return {"users": [{"name": u.name, "admin": u.admin} for u in users]}
+    return UserListReply(users=[UserEntry(name=u.name, admin=u.admin) for u in users])
 
 
-async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
+async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
     key = cmd.user.lower()
     if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
@@ -336,4 +348,4 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
     # the caller's reply when the caller is one of them (contract: reply first).
     if app.accounts.forget_user(key) is not None:
         app.drop_user(key, "deleted", req)
-    return {}
+    return EMPTY

@@ -33,6 +33,7 @@ from chatd.domain.limits import Limits
 from chatd.domain.nonces import Nonces
 from chatd.domain.presence import Presence
 from chatd.errors import Conflict, RateLimited, Unauthorized
+from chatd.protocol.events import MemberJoined, RoomClosed
 from chatd.rooms import RoomManager
 from chatd.session import Session
 from chatd.stats import Stats
@@ -253,14 +254,17 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     bob = member("bob", account_jti(2, 0))
     bob_other = member("bob2", guest_jti("5"))  # name "bob" too, another identity
     outsider = pres.open(LogPeer("out", log), "127.0.0.1")
-    out = Outcome(b"reply\n", [(ToRoom(room), b"m1\n"), (ToUser("bob", "bob#2"), b"dm\n")])
+    m1 = MemberJoined(room="lobby", user="m1")
+    dm = RoomClosed(room="dm", by="bob")
+    out = Outcome(b"reply\n", [(ToRoom(room), m1), (ToUser("bob", "bob#2"), dm)])
     others_now(bus, out, me)
     # Everyone else at once; the caller's copy waits for its reply.
-    assert log == [("bob", b"m1\n"), ("bob2", b"m1\n"), ("bob", b"dm\n")]
+    m1_line, dm_line = m1.json_frame(), dm.json_frame()
+    assert log == [("bob", m1_line), ("bob2", m1_line), ("bob", dm_line)]
     log.clear()
     me.send(out.reply)
     deliver_own(bus, out)
-    assert log == [("ann", b"reply\n"), ("ann", b"m1\n")]
+    assert log == [("ann", b"reply\n"), ("ann", m1_line)]
     assert stats.deliveries == 4
     # Closes are part of the outcome too: others at once, the caller's after its reply.
     log.clear()
@@ -273,9 +277,10 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     # A timer's outcome has no caller; skip leaves one connection out of a room.
     log.clear()
     fx = Effects()
-    fx.emit(ToRoom(room, skip=bob), b"joined\n")
+    joined = MemberJoined(room="lobby", user="cat")
+    fx.emit(ToRoom(room, skip=bob), joined)
     deliver(bus, fx)
-    assert log == [("ann", b"joined\n"), ("bob2", b"joined\n")]
+    assert log == [("ann", joined.json_frame()), ("bob2", joined.json_frame())]
     assert outsider.user is None and bob_other.identity == "bob#g5"
 
 
