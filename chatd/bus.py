@@ -22,7 +22,7 @@ bytes go to every recipient's bounded outbox, and no recipient is ever awaited (
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Protocol, Union
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class Directory(Protocol):
     """Who is connected here, for resolving audiences (chatd.domain.presence)."""
 
-    def sessions_of(self, user_key: str) -> Iterable[Session]: ...
+    def sessions_of(self, user_key: str) -> Collection[Session]: ...
 
 
 class ToRoom:
@@ -46,7 +46,7 @@ class ToRoom:
         self.room = room
         self.skip = skip
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         if self.skip is None:
             return self.room.sessions
         skip = self.skip
@@ -64,7 +64,7 @@ class ToUser:
         self.key = key
         self.identity = identity
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         sessions = directory.sessions_of(self.key)
         if self.identity is None:
             return list(sessions)
@@ -84,7 +84,7 @@ class ToSessions:
     def of(sessions: Iterable[Session]) -> ToSessions:
         return ToSessions(*sessions)
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         return self.sessions
 
 
@@ -115,15 +115,21 @@ class LocalBus:
         self._stats = stats
 
     def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
+        # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
+        # (deliveries are counted from the audience's size, not one by one).
+        sessions = audience.local(self._directory)
+        if caller is None:
+            for s in sessions:
+                s.send(frame)
+            self._stats.deliveries += len(sessions)
+            return False
         mine = False
-        n = 0
-        for s in audience.local(self._directory):
+        for s in sessions:
             if s is caller:
                 mine = True
             else:
                 s.send(frame)
-                n += 1
-        self._stats.deliveries += n
+        self._stats.deliveries += len(sessions) - mine
         return mine
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:

@@ -347,11 +347,12 @@ class Dispatcher:
             coro = spec.handler(self.app, req, cmd)
             if type(coro) is not types.CoroutineType:
                 # A plain function (ping, help): its value is the reply, no coroutine.
-                return req.outcome(ok_frame(rid, coro))
+                # (Request.outcome, inlined: this is every ping's path.)
+                return Outcome(ok_frame(rid, coro), req.events or None, req.closes)
             try:
                 first = coro.send(None)
             except StopIteration as stop:
-                return req.outcome(ok_frame(rid, stop.value))
+                return Outcome(ok_frame(rid, stop.value), req.events or None, req.closes)
         except ChatError as exc:
             if isinstance(exc, RateLimited):
                 self.stats.rate_limited += 1

@@ -13,7 +13,7 @@ outnumber the live ones.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from chatd.config import Config
@@ -71,7 +71,7 @@ class Presence:
     def is_online(self, key: str) -> bool:
         return key in self._online
 
-    def sessions_of(self, user_key: str) -> Iterable[Session]:
+    def sessions_of(self, user_key: str) -> Collection[Session]:
         """The user's connections (a live view: copy it before unbinding any)."""
         held = self._online.get(user_key)
         if held is None:

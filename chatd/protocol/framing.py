@@ -36,13 +36,14 @@ class LineSplitter:
     one partial line (≤ max_frame + 1 bytes) plus one pushed chunk.
     """
 
-    __slots__ = ("_buf", "_discarding", "_pos", "_scan", "max_frame", "work")
+    __slots__ = ("_discarding", "_pos", "_scan", "buf", "max_frame", "work")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         # The read chunk itself while it is being consumed (no copy), a bytearray only
-        # while a partial line grows across reads.
-        self._buf: bytes | bytearray = b""
+        # while a partial line grows across reads; b"" exactly when nothing is buffered
+        # (so a reader's loop can test it instead of calling ``next`` once more).
+        self.buf: bytes | bytearray = b""
         self._pos = 0  # the first byte not yet returned
         # Bytes before _scan hold no newline: a line that arrives a byte at a time is
         # searched once, so it costs O(n), not O(n²) (h11's lesson).
@@ -54,11 +55,11 @@ class LineSplitter:
     @property
     def buffered(self) -> int:
         """Bytes pushed and not yet returned (complete frames and a partial line)."""
-        return len(self._buf) - self._pos
+        return len(self.buf) - self._pos
 
     def clear(self) -> None:
         """Forget everything buffered (the connection is gone: its input is freed)."""
-        self._buf = b""
+        self.buf = b""
         self._pos = self._scan = 0
         self._discarding = False
 
@@ -72,16 +73,16 @@ class LineSplitter:
             data = data[nl + 1 :]
         if type(data) is not bytes:
             data = bytes(data)  # kept as is below: never a buffer the caller reuses
-        buf = self._buf
+        buf = self.buf
         pos = self._pos
         if pos == len(buf):  # nothing left over: work on the chunk itself
-            self._buf = data
+            self.buf = data
             self._pos = self._scan = 0
             return
         # Consumed bytes go before new ones come in; what is left is a partial line or
         # frames not yet taken, and grows in a bytearray (appending is amortized O(1)).
         if isinstance(buf, bytes):
-            buf = self._buf = bytearray(memoryview(buf)[pos:])
+            buf = self.buf = bytearray(memoryview(buf)[pos:])
         elif pos:
             del buf[:pos]  # cheap in CPython: the start moves, nothing is copied
         self._scan -= pos
@@ -91,7 +92,7 @@ class LineSplitter:
     def next(self) -> bytes | _TooLarge | None:
         """The next complete frame, TOO_LARGE once for an over-long line, or None when
         no complete frame is buffered."""
-        buf = self._buf
+        buf = self.buf
         while True:
             pos = self._pos
             end = len(buf)
@@ -109,7 +110,7 @@ class LineSplitter:
                 return None
             self.work += nl + 1 - start
             if nl + 1 == end:  # the last byte: let the read chunk go
-                self._buf = b""
+                self.buf = b""
                 self._pos = self._scan = 0
             else:
                 self._pos = self._scan = nl + 1
@@ -121,7 +122,7 @@ class LineSplitter:
                 line = buf[pos:end]
                 if line[0] == 123 or not line.isspace():  # "{": the usual frame
                     return line if type(line) is bytes else bytes(line)
-            buf = self._buf
+            buf = self.buf
 
     def feed(self, data: bytes) -> list[bytes | _TooLarge]:
         """Push ``data`` and take every complete frame it finishes."""
