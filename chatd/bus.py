@@ -16,7 +16,8 @@ node delivers arriving events in revision order.
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
 every connection except the caller's at once, and leaves in the outcome only the caller's
-own share, which ``deliver_own`` sends after the reply. Fan-out encodes once: the same
+own share, which ``deliver_own`` sends after the reply. A reply queued at once needs no
+split: ``deliver`` then sends every event to everyone. Fan-out encodes once: the same
 bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
 """
 
@@ -198,10 +199,12 @@ def deliver_own(bus: Bus, outcome: Delivery) -> None:
             bus.close(audience)
 
 
-def deliver(bus: Bus, fx: Effects) -> None:
-    """A timer's outcome (no caller): every event, then every close, at once."""
-    for audience, frame in fx.events:
-        bus.publish(audience, frame)
+def deliver(bus: Bus, fx: Effects | Delivery) -> None:
+    """Every event, then every close, at once: a timer's outcome (no caller), or a
+    command's once its reply is queued (then the caller's copies need no holding back)."""
+    if fx.events:
+        for audience, frame in fx.events:
+            bus.publish(audience, frame)
     if fx.closes:
         for audience in fx.closes:
             bus.close(audience)

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from chatd.bus import deliver_own, others_now
+from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
 from chatd.protocol.frames import error_frame, event_frame
@@ -365,12 +365,12 @@ class Connection:
         return outcome
 
     def deliver(self, outcome: Outcome) -> None:
-        """The reply, then the events and closes it caused (the caller's own last)."""
+        """The reply, then the events and closes it caused. The reply is queued first, so
+        the caller's own copies may go with everyone else's, in one pass per event (the
+        fan-out loop then has nobody to skip)."""
         self.send(outcome.reply)
         if outcome.events or outcome.closes:
-            bus = self.host.app.bus
-            others_now(bus, outcome, self.session)
-            deliver_own(bus, outcome)
+            deliver(self.host.app.bus, outcome)
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
@@ -405,12 +405,11 @@ class Connection:
             self.host.want_flush(self)
         out.append(data)
         queued = self.out_bytes = self.out_bytes + len(data)
-        hard = self.hard
-        if queued + self.unsent > hard:
+        if queued + self.unsent > self.hard:
             # A burst within one loop turn (a group commit fanning out many messages) is
             # not a slow consumer: hand it to the edge first, judge what is left after.
             self.edge.flush()
-            if self.unsent > hard:
+            if self.unsent > self.hard:
                 self.host.stats.slow_consumers += 1
                 self.drop_slow()
 

@@ -110,9 +110,10 @@ class Spec:
 
 class Outcome:
     """What running a command gives: its reply, then the events it causes and the
-    connections it closes, addressed to audiences (chatd.bus). The edge delivers the
-    events to everyone else at once (``bus.others_now``) and the caller's own share
-    after the reply (``bus.deliver_own``)."""
+    connections it closes, addressed to audiences (chatd.bus). The edge queues the
+    reply, then delivers the events to everyone (``bus.deliver``); a reply that waits
+    behind earlier ones has its events sent to everyone else at once
+    (``bus.others_now``) and the caller's own share after it."""
 
     __slots__ = ("closes", "events", "reply")
 

@@ -64,6 +64,10 @@ class LineSplitter:
         self._discarding = False
 
     def push(self, data: bytes) -> None:
+        buf = self.buf
+        if not buf and type(data) is bytes and not self._discarding:
+            self.buf = data  # nothing left over (the usual case): work on the chunk itself
+            return
         if self._discarding:
             nl = data.find(b"\n")
             self.work += len(data) if nl < 0 else nl + 1
@@ -73,14 +77,12 @@ class LineSplitter:
             data = data[nl + 1 :]
         if type(data) is not bytes:
             data = bytes(data)  # kept as is below: never a buffer the caller reuses
-        buf = self.buf
-        pos = self._pos
-        if pos == len(buf):  # nothing left over: work on the chunk itself
+        if not buf:
             self.buf = data
-            self._pos = self._scan = 0
             return
         # Consumed bytes go before new ones come in; what is left is a partial line or
         # frames not yet taken, and grows in a bytearray (appending is amortized O(1)).
+        pos = self._pos
         if isinstance(buf, bytes):
             buf = self.buf = bytearray(memoryview(buf)[pos:])
         elif pos:
@@ -92,15 +94,17 @@ class LineSplitter:
     def next(self) -> bytes | _TooLarge | None:
         """The next complete frame, TOO_LARGE once for an over-long line, or None when
         no complete frame is buffered."""
-        buf = self.buf
+        # Invariant: ``buf`` is b"" (and _pos, _scan are 0) exactly when every byte pushed
+        # was taken; otherwise _pos < len(buf).
         while True:
+            buf = self.buf
+            if not buf:
+                return None  # drained
             pos = self._pos
-            end = len(buf)
-            if pos == end:
-                return None  # drained (the usual way a pump ends: keep it cheap)
             start = self._scan  # never before pos
             nl = buf.find(b"\n", start)
             if nl < 0:
+                end = len(buf)
                 self.work += end - start
                 if end - pos > self.max_frame + 1:  # max_frame bytes and a "\r" may wait
                     self.clear()
@@ -109,20 +113,22 @@ class LineSplitter:
                 self._scan = end
                 return None
             self.work += nl + 1 - start
-            if nl + 1 == end:  # the last byte: let the read chunk go
+            if nl + 1 == len(buf):  # the last byte: let the read chunk go
                 self.buf = b""
-                self._pos = self._scan = 0
+                if pos:
+                    self._pos = self._scan = 0
+                elif start:
+                    self._scan = 0
             else:
                 self._pos = self._scan = nl + 1
-            end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # CRLF tolerated
-            n = end - pos
-            if n > self.max_frame:
+            if nl > pos and buf[nl - 1] == 13:
+                nl -= 1  # CRLF tolerated
+            if nl - pos > self.max_frame:
                 return TOO_LARGE
-            if n:
-                line = buf[pos:end]
+            if nl > pos:
+                line = buf[pos:nl]
                 if line[0] == 123 or not line.isspace():  # "{": the usual frame
                     return line if type(line) is bytes else bytes(line)
-            buf = self.buf
 
     def feed(self, data: bytes) -> list[bytes | _TooLarge]:
         """Push ``data`` and take every complete frame it finishes."""
