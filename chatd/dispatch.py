@@ -283,14 +283,16 @@ class Dispatcher:
         """Contract: a frame carrying another user's token on a bound connection is
         `forbidden`, even on commands that need no token (their token is not otherwise
         checked, so an invalid one is simply ignored)."""
-        if token == session.token:
-            return
         try:
             claims = self.app.tokens.verify(token)
         except ChatError:
             return
         if claims.sub.lower() != session.user_key:
             raise Forbidden(f"this connection is logged in as {session.user}; log out first")
+
+    def _is_bound_token(self, session: Session, token: str) -> bool:
+        """Whether `token` (just verified) is the one `session` is bound to."""
+        return session.claims is not None and self.app.tokens.verify(token) == session.claims
 
     def handle(self, session: Session, line: bytes) -> Result:
         prepared = self.prepare(line)
@@ -339,7 +341,7 @@ class Dispatcher:
                 try:
                     req.authenticated(self.app.authenticate(session, cmd.token))
                 except UnknownAccount as exc:
-                    if cmd.token is None or cmd.token == session.token:
+                    if cmd.token is None or self._is_bound_token(session, cmd.token):
                         raise
                     return self._after_reading(exc.key, session, cmd, spec, req)
                 _check_grant(spec, req)
