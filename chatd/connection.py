@@ -420,8 +420,8 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.host.stats.bytes_out += self.out_bytes  # len(data), already counted
         self.out_bytes = 0
-        self.host.stats.bytes_out += len(data)
         return data
 
     def close(self) -> None:
