@@ -151,14 +151,19 @@ class App:
         """The token of a command: the frame's, else the bound one (contract). Binds the
         connection to the first valid token. Raises Unauthorized, TokenExpired, Forbidden."""
         if token is None:
-            if s.token is None:
+            if s.claims is None:
                 raise Unauthorized("this command needs a token: login, auth, or add a token field")
-            token = s.token
-        claims = self.tokens.verify(token)
+            # The bound token was verified when it was bound: its claims stand for it (the
+            # token string itself is not kept); only its lifetime is checked again.
+            claims = self.tokens.current(s.claims)
+            bound = True
+        else:
+            claims = self.tokens.verify(token)
+            bound = claims == s.claims  # the bound token, given in the frame
         try:
             self.accounts.check_claims(claims)
         except Unauthorized:
-            if token == s.token:
+            if bound:
                 # The bound token died without expiring (a guest's hold released, say):
                 # unbind, don't wedge. It died before this command, so the notice is a
                 # timer-like outcome of its own, delivered at once (ahead of the reply).
@@ -167,12 +172,13 @@ class App:
                 deliver(self.bus, fx)
             raise
         if s.user_key is None:
-            self.bind(s, token, claims)
+            self.bind(s, claims)
         elif claims.sub.lower() != s.user_key:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")
         return claims
 
-    def bind(self, s: Session, token: str, claims: Claims) -> None:
+    def bind(self, s: Session, claims: Claims) -> None:
+        """Bind `s` to the verified claims of a token (the token string is not kept)."""
         if s.closed:
             return  # gone while its login waited: nothing to bind, no timers to leak
         key = claims.sub.lower()
@@ -180,7 +186,7 @@ class App:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")
         if s.claims is not None and s.claims.jti == claims.jti:
             return  # `auth` again with the bound token: its timers stand (notice once per token)
-        self.presence.bind(s, token, claims, self.accounts.display_name(claims.sub))
+        self.presence.bind(s, claims, self.accounts.display_name(claims.sub))
         if is_guest_jti(claims.jti):
             self.accounts.settle_hold(key)
 

@@ -18,7 +18,8 @@ node delivers arriving events in revision order.
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
 every connection except the caller's at once, and leaves in the outcome only the caller's
-own share, which ``deliver_own`` sends after the reply. Fan-out encodes once: the same
+own share, which ``deliver_own`` sends after the reply. A reply queued at once needs no
+split: ``deliver`` then sends every event to everyone. Fan-out encodes once: the same
 bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
 (A second wire format: each session would name its format, and the bus would take each
 event's encoding for that format, still once per event and format.)
@@ -26,7 +27,7 @@ event's encoding for that format, still once per event and format.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Protocol, Union
 
 from chatd.protocol.events import Frame
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 class Directory(Protocol):
     """Who is connected here, for resolving audiences (chatd.domain.presence)."""
 
-    def sessions_of(self, user_key: str) -> Iterable[Session]: ...
+    def sessions_of(self, user_key: str) -> Collection[Session]: ...
 
 
 class ToRoom:
@@ -52,7 +53,7 @@ class ToRoom:
         self.room = room
         self.skip = skip
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         if self.skip is None:
             return self.room.sessions
         skip = self.skip
@@ -70,7 +71,7 @@ class ToUser:
         self.key = key
         self.identity = identity
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         sessions = directory.sessions_of(self.key)
         if self.identity is None:
             return list(sessions)
@@ -90,7 +91,7 @@ class ToSessions:
     def of(sessions: Iterable[Session]) -> ToSessions:
         return ToSessions(*sessions)
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         return self.sessions
 
 
@@ -121,16 +122,22 @@ class LocalBus:
         self._stats = stats
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
-        mine = False
-        n = 0
+        # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
+        # (deliveries are counted from the audience's size, not one by one).
+        sessions = audience.local(self._directory)
         data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
-        for s in audience.local(self._directory):
+        if caller is None:
+            for s in sessions:
+                s.send(data)
+            self._stats.deliveries += len(sessions)
+            return False
+        mine = False
+        for s in sessions:
             if s is caller:
                 mine = True
             else:
                 s.send(data)
-                n += 1
-        self._stats.deliveries += n
+        self._stats.deliveries += len(sessions) - mine
         return mine
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:
@@ -199,10 +206,12 @@ def deliver_own(bus: Bus, outcome: Delivery) -> None:
             bus.close(audience)
 
 
-def deliver(bus: Bus, fx: Effects) -> None:
-    """A timer's outcome (no caller): every event, then every close, at once."""
-    for audience, frame in fx.events:
-        bus.publish(audience, frame)
+def deliver(bus: Bus, fx: Effects | Delivery) -> None:
+    """Every event, then every close, at once: a timer's outcome (no caller), or a
+    command's once its reply is queued (then the caller's copies need no holding back)."""
+    if fx.events:
+        for audience, frame in fx.events:
+            bus.publish(audience, frame)
     if fx.closes:
         for audience in fx.closes:
             bus.close(audience)

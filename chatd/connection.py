@@ -29,9 +29,9 @@ import collections
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
-from chatd.bus import deliver_own, others_now
+from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
 from chatd.protocol.events import SlowConsumer
@@ -132,6 +132,7 @@ class Connection:
         "barriers",
         "dead",
         "edge",
+        "hard",
         "held",
         "host",
         "ip",
@@ -157,6 +158,7 @@ class Connection:
         self.out: list[bytes] = []  # emptied by each flush, kept (fan-out appends per turn)
         self.out_bytes = 0
         self.unsent = 0  # bytes the edge took and has not sent yet (as it last said)
+        self.hard = host.config.outbox_hard  # read on every send: kept at hand
         self.dead = False
         self.waiting = 0  # commands started and not finished
         self.barriers = 0  # of those, the ones later commands must wait for
@@ -225,20 +227,21 @@ class Connection:
 
     def pump(self) -> None:
         """Run buffered frames in order, at most frames_per_batch per turn (fairness)."""
-        splitter = self.splitter
         session = self.session
         if self.dead or session is None:
             return
         host = self.host
         dispatcher = host.dispatcher
         budget = host.config.frames_per_batch
+        splitter = self.splitter
         while True:
-            if self.held is not None:
-                cmd, spec = self.held
+            held = self.held
+            if held is not None:
+                cmd, spec = held
             else:
+                if not splitter.buf:
+                    break  # drained (the usual end: no call to find that out)
                 if budget <= 0:
-                    if not splitter.buffered:
-                        break
                     self.pause(PAUSE_BACKLOG)
                     host.soon(self._continue)
                     return
@@ -251,21 +254,27 @@ class Connection:
                     self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(cast(bytes, line))
-                if isinstance(prepared, Outcome):
+                prepared = dispatcher.prepare(line)  # type: ignore[arg-type]  # bytes here
+                if type(prepared) is Outcome:
                     self.bad_frame(prepared.reply)
                     self.reply(prepared)
                     continue
-                cmd, spec = prepared
+                cmd, spec = prepared  # type: ignore[misc]  # the tuple, as checked above
             if self.waiting and (self.barriers or not spec.overlap or self.waiting >= MAX_WAITING):
                 self.held = (cmd, spec)  # starts when what is in flight has finished
                 self.pause(PAUSE_BACKLOG)
                 return
-            self.held = None
+            if held is not None:
+                self.held = None
             result = dispatcher.execute(session, cmd, spec)
-            if isinstance(result, Outcome):
-                self.reply(result)
-            elif isinstance(result, Pending):
+            kind = type(result)
+            if kind is Outcome:
+                if self.slots:
+                    self.reply(result)  # type: ignore[arg-type]
+                else:
+                    self.deliver(result)  # type: ignore[arg-type]
+            elif kind is Pending:
+                assert isinstance(result, Pending)
                 slot = _Slot(result.overlap)
                 slots = self.slots
                 if slots is None:
@@ -283,9 +292,10 @@ class Connection:
                 return
             if self.dead:
                 return
-        self.resume(PAUSE_BACKLOG)
-        if self.paused & PAUSE_EOF and not self.waiting:
-            self.close()  # every complete frame ran and every reply is queued
+        if self.paused:
+            self.resume(PAUSE_BACKLOG)
+            if self.paused & PAUSE_EOF and not self.waiting:
+                self.close()  # every complete frame ran and every reply is queued
 
     def _continue(self) -> None:
         if self.paused == PAUSE_BACKLOG:
@@ -356,12 +366,12 @@ class Connection:
         return outcome
 
     def deliver(self, outcome: Outcome) -> None:
-        """The reply, then the events and closes it caused (the caller's own last)."""
+        """The reply, then the events and closes it caused. The reply is queued first, so
+        the caller's own copies may go with everyone else's, in one pass per event (the
+        fan-out loop then has nobody to skip)."""
         self.send(outcome.reply)
         if outcome.events or outcome.closes:
-            bus = self.host.app.bus
-            others_now(bus, outcome, self.session)
-            deliver_own(bus, outcome)
+            deliver(self.host.app.bus, outcome)
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
@@ -395,13 +405,12 @@ class Connection:
         if not out:
             self.host.want_flush(self)
         out.append(data)
-        self.out_bytes += len(data)
-        hard = self.host.config.outbox_hard
-        if self.out_bytes + self.unsent > hard:
+        queued = self.out_bytes = self.out_bytes + len(data)
+        if queued + self.unsent > self.hard:
             # A burst within one loop turn (a group commit fanning out many messages) is
             # not a slow consumer: hand it to the edge first, judge what is left after.
             self.edge.flush()
-            if self.unsent > hard:
+            if self.unsent > self.hard:
                 self.host.stats.slow_consumers += 1
                 self.drop_slow()
 
@@ -412,8 +421,8 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.host.stats.bytes_out += self.out_bytes  # len(data), already counted
         self.out_bytes = 0
-        self.host.stats.bytes_out += len(data)
         return data
 
     def close(self) -> None:

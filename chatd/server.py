@@ -115,8 +115,9 @@ class ConnectionProtocol(asyncio.Protocol):
     # --- from the transport ----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.pipe is not None:
-            self.pipe.receive_data(data)
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.receive_data(data)
 
     def eof_received(self) -> bool | None:
         if self.pipe is None:

@@ -181,7 +181,7 @@ async def login(app: App, req: Request, cmd: c.Login) -> LoginReply:
     token, claims = app.tokens.mint(
         user.name, account_jti(user.id, user.token_version), grants, _ttl(app, cmd.ttl)
     )
-    app.bind(s, token, claims)
+    app.bind(s, claims)
     return _token_reply(token, claims, user.name)
 
 
@@ -211,7 +211,7 @@ async def _guest_login(
         token, claims = app.tokens.mint(
             own.name, guest_jti(own.jti), grants, _ttl(app, cmd.ttl)
         )
-        app.bind(req.session, token, claims)
+        app.bind(req.session, claims)
         return _token_reply(token, claims, own.name)
     app.limits.spend_guest_login(req.session)
     hold = accounts.new_hold(cmd.user)  # reserved now, so a racing guest login gets conflict
@@ -225,7 +225,7 @@ async def _guest_login(
         raise
     if not accounts.is_current_hold(hold):
         raise Conflict(f"the name {cmd.user!r} was taken meanwhile")
-    app.bind(req.session, token, claims)
+    app.bind(req.session, claims)
     accounts.settle_hold(key)  # not bound after all (the connection went meanwhile): grace
     return _token_reply(token, claims, cmd.user)
 
@@ -255,7 +255,7 @@ async def auth(app: App, req: Request, cmd: c.Auth) -> AuthReply:
         # ago, not yet seen by the poll: look in the store before saying no.
         await app.refresh_user(claims.sub.lower())
         app.accounts.check_claims(claims)
-    app.bind(req.session, cmd.token, claims)
+    app.bind(req.session, claims)
     return AuthReply(user=req.user, grants=list(claims.grants), expires_at=claims.exp)
 
 
@@ -281,7 +281,7 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
         assert user is not None  # the dispatcher checked the token against it just now
         token, claims = app.tokens.renew(old, account_jti(user.id, user.token_version), max_ttl)
     if req.session.user_key == key:
-        app.bind(req.session, token, claims)
+        app.bind(req.session, claims)
     return RefreshReply(token=token, expires_at=claims.exp)
 
 
@@ -324,7 +324,7 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
     if s.user_key == key:
-        app.bind(s, token, claims)
+        app.bind(s, claims)
     app.end_revoked_sessions(key, req)
     return PasswdReply(token=token, expires_at=claims.exp)
 

@@ -47,7 +47,7 @@ def member(k: Core, r: LiveRoom, name: str) -> tuple[Session, CountingPeer]:
     peer = CountingPeer()
     s = k.app.open_session(peer, "127.0.0.1")
     token = k.token(user)
-    k.app.bind(s, token, k.tokens.verify(token))
+    k.app.bind(s, k.tokens.verify(token))
     k.app.rooms.join(r, s)
     return s, peer
 
@@ -132,7 +132,7 @@ def test_a_newcomer_is_not_told_of_departures_from_before_it_came(k: Core) -> No
     peer = CountingPeer()
     s = k.app.open_session(peer, "127.0.0.1")
     token = k.token(newcomer_user)
-    k.app.bind(s, token, k.tokens.verify(token))
+    k.app.bind(s, k.tokens.verify(token))
     out = k.dispatcher.handle(s, b'{"cmd":"room.join","room":"big","id":1}')
     assert isinstance(out, Outcome)
     # The watcher hears of the departure before the join (its events follow the reply).

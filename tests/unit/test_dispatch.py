@@ -195,7 +195,7 @@ def test_session_expiry_timer_unbinds_and_tells_the_client() -> None:
         k.clock.advance(60)
         expired.fire()
         assert peer.frames() == [{"type": "event", "event": "session.expired", "data": {}}]
-        assert s.user is None and s.token is None and not k.app.presence.is_online("ann")
+        assert s.user is None and s.claims is None and not k.app.presence.is_online("ann")
         assert run(k, s, {"cmd": "whoami"})["code"] == "unauthorized"
 
 

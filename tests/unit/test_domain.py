@@ -190,8 +190,8 @@ def test_presence_binds_and_unbinds_and_expires_from_one_shared_timer() -> None:
     tokens = TokenService(SECRET, clock)
     sessions = [pres.open(FakePeer(), "127.0.0.1") for _ in range(50)]
     for i, s in enumerate(sessions):
-        token, claims = tokens.mint("ann" if i % 2 else "bob", account_jti(1, 0), (), 600)
-        pres.bind(s, token, claims, "Ann" if i % 2 else "Bob")
+        _token, claims = tokens.mint("ann" if i % 2 else "bob", account_jti(1, 0), (), 600)
+        pres.bind(s, claims, "Ann" if i % 2 else "Bob")
     assert pres.users_online() == 2 and len(list(pres.sessions_of("ann"))) == 25
     assert sessions[1].identity == "ann#1"
     assert len(sched.live()) == 1  # one timer for every bound connection, not one each
@@ -245,8 +245,8 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
 
     def member(name: str, jti: str) -> Session:
         s = pres.open(LogPeer(name, log), "127.0.0.1")
-        token, claims = tokens.mint(name.rstrip("0123456789"), jti, (), 600)
-        pres.bind(s, token, claims, name)
+        _token, claims = tokens.mint(name.rstrip("0123456789"), jti, (), 600)
+        pres.bind(s, claims, name)
         rooms.join(room, s)
         return s
 
@@ -304,7 +304,7 @@ async def test_deleting_ones_own_account_closes_the_connection_after_the_reply()
             me = k.app.open_session(LogPeer("me", log), "127.0.0.1")
             twin = k.app.open_session(LogPeer("twin", log), "127.0.0.1")
             token, _ = k.tokens.mint("Root", jti(rec.id, 0), ("admin",), 600)
-            k.app.bind(twin, token, k.tokens.verify(token))
+            k.app.bind(twin, k.tokens.verify(token))
             line = json.dumps({"cmd": "user.delete", "id": 1, "user": "root", "token": token})
             pending = k.dispatcher.handle(me, line.encode())
             assert isinstance(pending, Pending)
