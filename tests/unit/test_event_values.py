@@ -150,7 +150,7 @@ def _members(k: Core, n: int) -> tuple[list[Session], list[FakePeer]]:
         peer = FakePeer()
         s = k.app.open_session(peer, "127.0.0.1")
         token = k.token(user)
-        k.app.bind(s, token, k.tokens.verify(token))
+        k.app.bind(s, k.tokens.verify(token))
         k.app.rooms.join(room, s)
         sessions.append(s)
         peers.append(peer)
