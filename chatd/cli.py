@@ -408,13 +408,53 @@ async def _serve(config: Config, secret: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
+    on_disk = store if isinstance(store, SQLiteStore) and not store.memory else None
+    if on_disk is not None:
+        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
+        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
+        loop.add_signal_handler(signal.SIGBUS, _on_sigbus, on_disk, stop)
     try:
         await server.start()
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
     await stop.wait()
-    await server.stop()
-    return 0
+    fault = on_disk.fault() if on_disk is not None else None
+    if fault is None:
+        if watch is not None:
+            watch.cancel()
+        await server.stop()
+        return 0
+    log.critical(
+        "stopping: %s; every acknowledged change is in the database and its WAL, and SQLite "
+        "rebuilds the -shm when chatd starts again", fault,
+        extra={"event": "storage_failed", "error": fault},
+    )  # fmt: skip
+    await server.stop("storage failure")
+    # Not a return: at exit the SQLite connections would close, and closing checkpoints
+    # through the damaged file (a SIGBUS, or a thread still stuck in one).
+    logging.shutdown()
+    os._exit(STORAGE_FAILED)
+
+
+# `chatd serve`'s exit status when it stopped because the database became unsafe to use
+# while it ran (README, "When the -shm file is damaged"); 2 is for refusals at start.
+STORAGE_FAILED = 3
+
+
+def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
+    store.abandon(
+        "the process got SIGBUS: a memory-mapped file was cut short (the database's -shm, "
+        "truncated outside chatd)"
+    )
+    stop.set()
+
+
+async def _watch_storage(store: SQLiteStore, stop: asyncio.Event) -> None:
+    """Notice a damaged -shm while nothing reads or writes (reads and writes look first)."""
+    while store.fault() is None:
+        await asyncio.sleep(0.5)
+    stop.set()
 
 
 # --- offline commands (work while a server runs on the same database) ----------------
