@@ -72,10 +72,16 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
         chunk = await asyncio.gather(
             *(open_line(port, source=f"127.0.0.{2 + (i + k) % 32}") for k in range(n))
         )
-        await asyncio.gather(
+        replies = await asyncio.gather(
             *(c.call({"cmd": "login", "id": 1, "user": f"m{i + k}"}, 120) for k, c in enumerate(chunk))
         )
-        await asyncio.gather(*(c.call({"cmd": "room.join", "id": 2, "room": ROOM}, 120) for c in chunk))
+        replies += await asyncio.gather(
+            *(c.call({"cmd": "room.join", "id": 2, "room": ROOM}, 120) for c in chunk)
+        )
+        # A refused login (a limit the bench forgot to lift) would quietly shrink the room.
+        refused = [r for r in replies if r["type"] != "ok"]
+        if refused:
+            raise RuntimeError(f"{len(refused)} logins or joins refused, e.g. {refused[0]}")
         conns += chunk
     # Every member.joined has been written once the watcher's own ping comes back.
     await watcher.call({"cmd": "ping", "id": 3}, 120)
