@@ -43,7 +43,7 @@ class Server:
         entry = os.environ.get("CHATD_BENCH_ENTRY")
         cmd = [sys.executable, *([entry] if entry else ["-m", "chatd"]), "serve", "--port", "0", "--db", self.db,
                "--secret", "bench-secret-bench-secret-bench-secret!", "--rate-limit", "0",
-               "--command-rate", "0", "--per-ip-connections", "0",
+               "--command-rate", "0", "--per-ip-connections", "0", "--guest-logins-per-ip", "0",
                *flags]
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             cmd = ["taskset", "-c", SERVER_CORE, *cmd]

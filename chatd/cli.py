@@ -21,6 +21,7 @@ from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config
+from chatd.gcpolicy import Collector
 from chatd.store.base import (
     AdminStore,
     NameHeld,
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete messages older than N days; 0 = keep forever")
     serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
                        help="keep at most the newest N messages per room and DM pair; 0 = all")
+    serve.add_argument("--gc-freeze-interval", type=_interval,
+                       default=d.gc_freeze_interval, metavar="SECONDS",
+                       help="collect young objects and freeze the survivors this often, so "
+                            "full GC passes never rescan long-lived ones; 0 = Python's default GC")
+    serve.add_argument("--gc-full-interval", type=_interval,
+                       default=d.gc_full_interval, metavar="SECONDS",
+                       help="with --gc-freeze-interval: one full GC pass this often, when quiet")
     serve.add_argument("--tls-cert", metavar="FILE", default=None,
                        help="serve TLS (1.2+) with this PEM certificate (chain); needs --tls-key")
     serve.add_argument("--tls-key", metavar="FILE", default=None,
@@ -276,6 +284,16 @@ def _non_negative(kind: type[int]) -> Callable[[str], int]:
     return parse
 
 
+def _interval(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= n < float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 (off) or more seconds")
+    return n
+
+
 def _positive(value: str) -> float:
     try:
         n = float(value)
@@ -341,6 +359,8 @@ def config_from(args: argparse.Namespace) -> Config:
         max_rooms_per_user=args.max_rooms_per_user,
         history_days=args.history_days,
         history_max=args.history_max,
+        gc_freeze_interval=args.gc_freeze_interval,
+        gc_full_interval=args.gc_full_interval,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_handshake_timeout=args.tls_handshake_timeout,
@@ -408,13 +428,69 @@ async def _serve(config: Config, secret: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
+    on_disk = store if isinstance(store, SQLiteStore) and not store.memory else None
+    if on_disk is not None:
+        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
+        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
+        loop.add_signal_handler(signal.SIGBUS, _on_sigbus, on_disk, stop)
     try:
         await server.start()
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
+    collector: Collector | None = None
+    if config.gc_freeze_interval > 0:
+        collector = Collector(
+            config.gc_freeze_interval, config.gc_full_interval,
+            quiet=lambda: not server.chores and not server.app.departures_waiting(),
+        )  # fmt: skip
+        collector.start()
+        server.spawn(_collecting(collector))
     await stop.wait()
-    await server.stop()
-    return 0
+    if collector is not None:
+        collector.stop()
+    fault = on_disk.fault() if on_disk is not None else None
+    if fault is None:
+        if watch is not None:
+            watch.cancel()
+        await server.stop()
+        return 0
+    log.critical(
+        "stopping: %s; every acknowledged change is in the database and its WAL, and SQLite "
+        "rebuilds the -shm when chatd starts again", fault,
+        extra={"event": "storage_failed", "error": fault},
+    )  # fmt: skip
+    await server.stop("storage failure")
+    # Not a return: at exit the SQLite connections would close, and closing checkpoints
+    # through the damaged file (a SIGBUS, or a thread still stuck in one).
+    logging.shutdown()
+    os._exit(STORAGE_FAILED)
+
+
+# `chatd serve`'s exit status when it stopped because the database became unsafe to use
+# while it ran (README, "When the -shm file is damaged"); 2 is for refusals at start.
+STORAGE_FAILED = 3
+
+
+def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
+    store.abandon(
+        "the process got SIGBUS: a memory-mapped file was cut short (the database's -shm, "
+        "truncated outside chatd)"
+    )
+    stop.set()
+
+
+async def _collecting(collector: Collector) -> None:
+    while True:
+        await asyncio.sleep(collector.every)
+        collector.tick()
+
+
+async def _watch_storage(store: SQLiteStore, stop: asyncio.Event) -> None:
+    """Notice a damaged -shm while nothing reads or writes (reads and writes look first)."""
+    while store.fault() is None:
+        await asyncio.sleep(0.5)
+    stop.set()
 
 
 # --- offline commands (work while a server runs on the same database) ----------------

@@ -120,6 +120,10 @@ class Config:
     # Prometheus text format on http://metrics_host:metrics_port/metrics; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Garbage collection (chatd.gcpolicy): freeze the survivors every gc_freeze_interval
+    # seconds (0 = CPython's own collector, untouched), a full pass every gc_full_interval.
+    gc_freeze_interval: float = 1.0
+    gc_full_interval: float = 600.0
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -197,10 +197,12 @@ class Connection:
         if self.dead:
             return False
         if not self.splitter.buffered and not self.waiting and self.held is None:
-            # Nothing left to answer (how a client usually goes): close now, the cheapest
-            # way when thousands go at once.
-            self.close()
-            return False
+            # Nothing left to answer (how a client usually goes): close as a chore, so
+            # when thousands go at once their sockets close a bounded number per loop
+            # turn, not all in the turn that read their EOFs (issue 13, item 2).
+            self.paused |= PAUSE_EOF
+            self.host.later(self.close)
+            return True
         self.paused |= PAUSE_EOF  # the edge stopped reading; never resume it
         self.host.later(self.pump)
         return True
