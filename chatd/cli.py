@@ -20,7 +20,7 @@ from chatd import logs
 from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
-from chatd.config import ALL_GRANTS, Config
+from chatd.config import ALL_GRANTS, Config, redis_address
 from chatd.gcpolicy import Collector
 from chatd.store.base import (
     AdminStore,
@@ -667,16 +667,8 @@ def _backup_redis(url: str, path: str) -> int:
         count = backup_redis(url, path)
     except CopyError as exc:
         raise CliError(str(exc)) from None
-    print(f"chatd: backed up {shown_url(url)} to {path} ({count} messages)", file=sys.stderr)
+    print(f"chatd: backed up {redis_address(url)} to {path} ({count} messages)", file=sys.stderr)
     return 0
-
-
-def shown_url(url: str) -> str:
-    """A Redis URL without its password, for messages."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
 
 
 def copy_command(args: argparse.Namespace) -> int:
@@ -731,7 +723,7 @@ def stats_command(args: argparse.Namespace) -> int:
 
 def _admin_token(args: argparse.Namespace) -> str:
     """A short-lived token with only the admin grant, for --user or the first admin."""
-    where = args.db if args.redis is None else shown_url(args.redis)
+    where = args.db if args.redis is None else redis_address(args.redis)
     if args.redis is None and args.db != ":memory:" and not os.path.exists(args.db):
         # A read must not leave an empty database behind (nor a secret beside it).
         raise CliError(f"no database {args.db}: pass the server's --db, or --token")

@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from chatd.config import redis_address
 from chatd.errors import Conflict
 from chatd.store.base import NameHeld, StoreMissing, StoreOpenError, UserRecord
 from chatd.store.redis.store import LAYOUT, _f, _user
@@ -90,9 +91,7 @@ class RedisAdmin:
     def __init__(
         self, url: str, *, create: bool = False, prefix: str = "chatd:", timeout: float = 5.0
     ) -> None:
-        from chatd.store.copy import shown
-
-        self.where = shown(url)
+        self.where = redis_address(url)
         self._p = prefix
         self._r = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout,
