@@ -88,14 +88,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None,
                    help="token signing secret (>= 32 bytes); default: $CHATD_SECRET, "
                    "else the file DB.secret beside the database")
-    _add_redis(p)
 
 
 def _add_redis(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", default=os.environ.get("CHATD_REDIS") or None, metavar="URL",
-                   help="keep everything in Redis (redis://HOST:PORT/DB, rediss:// for "
-                   "TLS) instead of --db; default $CHATD_REDIS; needs chatd[redis] and "
-                   "--secret or $CHATD_SECRET")
+                   help="the Redis of `chatd serve --redis` nodes (redis://HOST:PORT/DB, "
+                   "rediss:// for TLS) instead of --db; default $CHATD_REDIS; needs "
+                   "chatd[redis]")
 
 
 def _grants(value: str) -> tuple[str, ...]:
@@ -134,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (the default)", formatter_class=_Help)
     _add_common(serve)
     d = _DEFAULTS
+    serve.add_argument("--redis", default=os.environ.get("CHATD_REDIS") or None, metavar="URL",
+                       help="keep everything in Redis (redis://HOST:PORT/DB, rediss:// for "
+                       "TLS) instead of --db; default $CHATD_REDIS; needs chatd[redis] and "
+                       "--secret or $CHATD_SECRET")
     serve.add_argument("--host", default=d.host, help="address to listen on")
     serve.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     serve.add_argument("--token-ttl", type=int, default=d.token_ttl, help="max token life, s")
@@ -216,12 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from stdin (default: prompt twice)")
     _add_common(add)
+    _add_redis(add)
     lst = usub.add_parser("list", help="one name a line", formatter_class=_Help)
     _add_common(lst)
+    _add_redis(lst)
     rm = usub.add_parser("delete", help="delete an account (closes its connections)",
                          formatter_class=_Help)
     rm.add_argument("name")
     _add_common(rm)
+    _add_redis(rm)
 
     tok = sub.add_parser("token", help="print a token for a bot", formatter_class=_Help)
     tok.add_argument("name")
@@ -230,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--ttl", type=int, default=None,
                      help=f"seconds (default: {_DEFAULTS.token_ttl}; at most 7 days)")
     _add_common(tok)
+    _add_redis(tok)
 
     st = sub.add_parser(
         "stats", formatter_class=_Help,
@@ -250,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the reply's data as JSON")
     st.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait")
     _add_common(st)
+    _add_redis(st)
 
     bak = sub.add_parser(
         "backup", formatter_class=_Help,
