@@ -34,7 +34,11 @@ async def _ping(ports: list[int], clients: int, seconds: float) -> dict[str, Any
 
 async def _send(ports: list[int], clients: int, seconds: float, window: int) -> dict[str, Any]:
     share = [clients // len(ports) + (1 if i < clients % len(ports) else 0) for i in range(len(ports))]
-    parts = await asyncio.gather(*(persist.run(p, n, seconds, window) for p, n in zip(ports, share, strict=True)))
+    # Names are one namespace across nodes: each node's writers get their own.
+    parts = await asyncio.gather(*(
+        persist.run(p, n, seconds, window, name=f"writer{k}x")
+        for k, (p, n) in enumerate(zip(ports, share, strict=True))
+    ))  # fmt: skip
     acked = sum(p["acked"] for p in parts)
     secs = max(p["seconds"] for p in parts)
     return {"clients": clients, "ops": acked, "seconds": secs, "sends_per_s": round(acked / secs),
