@@ -132,10 +132,6 @@ class FailureGate:
         else:
             self._remote.pop(key, None)
 
-    def active_keys(self) -> list[Hashable]:
-        """Keys with failures or attempts in flight here (whose remote failures matter)."""
-        return list({*self._failures, *self._in_flight, *self._remote})
-
     def failures(self, key: Hashable, now: float) -> int:
         return len(self._recent(key, now))
 

@@ -212,8 +212,7 @@ class Limits:
     async def settle(self) -> None:
         """Tell the other nodes (through `shared`) what was spent and failed here since
         the last call, and take the shared state back: each local bucket is set to the
-        shared one less what was spent here during the round trip, and the gate learns
-        the failures the other nodes saw. If the shared store cannot be reached, the
+        shared one less what was spent here during the round trip. If the shared store cannot be reached, the
         spends are kept for the next call and the local budgets go on alone."""
         shared = self.shared
         gate = self.login_gate
@@ -226,14 +225,12 @@ class Limits:
         for key, n in failed_keys.items():
             if (shared_key := _shared_failure_key(key)) is not None:
                 failed[shared_key] = n
-        watched: dict[str, Hashable] = {}
-        for key in gate.active_keys():
-            if (shared_key := _shared_failure_key(key)) is not None:
-                watched[shared_key] = key
-        if not items and not watched:
+        if not items and not failed:
             return
         try:
-            tokens, remote = await shared.settle(items, failed, list(watched), gate.window)
+            # No failure keys are read back here: every password check reads its own first
+            # (refresh_failures), so a settle costs only what this node changed.
+            tokens, _ = await shared.settle(items, failed, [], gate.window)
         except Exception as exc:
             for name, n in spent.items():  # counted at the next settle instead
                 self._unshared[name] = self._unshared.get(name, 0) + n
@@ -248,8 +245,6 @@ class Limits:
             if bucket is not None:
                 bucket.tokens = min(bucket.burst, left - self._unshared.get(name, 0))
                 bucket.stamp = now
-        for shared_key, key in watched.items():
-            gate.set_remote(key, [now - age for age in remote.get(shared_key, [])])
 
     # --- housekeeping ------------------------------------------------------------------
 
