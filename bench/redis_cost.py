@@ -7,6 +7,10 @@ per stored message, and INFO commandstats per send (µs measured by Redis itself
 inside each command: inflated when the machine is busy; the script's own share is EVALSHA's
 time less that of the commands it called).
 
+Then what sharing rate budgets between nodes costs (chatd/store/redis/limits.py): one
+budget script call per send, as an exact shared limit would need, against the batched
+settle chatd does (100 users' spends in one call); node and Redis CPU per send.
+
     python3 dev.py bench redis_cost [--messages 40000] [--inflight 2000]
 """
 
@@ -85,6 +89,35 @@ def _one(aof: bool, messages: int, inflight: int) -> dict[str, Any]:
     }
 
 
+async def _budgets(url: str, pid: int) -> dict[str, Any]:
+    from chatd.store.redis.limits import RedisBudgets
+
+    budgets = RedisBudgets(url)
+    one = [("s:ann", 10.0, 30.0, 1)]
+    await budgets.settle(one, {}, [], 60.0)
+    n = 2_000
+    c0, r0, t0 = time.process_time(), sum(_cpu(pid)), time.perf_counter()
+    for _ in range(n):
+        await budgets.settle(one, {}, [], 60.0)
+    c1, r1, t1 = time.process_time(), sum(_cpu(pid)), time.perf_counter()
+    many = [(f"s:u{i}", 10.0, 30.0, 3) for i in range(100)]
+    calls = 200
+    c2, r2 = time.process_time(), sum(_cpu(pid))
+    for _ in range(calls):
+        await budgets.settle(many, {}, [], 60.0)
+    c3, r3 = time.process_time(), sum(_cpu(pid))
+    await budgets.close()
+    sends = calls * 100 * 3
+    return {
+        "budgets": "one script call per send / one settle per 100 users x 3 sends",
+        "per_send_round_trip_us": round((t1 - t0) / n * 1e6),
+        "per_send_node_cpu_us": round((c1 - c0) / n * 1e6, 1),
+        "per_send_redis_cpu_us": round((r1 - r0) / n * 1e6, 1),
+        "batched_node_cpu_us_per_send": round((c3 - c2) / sends * 1e6, 2),
+        "batched_redis_cpu_us_per_send": round((r3 - r2) / sends * 1e6, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=40_000)
@@ -96,6 +129,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         r = _one(aof, args.messages, args.inflight)
         print(json.dumps(r), flush=True)
         results.append(r)
+    with redis_server("always", core="0") as redis:
+        r = asyncio.run(_budgets(redis.url, redis.proc.pid))
+    print(json.dumps(r), flush=True)
+    results.append(r)
     return results
 
 
