@@ -105,6 +105,9 @@ class Config:
     commit_batch: int = 2_000
     # How often the server looks for changes made by `chatd user …` on the same database.
     db_poll_interval: float = 0.5
+    # Several nodes (Redis): how often a node settles its rate budgets with the others
+    # (chatd/store/redis/limits.py).
+    limits_sync: float = 0.1
     # Retention, off by default (0): drop messages older than this many days, and keep at
     # most this many of the newest per room and per DM pair. Pruning runs at start and then
     # every prune_interval seconds, through the writer, prune_batch rows per write.

@@ -232,6 +232,9 @@ class ChatServer:
             self.tls = server_context(config.tls_cert, config.tls_key)  # TLSSetupError
             self.stats.tls = True
         self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
+        shared_budgets = getattr(store, "shared_budgets", None)  # several nodes (Redis)
+        if shared_budgets is not None:
+            self.app.limits.share(shared_budgets())
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[ConnectionProtocol, None] = {}
         # TLS: connections admitted and still shaking hands, with their handshake tasks;
@@ -603,6 +606,8 @@ class ChatServer:
             self.acceptors.append(self.loop.create_task(self.accept_tls(listener)))
         self.spawn(self._every(1.0, self.sweep))
         self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
+        if self.app.limits.shared is not None:
+            self.spawn(self._every(self.config.limits_sync, self.app.limits.settle))
         self.spawn(self._every(60.0, self._purge))
         if self.config.history_days > 0 or self.config.history_max > 0:
             self.spawn(self.prune_history())  # once at start, then periodically
@@ -678,6 +683,8 @@ class ChatServer:
         for t in list(self.tasks):
             t.cancel()
         await self.store.close()
+        if self.app.limits.shared is not None:
+            await self.app.limits.shared.close()
         self.flush_all()
         deadline = time.monotonic() + self.config.shutdown_grace
         for conn in list(self.connections):

@@ -114,6 +114,7 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
     once the failures reach a limit."""
     keys = app.limits.failure_keys(s, key)
     gate = app.limits.login_gate
+    await app.limits.refresh_failures(keys)  # several nodes: the others' failures count too
     await gate.admit(keys)
     failed = False
     try:

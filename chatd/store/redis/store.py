@@ -294,6 +294,13 @@ class RedisStore:
             await self._client.aclose()
             self._client = None
 
+    def shared_budgets(self) -> Any:
+        """Rate budgets shared with every node on this database (the server hands it to
+        Limits.share): a chatd.store.redis.limits.RedisBudgets."""
+        from chatd.store.redis.limits import RedisBudgets
+
+        return RedisBudgets(self.url, prefix=self.prefix)
+
     def _aclient(self) -> aioredis.Redis:
         if self._client is None:
             self._client = aioredis.Redis.from_url(
