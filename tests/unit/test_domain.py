@@ -98,6 +98,27 @@ def test_send_budget_is_per_user_and_per_connection() -> None:
     assert limits.user_buckets() == 0
 
 
+def test_refilled_connection_buckets_are_purged_and_partly_spent_ones_kept() -> None:
+    clock = FakeClock()
+    limits = Limits(UNIT_CONFIG.replace(rate_limit=1.0, guest_logins_per_connection=2), clock)
+    a, _ = session()
+    b, _ = session()
+    limits.spend_guest_login(a)
+    limits.spend_send("ann", a)
+    limits.spend_guest_login(b)
+    limits.spend_guest_login(b)
+    assert limits.connection_buckets() == 3
+    clock.advance(5.0)  # a's send budget has refilled, no guest-login budget has
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 2
+    with pytest.raises(RateLimited):
+        limits.spend_guest_login(b)  # what is kept still counts
+    clock.advance(60.0)
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 0  # a logged-in connection holds none
+    limits.spend_guest_login(b)  # afresh: as a full bucket would have allowed
+
+
 def test_registrations_per_connection_then_forgotten_with_it() -> None:
     clock = FakeClock()
     limits = Limits(UNIT_CONFIG.replace(register_per_connection=1, register_per_ip=100), clock)
