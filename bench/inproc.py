@@ -21,7 +21,12 @@ import time
 from typing import Any
 
 from chatd.cli import build_parser, config_from
-from chatd.server import ChatServer, ConnectionProtocol
+from chatd.server import ChatServer
+
+try:
+    from chatd.server import ConnectionProtocol
+except ImportError:  # before the sans-I/O pipeline (1169749): one class did both
+    from chatd.server import Connection as ConnectionProtocol  # type: ignore[attr-defined,no-redef]
 from chatd.store.sqlite import SQLiteStore
 
 
