@@ -124,6 +124,10 @@ class LocalBus:
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
         # (deliveries are counted from the audience's size, not one by one).
+        if type(audience) is ToRoom and audience.skip is not None:
+            # The room's own dict, the one left out passed over in the loop (no copy of a
+            # big room's members for every join and leave).
+            return self._publish(audience.room.sessions, frame.json_frame(), caller, audience.skip)
         sessions = audience.local(self._directory)
         data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
         if caller is None:
@@ -131,13 +135,21 @@ class LocalBus:
                 s.send(data)
             self._stats.deliveries += len(sessions)
             return False
+        return self._publish(sessions, data, caller, None)
+
+    def _publish(
+        self, sessions: Iterable[Session], data: bytes, caller: Session | None,
+        skip: Session | None,
+    ) -> bool:
         mine = False
+        n = 0
         for s in sessions:
             if s is caller:
-                mine = True
-            else:
+                mine = s is not skip  # left out is left out, caller or not
+            elif s is not skip:
                 s.send(data)
-        self._stats.deliveries += len(sessions) - mine
+                n += 1
+        self._stats.deliveries += n
         return mine
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:

@@ -1,8 +1,9 @@
 """Rate budgets that are not per command: msg.send/msg.edit per user and per connection
 (protocol.md Limits), failed logins (the gate counts checks in flight), registrations and new
 guest names per connection and per address (issue 13). The only writer of these buckets;
-per-connection ones are made on first use and forgotten when the connection closes, so a
-connection that never sends or registers pays nothing."""
+per-connection ones are made on first use and forgotten when the connection closes or
+once refilled (``purge``), so a connection that never sends or registers pays nothing and
+one that logged in a while ago pays nothing more."""
 
 from __future__ import annotations
 
@@ -256,11 +257,19 @@ class Limits:
         self.login_gate.forget(("conn", s.id))
 
     def purge(self, now: float) -> None:
-        """Per-user send buckets that have refilled hold no state worth keeping."""
+        """Buckets that have refilled hold no state worth keeping: one made afresh on next
+        use is the same. Per connection too, so a connection that logged in (a guest-login
+        bucket) or sent once holds none of them for the rest of its life."""
         self._user_sends = {k: b for k, b in self._user_sends.items() if not b.full(now)}
+        for buckets in (self._conn_sends, self._conn_registers, self._conn_guests):
+            for sid in [sid for sid, b in buckets.items() if b.full(now)]:
+                del buckets[sid]
 
     def user_buckets(self) -> int:
         return len(self._user_sends)
+
+    def connection_buckets(self) -> int:
+        return len(self._conn_sends) + len(self._conn_registers) + len(self._conn_guests)
 
 
 def _conn_bucket(

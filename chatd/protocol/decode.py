@@ -29,8 +29,11 @@ _decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
 # `bad_request` naming the field, not unreadable JSON (protocol.md, "Client frames").
 _lenient = msgspec.json.Decoder(float_hook=float)
 _NAME_FIELDS = {cls: name_fields(cls) for cls in ALL_COMMANDS}
-# Names already found valid (a pure check, memoized: the same rooms and users recur).
+# Names already found valid (a pure check, memoized: the same rooms and users recur). Kept
+# small: a check costs ~0.15 µs, and at 65,536 entries every login name of 10,000 guests
+# stayed here (≈0.1 KiB a connection) long after its one use.
 _good_names: set[str] = set()
+_GOOD_NAMES_MAX = 4_096
 _MAX_ID = 2**63 - 1
 _NAMES = frozenset(command_name(cls) for cls in ALL_COMMANDS)
 
@@ -71,7 +74,7 @@ def decode_command(line: bytes) -> Command:
         if name is not None and name not in _good_names:
             if not is_valid_name(name):
                 raise FrameError(BadRequest(f"invalid name at `$.{wire}`: {NAME_HELP}"), cmd.id)
-            if len(_good_names) >= 65_536:
+            if len(_good_names) >= _GOOD_NAMES_MAX:
                 _good_names.clear()
             _good_names.add(name)
     return cmd

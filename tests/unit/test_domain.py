@@ -99,6 +99,27 @@ def test_send_budget_is_per_user_and_per_connection() -> None:
     assert limits.user_buckets() == 0
 
 
+def test_refilled_connection_buckets_are_purged_and_partly_spent_ones_kept() -> None:
+    clock = FakeClock()
+    limits = Limits(UNIT_CONFIG.replace(rate_limit=1.0, guest_logins_per_connection=2), clock)
+    a, _ = session()
+    b, _ = session()
+    limits.spend_guest_login(a)
+    limits.spend_send("ann", a)
+    limits.spend_guest_login(b)
+    limits.spend_guest_login(b)
+    assert limits.connection_buckets() == 3
+    clock.advance(5.0)  # a's send budget has refilled, no guest-login budget has
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 2
+    with pytest.raises(RateLimited):
+        limits.spend_guest_login(b)  # what is kept still counts
+    clock.advance(60.0)
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 0  # a logged-in connection holds none
+    limits.spend_guest_login(b)  # afresh: as a full bucket would have allowed
+
+
 def test_registrations_per_connection_then_forgotten_with_it() -> None:
     clock = FakeClock()
     limits = Limits(UNIT_CONFIG.replace(register_per_connection=1, register_per_ip=100), clock)
@@ -282,6 +303,19 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     deliver(bus, fx)
     assert log == [("ann", joined.json_frame()), ("bob2", joined.json_frame())]
     assert outsider.user is None and bob_other.identity == "bob#g5"
+    # Left out of a room is left out when it is also the caller: no copy after its reply.
+    log.clear()
+    before = stats.deliveries
+    assert bus.publish(ToRoom(room, skip=me), b"me joined\n", me) is False
+    assert log == [("bob", b"me joined\n"), ("bob2", b"me joined\n")]
+    assert bus.publish(ToRoom(room, skip=bob), b"x\n", me) is True  # me is in, bob not
+    assert stats.deliveries == before + 3
+    # A reply queued at once: the whole outcome in one pass, the caller's copies included.
+    log.clear()
+    me.send(b"reply\n")
+    deliver(bus, Outcome(b"reply\n", [(ToRoom(room), b"m2\n")], [ToSessions(bob)]))
+    assert log == [("ann", b"reply\n"), ("ann", b"m2\n"), ("bob", b"m2\n"), ("bob2", b"m2\n"),
+                   ("bob", "closed")]
 
 
 # --- one event path: a command's closes are part of its outcome -------------------------
