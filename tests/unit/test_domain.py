@@ -306,15 +306,17 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     # Left out of a room is left out when it is also the caller: no copy after its reply.
     log.clear()
     before = stats.deliveries
-    assert bus.publish(ToRoom(room, skip=me), b"me joined\n", me) is False
-    assert log == [("bob", b"me joined\n"), ("bob2", b"me joined\n")]
-    assert bus.publish(ToRoom(room, skip=bob), b"x\n", me) is True  # me is in, bob not
+    me_joined, x, m2 = (MemberJoined(room="lobby", user=u) for u in ("me", "x", "m2"))
+    assert bus.publish(ToRoom(room, skip=me), me_joined, me) is False
+    assert log == [("bob", me_joined.json_frame()), ("bob2", me_joined.json_frame())]
+    assert bus.publish(ToRoom(room, skip=bob), x, me) is True  # me is in, bob not
     assert stats.deliveries == before + 3
     # A reply queued at once: the whole outcome in one pass, the caller's copies included.
     log.clear()
     me.send(b"reply\n")
-    deliver(bus, Outcome(b"reply\n", [(ToRoom(room), b"m2\n")], [ToSessions(bob)]))
-    assert log == [("ann", b"reply\n"), ("ann", b"m2\n"), ("bob", b"m2\n"), ("bob2", b"m2\n"),
+    deliver(bus, Outcome(b"reply\n", [(ToRoom(room), m2)], [ToSessions(bob)]))
+    line = m2.json_frame()
+    assert log == [("ann", b"reply\n"), ("ann", line), ("bob", line), ("bob2", line),
                    ("bob", "closed")]
 
 
