@@ -231,7 +231,10 @@ class ChatServer:
         if config.tls_cert is not None and config.tls_key is not None:
             self.tls = server_context(config.tls_cert, config.tls_key)  # TLSSetupError
             self.stats.tls = True
-        self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
+        self.app = App(
+            config, self.clock, store, tokens, self.hasher, self, self.stats,
+            closing=lambda: bool(self.chores),
+        )  # fmt: skip
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[ConnectionProtocol, None] = {}
         # TLS: connections admitted and still shaking hands, with their handshake tasks;
