@@ -95,6 +95,15 @@ class ConnectionProtocol(asyncio.Protocol):
         srv.watch_idle(session)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Reset at once, thousands of connections are lost in one loop turn: here only
+        # nothing more is written to it; the rest is a chore (issue 13, item 2).
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.gone()
+        self.srv.later(self.forget)
+
+    def forget(self) -> None:
+        """The closed connection's clean-up: its slots, then its session (a chore)."""
         srv = self.srv
         srv.connections.pop(self, None)
         srv.stalled.pop(self, None)
