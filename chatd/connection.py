@@ -90,7 +90,7 @@ class Host(Protocol):
         """Call `fn` once `delay` seconds have passed."""
 
     def later(self, chore: Callable[[], None]) -> None:
-        """Call `fn` within a few turns, in order, for a bounded time per turn (the
+        """Call `fn` within a few turns, in order, a bounded number per turn (the
         clean-up of closed connections, so a mass disconnect does not stall the rest)."""
 
     def want_flush(self, conn: Connection) -> None:
