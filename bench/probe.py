@@ -63,8 +63,35 @@ def _install(out_path: str) -> None:
 
     gc.callbacks.append(on_gc)
 
+    # What the server's own callbacks ran meanwhile: per kind, [calls, seconds] (the rest
+    # of a stall's CPU is the event loop's own work: polling, reading, closing sockets).
+    spent: dict[str, list[float]] = {}
+    from chatd.server import ChatServer, ConnectionProtocol
+
+    def timed(cls: Any, name: str, kind: str) -> None:
+        inner = getattr(cls, name)
+        acc = spent.setdefault(kind, [0, 0.0])
+
+        def wrapper(*args: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return inner(*args)
+            finally:
+                acc[0] += 1
+                acc[1] += time.perf_counter() - t
+
+        setattr(cls, name, wrapper)
+
+    timed(ConnectionProtocol, "eof_received", "eof")
+    timed(ConnectionProtocol, "connection_lost", "lost")
+    timed(ConnectionProtocol, "data_received", "data")
+    timed(ChatServer, "_run_chores", "chores")
+    timed(ChatServer, "flush_all", "flush")
+
     async def lag() -> None:
         while True:
+            for acc in spent.values():
+                acc[0], acc[1] = 0, 0.0
             t, cpu = time.monotonic(), time.thread_time()
             await asyncio.sleep(0.001)
             late = (time.monotonic() - t - 0.001) * 1e3
@@ -73,9 +100,9 @@ def _install(out_path: str) -> None:
                 # time the machine gave to other processes (a loaded bench host).
                 cpu_ms = (time.thread_time() - cpu) * 1e3
                 out.write(json.dumps({"kind": "stall", "at": t, "ms": round(late, 2),
-                                      "cpu_ms": round(cpu_ms, 2)}) + "\n")
-
-    from chatd.server import ChatServer
+                                      "cpu_ms": round(cpu_ms, 2),
+                                      "py": {k: [int(n), round(sec * 1e3, 2)]
+                                             for k, (n, sec) in spent.items() if n}}) + "\n")
 
     start = ChatServer.start
 

@@ -17,7 +17,7 @@ Where state lives:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from chatd.bus import Bus, Effects, LocalBus, ToRoom, ToSessions, deliver
@@ -74,8 +74,12 @@ class App:
         hasher: PasswordHasher,
         scheduler: Scheduler,
         stats: Stats | None = None,
+        closing: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
+        # True while the host still has closed connections to clean up (their sessions
+        # are still to leave their rooms): waiting departures wait for them (see _depart).
+        self._closing = closing or (lambda: False)
         self.stats = stats or Stats()  # counters for `stats` and /metrics (chatd.stats)
         self.clock = clock
         self.store = store
@@ -246,9 +250,11 @@ class App:
     # Issue 13, item 2: when K members of a room drop at once, sending each departure to
     # the room at once costs O(K²): every member still to be found closed gets all the
     # others' member.left. So departures are kept per room and sent when the room has
-    # lost nobody for a whole loop turn (the mass disconnect is over, the closed
-    # connections are out of the room), joined into one write per remaining connection;
-    # after LEFT_MAX_WAIT at the latest. Anything else the room's connections are told or
+    # lost nobody for a whole loop turn and the host has no closed connection left to
+    # clean up (the mass disconnect is over, the closed connections are out of the room:
+    # a batch sent earlier is written to thousands of sockets whose peers are gone and
+    # whose EOF the server has not handled yet), joined into one write per remaining
+    # connection; after LEFT_MAX_WAIT at the latest. Anything else the room's connections are told or
     # asked (messages, joins, member lists, renames, closing) settles the room first, so
     # each connection still sees a room's events in the order they happened.
 
@@ -265,8 +271,9 @@ class App:
         self._departure_timer = None
         now = self.clock.now()
         waiting = False
+        closing = self._closing()
         for room, pending in list(self._departures.items()):
-            if pending.fresh and now - pending.since < LEFT_MAX_WAIT:
+            if (pending.fresh or closing) and now - pending.since < LEFT_MAX_WAIT:
                 pending.fresh = False  # look again next turn
                 waiting = True
             else:

@@ -207,6 +207,10 @@ class Connection:
         self.host.later(self.pump)
         return True
 
+    def gone(self) -> None:
+        """The socket is gone: nothing is written to it from now; `lost` follows."""
+        self.dead = True
+
     def lost(self) -> None:
         """The socket is gone. Frames read and not run die with it; free them now, not
         when the session is let go (issue 13, item 3); the session closes as a chore."""

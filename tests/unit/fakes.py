@@ -87,13 +87,15 @@ class Core:
     """An App and its Dispatcher over fakes."""
 
     def __init__(self, config: Config = UNIT_CONFIG, store: Store | None = None) -> None:
+        # What the host says of its closing chores (App's `closing`): a test sets it.
+        self.closing = False
         self.clock = FakeClock()
         self.scheduler = FakeScheduler()
         self.tokens = TokenService(SECRET, self.clock)
         self.hasher = PasswordHasher(memory_kib=1024, time_cost=1, workers=1)
         self.app = App(
             config, self.clock, store or SQLiteStore(":memory:"), self.tokens, self.hasher,
-            self.scheduler,
+            self.scheduler, closing=lambda: self.closing,
         )
         self.dispatcher = Dispatcher(self.app, command_table())
 

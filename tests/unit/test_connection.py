@@ -358,6 +358,19 @@ def test_input_held_never_exceeds_one_read_chunk_and_a_partial_line() -> None:
         r.close()
 
 
+def test_a_gone_connection_writes_nothing_until_its_clean_up(rig: Rig) -> None:
+    """connection_lost only marks it gone (thousands may be reset in one turn); whatever
+    runs before its clean-up chore queues nothing and never touches the edge."""
+    rig.conn.gone()
+    rig.conn.send(b"late\n")
+    rig.conn.close()
+    assert not rig.conn.out and not rig.edge.closed
+    rig.conn.lost()
+    rig.host.turn()
+    assert rig.conn.session is not None and rig.conn.session.closed
+    assert rig.edge.ids() == []
+
+
 def test_a_lost_connection_frees_what_it_read_and_queued(rig: Rig) -> None:
     rig.conn.receive_data(frame("help", 1) + frame("stats", 2) + b"x" * 100)
     rig.conn.send(b"queued\n")

@@ -104,6 +104,31 @@ def test_departures_wait_while_the_room_keeps_losing_members(k: Core) -> None:
     assert next_turn(k) == 0  # nothing left to look at: no timer
 
 
+def test_departures_wait_while_the_host_still_has_closed_connections_to_clean_up(
+    k: Core,
+) -> None:
+    # The host closes EOF'd connections a bounded number per turn and their sessions leave
+    # later: a turn without a departure does not mean the disconnect is over, and a batch
+    # sent then is written to thousands of connections about to be found gone.
+    r = room(k)
+    _, wpeer = member(k, r, "watcher")
+    a, _ = member(k, r, "a")
+    k.closing = True
+    k.app.close_session(a)
+    for _ in range(5):
+        k.clock.advance(LEFT_MAX_WAIT / 20)
+        assert next_turn(k) == 1 and wpeer.sent == []  # quiet turns, but chores are queued
+    k.closing = False
+    assert next_turn(k) == 1
+    assert [e["data"]["user"] for e in wpeer.lines()] == ["a"]
+    k.closing = True  # the bound holds even so
+    b, _ = member(k, r, "b")
+    k.app.close_session(b)
+    k.clock.advance(LEFT_MAX_WAIT)
+    next_turn(k)
+    assert [e["data"]["user"] for e in wpeer.lines()] == ["b"]
+
+
 def test_departures_go_out_after_the_max_wait_even_if_the_room_keeps_losing_members(
     k: Core,
 ) -> None:
