@@ -490,8 +490,8 @@ STORAGE_FAILED = 3
 
 def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
     store.abandon(
-        "the process got SIGBUS: a memory-mapped file was cut short (the database's -shm, "
-        "truncated outside chatd)"
+        "the process got SIGBUS, most likely because a memory-mapped file was cut short "
+        "(the database's -shm, truncated outside chatd)"
     )
     stop.set()
 

@@ -165,32 +165,46 @@ class _ShmWatch:
     write batch and every read first looks (one ``stat``, no descriptor: closing one would
     drop SQLite's POSIX locks on the file) and touches nothing once the file changed."""
 
-    def __init__(self, path: str) -> None:
+    # A stat that fails otherwise than "no such file" (EIO, ESTALE on a network mount) may
+    # pass: the server stops only when it fails this many checks in a row.
+    STAT_FAILURES_TO_STOP = 3
+
+    def __init__(self, path: str, stat: Callable[[str], os.stat_result] = os.stat) -> None:
         self.path = path
         self.identity: tuple[int, int] | None = None
         self.size = 0
+        self._stat = stat
+        self._stat_failures = 0  # in a row; threads may race on it: it only delays a stop
 
     def arm(self) -> None:
         """Remember the file SQLite mapped (after the first transaction made it)."""
-        st = os.stat(self.path)
+        st = self._stat(self.path)
         self.identity = (st.st_dev, st.st_ino)
         self.size = st.st_size
 
     def check(self) -> str | None:
-        """What happened to the file, or None while it is the one SQLite mapped, whole."""
+        """What happened to the file, or None while it is the one SQLite mapped, whole.
+        Any thread: the size compared is the one known before this stat, so a stat taken
+        before another thread saw the file grow never reads as a truncation."""
         if self.identity is None:
             return None
+        known = self.size
         try:
-            st = os.stat(self.path)
+            st = self._stat(self.path)
         except FileNotFoundError:
             return "was removed"
         except OSError as exc:
-            return f"cannot be checked ({exc.strerror})"
+            self._stat_failures += 1
+            if self._stat_failures < self.STAT_FAILURES_TO_STOP:
+                return None  # look again at the next check
+            return f"cannot be checked ({exc.strerror}, {self._stat_failures} times in a row)"
+        self._stat_failures = 0
         if (st.st_dev, st.st_ino) != self.identity:
             return "was replaced by another file"
-        if st.st_size < self.size:
-            return f"was truncated ({self.size} to {st.st_size} bytes)"
-        self.size = max(self.size, st.st_size)  # SQLite maps more as the WAL grows
+        if st.st_size < known:
+            return f"was truncated ({known} to {st.st_size} bytes)"
+        if st.st_size > self.size:
+            self.size = st.st_size  # SQLite maps more as the WAL grows
         return None
 
 
