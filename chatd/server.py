@@ -122,7 +122,10 @@ class ConnectionProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.pipe is None:
             return None
-        return True if self.pipe.receive_eof() else None
+        keep_open = self.pipe.receive_eof()
+        # Over TLS the transport closes itself after an EOF whatever this returns (True
+        # only earns a warning per connection); the close chore then finds it closed.
+        return True if keep_open and self.srv.tls is None else None
 
     def pause_writing(self) -> None:
         t = self.transport
