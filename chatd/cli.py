@@ -13,6 +13,7 @@ import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -445,14 +446,18 @@ async def _serve(config: Config, secret: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
     on_disk = store if isinstance(store, SQLiteStore) and not store.memory else None
-    if on_disk is not None:
-        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
-        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
-        loop.add_signal_handler(signal.SIGBUS, _on_sigbus, on_disk, stop)
     try:
         await server.start()
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    if on_disk is not None:
+        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
+        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
+        # Only once started: until then the store works in a thread this loop awaits, so
+        # a caught fault would leave start() waiting forever (uncaught, the process dies).
+        loop.add_signal_handler(
+            signal.SIGBUS, _on_sigbus, on_disk, stop, 2 * config.shutdown_grace + 10
+        )
     watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
     collector: Collector | None = None
     if config.gc_freeze_interval > 0:
@@ -488,12 +493,31 @@ async def _serve(config: Config, secret: str) -> int:
 STORAGE_FAILED = 3
 
 
-def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
+def _on_sigbus(
+    store: SQLiteStore, stop: asyncio.Event, backstop: float,
+    exit: Callable[[int], object] | None = None,
+) -> None:
     store.abandon(
         "the process got SIGBUS, most likely because a memory-mapped file was cut short "
         "(the database's -shm, truncated outside chatd)"
     )
     stop.set()
+    # The stop waits on the store; if it never returns (a stop already under way waits
+    # for the faulted thread), the process still exits, with the same status.
+    timer = threading.Timer(backstop, _exit_stuck, (store, exit or _exit_now))
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_stuck(store: SQLiteStore, exit: Callable[[int], object]) -> None:
+    log.critical("stopping: %s; the stop did not finish, exiting", store.fault(),
+                 extra={"event": "storage_failed", "error": store.fault()})  # fmt: skip
+    exit(STORAGE_FAILED)
+
+
+def _exit_now(status: int) -> None:
+    logging.shutdown()
+    os._exit(status)
 
 
 async def _collecting(collector: Collector) -> None:

@@ -208,6 +208,11 @@ class _ShmWatch:
         return None
 
 
+def _close_all(dbs: list[sqlite3.Connection]) -> None:
+    for db in dbs:
+        db.close()
+
+
 class SQLiteStore:
     """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer).
 
@@ -369,12 +374,15 @@ class SQLiteStore:
         if self._readers is not None:
             # Reads in flight finish (they are short); then no thread uses a connection.
             await asyncio.get_running_loop().run_in_executor(None, self._readers.shutdown, True)
+        if self.fault() is not None:
+            return  # damaged while the writer finished: closing would checkpoint through it
         with self._reader_dbs_lock:
             reader_dbs, self._reader_dbs = self._reader_dbs, []
-        for db in reader_dbs:
-            db.close()
         if self._db is not None:
-            self._db.close()
+            reader_dbs.append(self._db)  # last: its close checkpoints
+        # Not on the loop's thread: a SIGBUS in the final checkpoint would fault it forever
+        # (the handler that stops the server runs on that thread, in Python).
+        await asyncio.get_running_loop().run_in_executor(None, _close_all, reader_dbs)
         # Only now: closing the lock's descriptor of the database file would drop the
         # POSIX locks of SQLite connections still open in this process.
         self._unlock()
