@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import TIMEOUT, Client
+from chatd.store.sqlite import SQLiteStore
+from tests.helpers import TIMEOUT, Client, running_server
 from tests.process import Served
 from tests.wire.test_crash import STORM, serving
 from tests.wire.test_durability import all_history
@@ -153,3 +154,23 @@ async def test_sigbus_stops_the_server_cleanly(tmp_path: Path) -> None:
         assert rc == STORAGE_FAILED, (rc, log)  # before: -SIGBUS
         assert "CRITICAL stopping: the process got SIGBUS" in log, log
     assert await history_after_restart(db) == ["kept"]
+
+
+async def test_periodic_tasks_say_nothing_more_once_storage_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The users poll meets the fault (often before the watch that stops the server does):
+    the one CRITICAL line says why, not a traceback every poll until the exit. In-process,
+    with the fault as the SIGBUS handler records it (a real truncation would fault this
+    test process when its connections are collected)."""
+    async with running_server(db=str(tmp_path / "c.db"), db_poll_interval=0.02) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("alice")
+        await c.ok("room.create", room="lobby")
+        store = srv.store
+        assert isinstance(store, SQLiteStore)
+        store.abandon("the process got SIGBUS (test)")
+        await asyncio.sleep(0.3)  # about 15 polls
+        assert not [r for r in caplog.records if r.exc_info], caplog.text  # before: one a poll
+        store._fault = None  # the files are whole: let the test server close normally
+        await c.close()

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from chatd.errors import Internal, NotFound
+from chatd.errors import NotFound, StorageFailed
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -422,7 +422,7 @@ class SQLiteStore:
         def run() -> T:
             fault = self.fault()
             if fault is not None:
-                raise Internal(f"storage failed ({fault}); the server is stopping")
+                raise StorageFailed(f"storage failed ({fault}); the server is stopping")
             try:
                 return fn(self._reader_db())
             except sqlite3.Error as exc:
