@@ -22,6 +22,7 @@ from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config, redis_address
+from chatd.gcpolicy import MIN_EVERY as GC_MIN_EVERY
 from chatd.gcpolicy import Collector
 from chatd.store.base import (
     AdminStore,
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete messages older than N days; 0 = keep forever")
     serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
                        help="keep at most the newest N messages per room and DM pair; 0 = all")
-    serve.add_argument("--gc-freeze-interval", type=_interval,
+    serve.add_argument("--gc-freeze-interval", type=_gc_interval,
                        default=d.gc_freeze_interval, metavar="SECONDS",
                        help="collect young objects and freeze the survivors this often, so "
                             "full GC passes never rescan long-lived ones; 0 = Python's default GC")
@@ -308,6 +309,15 @@ def _interval(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
     if not 0 <= n < float("inf"):
         raise argparse.ArgumentTypeError("must be 0 (off) or more seconds")
+    return n
+
+
+def _gc_interval(value: str) -> float:
+    n = _interval(value)
+    if 0 < n < GC_MIN_EVERY:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (Python's default GC) or at least {GC_MIN_EVERY:g} seconds"
+        )
     return n
 
 
@@ -466,7 +476,7 @@ async def _serve(config: Config, secret: str) -> int:
             quiet=lambda: not server.chores and not server.app.departures_waiting(),
         )  # fmt: skip
         collector.start()
-        server.spawn(_collecting(collector))
+        collector.start_ticking()
     await stop.wait()
     if collector is not None:
         collector.stop()
@@ -518,12 +528,6 @@ def _exit_stuck(store: SQLiteStore, exit: Callable[[int], object]) -> None:
 def _exit_now(status: int) -> None:
     logging.shutdown()
     os._exit(status)
-
-
-async def _collecting(collector: Collector) -> None:
-    while True:
-        await asyncio.sleep(collector.every)
-        collector.tick()
 
 
 async def _watch_storage(store: SQLiteStore, stop: asyncio.Event) -> None:

@@ -43,8 +43,10 @@ def test_importing_chatd_leaves_the_collector_alone() -> None:
 
 def test_ticks_freeze_survivors_and_a_quiet_full_pass_unfreezes_first(gc_restored: None) -> None:
     quiet = [False]
-    collector = Collector(1.0, 0.0, quiet=lambda: quiet[0])
+    now = [0.0]
+    collector = Collector(1.0, 10.0, quiet=lambda: quiet[0], clock=lambda: now[0])
     collector.start()
+    now[0] = 15.0  # a full pass is due, and not yet forced (at 20)
     assert gc.get_freeze_count() > 0
     kept = [object() for _ in range(10)], {"a": [1]}  # young, alive: frozen at the next tick
     before = gc.get_freeze_count()
@@ -104,3 +106,42 @@ async def _garbage_of_closed_connections(n: int) -> tuple[int, list[str]]:
         gc.garbage.clear()
         await owner.close()
     return found, kinds
+
+
+def test_churn_puts_a_full_pass_off_at_most_twice_the_interval(gc_restored: None) -> None:
+    now = [1000.0]
+    collector = Collector(1.0, 600.0, quiet=lambda: False, clock=lambda: now[0])  # never quiet
+    collector.start()
+    for t in (1.0, 599.0, 600.0, 1199.0):
+        now[0] = 1000.0 + t
+        collector.tick()
+        assert collector.full_passes == 0, t  # waits for a quiet moment ...
+    now[0] = 1000.0 + 1200.0
+    collector.tick()
+    assert collector.full_passes == 1  # ... but not forever (before: never)
+    now[0] += 1199.0
+    collector.tick()
+    assert collector.full_passes == 1  # counted again from that pass
+
+
+async def test_stop_ends_the_ticks(gc_restored: None) -> None:
+    collector = Collector(0.1, 600.0, quiet=lambda: True)
+    collector.start()
+    collector.start_ticking()
+    await asyncio.sleep(0.25)
+    collector.stop()
+    assert gc.get_freeze_count() == 0
+    await asyncio.sleep(0.25)  # before: the next tick froze everything again
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_freeze_interval_has_a_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    from chatd.cli import build_parser
+
+    with pytest.raises(ValueError):
+        Collector(0.01, 600.0, quiet=lambda: True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--gc-freeze-interval", "0.01"])
+    assert "at least 0.1 seconds" in capsys.readouterr().err
+    for ok in ("0", "0.1", "5"):
+        build_parser().parse_args(["serve", "--gc-freeze-interval", ok])
