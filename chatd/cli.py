@@ -466,7 +466,7 @@ async def _serve(config: Config, secret: str) -> int:
         # Only once started: until then the store works in a thread this loop awaits, so
         # a caught fault would leave start() waiting forever (uncaught, the process dies).
         loop.add_signal_handler(
-            signal.SIGBUS, _on_sigbus, on_disk, stop, 2 * config.shutdown_grace + 10
+            signal.SIGBUS, _on_sigbus, on_disk, stop, backstop(on_disk, 2 * config.shutdown_grace + 10)
         )
     watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
     collector: Collector | None = None
@@ -503,20 +503,24 @@ async def _serve(config: Config, secret: str) -> int:
 STORAGE_FAILED = 3
 
 
-def _on_sigbus(
-    store: SQLiteStore, stop: asyncio.Event, backstop: float,
-    exit: Callable[[int], object] | None = None,
-) -> None:
+def backstop(
+    store: SQLiteStore, after: float, exit: Callable[[int], object] | None = None
+) -> threading.Timer:
+    """What exits with status 3 if a stop after a SIGBUS never finishes (a stop already
+    under way waits for the faulted thread); started by the first SIGBUS."""
+    timer = threading.Timer(after, _exit_stuck, (store, exit or _exit_now))
+    timer.daemon = True
+    return timer
+
+
+def _on_sigbus(store: SQLiteStore, stop: asyncio.Event, backstop: threading.Timer) -> None:
     store.abandon(
         "the process got SIGBUS, most likely because a memory-mapped file was cut short "
         "(the database's -shm, truncated outside chatd)"
     )
     stop.set()
-    # The stop waits on the store; if it never returns (a stop already under way waits
-    # for the faulted thread), the process still exits, with the same status.
-    timer = threading.Timer(backstop, _exit_stuck, (store, exit or _exit_now))
-    timer.daemon = True
-    timer.start()
+    if backstop.ident is None:  # a faulting thread faults again and again: start it once
+        backstop.start()
 
 
 def _exit_stuck(store: SQLiteStore, exit: Callable[[int], object]) -> None:

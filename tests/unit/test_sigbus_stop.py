@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from chatd.cli import STORAGE_FAILED, _on_sigbus
+from chatd.cli import STORAGE_FAILED, _on_sigbus, backstop
 from chatd.store.base import RoomRecord
 from chatd.store.sqlite import SQLiteStore
 
@@ -71,7 +71,9 @@ def test_a_stop_stuck_after_a_sigbus_still_exits_with_status_3(tmp_path: Path) -
         done.set()
 
     stop = asyncio.Event()
-    _on_sigbus(store, stop, 0.05, exit)
+    timer = backstop(store, 0.05, exit)
+    for _ in range(3):  # a thread faulting again and again: one backstop
+        _on_sigbus(store, stop, timer)
     assert stop.is_set() and store.fault() is not None
     assert done.wait(10)  # nothing stopped the server: the backstop exits
     assert exited == [STORAGE_FAILED]
