@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from chatd.store.sqlite import SQLiteStore
-from tests.helpers import TIMEOUT, Client, running_server
-from tests.process import Served
+from tests.helpers import SECRET, TIMEOUT, Client, running_server
+from tests.process import ROOT, Served, chatd_serving
 from tests.wire.test_crash import STORM, serving
 from tests.wire.test_durability import all_history
 
@@ -174,3 +174,63 @@ async def test_periodic_tasks_say_nothing_more_once_storage_failed(
         assert not [r for r in caplog.records if r.exc_info], caplog.text  # before: one a poll
         store._fault = None  # the files are whole: let the test server close normally
         await c.close()
+
+
+# Loaded into the server process (as sitecustomize): once the marker file exists, the next
+# users poll reads, in a store reader thread, one byte of a mapping whose file was cut to
+# nothing — the same fault a truncated -shm gives inside SQLite (in C, without the GIL),
+# certain and at a known time.
+FAULT_IN_A_READER = """
+import ctypes, mmap, os, tempfile
+from chatd.store.sqlite import store as _store
+
+_MARK = os.environ["CHATD_TEST_FAULT_MARK"]
+_users_version = _store.SQLiteStore.users_version
+
+
+def _fault(db):
+    f = tempfile.TemporaryFile()
+    f.truncate(mmap.PAGESIZE)
+    m = mmap.mmap(f.fileno(), mmap.PAGESIZE)
+    f.truncate(0)
+    out = ctypes.create_string_buffer(1)
+    # memmove, not string_at: a foreign call, made without the GIL, as SQLite's are.
+    ctypes.memmove(out, ctypes.addressof(ctypes.c_char.from_buffer(m)), 1)
+    return out.raw
+
+
+async def users_version(self):
+    if os.path.exists(_MARK):
+        os.unlink(_MARK)
+        await self._read(_fault)
+    return await _users_version(self)
+
+
+_store.SQLiteStore.users_version = users_version
+"""
+
+
+async def test_a_fault_inside_a_store_thread_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """A real SIGBUS in a reader thread (not sent from outside): the thread stays stuck in
+    it, the loop stops the server, exit 3, the acknowledged messages are there."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_IN_A_READER)
+    mark = tmp_path / "fault-now"
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "CHATD_TEST_FAULT_MARK": str(mark)}
+    db = str(tmp_path / "c.db")
+    async with chatd_serving("serve", "--db", db, "--port", "0", "--secret", SECRET, **env) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("alice")
+        await c.ok("room.create", room="r")
+        acked = [(await c.ok("msg.send", room="r", text=f"m{i}"))["message"]["text"] for i in range(3)]
+        mark.touch()
+        shutdown = await until_shutdown(c)
+        assert shutdown["data"]["reason"] == "storage failure", shutdown
+        await c.close()
+        rc = await exits(srv)
+        log = log_text(srv)
+        assert not mark.exists(), log  # the fault did happen
+        assert rc == STORAGE_FAILED, (rc, log)
+        assert "CRITICAL stopping: the process got SIGBUS" in log, log
+    assert await history_after_restart(db) == acked
