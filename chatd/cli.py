@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "full GC passes never rescan long-lived ones; 0 = Python's default GC")
     serve.add_argument("--gc-full-interval", type=_interval,
                        default=d.gc_full_interval, metavar="SECONDS",
-                       help="with --gc-freeze-interval: one full GC pass this often, when quiet")
+                       help="with --gc-freeze-interval: one full GC pass this often, when quiet "
+                            "(at the latest after twice this)")
     serve.add_argument("--tls-cert", metavar="FILE", default=None,
                        help="serve TLS (1.2+) with this PEM certificate (chain); needs --tls-key")
     serve.add_argument("--tls-key", metavar="FILE", default=None,
