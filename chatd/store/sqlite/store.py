@@ -355,6 +355,12 @@ class SQLiteStore:
                 self._fault = f"the database's shared-memory file {self._shm.path} {what} outside chatd"
         return self._fault
 
+    @property
+    def failed(self) -> str | None:
+        """The fault already recorded, without looking at the file (after ``close`` it
+        may be gone: SQLite removes the -shm with its last connection)."""
+        return self._fault
+
     def abandon(self, reason: str) -> None:
         """Touch the database no more (a thread may be stuck in a fault inside SQLite):
         queued writes fail, reads fail, ``close`` leaves the connections as they are."""
