@@ -13,6 +13,7 @@ import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,7 @@ from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
 from chatd.config import ALL_GRANTS, Config, redis_address
+from chatd.gcpolicy import MIN_EVERY as GC_MIN_EVERY
 from chatd.gcpolicy import Collector
 from chatd.store.base import (
     AdminStore,
@@ -188,13 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete messages older than N days; 0 = keep forever")
     serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
                        help="keep at most the newest N messages per room and DM pair; 0 = all")
-    serve.add_argument("--gc-freeze-interval", type=_interval,
+    serve.add_argument("--gc-freeze-interval", type=_gc_interval,
                        default=d.gc_freeze_interval, metavar="SECONDS",
                        help="collect young objects and freeze the survivors this often, so "
                             "full GC passes never rescan long-lived ones; 0 = Python's default GC")
     serve.add_argument("--gc-full-interval", type=_interval,
                        default=d.gc_full_interval, metavar="SECONDS",
-                       help="with --gc-freeze-interval: one full GC pass this often, when quiet")
+                       help="with --gc-freeze-interval: one full GC pass this often, when quiet "
+                            "(at the latest after twice this)")
     serve.add_argument("--tls-cert", metavar="FILE", default=None,
                        help="serve TLS (1.2+) with this PEM certificate (chain); needs --tls-key")
     serve.add_argument("--tls-key", metavar="FILE", default=None,
@@ -307,6 +310,15 @@ def _interval(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
     if not 0 <= n < float("inf"):
         raise argparse.ArgumentTypeError("must be 0 (off) or more seconds")
+    return n
+
+
+def _gc_interval(value: str) -> float:
+    n = _interval(value)
+    if 0 < n < GC_MIN_EVERY:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (Python's default GC) or at least {GC_MIN_EVERY:g} seconds"
+        )
     return n
 
 
@@ -445,14 +457,18 @@ async def _serve(config: Config, secret: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
     on_disk = store if isinstance(store, SQLiteStore) and not store.memory else None
-    if on_disk is not None:
-        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
-        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
-        loop.add_signal_handler(signal.SIGBUS, _on_sigbus, on_disk, stop)
     try:
         await server.start()
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    if on_disk is not None:
+        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
+        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
+        # Only once started: until then the store works in a thread this loop awaits, so
+        # a caught fault would leave start() waiting forever (uncaught, the process dies).
+        loop.add_signal_handler(
+            signal.SIGBUS, _on_sigbus, on_disk, stop, backstop(on_disk, 2 * config.shutdown_grace + 10)
+        )
     watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
     collector: Collector | None = None
     if config.gc_freeze_interval > 0:
@@ -461,7 +477,7 @@ async def _serve(config: Config, secret: str) -> int:
             quiet=lambda: not server.chores and not server.app.departures_waiting(),
         )  # fmt: skip
         collector.start()
-        server.spawn(_collecting(collector))
+        collector.start_ticking()
     await stop.wait()
     if collector is not None:
         collector.stop()
@@ -470,7 +486,10 @@ async def _serve(config: Config, secret: str) -> int:
         if watch is not None:
             watch.cancel()
         await server.stop()
-        return 0
+        # A SIGBUS during the stop: the store left its connections open (see close).
+        fault = on_disk.failed if on_disk is not None else None
+        if fault is None:
+            return 0
     log.critical(
         "stopping: %s; every acknowledged change is in the database and its WAL, and SQLite "
         "rebuilds the -shm when chatd starts again", fault,
@@ -488,18 +507,35 @@ async def _serve(config: Config, secret: str) -> int:
 STORAGE_FAILED = 3
 
 
-def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
+def backstop(
+    store: SQLiteStore, after: float, exit: Callable[[int], object] | None = None
+) -> threading.Timer:
+    """What exits with status 3 if a stop after a SIGBUS never finishes (a stop already
+    under way waits for the faulted thread); started by the first SIGBUS."""
+    timer = threading.Timer(after, _exit_stuck, (store, exit or _exit_now))
+    timer.daemon = True
+    return timer
+
+
+def _on_sigbus(store: SQLiteStore, stop: asyncio.Event, backstop: threading.Timer) -> None:
     store.abandon(
-        "the process got SIGBUS: a memory-mapped file was cut short (the database's -shm, "
-        "truncated outside chatd)"
+        "the process got SIGBUS, most likely because a memory-mapped file was cut short "
+        "(the database's -shm, truncated outside chatd)"
     )
     stop.set()
+    if backstop.ident is None:  # a faulting thread faults again and again: start it once
+        backstop.start()
 
 
-async def _collecting(collector: Collector) -> None:
-    while True:
-        await asyncio.sleep(collector.every)
-        collector.tick()
+def _exit_stuck(store: SQLiteStore, exit: Callable[[int], object]) -> None:
+    log.critical("stopping: %s; the stop did not finish, exiting", store.fault(),
+                 extra={"event": "storage_failed", "error": store.fault()})  # fmt: skip
+    exit(STORAGE_FAILED)
+
+
+def _exit_now(status: int) -> None:
+    logging.shutdown()
+    os._exit(status)
 
 
 async def _watch_storage(store: SQLiteStore, stop: asyncio.Event) -> None:

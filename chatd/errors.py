@@ -70,6 +70,11 @@ class Internal(ChatError):
     code = "internal"
 
 
+class StorageFailed(Internal):
+    """The store can no longer be used safely: the server is stopping (and says why once;
+    whatever meets this error meanwhile has nothing to add)."""
+
+
 class RateLimited(ChatError):
     code = "rate_limited"
 

@@ -12,35 +12,57 @@ of a mass disconnect, say, on top of the clean-up (issue 13, item 2). So, as CPy
 - a frozen object that dies is still freed by reference counting (closed connections leave
   no cycles behind: tests/unit/test_gcpolicy.py); only a cycle among objects frozen while
   alive would wait, so every `full_every` seconds, at a quiet moment (`quiet()`), all is
-  unfrozen and collected once, then frozen again.
+  unfrozen and collected once, then frozen again; after twice that without a quiet tick
+  (continuous churn), at the next tick whatever the moment, so that garbage stays bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable
 
+# Below this a tick would collect and freeze nearly all the time.
+MIN_EVERY = 0.1
+
 
 class Collector:
-    """The policy above; `tick` is called every `every` seconds by the serve loop."""
+    """The policy above; `tick` runs every `every` seconds (`start_ticking`, on the loop)."""
 
-    def __init__(self, every: float, full_every: float, quiet: Callable[[], bool]) -> None:
+    def __init__(
+        self, every: float, full_every: float, quiet: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        if not every >= MIN_EVERY:
+            raise ValueError(f"the freeze interval must be at least {MIN_EVERY} s")
         self.every = every
         self.full_every = full_every
         self.quiet = quiet
+        self.clock = clock
         self.last_full = 0.0
         self.full_passes = 0
+        self._ticking: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """After start-up: what was loaded (accounts, rooms) is frozen at once."""
         gc.collect()
         gc.freeze()
-        self.last_full = time.monotonic()
+        self.last_full = self.clock()
+
+    def start_ticking(self) -> None:
+        """Tick every `every` seconds on the running loop, until `stop`."""
+        self._ticking = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.tick()
 
     def tick(self) -> None:
-        now = time.monotonic()
-        if now - self.last_full >= self.full_every and self.quiet():
+        now = self.clock()
+        due = now - self.last_full
+        if due >= self.full_every and (self.quiet() or due >= 2 * self.full_every):
             gc.unfreeze()
             self.last_full = now
             self.full_passes += 1
@@ -48,4 +70,8 @@ class Collector:
         gc.freeze()
 
     def stop(self) -> None:
+        """No more ticks (none freezes again during the shutdown); everything unfrozen."""
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
         gc.unfreeze()

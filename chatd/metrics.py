@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -134,6 +135,13 @@ def _only_metrics(app: Any) -> Any:
     return serve
 
 
+def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The family and address to bind ``host`` with (as prometheus_client's own server)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return family, str(sockaddr[0])
+
+
 class MetricsServer:
     """prometheus_client's HTTP server in its own thread, for one ChatServer."""
 
@@ -141,9 +149,14 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(loop, report))
         try:
+            family, address = _best_family(host, port)
+
+            class _Server(ThreadingWSGIServer):
+                address_family = family  # AF_INET6 for "::1" (wsgiref's is always AF_INET)
+
             self.httpd = make_server(
-                host, port, _only_metrics(make_wsgi_app(self.registry)),
-                ThreadingWSGIServer, handler_class=_QuietHandler,
+                address, port, _only_metrics(make_wsgi_app(self.registry)),
+                _Server, handler_class=_QuietHandler,
             )
         except OSError as exc:
             raise MetricsListenError(

@@ -29,7 +29,7 @@ from chatd.clock import Clock, SystemClock
 from chatd.config import Config, redis_address
 from chatd.connection import SLOW_CONSUMER, Connection
 from chatd.dispatch import Dispatcher, Driver, command_table
-from chatd.errors import RateLimited, Unauthorized
+from chatd.errors import RateLimited, StorageFailed, Unauthorized
 from chatd.protocol.events import ServerShutdown
 from chatd.protocol.frames import error_frame
 from chatd.session import Cancellable, Session
@@ -133,7 +133,10 @@ class ConnectionProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.pipe is None:
             return None
-        return True if self.pipe.receive_eof() else None
+        keep_open = self.pipe.receive_eof()
+        # Over TLS the transport closes itself after an EOF whatever this returns (True
+        # only earns a warning per connection); the close chore then finds it closed.
+        return True if keep_open and self.srv.tls is None else None
 
     def pause_writing(self) -> None:
         t = self.transport
@@ -553,8 +556,11 @@ class ChatServer:
                     await result
             except asyncio.CancelledError:
                 raise
+            except StorageFailed:
+                pass  # the server is stopping, and says why once (cli: "stopping: ...")
             except Exception:
-                log.exception("periodic task failed")
+                if not self.stopping:
+                    log.exception("periodic task failed")
 
     async def _poll_users(self) -> None:
         version = await self.store.users_version()

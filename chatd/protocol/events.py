@@ -141,10 +141,10 @@ class RoomUpdated(Event):
             return cls(msgspec.json.decode(data, type=RoomInfo))
 
 
-class RoomClosed(Event, omit_defaults=True):
+class RoomClosed(Event):
     name = "room.closed"
     room: str
-    by: str | None = None  # left out only when a stored change does not say
+    by: str | None = None  # who deleted it (null only when a stored change does not say)
 
 
 class SessionExpiring(Event):

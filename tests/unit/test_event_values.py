@@ -103,7 +103,10 @@ EXAMPLES = [
         (ServerShutdown(reason="shutting down"),
          '{"type":"event","event":"server.shutdown","data":{"reason":"shutting down"}}'),
         (SlowConsumer(), '{"type":"event","event":"slow_consumer","data":{}}'),
-        (RoomClosed(room="BUILDS"), '{"type":"event","event":"room.closed","data":{"room":"BUILDS"}}'),
+        # `by` is always there, null when unknown, as in message.deleted (the contract's keys)
+        (RoomClosed(room="BUILDS"), '{"type":"event","event":"room.closed","data":{"room":"BUILDS","by":null}}'),
+        (MessageDeleted(id=4, rev=6, room="BUILDS", to=None, by=None),
+         '{"type":"event","event":"message.deleted","data":{"id":4,"rev":6,"room":"BUILDS","to":null,"by":null}}'),
 ]  # fmt: skip
 _IDS = [f"{e.name}-{i}" for i, (e, _) in enumerate(EXAMPLES)]
 

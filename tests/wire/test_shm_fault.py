@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import TIMEOUT, Client
-from tests.process import Served
+from chatd.store.sqlite import SQLiteStore
+from tests.helpers import SECRET, TIMEOUT, Client, running_server
+from tests.process import ROOT, Served, chatd_serving
 from tests.wire.test_crash import STORM, serving
 from tests.wire.test_durability import all_history
 
@@ -151,5 +152,129 @@ async def test_sigbus_stops_the_server_cleanly(tmp_path: Path) -> None:
         rc = await exits(srv)
         log = log_text(srv)
         assert rc == STORAGE_FAILED, (rc, log)  # before: -SIGBUS
+        assert "CRITICAL stopping: the process got SIGBUS" in log, log
+    assert await history_after_restart(db) == ["kept"]
+
+
+async def test_periodic_tasks_say_nothing_more_once_storage_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The users poll meets the fault (often before the watch that stops the server does):
+    the one CRITICAL line says why, not a traceback every poll until the exit. In-process,
+    with the fault as the SIGBUS handler records it (a real truncation would fault this
+    test process when its connections are collected)."""
+    async with running_server(db=str(tmp_path / "c.db"), db_poll_interval=0.02) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("alice")
+        await c.ok("room.create", room="lobby")
+        store = srv.store
+        assert isinstance(store, SQLiteStore)
+        store.abandon("the process got SIGBUS (test)")
+        await asyncio.sleep(0.3)  # about 15 polls
+        assert not [r for r in caplog.records if r.exc_info], caplog.text  # before: one a poll
+        store._fault = None  # the files are whole: let the test server close normally
+        await c.close()
+
+
+# Loaded into the server process (as sitecustomize), it makes a fault happen at a known
+# time. "poll": once the marker file exists, the next users poll reads, in a store reader
+# thread, one byte of a mapping whose file was cut to nothing — the same fault a truncated
+# -shm gives inside SQLite (in C, without the GIL). "close": the graceful stop's store close
+# meets a SIGBUS first (sent to itself) and goes on. "close_stuck": the store close waits
+# for a reader thread stuck in the poll's fault.
+FAULT_HOOK = """
+import asyncio, ctypes, mmap, os, signal, tempfile
+from chatd.store.sqlite import store as _store
+
+_MARK = os.environ["CHATD_TEST_FAULT_MARK"]
+_AT = os.environ["CHATD_TEST_FAULT_AT"]
+_users_version = _store.SQLiteStore.users_version
+_close = _store.SQLiteStore.close
+
+
+def _fault(db):
+    f = tempfile.TemporaryFile()
+    f.truncate(mmap.PAGESIZE)
+    m = mmap.mmap(f.fileno(), mmap.PAGESIZE)
+    f.truncate(0)
+    out = ctypes.create_string_buffer(1)
+    ctypes.memmove(out, ctypes.addressof(ctypes.c_char.from_buffer(m)), 1)  # (a foreign call)
+    return out.raw
+
+
+async def users_version(self):
+    if _AT == "poll" and os.path.exists(_MARK):
+        os.unlink(_MARK)
+        await self._read(_fault)
+    return await _users_version(self)
+
+
+async def close(self):
+    if _AT == "close":
+        os.kill(os.getpid(), signal.SIGBUS)
+        await asyncio.sleep(0.2)
+    elif _AT == "close_stuck":
+        await self._read(_fault)
+    await _close(self)
+
+
+_store.SQLiteStore.users_version = users_version
+_store.SQLiteStore.close = close
+"""
+
+
+def fault_hook(tmp_path: Path, at: str) -> tuple[Path, dict[str, str]]:
+    """The marker file and the environment that load FAULT_HOOK into a server."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    mark = tmp_path / "fault-now"
+    env = {
+        "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}",
+        "CHATD_TEST_FAULT_MARK": str(mark),
+        "CHATD_TEST_FAULT_AT": at,
+    }
+    return mark, env
+
+
+async def test_a_fault_inside_a_store_thread_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """A real SIGBUS in a reader thread (not sent from outside): the thread stays stuck in
+    it, the loop stops the server, exit 3, the acknowledged messages are there."""
+    mark, env = fault_hook(tmp_path, "poll")
+    db = str(tmp_path / "c.db")
+    async with chatd_serving("serve", "--db", db, "--port", "0", "--secret", SECRET, **env) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("alice")
+        await c.ok("room.create", room="r")
+        acked = [(await c.ok("msg.send", room="r", text=f"m{i}"))["message"]["text"] for i in range(3)]
+        mark.touch()
+        shutdown = await until_shutdown(c)
+        assert shutdown["data"]["reason"] == "storage failure", shutdown
+        await c.close()
+        rc = await exits(srv)
+        log = log_text(srv)
+        assert not mark.exists(), log  # the fault did happen
+        assert rc == STORAGE_FAILED, (rc, log)
+        assert "CRITICAL stopping: the process got SIGBUS" in log, log
+    assert await history_after_restart(db) == acked
+
+
+@pytest.mark.parametrize("at", ["close", "close_stuck"])
+async def test_a_fault_during_a_graceful_stop_still_exits_3(tmp_path: Path, at: str) -> None:
+    """SIGTERM, then a SIGBUS while the store closes: the stop ends (or, stuck behind the
+    faulted thread, the backstop ends it) with status 3, never 0 and never a hang."""
+    _, env = fault_hook(tmp_path, at)
+    db = str(tmp_path / "c.db")
+    async with chatd_serving("serve", "--db", db, "--port", "0", "--secret", SECRET, **env) as srv:
+        c = await Client.connect(srv.port)
+        await c.guest("alice")
+        await c.ok("room.create", room="r")
+        await c.ok("msg.send", room="r", text="kept")
+        await c.close()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(srv.proc.wait(), 30)  # the backstop: 2 * 2 s + 10 s
+        await asyncio.sleep(0.1)
+        log = log_text(srv)
+        assert rc == STORAGE_FAILED, (rc, log)  # before: 0 ("close"), a hang ("close_stuck")
         assert "CRITICAL stopping: the process got SIGBUS" in log, log
     assert await history_after_restart(db) == ["kept"]

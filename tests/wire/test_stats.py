@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import urllib.error
 import urllib.request
 from typing import Any
@@ -210,6 +211,26 @@ async def test_the_metrics_endpoint_serves_the_stats_figures_in_prometheus_forma
     assert srv.metrics is not None
     with pytest.raises(OSError):  # stopped with the server
         await asyncio.to_thread(_get, f"http://127.0.0.1:{srv.metrics.port}/metrics")
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_metrics_endpoint_listens_on_an_ipv6_address() -> None:
+    async with running_server(metrics_port=0, metrics_host="::1") as srv:  # before: refused
+        assert srv.metrics is not None
+        assert srv.metrics.httpd.socket.family == socket.AF_INET6
+        status, _, text = await asyncio.to_thread(_get, f"http://[::1]:{srv.metrics.port}/metrics")
+        assert status == 200 and "chatd_connections" in text
 
 
 # --- operator logs -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ the client library with ``ssl=``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -217,3 +218,34 @@ async def test_the_client_library_connects_with_ssl(certs: Certs) -> None:
             msg = await chat.send("hello over tls", room="lobby")
             assert msg.text == "hello over tls"
             assert await chat.ping() is not None
+
+
+@pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
+def test_clients_closing_cleanly_log_no_warning(
+    certs: Certs, loop_factory: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean TLS close (close_notify, then EOF) is how most clients go: it must not log
+    "returning true from eof_received() has no effect when using ssl" each time."""
+    factory = asyncio.new_event_loop
+    if loop_factory == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+
+    async def close_cleanly() -> None:
+        async with running_server(**tls_config(certs)) as srv:
+            clients = [await tls_client(srv.port, certs.client()) for _ in range(3)]
+            await clients[0].guest("ann")
+            for c in clients:
+                await c.close()
+            await wait_until(lambda: not srv.connections)
+            late = await tls_client(srv.port, certs.client())  # the server still serves
+            await late.guest("bob")
+            await late.close()
+            await wait_until(lambda: not srv.connections)
+
+    caplog.set_level(logging.WARNING)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(close_cleanly())
+    noisy = [r.getMessage() for r in caplog.records if "eof_received" in r.getMessage()]
+    assert noisy == []

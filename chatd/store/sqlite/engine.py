@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
 
-from chatd.errors import ChatError, Internal
+from chatd.errors import ChatError, Internal, StorageFailed
 from chatd.store.deferred import Deferred
 
 T = TypeVar("T")
@@ -168,7 +168,7 @@ class Writer:
         fault = self.guard() if self.guard is not None else None
         if fault is not None:
             self.write_errors += 1
-            refused = Internal(f"storage failed ({fault}); the server is stopping; the change was not saved")
+            refused = StorageFailed(f"storage failed ({fault}); the server is stopping; the change was not saved")
             self._hand_back([(fut, None, refused) for _, fut, _ in batch], self.ledger.rev)
             return
         ledger = self.ledger

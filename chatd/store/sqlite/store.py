@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from chatd.errors import Internal, NotFound
+from chatd.errors import NotFound, StorageFailed
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -165,33 +165,52 @@ class _ShmWatch:
     write batch and every read first looks (one ``stat``, no descriptor: closing one would
     drop SQLite's POSIX locks on the file) and touches nothing once the file changed."""
 
-    def __init__(self, path: str) -> None:
+    # A stat that fails otherwise than "no such file" (EIO, ESTALE on a network mount) may
+    # pass: the server stops only when it fails this many checks in a row.
+    STAT_FAILURES_TO_STOP = 3
+
+    def __init__(self, path: str, stat: Callable[[str], os.stat_result] = os.stat) -> None:
         self.path = path
         self.identity: tuple[int, int] | None = None
         self.size = 0
+        self._stat = stat
+        self._stat_failures = 0  # in a row; threads may race on it: it only delays a stop
 
     def arm(self) -> None:
         """Remember the file SQLite mapped (after the first transaction made it)."""
-        st = os.stat(self.path)
+        st = self._stat(self.path)
         self.identity = (st.st_dev, st.st_ino)
         self.size = st.st_size
 
     def check(self) -> str | None:
-        """What happened to the file, or None while it is the one SQLite mapped, whole."""
+        """What happened to the file, or None while it is the one SQLite mapped, whole.
+        Any thread: the size compared is the one known before this stat, so a stat taken
+        before another thread saw the file grow never reads as a truncation."""
         if self.identity is None:
             return None
+        known = self.size
         try:
-            st = os.stat(self.path)
+            st = self._stat(self.path)
         except FileNotFoundError:
             return "was removed"
         except OSError as exc:
-            return f"cannot be checked ({exc.strerror})"
+            self._stat_failures += 1
+            if self._stat_failures < self.STAT_FAILURES_TO_STOP:
+                return None  # look again at the next check
+            return f"cannot be checked ({exc.strerror}, {self._stat_failures} times in a row)"
+        self._stat_failures = 0
         if (st.st_dev, st.st_ino) != self.identity:
             return "was replaced by another file"
-        if st.st_size < self.size:
-            return f"was truncated ({self.size} to {st.st_size} bytes)"
-        self.size = max(self.size, st.st_size)  # SQLite maps more as the WAL grows
+        if st.st_size < known:
+            return f"was truncated ({known} to {st.st_size} bytes)"
+        if st.st_size > self.size:
+            self.size = st.st_size  # SQLite maps more as the WAL grows
         return None
+
+
+def _close_all(dbs: list[sqlite3.Connection]) -> None:
+    for db in dbs:
+        db.close()
 
 
 class SQLiteStore:
@@ -336,6 +355,12 @@ class SQLiteStore:
                 self._fault = f"the database's shared-memory file {self._shm.path} {what} outside chatd"
         return self._fault
 
+    @property
+    def failed(self) -> str | None:
+        """The fault already recorded, without looking at the file (after ``close`` it
+        may be gone: SQLite removes the -shm with its last connection)."""
+        return self._fault
+
     def abandon(self, reason: str) -> None:
         """Touch the database no more (a thread may be stuck in a fault inside SQLite):
         queued writes fail, reads fail, ``close`` leaves the connections as they are."""
@@ -355,12 +380,15 @@ class SQLiteStore:
         if self._readers is not None:
             # Reads in flight finish (they are short); then no thread uses a connection.
             await asyncio.get_running_loop().run_in_executor(None, self._readers.shutdown, True)
+        if self.fault() is not None:
+            return  # damaged while the writer finished: closing would checkpoint through it
         with self._reader_dbs_lock:
             reader_dbs, self._reader_dbs = self._reader_dbs, []
-        for db in reader_dbs:
-            db.close()
         if self._db is not None:
-            self._db.close()
+            reader_dbs.append(self._db)  # last: its close checkpoints
+        # Not on the loop's thread: a SIGBUS in the final checkpoint would fault it forever
+        # (the handler that stops the server runs on that thread, in Python).
+        await asyncio.get_running_loop().run_in_executor(None, _close_all, reader_dbs)
         # Only now: closing the lock's descriptor of the database file would drop the
         # POSIX locks of SQLite connections still open in this process.
         self._unlock()
@@ -400,7 +428,7 @@ class SQLiteStore:
         def run() -> T:
             fault = self.fault()
             if fault is not None:
-                raise Internal(f"storage failed ({fault}); the server is stopping")
+                raise StorageFailed(f"storage failed ({fault}); the server is stopping")
             try:
                 return fn(self._reader_db())
             except sqlite3.Error as exc:
