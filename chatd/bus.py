@@ -93,6 +93,10 @@ Events = list[tuple[Audience, bytes]]
 
 
 class Bus(Protocol):
+    # True for a bus that delivers message events (send, edit, delete) itself, from the
+    # store's change stream in revision order (chatd/cluster): handlers then emit none.
+    carries_revisions: bool
+
     def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
         """Deliver `frame` to every connection of `audience` at once, except `caller`;
         True when `caller` is in the audience (its copy is then the caller's to send,
@@ -109,6 +113,7 @@ class LocalBus:
     """The in-process Bus: audiences resolve to this process's sessions."""
 
     __slots__ = ("_directory", "_stats")
+    carries_revisions = False
 
     def __init__(self, directory: Directory, stats: Stats) -> None:
         self._directory = directory

@@ -62,7 +62,10 @@ def to_wire(app: App, m: MessageRecord) -> Message:
 
 def emit_message_event(app: App, req: Request, m: MessageRecord, frame: bytes) -> None:
     """A message's event goes to the room, or to both identities' connections (a DM: not
-    to whoever holds those names now)."""
+    to whoever holds those names now). A bus that carries revisions (several nodes)
+    delivers it from the change stream instead, in revision order on every node."""
+    if app.bus.carries_revisions:
+        return
     if m.room_id is not None:
         room = app.rooms.by_id.get(m.room_id)
         if room is None:
@@ -180,7 +183,7 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
 async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Any:
     m = await _visible(app, req, cmd.message_id)
     _may_change(req, m, "delete")
-    rec = await app.store.delete_message(m.id)
+    rec = await app.store.delete_message(m.id, req.user)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)

@@ -122,7 +122,7 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
 async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
     room = app.rooms.get(cmd.room)
     _may_manage(req, room)
-    await app.store.delete_room(room.id)
+    await app.store.delete_room(room.id, req.user)
     if not room.deleted:
         app.settle(room)
         members = app.rooms.remove(room)
