@@ -22,7 +22,7 @@ bytes go to every recipient's bounded outbox, and no recipient is ever awaited (
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Protocol, Union
 
 if TYPE_CHECKING:
@@ -97,6 +97,12 @@ class Bus(Protocol):
     # store's change stream in revision order (chatd/cluster): handlers then emit none.
     carries_revisions: bool
 
+    def caught_up(self) -> Awaitable[None] | None:
+        """Something to await before reading state other nodes change (members, rooms,
+        accounts): done once this node has applied every change made anywhere before the
+        call. None when there is nothing to wait for (one node)."""
+        ...
+
     def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
         """Deliver `frame` to every connection of `audience` at once, except `caller`;
         True when `caller` is in the audience (its copy is then the caller's to send,
@@ -114,6 +120,9 @@ class LocalBus:
 
     __slots__ = ("_directory", "_stats")
     carries_revisions = False
+
+    def caught_up(self) -> None:
+        return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:
         self._directory = directory

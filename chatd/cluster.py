@@ -66,13 +66,22 @@ class RedisBus:
     audience, to the change stream for the other nodes (``ToSessions`` names connections
     of this node: local only). Message events it delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_stats", "_store")
+    __slots__ = ("_directory", "_stats", "_store", "caught_up")
     carries_revisions = True
 
-    def __init__(self, directory: Any, stats: Stats, store: RedisStore) -> None:
+    def __init__(
+        self,
+        directory: Any,
+        stats: Stats,
+        store: RedisStore,
+        caught_up: Callable[[], Awaitable[None]],
+    ) -> None:
         self._directory = directory
         self._stats = stats
         self._store = store
+        # Read your writes across nodes (see Bus.caught_up): the stream's tail now, then
+        # wait for the reader to have applied it.
+        self.caught_up = caught_up
 
     def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
         mine = self.local(audience, frame, caller)
@@ -142,8 +151,10 @@ class Cluster:
         self.node = uuid.uuid4().hex[:12]
         self.node_ttl = node_ttl
         self.end_connections = end_connections
-        self.bus = RedisBus(app.presence, app.stats, store)
+        self.bus = RedisBus(app.presence, app.stats, store, self.caught_up)
         self.last_id = "0-0"
+        self._applied = (0, 0)  # last_id as numbers
+        self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self.down = False
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aioredis.Redis | None = None
@@ -300,6 +311,42 @@ class Cluster:
                     self._apply(fields)
                 except Exception:
                     log.exception("could not apply a change from the stream")
+            self._applied = _id(self.last_id)
+            self._wake_caught_up()
+
+    def caught_up(self) -> Awaitable[None]:
+        return asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """Wait until the reader has applied the stream up to its tail as of now (bounded:
+        Redis unreachable, or slow, and this answers from what the node has)."""
+        try:
+            assert self._client is not None
+            info: Any = await self._client.xinfo_stream(self._stream)
+            tail = info["last-generated-id"]
+            target = _id(tail.decode() if isinstance(tail, bytes) else str(tail))
+        except (RedisError, OSError):
+            return
+        if target <= self._applied:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._catching_up.append((target, fut))
+        try:
+            await asyncio.wait_for(fut, self.store.timeout)
+        except TimeoutError:
+            pass
+
+    def _wake_caught_up(self) -> None:
+        if not self._catching_up:
+            return
+        left = []
+        for target, fut in self._catching_up:
+            if target <= self._applied:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                left.append((target, fut))
+        self._catching_up = left
 
     async def _recovered(self) -> None:
         """Redis answers again: events may have been lost meanwhile (ours to the others,
@@ -459,6 +506,11 @@ class Cluster:
                     )
                     self.bus.local(ToRoom(room), frame)
             app.drop_if_unused(room)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 async def _future(x: Awaitable[None]) -> None:

@@ -165,6 +165,8 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
     """Rooms in case-insensitive name order, a page at a time: `after` a name, `limit`.
     [chatd] `more` says whether rooms follow; then `next` is the cursor to pass as
     `after`. Without paging fields a small server's reply is every room."""
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     page = _Page(app, _list_limit(app, cmd.limit))
     _, rooms, start = app.rooms.after(cmd.after)
     last = None
@@ -177,6 +179,8 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
         reply["next"] = last or cmd.after
     return reply
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: members and rooms as every node has changed them
     room = app.rooms.get(cmd.room)
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
@@ -192,6 +196,8 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
 
 
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     room = app.rooms.get(cmd.room)
     app.settle(room)  # departures the list no longer shows are announced first
     return {"room": room.name, "members": room.members_json()}
@@ -200,6 +206,8 @@ async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
 async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
     """Rooms (name order), then known users (name order), a page at a time. [chatd] The
     cursor names the kind: `after` is "room:NAME" or "user:NAME", as `next` gives it."""
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     kind, name = _channel_cursor(cmd.after) if cmd.after is not None else ("room", None)
     page = _Page(app, _list_limit(app, cmd.limit))
     last: str | None = None
