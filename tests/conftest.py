@@ -32,7 +32,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def topology(request: pytest.FixtureRequest) -> Iterator[str]:
-    """"two": the servers this test starts are two nodes on one Redis (tests/helpers.py)."""
+    """ "two": the servers this test starts are two nodes on one Redis (tests/helpers.py)."""
     tests.helpers.TWO_NODES = request.param == "two"
     try:
         yield request.param

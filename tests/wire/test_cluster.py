@@ -71,7 +71,7 @@ async def test_users_on_two_nodes_chat_edit_delete_dm_and_see_each_other(redis_u
         edited = (await a.ok("msg.edit", message_id=sent["id"], text="hello!"))["message"]
         assert (await b.event("message.edited")) == edited
         await a.ok("msg.delete", message_id=sent["id"])
-        gone = (await b.event("message.deleted"))
+        gone = await b.event("message.deleted")
         assert gone == {"id": sent["id"], "rev": edited["rev"] + 1, "room": "dev", "to": None,
                         "by": "Ann"}  # fmt: skip
         dm = (await b.ok("msg.send", to="ann", text="psst"))["message"]
@@ -87,7 +87,7 @@ async def test_users_on_two_nodes_chat_edit_delete_dm_and_see_each_other(redis_u
         await b.ok("room.leave", room="Dev2")
         await a.no_frame(0.3)  # Bob is still in through b2
         await b2.ok("room.leave", room="Dev2")
-        left = (await a.event("member.left"))
+        left = await a.event("member.left")
         assert left == {"room": "Dev2", "user": "Bob", "reason": "left"}
         await b.ok("room.join", room="Dev2")
         await a.event("member.joined")
@@ -180,7 +180,7 @@ async def test_a_killed_node_s_members_leave_within_the_ttl(redis_url: str) -> N
             assert "tmp" in [r["name"] for r in (await b.ok("room.list"))["rooms"]]
             n1.proc.kill()  # SIGKILL: no goodbye
             began = time.monotonic()
-            left = (await b.event("member.left", timeout=ttl * 4 + 3))
+            left = await b.event("member.left", timeout=ttl * 4 + 3)
             took = time.monotonic() - began
             assert left == {"room": "lobby", "user": "Ann", "reason": "disconnected"}
             assert took < ttl + ttl / 3 + 1.5, took  # the TTL, one beat, and slack

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.helpers import Client
 from tests.process import chatd_run, chatd_serving
+
+pytestmark = pytest.mark.one_node(
+    "one node process on its own Redis (several nodes: test_cluster.py)"
+)
 
 SECRET = "a-secret-shared-by-every-node-0123456789"
 PASSWORD = "correct horse battery"
