@@ -184,6 +184,7 @@ class Cluster:
         await self._beat()
         last: Any = await c.xrevrange(self._stream, "+", "-", count=1)
         self.last_id = last[0][0].decode() if last else "0-0"
+        self._applied = _id(self.last_id)
         others = await self._live_nodes()
         for node in others:
             await self._load_members(node)
