@@ -266,3 +266,38 @@ async def _restart_under_load(redis_server: RedisServer, ports: list[int]) -> No
             assert revs == sorted(set(revs)) and len(revs) == len(ids)
         await c1.ok("msg.send", room="load", text="after")
         assert (await c2.event("message"))["text"] == "after"
+
+
+async def test_a_node_s_own_change_reaches_the_caller_after_its_reply(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's reader may get a change from the stream before the node has handled
+    the reply of the write that made it: the event still comes after the reply."""
+    from chatd.server import ChatServer
+    from chatd.store.redis.store import RedisStore
+    from tests.helpers import SECRET as TEST_SECRET
+    from tests.helpers import TEST_CONFIG
+
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_url), TEST_SECRET)
+    await server.start()
+    try:
+        c = await Client.connect(server.port)
+        try:
+            await c.ok("login", user="ann")
+            await c.ok("room.create", room="dev")
+            slow_replies = RedisStore._pipeline
+
+            async def slow(self: RedisStore, calls: Any) -> Any:
+                replies = await slow_replies(self, calls)
+                await asyncio.sleep(0.3)  # the stream reader sees the change meanwhile
+                return replies
+
+            monkeypatch.setattr(RedisStore, "_pipeline", slow)
+            await c.send({"cmd": "msg.send", "id": "s", "room": "dev", "text": "hi"})
+            first, second = await c.recv(), await c.recv()
+            assert first["type"] == "ok" and first["id"] == "s", first
+            assert second["event"] == "message" and second["data"] == first["data"]["message"]
+        finally:
+            await c.close()
+    finally:
+        await server.stop()
