@@ -37,16 +37,16 @@ def new_loop() -> asyncio.AbstractEventLoop:
 class Server:
     """`chatd serve` on 127.0.0.1:0 pinned to SERVER_CORE; stops on exit from `with`."""
 
-    def __init__(self, *flags: str, db: str | None = None) -> None:
+    def __init__(self, *flags: str, db: str | None = None, core: str = SERVER_CORE) -> None:
         self.tmp = tempfile.mkdtemp(prefix="chatd-bench-")
         self.db = db or os.path.join(self.tmp, "bench.db")
         entry = os.environ.get("CHATD_BENCH_ENTRY")
         cmd = [sys.executable, *([entry] if entry else ["-m", "chatd"]), "serve", "--port", "0", "--db", self.db,
                "--secret", "bench-secret-bench-secret-bench-secret!", "--rate-limit", "0",
-               "--command-rate", "0", "--per-ip-connections", "0",
+               "--command-rate", "0", "--per-ip-connections", "0", "--guest-logins-per-ip", "0",
                *flags]
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-            cmd = ["taskset", "-c", SERVER_CORE, *cmd]
+            cmd = ["taskset", "-c", core, *cmd]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.port = 0
         deadline = time.monotonic() + 20

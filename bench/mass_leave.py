@@ -8,7 +8,9 @@ closing K sockets does not count as server latency.
 
     python3 dev.py bench mass_leave [--members 10000] [--reset] [--timeout 120]
 
---reset drops the connections with RST (SO_LINGER 0) instead of FIN.
+--reset drops the connections with RST (SO_LINGER 0) instead of FIN. With
+CHATD_BENCH_ENTRY=bench/probe.py CHATD_PROBE_OUT=FILE it also reports the server's longest
+loop stall and its garbage collection passes during the cleanup (bench/probe.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import socket
 import struct
@@ -25,6 +28,7 @@ import time
 from typing import Any
 
 from bench.common import Line, Server, against_server, open_line, percentile
+from bench.probe import summary
 
 ROOM = "big"
 # The bystander: pings back to back until its stdin closes, then prints
@@ -72,10 +76,16 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
         chunk = await asyncio.gather(
             *(open_line(port, source=f"127.0.0.{2 + (i + k) % 32}") for k in range(n))
         )
-        await asyncio.gather(
+        replies = await asyncio.gather(
             *(c.call({"cmd": "login", "id": 1, "user": f"m{i + k}"}, 120) for k, c in enumerate(chunk))
         )
-        await asyncio.gather(*(c.call({"cmd": "room.join", "id": 2, "room": ROOM}, 120) for c in chunk))
+        replies += await asyncio.gather(
+            *(c.call({"cmd": "room.join", "id": 2, "room": ROOM}, 120) for c in chunk)
+        )
+        # A refused login (a limit the bench forgot to lift) would quietly shrink the room.
+        refused = [r for r in replies if r["type"] != "ok"]
+        if refused:
+            raise RuntimeError(f"{len(refused)} logins or joins refused, e.g. {refused[0]}")
         conns += chunk
     # Every member.joined has been written once the watcher's own ping comes back.
     await watcher.call({"cmd": "ping", "id": 3}, 120)
@@ -112,6 +122,10 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
     rss = srv.rss_kib()
     assert watcher.transport is not None
     watcher.transport.close()
+    probed: dict[str, Any] = {}
+    if os.environ.get("CHATD_PROBE_OUT"):  # run under bench/probe.py
+        await asyncio.sleep(0.2)
+        probed = summary(os.environ["CHATD_PROBE_OUT"], t1, t2)
     return {
         "members": members,
         "reset": reset,
@@ -125,6 +139,7 @@ async def run(srv: Server, members: int, reset: bool, timeout: float) -> dict[st
         "ping_p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),
         "ping_max_ms": round(max(latencies, default=float("nan")) * 1e3, 2),
         "server_rss_kib": rss,
+        **probed,
     }
 
 

@@ -20,15 +20,20 @@ from bench.common import Line, Server, new_loop, open_line, percentile, pin_self
 
 
 async def run(
-    port: int, clients: int, seconds: float, window: int, cpu: Callable[[], float] | None = None
+    port: int,
+    clients: int,
+    seconds: float,
+    window: int,
+    cpu: Callable[[], float] | None = None,
+    name: str = "writer",
 ) -> dict[str, float]:
     conns: list[Line] = []
     frames: list[dict[str, object]] = []
     tag = str(time.time_ns() % 100000)
     for i in range(clients):
         c = await open_line(port)
-        await c.call({"cmd": "login", "id": 1, "user": f"writer{i}"})
-        room = f"w{tag}-{i}"
+        await c.call({"cmd": "login", "id": 1, "user": f"{name}{i}"})
+        room = f"{name}{tag}-{i}"
         await c.call({"cmd": "room.create", "id": 2, "room": room, "ephemeral": True})
         conns.append(c)
         frames.append({"cmd": "msg.send", "room": room, "text": "persist me " + "x" * 40})

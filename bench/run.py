@@ -1,4 +1,4 @@
-"""Run one benchmark or all of them: python3 dev.py bench [fanout|persist|ping|idle|connect|history|mass_leave|tiny_frames|streams_vs_protocol|all] [flags]
+"""Run one benchmark or all of them: python3 dev.py bench [fanout|persist|ping|idle|connect|history|mass_leave|tiny_frames|streams_vs_protocol|redis_store|redis_persist|redis_fanout|redis_split|redis_cost|inproc|all] [flags]
 
 Each starts its own `chatd serve` on 127.0.0.1:0 pinned to core 0, drives it from this
 process pinned to core 1, stops by itself, and prints one JSON line of figures.
@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NAMES = [
     "fanout", "persist", "ping", "redis_ping", "idle", "connect", "history", "mass_leave",
-    "tiny_frames", "redis_store", "streams_vs_protocol",
+    "tiny_frames", "redis_store", "streams_vs_protocol", "redis_persist", "redis_fanout",
+    "redis_split", "redis_cost", "inproc",
 ]
 
 

@@ -29,7 +29,14 @@ from chatd.domain.limits import Limits
 from chatd.domain.nonces import Nonces
 from chatd.domain.presence import Presence
 from chatd.errors import Forbidden, Unauthorized
-from chatd.protocol.frames import event_frame
+from chatd.protocol.events import (
+    Batch,
+    Hello,
+    MemberLeft,
+    SessionExpired,
+    SessionExpiring,
+)
+from chatd.protocol.replies import HelpReply
 from chatd.rooms import LiveRoom, RoomManager
 from chatd.session import Peer, Session
 from chatd.stats import Stats
@@ -47,12 +54,12 @@ LEFT_MAX_WAIT = 1.0
 
 
 class _Departures:
-    """`member.left` frames of one room not yet sent, oldest first."""
+    """`member.left` events of one room not yet sent, oldest first."""
 
-    __slots__ = ("frames", "fresh", "since")
+    __slots__ = ("events", "fresh", "since")
 
     def __init__(self, since: float) -> None:
-        self.frames: list[bytes] = []
+        self.events: list[MemberLeft] = []
         self.fresh = True  # one came in since the flush timer last looked
         self.since = since
 
@@ -82,8 +89,8 @@ class App:
         self.nonces = Nonces(config.nonce_cache)
         self.bus: Bus = LocalBus(self.presence, self.stats)
         self.epoch = ""
-        self.help_data: dict[str, Any] = {}
-        # member.left frames waiting to go out, per room (see leave and settle).
+        self.help_data = HelpReply(commands=[])  # the command table's, set by the Dispatcher
+        # member.left events waiting to go out, per room (see leave and settle).
         self._departures: dict[LiveRoom, _Departures] = {}
         self._departure_timer: Any = None
 
@@ -94,20 +101,18 @@ class App:
         self.accounts.load(snap)
         self.rooms.load(snap.rooms)
 
-    def hello_frame(self) -> bytes:
+    def hello(self) -> Hello:
+        """The first event of every connection (it carries the store's revision now)."""
         c = self.config
-        return event_frame(
-            "hello",
-            {
-                "server": "chatd",
-                "version": VERSION,
-                "protocol": 1,
-                "max_frame": c.max_frame,
-                "max_text": c.max_text,
-                "history_limit": c.history_limit,
-                "epoch": self.epoch,
-                "rev": self.store.rev,
-            },
+        return Hello(
+            server="chatd",
+            version=VERSION,
+            protocol=1,
+            max_frame=c.max_frame,
+            max_text=c.max_text,
+            history_limit=c.history_limit,
+            epoch=self.epoch,
+            rev=self.store.rev,
         )
 
     @property
@@ -146,14 +151,19 @@ class App:
         """The token of a command: the frame's, else the bound one (contract). Binds the
         connection to the first valid token. Raises Unauthorized, TokenExpired, Forbidden."""
         if token is None:
-            if s.token is None:
+            if s.claims is None:
                 raise Unauthorized("this command needs a token: login, auth, or add a token field")
-            token = s.token
-        claims = self.tokens.verify(token)
+            # The bound token was verified when it was bound: its claims stand for it (the
+            # token string itself is not kept); only its lifetime is checked again.
+            claims = self.tokens.current(s.claims)
+            bound = True
+        else:
+            claims = self.tokens.verify(token)
+            bound = claims == s.claims  # the bound token, given in the frame
         try:
             self.accounts.check_claims(claims)
         except Unauthorized:
-            if token == s.token:
+            if bound:
                 # The bound token died without expiring (a guest's hold released, say):
                 # unbind, don't wedge. It died before this command, so the notice is a
                 # timer-like outcome of its own, delivered at once (ahead of the reply).
@@ -162,12 +172,13 @@ class App:
                 deliver(self.bus, fx)
             raise
         if s.user_key is None:
-            self.bind(s, token, claims)
+            self.bind(s, claims)
         elif claims.sub.lower() != s.user_key:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")
         return claims
 
-    def bind(self, s: Session, token: str, claims: Claims) -> None:
+    def bind(self, s: Session, claims: Claims) -> None:
+        """Bind `s` to the verified claims of a token (the token string is not kept)."""
         if s.closed:
             return  # gone while its login waited: nothing to bind, no timers to leak
         key = claims.sub.lower()
@@ -175,7 +186,7 @@ class App:
             raise Forbidden(f"this connection is logged in as {s.user}; log out first")
         if s.claims is not None and s.claims.jti == claims.jti:
             return  # `auth` again with the bound token: its timers stand (notice once per token)
-        self.presence.bind(s, token, claims, self.accounts.display_name(claims.sub))
+        self.presence.bind(s, claims, self.accounts.display_name(claims.sub))
         if is_guest_jti(claims.jti):
             self.accounts.settle_hold(key)
 
@@ -186,13 +197,13 @@ class App:
         if expired:
             self.expire(s, None, fx)
         else:
-            fx.emit(ToSessions(s), event_frame("session.expiring", {"expires_at": claims.exp}))
+            fx.emit(ToSessions(s), SessionExpiring(expires_at=claims.exp))
         deliver(self.bus, fx)
 
     def expire(self, s: Session, reason: str | None, fx: Effects) -> None:
         """The bound token expired or was revoked elsewhere: tell the client, leave rooms,
         unbind; the connection stays open (contract)."""
-        fx.emit(ToSessions(s), event_frame("session.expired", {"reason": reason} if reason else {}))
+        fx.emit(ToSessions(s), SessionExpired(reason=reason or None))
         self.unbind(s, reason or "expired")
 
     def unbind(self, s: Session, reason: str) -> None:
@@ -225,7 +236,7 @@ class App:
         user's last connection) goes out batched with the room's other departures."""
         user = s.user
         if self.rooms.leave(room, s) and user is not None:
-            self._depart(room, event_frame("member.left", {"room": room.name, "user": user, "reason": reason}))
+            self._depart(room, MemberLeft(room=room.name, user=user, reason=reason))
         self.drop_if_unused(room)
 
     def drop_if_unused(self, room: LiveRoom) -> None:
@@ -245,11 +256,11 @@ class App:
     # asked (messages, joins, member lists, renames, closing) settles the room first, so
     # each connection still sees a room's events in the order they happened.
 
-    def _depart(self, room: LiveRoom, frame: bytes) -> None:
+    def _depart(self, room: LiveRoom, event: MemberLeft) -> None:
         pending = self._departures.get(room)
         if pending is None:
             pending = self._departures[room] = _Departures(self.clock.now())
-        pending.frames.append(frame)
+        pending.events.append(event)
         pending.fresh = True
         if self._departure_timer is None:
             self._departure_timer = self.scheduler.call_later(0, self._flush_departures)
@@ -273,8 +284,8 @@ class App:
         call it before anything else goes to the room or is read from its member list."""
         pending = self._departures.pop(room, None)
         if pending is not None:
-            frames = pending.frames
-            self.bus.publish(ToRoom(room), frames[0] if len(frames) == 1 else b"".join(frames))
+            events = pending.events
+            self.bus.publish(ToRoom(room), events[0] if len(events) == 1 else Batch(events))
 
     def departures_waiting(self) -> int:
         """Rooms with `member.left` events not yet sent."""

@@ -99,6 +99,9 @@ class TokenService:
         self._iat_leeway = iat_leeway
         self._cache: OrderedDict[str, Claims] = OrderedDict()
         self._cache_size = 4096
+        # One `scope` string per set of grants (a handful exist), shared by every token's
+        # claims rather than one per token minted (claims live as long as the binding).
+        self._scopes: dict[tuple[str, ...], str] = {}
         self._jws = PyJWS(algorithms=[ALGORITHM])
         self._jws.unregister_algorithm(ALGORITHM)
         self._jws.register_algorithm(ALGORITHM, _PreparedKeyHMAC())
@@ -121,13 +124,18 @@ class TokenService:
     def _sign(
         self, sub: str, jti: str, grants: tuple[str, ...], iat: int, exp: int
     ) -> tuple[str, Claims]:
-        claims = Claims(sub=sub, iat=iat, exp=exp, jti=jti, iss=ISSUER, scope=" ".join(grants))
+        claims = Claims(sub=sub, iat=iat, exp=exp, jti=jti, iss=ISSUER, scope=self._scope(grants))
         # PyJWT signs; msgspec writes the payload (PyJWT's json.dumps is the slow part).
         token = self._jws.encode(msgspec.json.encode(claims), self._key, algorithm=ALGORITHM)
-        # A token we just signed needs no signature check when it comes back (usually the
-        # very next command); expiry and revocation are still checked every time.
-        self._remember(token, claims)
+        # Not cached: the connection that gets it is bound to these claims and uses them
+        # (App.authenticate), so the token string is not kept anywhere after the reply.
         return token, claims
+
+    def _scope(self, grants: tuple[str, ...]) -> str:
+        scope = self._scopes.get(grants)
+        if scope is None:
+            scope = self._scopes[grants] = " ".join(grants)  # grants are normalized: few
+        return scope
 
     def _remember(self, token: str, claims: Claims) -> None:
         self._cache[token] = claims
@@ -140,6 +148,11 @@ class TokenService:
         if claims is None:
             claims = self._decode(token)
             self._remember(token, claims)
+        return self.current(claims)
+
+    def current(self, claims: Claims) -> Claims:
+        """`claims` (of a token verified before) while within their lifetime: `iat` and
+        `exp` as `verify` checks them. Raises Unauthorized or TokenExpired."""
         now = self._clock.now()
         if claims.exp <= now:
             raise TokenExpired("the token has expired; log in again or refresh before expiry")

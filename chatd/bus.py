@@ -1,29 +1,36 @@
-"""The one event path: frames addressed to audiences, delivered by a Bus.
+"""The one event path: events addressed to audiences, delivered by a Bus.
 
 A command's Outcome (chatd.dispatch) carries its reply, its events as ``(audience,
-frame)`` pairs and the connections it closes (audiences too); a timer's outcome (expiry,
+event)`` pairs and the connections it closes (audiences too); a timer's outcome (expiry,
 a guest's grace, batched departures) carries the same. Nothing in the core sends to a
-connection any other way.
+connection any other way. Events are values (chatd.protocol.events); the bus is where
+they become bytes, once per event however many connections get it (``Event.json_frame``
+caches the encoding on the event).
 
 Audiences name who should get a frame, not sockets: a room (``ToRoom``), a user's
 connections (``ToUser``, optionally only those of one identity), or given connections
 (``ToSessions``). The in-process ``LocalBus`` resolves them to this process's sessions.
 A bus for several nodes (issue 11) implements the same ``Bus`` protocol: it delivers
-locally as ``LocalBus`` does and forwards the frame with its audience to the other nodes,
+locally as ``LocalBus`` does and forwards the event with its audience to the other nodes,
 whose bus delivers it to their own sessions; message events carry their revision, and a
 node delivers arriving events in revision order.
 
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
 every connection except the caller's at once, and leaves in the outcome only the caller's
-own share, which ``deliver_own`` sends after the reply. Fan-out encodes once: the same
+own share, which ``deliver_own`` sends after the reply. A reply queued at once needs no
+split: ``deliver`` then sends every event to everyone. Fan-out encodes once: the same
 bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
+(A second wire format: each session would name its format, and the bus would take each
+event's encoding for that format, still once per event and format.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from typing import TYPE_CHECKING, Protocol, Union
+
+from chatd.protocol.events import Frame
 
 if TYPE_CHECKING:
     from chatd.rooms import LiveRoom
@@ -34,11 +41,11 @@ if TYPE_CHECKING:
 class Directory(Protocol):
     """Who is connected here, for resolving audiences (chatd.domain.presence)."""
 
-    def sessions_of(self, user_key: str) -> Iterable[Session]: ...
+    def sessions_of(self, user_key: str) -> Collection[Session]: ...
 
 
 class ToRoom:
-    """Every connection in the room when the frame is delivered (``skip``: but that one)."""
+    """Every connection in the room when the event is delivered (``skip``: but that one)."""
 
     __slots__ = ("room", "skip")
 
@@ -46,7 +53,7 @@ class ToRoom:
         self.room = room
         self.skip = skip
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         if self.skip is None:
             return self.room.sessions
         skip = self.skip
@@ -64,7 +71,7 @@ class ToUser:
         self.key = key
         self.identity = identity
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         sessions = directory.sessions_of(self.key)
         if self.identity is None:
             return list(sessions)
@@ -84,12 +91,12 @@ class ToSessions:
     def of(sessions: Iterable[Session]) -> ToSessions:
         return ToSessions(*sessions)
 
-    def local(self, directory: Directory) -> Iterable[Session]:
+    def local(self, directory: Directory) -> Collection[Session]:
         return self.sessions
 
 
 Audience = Union[ToRoom, ToUser, ToSessions]
-Events = list[tuple[Audience, bytes]]
+Events = list[tuple[Audience, Frame]]
 
 
 class Bus(Protocol):
@@ -103,10 +110,10 @@ class Bus(Protocol):
         call. None when there is nothing to wait for (one node)."""
         ...
 
-    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
-        """Deliver `frame` to every connection of `audience` at once, except `caller`;
-        True when `caller` is in the audience (its copy is then the caller's to send,
-        after its reply). Never waits."""
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        """Deliver `frame` (an event, or a Batch of them) to every connection of `audience`
+        at once, except `caller`; True when `caller` is in the audience (its copy is then
+        the caller's to send, after its reply). Never waits."""
         ...
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:
@@ -128,14 +135,33 @@ class LocalBus:
         self._directory = directory
         self._stats = stats
 
-    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
+        # (deliveries are counted from the audience's size, not one by one).
+        if type(audience) is ToRoom and audience.skip is not None:
+            # The room's own dict, the one left out passed over in the loop (no copy of a
+            # big room's members for every join and leave).
+            return self._publish(audience.room.sessions, frame.json_frame(), caller, audience.skip)
+        sessions = audience.local(self._directory)
+        data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
+        if caller is None:
+            for s in sessions:
+                s.send(data)
+            self._stats.deliveries += len(sessions)
+            return False
+        return self._publish(sessions, data, caller, None)
+
+    def _publish(
+        self, sessions: Iterable[Session], data: bytes, caller: Session | None,
+        skip: Session | None,
+    ) -> bool:
         mine = False
         n = 0
-        for s in audience.local(self._directory):
+        for s in sessions:
             if s is caller:
-                mine = True
-            else:
-                s.send(frame)
+                mine = s is not skip  # left out is left out, caller or not
+            elif s is not skip:
+                s.send(data)
                 n += 1
         self._stats.deliveries += n
         return mine
@@ -160,7 +186,7 @@ class Effects:
         self.events: Events = []
         self.closes: list[Audience] | None = None
 
-    def emit(self, audience: Audience, frame: bytes) -> None:
+    def emit(self, audience: Audience, frame: Frame) -> None:
         self.events.append((audience, frame))
 
     def close(self, audience: Audience) -> None:
@@ -206,10 +232,12 @@ def deliver_own(bus: Bus, outcome: Delivery) -> None:
             bus.close(audience)
 
 
-def deliver(bus: Bus, fx: Effects) -> None:
-    """A timer's outcome (no caller): every event, then every close, at once."""
-    for audience, frame in fx.events:
-        bus.publish(audience, frame)
+def deliver(bus: Bus, fx: Effects | Delivery) -> None:
+    """Every event, then every close, at once: a timer's outcome (no caller), or a
+    command's once its reply is queued (then the caller's copies need no holding back)."""
+    if fx.events:
+        for audience, frame in fx.events:
+            bus.publish(audience, frame)
     if fx.closes:
         for audience in fx.closes:
             bus.close(audience)

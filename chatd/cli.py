@@ -20,7 +20,8 @@ from chatd import logs
 from chatd.app import VERSION
 from chatd.auth import PasswordHasher, TokenService, check_secret, new_jti, normalize_grants
 from chatd.clock import SystemClock
-from chatd.config import ALL_GRANTS, Config
+from chatd.config import ALL_GRANTS, Config, redis_address
+from chatd.gcpolicy import Collector
 from chatd.store.base import (
     AdminStore,
     NameHeld,
@@ -87,6 +88,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None,
                    help="token signing secret (>= 32 bytes); default: $CHATD_SECRET, "
                    "else the file DB.secret beside the database")
+
+
+def _add_redis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", default=os.environ.get("CHATD_REDIS") or None, metavar="URL",
+                   help="the Redis of `chatd serve --redis` nodes (redis://HOST:PORT/DB, "
+                   "rediss:// for TLS) instead of --db; default $CHATD_REDIS; needs "
+                   "chatd[redis]")
 
 
 def _grants(value: str) -> tuple[str, ...]:
@@ -183,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete messages older than N days; 0 = keep forever")
     serve.add_argument("--history-max", type=_non_negative(int), default=d.history_max,
                        help="keep at most the newest N messages per room and DM pair; 0 = all")
+    serve.add_argument("--gc-freeze-interval", type=_interval,
+                       default=d.gc_freeze_interval, metavar="SECONDS",
+                       help="collect young objects and freeze the survivors this often, so "
+                            "full GC passes never rescan long-lived ones; 0 = Python's default GC")
+    serve.add_argument("--gc-full-interval", type=_interval,
+                       default=d.gc_full_interval, metavar="SECONDS",
+                       help="with --gc-freeze-interval: one full GC pass this often, when quiet")
     serve.add_argument("--tls-cert", metavar="FILE", default=None,
                        help="serve TLS (1.2+) with this PEM certificate (chain); needs --tls-key")
     serve.add_argument("--tls-key", metavar="FILE", default=None,
@@ -207,12 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from stdin (default: prompt twice)")
     _add_common(add)
+    _add_redis(add)
     lst = usub.add_parser("list", help="one name a line", formatter_class=_Help)
     _add_common(lst)
+    _add_redis(lst)
     rm = usub.add_parser("delete", help="delete an account (closes its connections)",
                          formatter_class=_Help)
     rm.add_argument("name")
     _add_common(rm)
+    _add_redis(rm)
 
     tok = sub.add_parser("token", help="print a token for a bot", formatter_class=_Help)
     tok.add_argument("name")
@@ -221,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--ttl", type=int, default=None,
                      help=f"seconds (default: {_DEFAULTS.token_ttl}; at most 7 days)")
     _add_common(tok)
+    _add_redis(tok)
 
     st = sub.add_parser(
         "stats", formatter_class=_Help,
@@ -241,16 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the reply's data as JSON")
     st.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait")
     _add_common(st)
+    _add_redis(st)
 
     bak = sub.add_parser(
         "backup", formatter_class=_Help,
         help="online consistent copy of the database (safe while a server runs)",
         description="Copy the database to PATH with SQLite's backup API, while a server may "
         "be running on it. To restore: stop the server, copy the backup over the database "
-        "file, delete DB-wal and DB-shm, start the server.",
+        "file, delete DB-wal and DB-shm, start the server. With --redis, PATH becomes an "
+        "SQLite file holding the Redis data, read while no message, room or account "
+        "changes (retried a few times, else refused: see README, Backups); restore it with "
+        "`chatd copy --from PATH --to redis://...` into an empty database.",
     )
     bak.add_argument("path", help="where to write the copy (replaced whole if it exists)")
     bak.add_argument("--db", default=_DEFAULTS.db, help="database file")
+    _add_redis(bak)
 
     cp = sub.add_parser(
         "copy", formatter_class=_Help,
@@ -277,6 +301,16 @@ def _non_negative(kind: type[int]) -> Callable[[str], int]:
         return n
 
     return parse
+
+
+def _interval(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= n < float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 (off) or more seconds")
+    return n
 
 
 def _positive(value: str) -> float:
@@ -355,6 +389,8 @@ def config_from(args: argparse.Namespace) -> Config:
         max_rooms_per_user=args.max_rooms_per_user,
         history_days=args.history_days,
         history_max=args.history_max,
+        gc_freeze_interval=args.gc_freeze_interval,
+        gc_full_interval=args.gc_full_interval,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_handshake_timeout=args.tls_handshake_timeout,
@@ -422,13 +458,69 @@ async def _serve(config: Config, secret: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag (STYLE)
+    on_disk = store if isinstance(store, SQLiteStore) and not store.memory else None
+    if on_disk is not None:
+        # A fault in a mapped file (the -shm cut short) arrives as SIGBUS in the thread
+        # inside SQLite, which keeps faulting; this loop, on another thread, gets to stop.
+        loop.add_signal_handler(signal.SIGBUS, _on_sigbus, on_disk, stop)
     try:
         await server.start()
     except OSError as exc:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    watch = loop.create_task(_watch_storage(on_disk, stop)) if on_disk is not None else None
+    collector: Collector | None = None
+    if config.gc_freeze_interval > 0:
+        collector = Collector(
+            config.gc_freeze_interval, config.gc_full_interval,
+            quiet=lambda: not server.chores and not server.app.departures_waiting(),
+        )  # fmt: skip
+        collector.start()
+        server.spawn(_collecting(collector))
     await stop.wait()
-    await server.stop()
-    return 0
+    if collector is not None:
+        collector.stop()
+    fault = on_disk.fault() if on_disk is not None else None
+    if fault is None:
+        if watch is not None:
+            watch.cancel()
+        await server.stop()
+        return 0
+    log.critical(
+        "stopping: %s; every acknowledged change is in the database and its WAL, and SQLite "
+        "rebuilds the -shm when chatd starts again", fault,
+        extra={"event": "storage_failed", "error": fault},
+    )  # fmt: skip
+    await server.stop("storage failure")
+    # Not a return: at exit the SQLite connections would close, and closing checkpoints
+    # through the damaged file (a SIGBUS, or a thread still stuck in one).
+    logging.shutdown()
+    os._exit(STORAGE_FAILED)
+
+
+# `chatd serve`'s exit status when it stopped because the database became unsafe to use
+# while it ran (README, "When the -shm file is damaged"); 2 is for refusals at start.
+STORAGE_FAILED = 3
+
+
+def _on_sigbus(store: SQLiteStore, stop: asyncio.Event) -> None:
+    store.abandon(
+        "the process got SIGBUS: a memory-mapped file was cut short (the database's -shm, "
+        "truncated outside chatd)"
+    )
+    stop.set()
+
+
+async def _collecting(collector: Collector) -> None:
+    while True:
+        await asyncio.sleep(collector.every)
+        collector.tick()
+
+
+async def _watch_storage(store: SQLiteStore, stop: asyncio.Event) -> None:
+    """Notice a damaged -shm while nothing reads or writes (reads and writes look first)."""
+    while store.fault() is None:
+        await asyncio.sleep(0.5)
+    stop.set()
 
 
 # --- offline commands (work while a server runs on the same database) ----------------
@@ -443,10 +535,13 @@ def _refuse_foreign(path: str) -> None:
         raise CliError(f"cannot open {path}: {exc}") from None
 
 
-def _open_admin(path: str, *, create: bool = False) -> AdminStore:
+def _open_admin(args: argparse.Namespace, *, create: bool = False) -> AdminStore:
     """The accounts, for an offline command (no server lock: a server may be running).
     Only a command that adds something creates a missing database (mode 0600); the others
     refuse it, so a typo never leaves an empty database behind."""
+    if args.redis is not None:
+        return _open_redis_admin(args.redis, create=create)
+    path = args.db
     if path == ":memory:":
         raise CliError("--db :memory: keeps nothing; name a database file")
     try:
@@ -455,6 +550,28 @@ def _open_admin(path: str, *, create: bool = False) -> AdminStore:
         raise CliError(f"no database at {path} (start the server once, or check --db)") from None
     except StoreOpenError as exc:
         raise CliError(f"cannot open {path}: {exc}") from None
+
+
+def _open_redis_admin(url: str, *, create: bool) -> AdminStore:
+    try:
+        from chatd.store.redis.admin import RedisAdmin
+    except ImportError as exc:
+        raise CliError(f"--redis needs the redis extra (pip install 'chatd[redis]'): {exc}") from None
+    try:
+        return RedisAdmin(url, create=create)
+    except StoreMissing as exc:
+        raise CliError(f"{exc} (start a node once, or check --redis)") from None
+    except StoreOpenError as exc:
+        raise CliError(f"cannot use Redis: {exc}") from None
+
+
+def _cli_secret(args: argparse.Namespace, *, create: bool = True) -> str:
+    """The signing secret of an offline command: as `serve` finds it."""
+    if args.redis is not None:
+        if not (args.secret or os.environ.get("CHATD_SECRET")):
+            raise CliError("with --redis, pass --secret or set CHATD_SECRET (the nodes' secret)")
+        return resolve_secret(args.secret, ":memory:")
+    return resolve_secret(args.secret, args.db, create=create)
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -471,7 +588,7 @@ def user_command(args: argparse.Namespace) -> int:
         raise CliError(
             "no terminal to ask for the password: pipe it in with --password-stdin"
         )
-    admin = _open_admin(args.db, create=args.user_command == "add")
+    admin = _open_admin(args, create=args.user_command == "add")
     try:
         if args.user_command == "list":
             for user in admin.list_users():
@@ -521,8 +638,8 @@ def _user_add(admin: AdminStore, args: argparse.Namespace) -> None:
         raise CliError(f"user {args.name!r} already exists") from None
 
 
-def _find_user(path: str, name: str) -> UserRecord | None:
-    admin = _open_admin(path)
+def _find_user(args: argparse.Namespace, name: str) -> UserRecord | None:
+    admin = _open_admin(args)
     try:
         return admin.find_user(name)
     finally:
@@ -530,10 +647,10 @@ def _find_user(path: str, name: str) -> UserRecord | None:
 
 
 def token_command(args: argparse.Namespace) -> int:
-    user = _find_user(args.db, args.name)
+    user = _find_user(args, args.name)
     if user is None:
         raise CliError(f"no user {args.name!r}; add it first with: chatd user add {args.name}")
-    secret = resolve_secret(args.secret, args.db)
+    secret = _cli_secret(args)
     base = _DEFAULTS.login_grants + (("admin",) if user.admin else ())
     grants = tuple(g for g in ALL_GRANTS if g in base and (args.grants is None or g in args.grants))
     ttl = args.ttl if args.ttl is not None else _DEFAULTS.token_ttl
@@ -547,7 +664,10 @@ def token_command(args: argparse.Namespace) -> int:
 
 
 def backup_command(args: argparse.Namespace) -> int:
-    """`chatd backup PATH [--db FILE]`: see SQLiteStore's backup(); takes no lock."""
+    """`chatd backup PATH [--db FILE | --redis URL]`: see SQLiteStore's backup(); takes
+    no lock. With --redis, chatd.store.copy.backup_redis."""
+    if args.redis is not None:
+        return _backup_redis(args.redis, args.path)
     if args.db == ":memory:":
         raise CliError("--db :memory: keeps nothing; name a database file")
     try:
@@ -557,6 +677,19 @@ def backup_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot write {args.path}: {exc.strerror or exc}") from None
     print(f"chatd: backed up {args.db} to {args.path} ({count} messages)", file=sys.stderr)
+    return 0
+
+
+def _backup_redis(url: str, path: str) -> int:
+    try:
+        from chatd.store.copy import CopyError, backup_redis
+    except ImportError as exc:
+        raise CliError(f"--redis needs the redis extra (pip install 'chatd[redis]'): {exc}") from None
+    try:
+        count = backup_redis(url, path)
+    except CopyError as exc:
+        raise CliError(str(exc)) from None
+    print(f"chatd: backed up {redis_address(url)} to {path} ({count} messages)", file=sys.stderr)
     return 0
 
 
@@ -612,27 +745,28 @@ def stats_command(args: argparse.Namespace) -> int:
 
 def _admin_token(args: argparse.Namespace) -> str:
     """A short-lived token with only the admin grant, for --user or the first admin."""
-    if args.db != ":memory:" and not os.path.exists(args.db):
+    where = args.db if args.redis is None else redis_address(args.redis)
+    if args.redis is None and args.db != ":memory:" and not os.path.exists(args.db):
         # A read must not leave an empty database behind (nor a secret beside it).
         raise CliError(f"no database {args.db}: pass the server's --db, or --token")
     if args.user is not None:
-        user = _find_user(args.db, args.user)
+        user = _find_user(args, args.user)
         if user is None:
-            raise CliError(f"no user {args.user!r} in {args.db}")
+            raise CliError(f"no user {args.user!r} in {where}")
         if not user.admin:
             raise CliError(f"{user.name!r} is not an admin account (chatd user add NAME --admin)")
     else:
-        admin = _open_admin(args.db)
+        admin = _open_admin(args)
         try:
             user = next((u for u in admin.list_users() if u.admin), None)
         finally:
             admin.close()
         if user is None:
             raise CliError(
-                f"no admin account in {args.db}: create one with `chatd user add NAME --admin`,"
+                f"no admin account in {where}: create one with `chatd user add NAME --admin`,"
                 " or pass --token"
             )
-    tokens = TokenService(resolve_secret(args.secret, args.db, create=False), SystemClock())
+    tokens = TokenService(_cli_secret(args, create=False), SystemClock())
     token, _ = tokens.mint(user.name, new_jti(user.id, user.token_version), ("admin",), _STATS_TTL)
     return token
 

@@ -39,10 +39,11 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from chatd.bus import Audience, Effects, ToRoom, ToSessions, ToUser, deliver
+from chatd import changes
+from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
 from chatd.domain.identity import is_guest_jti
 from chatd.errors import Unauthorized
-from chatd.protocol.frames import encode_json, event_frame
+from chatd.protocol.events import Batch, Frame, MemberLeft, RoomClosed, decode_event
 from chatd.store.base import GuestHold, RoomRecord
 from chatd.store.redis.scripts import REAP
 from chatd.store.redis.store import message_from
@@ -62,11 +63,12 @@ _MAX_BACKOFF = 2.0
 
 
 class RedisBus:
-    """The Bus for several nodes: delivers here at once and appends the frame, with its
-    audience, to the change stream for the other nodes (``ToSessions`` names connections
-    of this node: local only). Message events it delivers itself from the stream."""
+    """The Bus for several nodes: delivers here at once (as ``LocalBus``) and appends the
+    event's bytes, with its audience, to the change stream for the other nodes
+    (``ToSessions`` names connections of this node: local only). Message events it
+    delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_stats", "_store", "caught_up")
+    __slots__ = ("_directory", "_local", "_store", "caught_up")
     carries_revisions = True
 
     def __init__(
@@ -77,30 +79,23 @@ class RedisBus:
         caught_up: Callable[[], Awaitable[None]],
     ) -> None:
         self._directory = directory
-        self._stats = stats
+        self._local = LocalBus(directory, stats)
         self._store = store
         # Read your writes across nodes (see Bus.caught_up): the stream's tail now, then
         # wait for the reader to have applied it.
         self.caught_up = caught_up
 
-    def publish(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
-        mine = self.local(audience, frame, caller)
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        mine = self._local.publish(audience, frame, caller)
         where = _address(audience)
         if where is not None:
-            _logged(self._store.publish(("kind", "ev", "a", where, "f", frame)))
+            data = frame.json_frame()  # the bytes the local fan-out used (cached)
+            _logged(self._store.publish(("kind", "ev", "a", where, "f", data)))
         return mine
 
-    def local(self, audience: Audience, frame: bytes, caller: Session | None = None) -> bool:
-        mine = False
-        n = 0
-        for s in audience.local(self._directory):
-            if s is caller:
-                mine = True
-            else:
-                s.send(frame)
-                n += 1
-        self._stats.deliveries += n
-        return mine
+    def local(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        """Deliver to this node's connections only (an event read from the stream)."""
+        return self._local.publish(audience, frame, caller)
 
     def close(self, audience: Audience, caller: Session | None = None) -> bool:
         mine = self.close_local(audience, caller)
@@ -110,13 +105,7 @@ class RedisBus:
         return mine
 
     def close_local(self, audience: Audience, caller: Session | None = None) -> bool:
-        mine = False
-        for s in list(audience.local(self._directory)):
-            if s is caller:
-                mine = True
-            else:
-                s.peer.close()
-        return mine
+        return self._local.close(audience, caller)
 
 
 def _address(audience: Audience) -> str | None:
@@ -125,6 +114,15 @@ def _address(audience: Audience) -> str | None:
     if isinstance(audience, ToUser):
         return f"u:{audience.key}\n{audience.identity or ''}"
     return None
+
+
+def _frame_of(data: bytes) -> Frame:
+    """An event (or a Batch of them: several lines) another node published, as the value
+    it was there; its bytes are kept as its encoding (not encoded again here)."""
+    lines = data.splitlines(keepends=True)
+    if len(lines) == 1:
+        return decode_event(data)
+    return Batch([decode_event(line) for line in lines])  # joins the kept lines once
 
 
 def _logged(write: Any) -> None:
@@ -399,33 +397,20 @@ class Cluster:
             key, _, identity = where[2:].partition("\n")
             audience = ToUser(key, identity or None)
         if kind == "ev":
-            self.bus.local(audience, raw[b"f"])
+            self.bus.local(audience, _frame_of(raw[b"f"]))
         else:
             self.bus.close_local(audience)
 
     def _message(self, kind: str, f: dict[str, str]) -> None:
-        from chatd.handlers.messages import to_wire
-
         app = self.app
         rec = message_from([x for kv in f.items() for x in kv])
         if rec.rev > self.store.rev:
             self.store.rev = rec.rev
-        if kind == "message.deleted":
-            wire = to_wire(app, rec)
-            data: Any = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient,
-                         "by": f.get("by") or None}  # fmt: skip
-            frame = event_frame(kind, data)
-        else:
-            frame = event_frame(kind, msgspec.Raw(encode_json(to_wire(app, rec))))
-        if rec.room_id is not None:
-            room = app.rooms.by_id.get(rec.room_id)
-            if room is not None:
-                app.settle(room)
-                self.bus.local(ToRoom(room), frame)
-            return
-        self.bus.local(ToUser(rec.sender.lower(), rec.sender_key), frame)
-        if rec.recipient is not None and rec.recipient_key != rec.sender_key:
-            self.bus.local(ToUser(rec.recipient.lower(), rec.recipient_key), frame)
+        event = changes.message_event(app.rooms, kind, rec, f.get("by") or None)
+        for audience in changes.audiences(app.rooms, rec):  # one encoding for all of them
+            if isinstance(audience, ToRoom):
+                app.settle(audience.room)  # departures before this message go first
+            self.bus.local(audience, event)
 
     def _remote_presence(self, kind: str, f: dict[str, str]) -> None:
         rooms = self.app.rooms
@@ -456,10 +441,9 @@ class Cluster:
         elif kind == "room.deleted":
             app.settle(room)
             members = app.rooms.remove(room)
-            by = f.get("by")
-            data = {"room": room.name, "by": by} if by else {"room": room.name}
             if members:
-                self.bus.local(ToSessions.of(members), event_frame("room.closed", data))
+                event = RoomClosed(room=room.name, by=f.get("by") or None)
+                self.bus.local(ToSessions.of(members), event)
 
     def _revoked(self, jti: str, exp: int) -> None:
         app = self.app
@@ -501,11 +485,10 @@ class Cluster:
             names = dict(room.members_sorted)
             for key in left:
                 if app.rooms.remote_out(room, node, key):
-                    frame = event_frame(
-                        "member.left",
-                        {"room": room.name, "user": names.get(key, key), "reason": "disconnected"},
+                    event = MemberLeft(
+                        room=room.name, user=names.get(key, key), reason="disconnected"
                     )
-                    self.bus.local(ToRoom(room), frame)
+                    self.bus.local(ToRoom(room), event)
             app.drop_if_unused(room)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 ALL_GRANTS: tuple[str, ...] = (
     "room:create",
@@ -107,6 +108,9 @@ class Config:
     commit_batch: int = 2_000
     # How often the server looks for changes made by `chatd user …` on the same database.
     db_poll_interval: float = 0.5
+    # Several nodes (Redis): how often a node settles its rate budgets with the others
+    # (chatd/store/redis/limits.py).
+    limits_sync: float = 0.1
     # Retention, off by default (0): drop messages older than this many days, and keep at
     # most this many of the newest per room and per DM pair. Pruning runs at start and then
     # every prune_interval seconds, through the writer, prune_batch rows per write.
@@ -122,6 +126,10 @@ class Config:
     # Prometheus text format on http://metrics_host:metrics_port/metrics; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Garbage collection (chatd.gcpolicy): freeze the survivors every gc_freeze_interval
+    # seconds (0 = CPython's own collector, untouched), a full pass every gc_full_interval.
+    gc_freeze_interval: float = 1.0
+    gc_full_interval: float = 600.0
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -129,3 +137,9 @@ class Config:
     @property
     def rate_burst(self) -> float:
         return self.rate_limit * 3
+
+
+def redis_address(url: str) -> str:
+    """A Redis URL fit for a log line or an error message: without its password."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"

@@ -29,12 +29,13 @@ import collections
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
-from chatd.bus import deliver_own, others_now
+from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
-from chatd.protocol.frames import error_frame, event_frame
+from chatd.protocol.events import SlowConsumer
+from chatd.protocol.frames import error_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ PAUSE_EOF = 16
 # Pauses that do not stop commands from running (pump goes on through them).
 _RUNS_THROUGH = PAUSE_BACKLOG | PAUSE_EOF
 _TOO_LARGE_ERR = FrameTooLarge("frame too large; the line was skipped")
-SLOW_CONSUMER = event_frame("slow_consumer", {})
+SLOW_CONSUMER = SlowConsumer().json_frame()
 # Commands of one connection waiting for the store at once. A pipelining client still
 # fills a group commit, but one commit's replies and events for it stay well under the
 # outbox hard limit (64 x two 4,000-character frames is about 0.5 MiB).
@@ -131,6 +132,7 @@ class Connection:
         "barriers",
         "dead",
         "edge",
+        "hard",
         "held",
         "host",
         "ip",
@@ -156,6 +158,7 @@ class Connection:
         self.out: list[bytes] = []  # emptied by each flush, kept (fan-out appends per turn)
         self.out_bytes = 0
         self.unsent = 0  # bytes the edge took and has not sent yet (as it last said)
+        self.hard = host.config.outbox_hard  # read on every send: kept at hand
         self.dead = False
         self.waiting = 0  # commands started and not finished
         self.barriers = 0  # of those, the ones later commands must wait for
@@ -168,7 +171,7 @@ class Connection:
         s = self.session = app.open_session(self, self.ip)
         if since is not None:
             s.unbound_since = since
-        self.send(app.hello_frame())
+        self.send(app.hello().json_frame())
         return s
 
     @property
@@ -194,10 +197,12 @@ class Connection:
         if self.dead:
             return False
         if not self.splitter.buffered and not self.waiting and self.held is None:
-            # Nothing left to answer (how a client usually goes): close now, the cheapest
-            # way when thousands go at once.
-            self.close()
-            return False
+            # Nothing left to answer (how a client usually goes): close as a chore, so
+            # when thousands go at once their sockets close a bounded number per loop
+            # turn, not all in the turn that read their EOFs (issue 13, item 2).
+            self.paused |= PAUSE_EOF
+            self.host.later(self.close)
+            return True
         self.paused |= PAUSE_EOF  # the edge stopped reading; never resume it
         self.host.later(self.pump)
         return True
@@ -224,20 +229,21 @@ class Connection:
 
     def pump(self) -> None:
         """Run buffered frames in order, at most frames_per_batch per turn (fairness)."""
-        splitter = self.splitter
         session = self.session
         if self.dead or session is None:
             return
         host = self.host
         dispatcher = host.dispatcher
         budget = host.config.frames_per_batch
+        splitter = self.splitter
         while True:
-            if self.held is not None:
-                cmd, spec = self.held
+            held = self.held
+            if held is not None:
+                cmd, spec = held
             else:
+                if not splitter.buf:
+                    break  # drained (the usual end: no call to find that out)
                 if budget <= 0:
-                    if not splitter.buffered:
-                        break
                     self.pause(PAUSE_BACKLOG)
                     host.soon(self._continue)
                     return
@@ -250,21 +256,27 @@ class Connection:
                     self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(cast(bytes, line))
-                if isinstance(prepared, Outcome):
+                prepared = dispatcher.prepare(line)  # type: ignore[arg-type]  # bytes here
+                if type(prepared) is Outcome:
                     self.bad_frame(prepared.reply)
                     self.reply(prepared)
                     continue
-                cmd, spec = prepared
+                cmd, spec = prepared  # type: ignore[misc]  # the tuple, as checked above
             if self.waiting and (self.barriers or not spec.overlap or self.waiting >= MAX_WAITING):
                 self.held = (cmd, spec)  # starts when what is in flight has finished
                 self.pause(PAUSE_BACKLOG)
                 return
-            self.held = None
+            if held is not None:
+                self.held = None
             result = dispatcher.execute(session, cmd, spec)
-            if isinstance(result, Outcome):
-                self.reply(result)
-            elif isinstance(result, Pending):
+            kind = type(result)
+            if kind is Outcome:
+                if self.slots:
+                    self.reply(result)  # type: ignore[arg-type]
+                else:
+                    self.deliver(result)  # type: ignore[arg-type]
+            elif kind is Pending:
+                assert isinstance(result, Pending)
                 slot = _Slot(result.overlap)
                 slots = self.slots
                 if slots is None:
@@ -282,9 +294,10 @@ class Connection:
                 return
             if self.dead:
                 return
-        self.resume(PAUSE_BACKLOG)
-        if self.paused & PAUSE_EOF and not self.waiting:
-            self.close()  # every complete frame ran and every reply is queued
+        if self.paused:
+            self.resume(PAUSE_BACKLOG)
+            if self.paused & PAUSE_EOF and not self.waiting:
+                self.close()  # every complete frame ran and every reply is queued
 
     def _continue(self) -> None:
         if self.paused == PAUSE_BACKLOG:
@@ -355,12 +368,12 @@ class Connection:
         return outcome
 
     def deliver(self, outcome: Outcome) -> None:
-        """The reply, then the events and closes it caused (the caller's own last)."""
+        """The reply, then the events and closes it caused. The reply is queued first, so
+        the caller's own copies may go with everyone else's, in one pass per event (the
+        fan-out loop then has nobody to skip)."""
         self.send(outcome.reply)
         if outcome.events or outcome.closes:
-            bus = self.host.app.bus
-            others_now(bus, outcome, self.session)
-            deliver_own(bus, outcome)
+            deliver(self.host.app.bus, outcome)
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
@@ -394,13 +407,12 @@ class Connection:
         if not out:
             self.host.want_flush(self)
         out.append(data)
-        self.out_bytes += len(data)
-        hard = self.host.config.outbox_hard
-        if self.out_bytes + self.unsent > hard:
+        queued = self.out_bytes = self.out_bytes + len(data)
+        if queued + self.unsent > self.hard:
             # A burst within one loop turn (a group commit fanning out many messages) is
             # not a slow consumer: hand it to the edge first, judge what is left after.
             self.edge.flush()
-            if self.unsent > hard:
+            if self.unsent > self.hard:
                 self.host.stats.slow_consumers += 1
                 self.drop_slow()
 
@@ -411,8 +423,8 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.host.stats.bytes_out += self.out_bytes  # len(data), already counted
         self.out_bytes = 0
-        self.host.stats.bytes_out += len(data)
         return data
 
     def close(self) -> None:

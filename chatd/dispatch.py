@@ -24,6 +24,7 @@ from chatd.errors import ChatError, Forbidden, Internal, RateLimited
 from chatd.protocol.commands import Command, command_name
 from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import RequestId, error_frame, ok_frame
+from chatd.protocol.replies import CommandHelp, HelpReply
 from chatd.session import Session
 
 log = logging.getLogger("chatd")
@@ -110,9 +111,10 @@ class Spec:
 
 class Outcome:
     """What running a command gives: its reply, then the events it causes and the
-    connections it closes, addressed to audiences (chatd.bus). The edge delivers the
-    events to everyone else at once (``bus.others_now``) and the caller's own share
-    after the reply (``bus.deliver_own``)."""
+    connections it closes, addressed to audiences (chatd.bus). The edge queues the
+    reply, then delivers the events to everyone (``bus.deliver``); a reply that waits
+    behind earlier ones has its events sent to everyone else at once
+    (``bus.others_now``) and the caller's own share after it."""
 
     __slots__ = ("closes", "events", "reply")
 
@@ -254,20 +256,20 @@ class Dispatcher:
         self.specs = {spec.command: spec for spec in table}
         app.help_data = self.help()
 
-    def help(self) -> dict[str, Any]:
+    def help(self) -> HelpReply:
         """Every command as protocol.md's table has it; `summary` says it all in one line,
         first after `cmd`, for people reading the reply in a terminal."""
         out = []
         for s in self.specs.values():
             grant = s.grant or s.shown_grant
-            out.append({
-                "cmd": s.name,
-                "summary": help_summary(s.usage, s.auth, grant),
-                "usage": s.usage,
-                "auth": s.auth,
-                "grant": grant,
-            })  # fmt: skip
-        return {"commands": out}
+            out.append(CommandHelp(
+                cmd=s.name,
+                summary=help_summary(s.usage, s.auth, grant),
+                usage=s.usage,
+                auth=s.auth,
+                grant=grant,
+            ))  # fmt: skip
+        return HelpReply(commands=out)
 
     def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
         """Decode a frame and find its command, or the error frame to answer with."""
@@ -282,14 +284,16 @@ class Dispatcher:
         """Contract: a frame carrying another user's token on a bound connection is
         `forbidden`, even on commands that need no token (their token is not otherwise
         checked, so an invalid one is simply ignored)."""
-        if token == session.token:
-            return
         try:
             claims = self.app.tokens.verify(token)
         except ChatError:
             return
         if claims.sub.lower() != session.user_key:
             raise Forbidden(f"this connection is logged in as {session.user}; log out first")
+
+    def _is_bound_token(self, session: Session, token: str) -> bool:
+        """Whether `token` (just verified) is the one `session` is bound to."""
+        return session.claims is not None and self.app.tokens.verify(token) == session.claims
 
     def handle(self, session: Session, line: bytes) -> Result:
         prepared = self.prepare(line)
@@ -338,7 +342,7 @@ class Dispatcher:
                 try:
                     req.authenticated(self.app.authenticate(session, cmd.token))
                 except UnknownAccount as exc:
-                    if cmd.token is None or cmd.token == session.token:
+                    if cmd.token is None or self._is_bound_token(session, cmd.token):
                         raise
                     return self._after_reading(exc.key, session, cmd, spec, req)
                 _check_grant(spec, req)
@@ -347,11 +351,12 @@ class Dispatcher:
             coro = spec.handler(self.app, req, cmd)
             if type(coro) is not types.CoroutineType:
                 # A plain function (ping, help): its value is the reply, no coroutine.
-                return req.outcome(ok_frame(rid, coro))
+                # (Request.outcome, inlined: this is every ping's path.)
+                return Outcome(ok_frame(rid, coro), req.events or None, req.closes)
             try:
                 first = coro.send(None)
             except StopIteration as stop:
-                return req.outcome(ok_frame(rid, stop.value))
+                return Outcome(ok_frame(rid, stop.value), req.events or None, req.closes)
         except ChatError as exc:
             if isinstance(exc, RateLimited):
                 self.stats.rate_limited += 1

@@ -1,7 +1,8 @@
 """`--metrics-port`: the `stats` figures in Prometheus text format, on
 http://HOST:PORT/metrics, through prometheus_client (no hand-written exposition).
 
-prometheus_client's own HTTP server runs in its thread. At each scrape the collector asks
+prometheus_client's WSGI app, served by a threading wsgiref server in its own thread, on
+/metrics only (other paths get 404, so a typo is not mistaken for an empty scrape). At each scrape the collector asks
 the event loop for one `stats` report (the same figures as the admin command, made on the
 loop thread, so nothing is read while the loop changes it) and turns it into metric
 families. Nothing is counted per frame for Prometheus: the hot paths only feed chatd.stats.
@@ -14,14 +15,16 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("chatd")
@@ -112,6 +115,25 @@ class MetricsListenError(Exception):
     """The metrics port cannot be bound; the message names it."""
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr (chatd's log is for chatd)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _only_metrics(app: Any) -> Any:
+    """The exposition on GET /metrics; 404 elsewhere."""
+
+    def serve(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return serve
+
+
 class MetricsServer:
     """prometheus_client's HTTP server in its own thread, for one ChatServer."""
 
@@ -119,13 +141,20 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(loop, report))
         try:
-            self.httpd, self.thread = start_http_server(port, host, self.registry)
+            self.httpd = make_server(
+                host, port, _only_metrics(make_wsgi_app(self.registry)),
+                ThreadingWSGIServer, handler_class=_QuietHandler,
+            )
         except OSError as exc:
             raise MetricsListenError(
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
             ) from None
         self.port: int = self.httpd.server_port
         self.host = host
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, name="chatd-metrics", daemon=True
+        )
+        self.thread.start()
 
     def close(self) -> None:
         """Stop serving (waits for a scrape in progress, bounded by its timeout)."""

@@ -26,11 +26,12 @@ from typing import Any, cast
 from chatd.app import VERSION, App
 from chatd.auth import PasswordHasher, TokenService
 from chatd.clock import Clock, SystemClock
-from chatd.config import Config
+from chatd.config import Config, redis_address
 from chatd.connection import SLOW_CONSUMER, Connection
 from chatd.dispatch import Dispatcher, Driver, command_table
 from chatd.errors import RateLimited, Unauthorized
-from chatd.protocol.frames import error_frame, event_frame
+from chatd.protocol.events import ServerShutdown
+from chatd.protocol.frames import error_frame
 from chatd.session import Cancellable, Session
 from chatd.stats import Stats
 from chatd.store.base import Store
@@ -114,8 +115,9 @@ class ConnectionProtocol(asyncio.Protocol):
     # --- from the transport ----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.pipe is not None:
-            self.pipe.receive_data(data)
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.receive_data(data)
 
     def eof_received(self) -> bool | None:
         if self.pipe is None:
@@ -230,6 +232,9 @@ class ChatServer:
             self.tls = server_context(config.tls_cert, config.tls_key)  # TLSSetupError
             self.stats.tls = True
         self.app = App(config, self.clock, store, tokens, self.hasher, self, self.stats)
+        shared_budgets = getattr(store, "shared_budgets", None)  # several nodes (Redis)
+        if shared_budgets is not None:
+            self.app.limits.share(shared_budgets())
         self.dispatcher = Dispatcher(self.app, command_table())
         self.connections: dict[ConnectionProtocol, None] = {}
         # TLS: connections admitted and still shaking hands, with their handshake tasks;
@@ -617,6 +622,8 @@ class ChatServer:
             self.acceptors.append(self.loop.create_task(self.accept_tls(listener)))
         self.spawn(self._every(1.0, self.sweep))
         self.spawn(self._every(self.config.db_poll_interval, self._poll_users))
+        if self.app.limits.shared is not None:
+            self.spawn(self._every(self.config.limits_sync, self.app.limits.settle))
         self.spawn(self._every(60.0, self._purge))
         if self.config.history_days > 0 or self.config.history_max > 0:
             self.spawn(self.prune_history())  # once at start, then periodically
@@ -645,10 +652,11 @@ class ChatServer:
         """What an operator wants to see in the start line."""
         c = self.config
         m = self.metrics
+        store = {"redis": redis_address(c.redis)} if c.redis else {"db": c.db}
         return {
             "version": VERSION,
             "tls": "on" if self.tls is not None else "off",
-            "db": c.db,
+            **store,
             "guests": "on" if c.guests else "off",
             "max_connections": self.max_connections,
             "per_ip_connections": c.per_ip_connections,
@@ -661,7 +669,7 @@ class ChatServer:
     def end_connections(self, reason: str) -> None:
         """End every client connection with `server.shutdown` (the node keeps running:
         clients reconnect and sync; chatd/cluster.py, after a Redis outage)."""
-        frame = event_frame("server.shutdown", {"reason": reason})
+        frame = ServerShutdown(reason=reason).json_frame()
         conns = list(self.connections)
         for conn in conns:
             if conn.pipe is not None:
@@ -690,7 +698,7 @@ class ChatServer:
             task.cancel()  # a half-done TLS handshake gets no notice, just the close
         if shaking:
             await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
-        frame = event_frame("server.shutdown", {"reason": reason})
+        frame = ServerShutdown(reason=reason).json_frame()  # once, for every connection
         for conn in list(self.connections):
             if conn.pipe is not None:
                 conn.pipe.stop(frame)
@@ -705,6 +713,8 @@ class ChatServer:
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.close()
+        if self.app.limits.shared is not None:
+            await self.app.limits.shared.close()
         self.flush_all()
         deadline = time.monotonic() + self.config.shutdown_grace
         for conn in list(self.connections):
@@ -821,3 +831,4 @@ def _raise_nofile() -> int:
         except (ValueError, OSError):
             pass
     return soft
+

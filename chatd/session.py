@@ -3,7 +3,7 @@
 One per connection, so it is kept small (__slots__, nothing allocated until needed):
 which rooms it is in lives in chatd.rooms.RoomManager, its send and registration budgets
 in chatd.domain.limits, its token's expiry on chatd.domain.presence's shared heap. Its
-binding (user, token, claims, identity) is written by chatd.domain.presence alone.
+binding (user, claims, identity; not the token string) is written by chatd.domain.presence alone.
 
 The server gives each Session a Peer (its socket side). The core reaches it only through
 the Bus (chatd.bus): ``Session.send`` (the peer's send, bound once for fan-out) for frames
@@ -48,7 +48,6 @@ class Session:
         "ip",
         "peer",
         "send",
-        "token",
         "unbound_since",
         "user",
         "user_key",
@@ -62,7 +61,6 @@ class Session:
         self.user: str | None = None  # display name of the bound user
         self.user_key: str | None = None
         self.identity: str | None = None  # the account behind the name (domain.identity)
-        self.token: str | None = None
         self.claims: Claims | None = None
         self.commands = commands  # the per-connection command rate (protocol.md Limits)
         self.unbound_since = now

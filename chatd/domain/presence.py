@@ -13,7 +13,7 @@ outnumber the live ones.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from chatd.config import Config
@@ -71,7 +71,7 @@ class Presence:
     def is_online(self, key: str) -> bool:
         return key in self._online
 
-    def sessions_of(self, user_key: str) -> Iterable[Session]:
+    def sessions_of(self, user_key: str) -> Collection[Session]:
         """The user's connections (a live view: copy it before unbinding any)."""
         held = self._online.get(user_key)
         if held is None:
@@ -98,7 +98,7 @@ class Presence:
 
     # --- binding -----------------------------------------------------------------------
 
-    def bind(self, s: Session, token: str, claims: Claims, display: str) -> None:
+    def bind(self, s: Session, claims: Claims, display: str) -> None:
         """Bind `s` to a verified token of `display` (its expiry timers start)."""
         key = claims.sub.lower()
         if s.claims is None:
@@ -106,7 +106,6 @@ class Presence:
         s.user = display
         s.user_key = key
         s.identity = identity_of(claims.sub, claims.jti)
-        s.token = token
         s.claims = claims
         held = self._online.get(key)
         if held is None:
@@ -132,7 +131,7 @@ class Presence:
             self._bound -= 1
             if self._bound == 0:
                 self._stop()
-        s.user = s.user_key = s.token = s.identity = None
+        s.user = s.user_key = s.identity = None
         s.claims = None
         s.unbound_since = self._clock.now()
 

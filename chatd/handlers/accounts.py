@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chatd.auth import Claims, normalize_grants
 from chatd.config import Config
@@ -18,6 +18,18 @@ from chatd.errors import (
     Unauthorized,
 )
 from chatd.protocol import commands as c
+from chatd.protocol.replies import (
+    EMPTY,
+    AuthReply,
+    Empty,
+    LoginReply,
+    PasswdReply,
+    RefreshReply,
+    RegisterReply,
+    UserEntry,
+    UserListReply,
+    WhoAmIReply,
+)
 from chatd.store.base import GuestHold, UserRecord
 
 if TYPE_CHECKING:
@@ -60,8 +72,10 @@ def check_auth(cmd: c.Auth, config: Config) -> None:
 
 
 def check_passwd(cmd: c.Passwd, config: Config) -> None:
-    # The old password too: one outside the rules cannot be right, and must not cost a hash.
-    check_password(cmd.password, config)
+    # Contract: a wrong old `password` is `unauthorized` (a failed login), whatever its
+    # length; only an oversized one is refused before it can cost a hash.
+    if len(cmd.password.encode("utf-8")) > config.password_max:
+        raise BadRequest(f"password must be at most {config.password_max} bytes (UTF-8)")
     check_password(cmd.new_password, config)
 
 
@@ -70,7 +84,7 @@ def _held(app: App, name: str, hold: GuestHold) -> Conflict:
     return Conflict(f"the name {name!r} is held by a guest {app.accounts.hold_note(hold)}")
 
 
-async def register(app: App, req: Request, cmd: c.Register) -> Any:
+async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
     accounts = app.accounts
     hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
@@ -88,7 +102,7 @@ async def register(app: App, req: Request, cmd: c.Register) -> Any:
         accounts.end_register(key, None)
         raise
     accounts.end_register(key, user)
-    return {"user": user.name}
+    return RegisterReply(user=user.name)
 
 
 async def check_user_password(app: App, s: Session, key: str, password: str) -> UserRecord:
@@ -100,6 +114,7 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
     once the failures reach a limit."""
     keys = app.limits.failure_keys(s, key)
     gate = app.limits.login_gate
+    await app.limits.refresh_failures(keys)  # several nodes: the others' failures count too
     await gate.admit(keys)
     failed = False
     try:
@@ -144,8 +159,8 @@ def _ttl(app: App, asked: int | None) -> int:
     return min(asked or app.config.token_ttl, app.config.token_ttl)
 
 
-def _token_reply(token: str, claims: Claims, user: str) -> dict[str, Any]:
-    return {"token": token, "user": user, "grants": list(claims.grants), "expires_at": claims.exp}
+def _token_reply(token: str, claims: Claims, user: str) -> LoginReply:
+    return LoginReply(token=token, user=user, grants=list(claims.grants), expires_at=claims.exp)
 
 
 def _check_not_bound_elsewhere(session: Session, key: str) -> None:
@@ -153,7 +168,7 @@ def _check_not_bound_elsewhere(session: Session, key: str) -> None:
         raise Forbidden(f"this connection is logged in as {session.user}; log out first")
 
 
-async def login(app: App, req: Request, cmd: c.Login) -> Any:
+async def login(app: App, req: Request, cmd: c.Login) -> LoginReply:
     s = req.session
     key = cmd.user.lower()
     _check_not_bound_elsewhere(s, key)
@@ -167,13 +182,13 @@ async def login(app: App, req: Request, cmd: c.Login) -> Any:
     token, claims = app.tokens.mint(
         user.name, account_jti(user.id, user.token_version), grants, _ttl(app, cmd.ttl)
     )
-    app.bind(s, token, claims)
+    app.bind(s, claims)
     return _token_reply(token, claims, user.name)
 
 
 async def _guest_login(
     app: App, req: Request, cmd: c.Login, wanted: tuple[str, ...] | None
-) -> Any:
+) -> LoginReply:
     key = cmd.user.lower()
     if not app.config.guests:
         raise Forbidden("guest logins are turned off on this server")
@@ -197,7 +212,7 @@ async def _guest_login(
         token, claims = app.tokens.mint(
             own.name, guest_jti(own.jti), grants, _ttl(app, cmd.ttl)
         )
-        app.bind(req.session, token, claims)
+        app.bind(req.session, claims)
         return _token_reply(token, claims, own.name)
     app.limits.spend_guest_login(req.session)
     hold = accounts.new_hold(cmd.user)  # reserved now, so a racing guest login gets conflict
@@ -211,7 +226,7 @@ async def _guest_login(
         raise
     if not accounts.is_current_hold(hold):
         raise Conflict(f"the name {cmd.user!r} was taken meanwhile")
-    app.bind(req.session, token, claims)
+    app.bind(req.session, claims)
     accounts.settle_hold(key)  # not bound after all (the connection went meanwhile): grace
     return _token_reply(token, claims, cmd.user)
 
@@ -229,7 +244,7 @@ def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
     return hold if is_hold_jti(claims.jti, hold.jti) else None
 
 
-async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
+async def auth(app: App, req: Request, cmd: c.Auth) -> AuthReply:
     assert cmd.token is not None
     if (wait := app.bus.caught_up()) is not None:
         await wait  # several nodes: a logout or revocation made elsewhere counts
@@ -243,16 +258,16 @@ async def auth(app: App, req: Request, cmd: c.Auth) -> Any:
         # ago, not yet seen by the poll: look in the store before saying no.
         await app.refresh_user(claims.sub.lower())
         app.accounts.check_claims(claims)
-    app.bind(req.session, cmd.token, claims)
-    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+    app.bind(req.session, claims)
+    return AuthReply(user=req.user, grants=list(claims.grants), expires_at=claims.exp)
 
 
-async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> Any:
+async def whoami(app: App, req: Request, cmd: c.WhoAmI) -> WhoAmIReply:
     claims = req.claims
-    return {"user": req.user, "grants": list(claims.grants), "expires_at": claims.exp}
+    return WhoAmIReply(user=req.user, grants=list(claims.grants), expires_at=claims.exp)
 
 
-async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
+async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
     old: Claims = req.claims
     key = req.user_key
     max_ttl = app.config.token_ttl
@@ -269,11 +284,11 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> Any:
         assert user is not None  # the dispatcher checked the token against it just now
         token, claims = app.tokens.renew(old, account_jti(user.id, user.token_version), max_ttl)
     if req.session.user_key == key:
-        app.bind(req.session, token, claims)
-    return {"token": token, "expires_at": claims.exp}
+        app.bind(req.session, claims)
+    return RefreshReply(token=token, expires_at=claims.exp)
 
 
-async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
+async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
@@ -287,17 +302,17 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Any:
         app.end_revoked_sessions(key, req)
         if written is not None:
             await written  # acknowledged only once the release is durable
-        return {}
+        return EMPTY
     await app.store.revoke(claims.jti, claims.exp)
     app.accounts.revoke(claims.jti, claims.exp)
     if cmd.all:
         app.accounts.new_generation(key, await app.store.bump_token_version(key))
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
-    return {}
+    return EMPTY
 
 
-async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
+async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
     """Contract, "passwd": a new token like `refresh`'s; every other token of the account
     stops working (as `logout all`)."""
     old: Claims = req.claims
@@ -312,20 +327,20 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> Any:
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
     if s.user_key == key:
-        app.bind(s, token, claims)
+        app.bind(s, claims)
     app.end_revoked_sessions(key, req)
-    return {"token": token, "expires_at": claims.exp}
+    return PasswdReply(token=token, expires_at=claims.exp)
 
 
-async def user_list(app: App, req: Request, cmd: c.UserList) -> Any:
+async def user_list(app: App, req: Request, cmd: c.UserList) -> UserListReply:
     # The store's list (the command line may have changed it a moment ago); names
     # compare case-insensitively, so they sort that way.
     _, users = await app.store.reload_users()
     users.sort(key=lambda u: u.name.lower())
-    return {"users": [{"name": u.name, "admin": u.admin} for u in users]}
+    return UserListReply(users=[UserEntry(name=u.name, admin=u.admin) for u in users])
 
 
-async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
+async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
     key = cmd.user.lower()
     if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
@@ -336,4 +351,4 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Any:
     # the caller's reply when the caller is one of them (contract: reply first).
     if app.accounts.forget_user(key) is not None:
         app.drop_user(key, "deleted", req)
-    return {}
+    return EMPTY

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
-from chatd.bus import ToRoom, ToUser
+from chatd import changes
+from chatd.bus import ToRoom
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatError, Forbidden, NotFound
 from chatd.protocol import commands as c
-from chatd.protocol.frames import encode_json, event_frame
-from chatd.protocol.models import Message, rfc3339
+from chatd.protocol.events import Event, MessageEdited, MessagePosted
+from chatd.protocol.frames import encode_json
+from chatd.protocol.models import Message
+from chatd.protocol.replies import EMPTY, Empty, HistoryReply, MessageReply, SyncReply
 from chatd.store.base import MessageRecord, NewMessage
 
 if TYPE_CHECKING:
@@ -41,44 +44,20 @@ def check_limit(cmd: c.RoomHistory | c.DmHistory | c.Sync, config: Config) -> No
         raise BadRequest("limit must be at least 1")
 
 
-def to_wire(app: App, m: MessageRecord) -> Message:
-    room = None
-    if m.room_id is not None:
-        live = app.rooms.by_id.get(m.room_id)
-        room = live.name if live is not None else None
-    return Message(
-        id=m.id,
-        rev=m.rev,
-        room=room,
-        to=m.recipient,
-        from_=m.sender,
-        text=m.text,
-        ts=rfc3339(m.ts),
-        edited_ts=rfc3339(m.edited_ts) if m.edited_ts is not None else None,
-        edited_by=m.edited_by,
-        deleted=m.deleted,
-    )
-
-
-def emit_message_event(app: App, req: Request, m: MessageRecord, frame: bytes) -> None:
+def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -> None:
     """A message's event goes to the room, or to both identities' connections (a DM: not
-    to whoever holds those names now). A bus that carries revisions (several nodes)
-    delivers it from the change stream instead, in revision order on every node."""
+    to whoever holds those names now): chatd.changes.audiences. A bus that carries
+    revisions (several nodes) delivers it from the change stream instead, in revision
+    order on every node."""
     if app.bus.carries_revisions:
         return
-    if m.room_id is not None:
-        room = app.rooms.by_id.get(m.room_id)
-        if room is None:
-            return
-        app.settle(room)  # departures before this message are announced before it
-        req.emit(ToRoom(room), frame)
-        return
-    req.emit(ToUser(m.sender.lower(), m.sender_key), frame)
-    if m.recipient is not None and m.recipient_key != m.sender_key:
-        req.emit(ToUser(m.recipient.lower(), m.recipient_key), frame)
+    for audience in changes.audiences(app.rooms, m):
+        if isinstance(audience, ToRoom):
+            app.settle(audience.room)  # departures before this message are announced first
+        req.emit(audience, event)
 
 
-async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
+async def send(app: App, req: Request, cmd: c.MsgSend) -> MessageReply:
     key = req.identity  # nonces are the sender's own, not its name's next holder's
     if cmd.nonce is not None:
         seen = app.nonces.get(key, cmd.nonce)
@@ -87,7 +66,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
             current = await app.store.get_message(seen)
             if current is not None:
                 _room_still_there(app, current)
-                return {"message": to_wire(app, current)}
+                return MessageReply(message=changes.message_of(app.rooms, current))
     try:
         room_id = _may_send(app, req, cmd)
         app.limits.spend_send(req.user_key, req.session)
@@ -98,7 +77,7 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
             old = await app.store.find_nonce(key, cmd.nonce)
             if old is not None:
                 _room_still_there(app, old)
-                return {"message": to_wire(app, old)}
+                return MessageReply(message=changes.message_of(app.rooms, old))
         raise
     rec, created = await app.store.add_message(
         NewMessage(
@@ -113,14 +92,13 @@ async def send(app: App, req: Request, cmd: c.MsgSend) -> Any:
         )
     )
     _room_still_there(app, rec)
-    # Encoded once: the same bytes go into the reply and the event for every member.
-    msg = msgspec.Raw(encode_json(to_wire(app, rec)))
+    msg = changes.message_of(app.rooms, rec)
     if cmd.nonce is not None:
         app.nonces.remember(key, cmd.nonce, rec.id)
     if created:
         app.stats.messages += 1
-        emit_message_event(app, req, rec, event_frame("message", msg))
-    return {"message": msg}
+        emit_message_event(app, req, rec, MessagePosted(msg))
+    return MessageReply(message=msg)
 
 
 def _room_still_there(app: App, rec: MessageRecord) -> None:
@@ -167,7 +145,7 @@ def _may_change(req: Request, m: MessageRecord, verb: str) -> None:
     raise Forbidden(f"{verb}ing this message needs the {need} grant")
 
 
-async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
+async def edit(app: App, req: Request, cmd: c.MsgEdit) -> MessageReply:
     m = await _visible(app, req, cmd.message_id)
     _may_change(req, m, "edit")
     app.limits.spend_send(req.user_key, req.session)
@@ -175,22 +153,20 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> Any:
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
-    msg = to_wire(app, rec)
-    emit_message_event(app, req, rec, event_frame("message.edited", msg))
-    return {"message": msg}
+    msg = changes.message_of(app.rooms, rec)
+    emit_message_event(app, req, rec, MessageEdited(msg))
+    return MessageReply(message=msg)
 
 
-async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Any:
+async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Empty:
     m = await _visible(app, req, cmd.message_id)
     _may_change(req, m, "delete")
     rec = await app.store.delete_message(m.id, req.user)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)
-    wire = to_wire(app, rec)
-    data = {"id": rec.id, "rev": rec.rev, "room": wire.room, "to": rec.recipient, "by": req.user}
-    emit_message_event(app, req, rec, event_frame("message.deleted", data))
-    return {}
+    emit_message_event(app, req, rec, changes.deleted(app.rooms, rec, req.user))
+    return EMPTY
 
 
 def _limit(app: App, asked: int | None, default: int) -> int:
@@ -199,15 +175,15 @@ def _limit(app: App, asked: int | None, default: int) -> int:
 
 def page_of(
     app: App, recs: list[MessageRecord], more: bool, keep_newest: bool
-) -> tuple[list[msgspec.Raw], list[MessageRecord], bool]:
+) -> tuple[list[Message], list[MessageRecord], bool]:
     """Encode a page once and trim it to the byte budget, dropping from the far end of
-    travel: the encoded messages (spliced into the reply as they are), the records
-    kept, and `more`."""
+    travel: the messages (each encoded once, a ``msgspec.Raw`` spliced into the reply
+    Struct as it is), the records kept, and `more`."""
     budget = app.config.history_page_bytes - 64
-    encoded = [msgspec.Raw(encode_json(to_wire(app, r))) for r in recs]
+    encoded = [msgspec.Raw(encode_json(changes.message_of(app.rooms, r))) for r in recs]
     sizes = [len(e) + 1 for e in encoded]
     if sum(sizes) <= budget:
-        return encoded, recs, more
+        return cast("list[Message]", encoded), recs, more
     total = 0
     order = range(len(recs) - 1, -1, -1) if keep_newest else range(len(recs))
     kept: list[int] = []
@@ -217,18 +193,18 @@ def page_of(
         total += sizes[i]
         kept.append(i)
     kept.sort()
-    return [encoded[i] for i in kept], [recs[i] for i in kept], True
+    return cast("list[Message]", [encoded[i] for i in kept]), [recs[i] for i in kept], True
 
 
-async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> Any:
+async def room_history(app: App, req: Request, cmd: c.RoomHistory) -> HistoryReply:
     room = app.rooms.get(cmd.room)
     limit = _limit(app, cmd.limit, app.config.history_default)
     recs, more = await app.store.room_history(room.id, cmd.before, cmd.after, limit)
     page, _, more = page_of(app, recs, more, cmd.after is None)
-    return {"messages": page, "more": more}
+    return HistoryReply(messages=page, more=more)
 
 
-async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
+async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> HistoryReply:
     other = cmd.with_
     if other is not None and not app.accounts.is_registered(other.lower()):
         if not await app.store.has_dms_between(req.identity, other):
@@ -236,10 +212,10 @@ async def dm_history(app: App, req: Request, cmd: c.DmHistory) -> Any:
     limit = _limit(app, cmd.limit, app.config.history_default)
     recs, more = await app.store.dm_history(req.identity, other, cmd.before, cmd.after, limit)
     page, _, more = page_of(app, recs, more, cmd.after is None)
-    return {"messages": page, "more": more}
+    return HistoryReply(messages=page, more=more)
 
 
-async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
+async def sync(app: App, req: Request, cmd: c.Sync) -> SyncReply:
     # Everything committed up to `now_rev` is visible to the read that follows.
     now_rev = app.store.rev
     limit = _limit(app, cmd.limit, app.config.history_limit)
@@ -250,4 +226,4 @@ async def sync(app: App, req: Request, cmd: c.Sync) -> Any:
         rev = kept[-1].rev if kept else cmd.since
     else:
         rev = max([now_rev] + [m.rev for m in kept])
-    return {"changes": page, "rev": rev, "more": more}
+    return SyncReply(changes=page, rev=rev, more=more)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -12,7 +12,19 @@ from chatd.bus import ToRoom, ToSessions
 from chatd.config import Config
 from chatd.errors import BadRequest, Forbidden, NotFound
 from chatd.protocol import commands as c
-from chatd.protocol.frames import encode_json, event_frame
+from chatd.protocol.events import MemberJoined, RoomClosed, RoomUpdated
+from chatd.protocol.frames import encode_json
+from chatd.protocol.models import RoomInfo
+from chatd.protocol.replies import (
+    EMPTY,
+    Channel,
+    ChannelsReply,
+    Empty,
+    RoomJoinReply,
+    RoomListReply,
+    RoomMembersReply,
+    RoomReply,
+)
 from chatd.rooms import LiveRoom
 from chatd.store.base import RoomRecord
 
@@ -62,7 +74,7 @@ def _check_room_cap(app: App, req: Request) -> None:
         )
 
 
-async def create(app: App, req: Request, cmd: c.RoomCreate) -> Any:
+async def create(app: App, req: Request, cmd: c.RoomCreate) -> RoomReply:
     _check_room_cap(app, req)
     app.rooms.reserve(cmd.room, req.user)
     try:
@@ -79,10 +91,10 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> Any:
         app.rooms.join(room, s)
     elif room.ephemeral:
         app.leave(room, s, "left")  # nobody in it: an ephemeral room goes at once
-    return {"room": room.info()}
+    return RoomReply(room=room.info())
 
 
-async def edit(app: App, req: Request, cmd: c.RoomEdit) -> Any:
+async def edit(app: App, req: Request, cmd: c.RoomEdit) -> RoomReply:
     room = app.rooms.get(cmd.room)
     _may_manage(req, room)
     if room.edit_lock is None:
@@ -91,7 +103,7 @@ async def edit(app: App, req: Request, cmd: c.RoomEdit) -> Any:
         return await _edit(app, req, cmd, room)
 
 
-async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
+async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> RoomReply:
     if room.deleted:
         raise NotFound(f"room {cmd.room!r} was deleted")
     new_name = cmd.name if cmd.name is not None else room.name
@@ -112,23 +124,23 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Any:
     room.topic = topic
     if renamed:
         app.rooms.rename(room, new_name)
-        info: Any = room.renamed_info(previous)
+        info: RoomInfo = room.renamed_info(previous)
     else:
         info = room.info()
-    req.emit(ToRoom(room), event_frame("room.updated", info))
-    return {"room": room.info()}
+    req.emit(ToRoom(room), RoomUpdated(info))
+    return RoomReply(room=room.info())
 
 
-async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Any:
+async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Empty:
     room = app.rooms.get(cmd.room)
     _may_manage(req, room)
     await app.store.delete_room(room.id, req.user)
     if not room.deleted:
         app.settle(room)
         members = app.rooms.remove(room)
-        frame = event_frame("room.closed", {"room": room.name, "by": req.user})
-        req.emit(ToSessions.of(members), frame)  # the members it had: it has none now
-    return {}
+        # The members it had: it has none now.
+        req.emit(ToSessions.of(members), RoomClosed(room=room.name, by=req.user))
+    return EMPTY
 
 
 def _list_limit(app: App, asked: int | None) -> int:
@@ -137,7 +149,8 @@ def _list_limit(app: App, asked: int | None) -> int:
 
 class _Page:
     """Entries encoded once, up to `limit` of them and within the reply byte budget (as
-    history pages, protocol.md Limits): a reply never trips the outbox hard limit."""
+    history pages, protocol.md Limits): a reply never trips the outbox hard limit. The
+    reply Struct holds them as they are (``msgspec.Raw``; chatd.protocol.replies)."""
 
     def __init__(self, app: App, limit: int) -> None:
         self.items: list[msgspec.Raw] = []
@@ -161,7 +174,7 @@ class _Page:
         return True
 
 
-async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
+async def list_(app: App, req: Request, cmd: c.RoomList) -> RoomListReply:
     """Rooms in case-insensitive name order, a page at a time: `after` a name, `limit`.
     [chatd] `more` says whether rooms follow; then `next` is the cursor to pass as
     `after`. Without paging fields a small server's reply is every room."""
@@ -174,36 +187,43 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> Any:
         if not page.add(room.info()):
             break
         last = room.name
-    reply: dict[str, Any] = {"rooms": page.items, "more": page.full}
+    rooms_page = cast("list[RoomInfo]", page.items)  # each encoded once, spliced in as is
     if page.full:
-        reply["next"] = last or cmd.after
-    return reply
-async def join(app: App, req: Request, cmd: c.RoomJoin) -> Any:
+        return RoomListReply(rooms=rooms_page, more=True, next=last or cmd.after)
+    return RoomListReply(rooms=rooms_page, more=False)
+
+
+async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
     if (wait := app.bus.caught_up()) is not None:
         await wait  # several nodes: members and rooms as every node has changed them
     room = app.rooms.get(cmd.room)
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
     if app.rooms.join(room, s):
-        req.emit(ToRoom(room, skip=s), event_frame("member.joined", {"room": room.name, "user": req.user}))
-    return {"room": room.info(), "members": room.members_json()}
+        req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
+    return RoomJoinReply(room=room.info(), members=_members(room))
 
 
-async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Any:
+async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
     room = app.rooms.get(cmd.room)
     app.leave(room, req.session, "left")
-    return {}
+    return EMPTY
 
 
-async def members(app: App, req: Request, cmd: c.RoomMembers) -> Any:
+async def members(app: App, req: Request, cmd: c.RoomMembers) -> RoomMembersReply:
     if (wait := app.bus.caught_up()) is not None:
         await wait
     room = app.rooms.get(cmd.room)
     app.settle(room)  # departures the list no longer shows are announced first
-    return {"room": room.name, "members": room.members_json()}
+    return RoomMembersReply(room=room.name, members=_members(room))
 
 
-async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
+def _members(room: LiveRoom) -> list[str]:
+    """The member names, encoded once per change of membership (chatd.rooms), spliced in."""
+    return cast("list[str]", room.members_json())
+
+
+async def channels(app: App, req: Request, cmd: c.Channels) -> ChannelsReply:
     """Rooms (name order), then known users (name order), a page at a time. [chatd] The
     cursor names the kind: `after` is "room:NAME" or "user:NAME", as `next` gives it."""
     if (wait := app.bus.caught_up()) is not None:
@@ -214,19 +234,19 @@ async def channels(app: App, req: Request, cmd: c.Channels) -> Any:
     if kind == "room":
         _, rooms, start = app.rooms.after(name)
         for room in rooms[start:]:
-            if not page.add({"name": room.name, "type": "room"}):
+            if not page.add(Channel(name=room.name, type="room")):
                 break
             last = f"room:{room.name}"
         name = None
     if not page.full:
         for user in _known_users(app, name):
-            if not page.add({"name": user, "type": "user"}):
+            if not page.add(Channel(name=user, type="user")):
                 break
             last = f"user:{user}"
-    reply: dict[str, Any] = {"channels": page.items, "more": page.full}
+    entries = cast("list[Channel]", page.items)  # each encoded once, spliced in as is
     if page.full:
-        reply["next"] = last or cmd.after
-    return reply
+        return ChannelsReply(channels=entries, more=True, next=last or cmd.after)
+    return ChannelsReply(channels=entries, more=False)
 
 
 def _known_users(app: App, after: str | None) -> list[str]:

@@ -1,6 +1,10 @@
-"""Server frames as bytes, each ending in a newline (wire contract, "Server frames").
+"""Server frames as bytes, each ending in a newline (wire contract, "Server frames"): the
+JSON-lines wire format's encoders, one shared Encoder.
 
-One shared Encoder; an event is encoded once and the same bytes go to every recipient.
+``ok_frame`` and ``error_frame`` make a reply (chatd.dispatch, from the handler's reply
+Struct or its error); ``event_frame`` is called by ``Event.json_frame`` alone
+(chatd.protocol.events), which keeps the bytes on the event so that one event is encoded
+once, however many connections get it.
 """
 
 from __future__ import annotations

@@ -36,13 +36,14 @@ class LineSplitter:
     one partial line (≤ max_frame + 1 bytes) plus one pushed chunk.
     """
 
-    __slots__ = ("_buf", "_discarding", "_pos", "_scan", "max_frame", "work")
+    __slots__ = ("_discarding", "_pos", "_scan", "buf", "max_frame", "work")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         # The read chunk itself while it is being consumed (no copy), a bytearray only
-        # while a partial line grows across reads.
-        self._buf: bytes | bytearray = b""
+        # while a partial line grows across reads; b"" exactly when nothing is buffered
+        # (so a reader's loop can test it instead of calling ``next`` once more).
+        self.buf: bytes | bytearray = b""
         self._pos = 0  # the first byte not yet returned
         # Bytes before _scan hold no newline: a line that arrives a byte at a time is
         # searched once, so it costs O(n), not O(n²) (h11's lesson).
@@ -54,15 +55,19 @@ class LineSplitter:
     @property
     def buffered(self) -> int:
         """Bytes pushed and not yet returned (complete frames and a partial line)."""
-        return len(self._buf) - self._pos
+        return len(self.buf) - self._pos
 
     def clear(self) -> None:
         """Forget everything buffered (the connection is gone: its input is freed)."""
-        self._buf = b""
+        self.buf = b""
         self._pos = self._scan = 0
         self._discarding = False
 
     def push(self, data: bytes) -> None:
+        buf = self.buf
+        if not buf and type(data) is bytes and not self._discarding:
+            self.buf = data  # nothing left over (the usual case): work on the chunk itself
+            return
         if self._discarding:
             nl = data.find(b"\n")
             self.work += len(data) if nl < 0 else nl + 1
@@ -72,16 +77,14 @@ class LineSplitter:
             data = data[nl + 1 :]
         if type(data) is not bytes:
             data = bytes(data)  # kept as is below: never a buffer the caller reuses
-        buf = self._buf
-        pos = self._pos
-        if pos == len(buf):  # nothing left over: work on the chunk itself
-            self._buf = data
-            self._pos = self._scan = 0
+        if not buf:
+            self.buf = data
             return
         # Consumed bytes go before new ones come in; what is left is a partial line or
         # frames not yet taken, and grows in a bytearray (appending is amortized O(1)).
+        pos = self._pos
         if isinstance(buf, bytes):
-            buf = self._buf = bytearray(memoryview(buf)[pos:])
+            buf = self.buf = bytearray(memoryview(buf)[pos:])
         elif pos:
             del buf[:pos]  # cheap in CPython: the start moves, nothing is copied
         self._scan -= pos
@@ -91,15 +94,17 @@ class LineSplitter:
     def next(self) -> bytes | _TooLarge | None:
         """The next complete frame, TOO_LARGE once for an over-long line, or None when
         no complete frame is buffered."""
-        buf = self._buf
+        # Invariant: ``buf`` is b"" (and _pos, _scan are 0) exactly when every byte pushed
+        # was taken; otherwise _pos < len(buf).
         while True:
+            buf = self.buf
+            if not buf:
+                return None  # drained
             pos = self._pos
-            end = len(buf)
-            if pos == end:
-                return None  # drained (the usual way a pump ends: keep it cheap)
             start = self._scan  # never before pos
             nl = buf.find(b"\n", start)
             if nl < 0:
+                end = len(buf)
                 self.work += end - start
                 if end - pos > self.max_frame + 1:  # max_frame bytes and a "\r" may wait
                     self.clear()
@@ -108,20 +113,22 @@ class LineSplitter:
                 self._scan = end
                 return None
             self.work += nl + 1 - start
-            if nl + 1 == end:  # the last byte: let the read chunk go
-                self._buf = b""
-                self._pos = self._scan = 0
+            if nl + 1 == len(buf):  # the last byte: let the read chunk go
+                self.buf = b""
+                if pos:
+                    self._pos = self._scan = 0
+                elif start:
+                    self._scan = 0
             else:
                 self._pos = self._scan = nl + 1
-            end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # CRLF tolerated
-            n = end - pos
-            if n > self.max_frame:
+            if nl > pos and buf[nl - 1] == 13:
+                nl -= 1  # CRLF tolerated
+            if nl - pos > self.max_frame:
                 return TOO_LARGE
-            if n:
-                line = buf[pos:end]
+            if nl > pos:
+                line = buf[pos:nl]
                 if line[0] == 123 or not line.isspace():  # "{": the usual frame
                     return line if type(line) is bytes else bytes(line)
-            buf = self._buf
 
     def feed(self, data: bytes) -> list[bytes | _TooLarge]:
         """Push ``data`` and take every complete frame it finishes."""

@@ -1,18 +1,19 @@
 """One msgspec Struct per command's ``ok`` data (wire contract, "Commands"; protocol.md's
 command table), and ``REPLIES``: command name -> its reply Struct.
 
-These are the wire's own shapes: the client decodes replies with them, and the server's
-handlers can return them to be encoded once at the edge. Each encodes exactly as the
-server's reply does today (field names, order, which fields are left out), which the wire
-tests check by decoding real replies and encoding them again.
+These are the wire's own shapes: the server's handlers return them (chatd.dispatch encodes
+the reply frame; tests/unit/test_reply_values.py holds every handler to its Struct), and the
+client decodes replies with them. The wire tests decode real replies and encode them again,
+byte for byte.
 
 Decoding ignores fields a Struct does not name (msgspec's default), so a newer server may
 add fields without breaking an older client; fields chatd added beyond the contract
 (marked [chatd]) have defaults, so a reply without them still decodes.
 
-A handler that encoded an entry once to splice it into several frames (a ``msgspec.Raw``
-in place of a ``Message`` or ``RoomInfo``) may put that Raw in the field: encoding does
-not check types, and the bytes are the same.
+A handler that encoded entries once to measure a page against its byte budget (history,
+room.list, channels) or to reuse them (a room's member list) puts those ``msgspec.Raw``
+values in the field (typed with a cast): encoding does not check types, and the bytes are
+the same.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import msgspec
 from chatd.protocol.models import Message, RoomInfo
 
 __all__ = [
+    "EMPTY",
     "REPLIES",
     "AuthReply",
     "Channel",
@@ -60,6 +62,9 @@ class Reply(msgspec.Struct, frozen=True):
 
 class Empty(Reply, frozen=True):
     """``{}``: logout, user.delete, room.delete, room.leave, msg.delete."""
+
+
+EMPTY = Empty()
 
 
 class PingReply(Reply, frozen=True):

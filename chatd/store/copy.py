@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -249,3 +251,94 @@ def shown(where: str) -> str:
         return where
     u = urllib.parse.urlsplit(where)
     return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
+
+
+# --- chatd backup --redis ----------------------------------------------------------------
+
+
+def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
+    """`chatd backup --redis URL PATH`: the Redis data as an SQLite file at ``dest`` (made
+    private beside it, then renamed over it, so ``dest`` is always whole), while nodes run.
+
+    Redis gives no snapshot across many reads, so the copy is checked instead: the
+    counters every message, room and account change moves (revision, ids, users_version)
+    and the number of revocations are read before and after; if any moved, the copy is
+    thrown away and taken again, up to ``attempts`` times, then refused (the message points
+    to Redis's own online backup). Guest holds are as read during the copy. As
+    `chatd backup`, the copy gets a new epoch: restored (`chatd copy --from PATH --to
+    redis://...`), ids and revisions rewind, and clients must know their cursors are void.
+    Returns the number of live messages in the copy."""
+    from chatd.store.redis import RedisStore, RedisStoreError
+
+    if os.path.isdir(dest):
+        raise CopyError(f"{dest} is a directory; name the backup file")
+    folder = os.path.dirname(os.path.abspath(dest))
+    store = RedisStore(url)
+    try:
+        for _ in range(attempts):
+            before = _change_marks(store)
+            dump = store.export_dump()
+            dump.epoch = uuid.uuid4().hex
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            try:
+                import_sqlite(tmp, dump, store.export_messages())
+                if _change_marks(store) != before:
+                    continue  # a node wrote meanwhile: take it again
+                count = _seal(tmp)
+                os.replace(tmp, dest)
+                _fsync_dir(folder)
+                return count
+            finally:
+                for f in (tmp, tmp + "-wal", tmp + "-shm"):
+                    if os.path.lexists(f):
+                        os.unlink(f)
+    except RedisStoreError as exc:
+        raise CopyError(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise CopyError(f"SQLite: {exc}") from None
+    except OSError as exc:
+        raise CopyError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    raise CopyError(
+        f"the data in {shown(url)} changed during each of {attempts} tries (nodes are "
+        "writing): back Redis up with its own online snapshot (redis-cli --rdb FILE), or "
+        "stop the nodes and try again"
+    )
+
+
+def _change_marks(store: Any) -> tuple[Any, ...]:
+    """What any message, room or account change, or a revocation, moves (RedisStore)."""
+    from redis.exceptions import RedisError
+
+    from chatd.store.redis import RedisStoreError
+
+    P = store.prefix
+    r = store.sync_client()
+    try:
+        marks = r.hmget(P + "meta", "epoch", "rev", "msg_id", "room_id", "user_id", "users_version")
+        return (*marks, r.zcard(P + "revoked"))
+    except RedisError as exc:
+        raise RedisStoreError(f"Redis at {shown(store.url)}: {exc}") from None
+    finally:
+        r.close()
+
+
+def _seal(path: str) -> int:
+    """One self-contained file on disk; its number of live messages."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        count = int(db.execute("SELECT count(*) FROM messages WHERE deleted = 0").fetchone()[0])
+    finally:
+        db.close()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return count
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    finally:
+        os.close(fd)

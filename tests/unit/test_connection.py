@@ -316,9 +316,13 @@ def test_half_close_answers_every_complete_frame_then_closes(rig: Rig) -> None:
     assert rig.edge.ids() == [1, 2, 3]  # flushed before the close; "partial" never ran
 
 
-def test_eof_with_nothing_left_closes_at_once(rig: Rig) -> None:
+def test_eof_with_nothing_left_closes_as_a_chore(rig: Rig) -> None:
+    """Not in the turn that read the EOF: when thousands go at once, their closes are
+    spread over turns (issue 13, item 2)."""
     rig.conn.receive_data(frame("ping", 1))
-    assert rig.conn.receive_eof() is False
+    assert rig.conn.receive_eof() is True
+    assert not rig.edge.closed
+    rig.host.turn()
     assert rig.edge.closed and rig.edge.ids() == [1]
 
 

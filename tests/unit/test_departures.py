@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from chatd.app import LEFT_MAX_WAIT
+from chatd.changes import message_of
 from chatd.dispatch import Outcome, Request
 from chatd.handlers.messages import emit_message_event
+from chatd.protocol.events import MessagePosted
 from chatd.rooms import LiveRoom
 from chatd.session import Session
 from chatd.store.base import MessageRecord, RoomRecord
@@ -45,7 +47,7 @@ def member(k: Core, r: LiveRoom, name: str) -> tuple[Session, CountingPeer]:
     peer = CountingPeer()
     s = k.app.open_session(peer, "127.0.0.1")
     token = k.token(user)
-    k.app.bind(s, token, k.tokens.verify(token))
+    k.app.bind(s, k.tokens.verify(token))
     k.app.rooms.join(r, s)
     return s, peer
 
@@ -130,13 +132,13 @@ def test_a_newcomer_is_not_told_of_departures_from_before_it_came(k: Core) -> No
     peer = CountingPeer()
     s = k.app.open_session(peer, "127.0.0.1")
     token = k.token(newcomer_user)
-    k.app.bind(s, token, k.tokens.verify(token))
+    k.app.bind(s, k.tokens.verify(token))
     out = k.dispatcher.handle(s, b'{"cmd":"room.join","room":"big","id":1}')
     assert isinstance(out, Outcome)
     # The watcher hears of the departure before the join (its events follow the reply).
     assert [e["event"] for e in wpeer.lines()] == ["member.left"]
     assert out.events is not None
-    assert [json.loads(f)["event"] for _, f in out.events] == ["member.joined"]
+    assert [json.loads(f.json_frame())["event"] for _, f in out.events] == ["member.joined"]
     assert json.loads(out.reply)["data"]["members"] == ["new", "watcher"]
     settle_all(k)
     assert peer.sent == [] and wpeer.sent == []
@@ -155,7 +157,7 @@ def test_member_list_and_messages_come_after_the_departures_they_follow(k: Core)
     k.app.close_session(other)
     rec = MessageRecord(1, 1, r.id, "asker", None, "hi", 0.0, None, None, False)
     req = Request(k.app, asker)
-    emit_message_event(k.app, req, rec, b"m\n")
+    emit_message_event(k.app, req, rec, MessagePosted(message_of(k.app.rooms, rec)))
     assert [list(a.local(k.app.presence)) for a, _ in req.events] == [[asker]]
     assert [e["data"]["user"] for e in apeer.lines()] == ["other"]  # before the message
 

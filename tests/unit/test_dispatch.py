@@ -15,6 +15,7 @@ from chatd.dispatch import Dispatcher, Outcome, Pending, Request, Spec, Throttle
 from chatd.errors import NotFound
 from chatd.protocol import commands as c
 from chatd.protocol.commands import ALL_COMMANDS, AnyCommand, command_name
+from chatd.protocol.events import ServerShutdown
 from chatd.session import Session
 from tests.unit.fakes import UNIT_CONFIG, Core, core, drive
 
@@ -194,7 +195,7 @@ def test_session_expiry_timer_unbinds_and_tells_the_client() -> None:
         k.clock.advance(60)
         expired.fire()
         assert peer.frames() == [{"type": "event", "event": "session.expired", "data": {}}]
-        assert s.user is None and s.token is None and not k.app.presence.is_online("ann")
+        assert s.user is None and s.claims is None and not k.app.presence.is_online("ann")
         assert run(k, s, {"cmd": "whoami"})["code"] == "unauthorized"
 
 
@@ -260,6 +261,9 @@ def test_a_chat_error_from_a_handler_becomes_its_code() -> None:
         assert frame == {"type": "error", "id": "q", "code": "not_found", "message": "no such thing"}
 
 
+EVENT = ServerShutdown(reason="test")
+
+
 async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None:
     loop = asyncio.get_running_loop()
     gate: asyncio.Future[str] = loop.create_future()
@@ -269,7 +273,7 @@ async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None
 
     async def waits(app: Any, req: Request, cmd: Any) -> Any:
         value = await gate
-        req.emit(ToSessions(), b"event\n")
+        req.emit(ToSessions(), EVENT)
         return {"got": value}
 
     async def waits_then_fails(app: Any, req: Request, cmd: Any) -> Any:
@@ -293,6 +297,6 @@ async def test_a_handler_that_waits_comes_back_pending_with_its_events() -> None
         gate2.set_result("no")
         done = await drive(first)
         assert reply(done) == {"type": "ok", "id": 1, "data": {"got": "yes"}}
-        assert [f for _, f in done.events or ()] == [b"event\n"]
+        assert [f for _, f in done.events or ()] == [EVENT]
         failed = await drive(second)
         assert reply(failed)["code"] == "internal"

@@ -33,6 +33,7 @@ from chatd.domain.limits import Limits
 from chatd.domain.nonces import Nonces
 from chatd.domain.presence import Presence
 from chatd.errors import Conflict, RateLimited, Unauthorized
+from chatd.protocol.events import MemberJoined, RoomClosed
 from chatd.rooms import RoomManager
 from chatd.session import Session
 from chatd.stats import Stats
@@ -96,6 +97,27 @@ def test_send_budget_is_per_user_and_per_connection() -> None:
     clock.advance(100.0)
     limits.purge(clock.now())
     assert limits.user_buckets() == 0
+
+
+def test_refilled_connection_buckets_are_purged_and_partly_spent_ones_kept() -> None:
+    clock = FakeClock()
+    limits = Limits(UNIT_CONFIG.replace(rate_limit=1.0, guest_logins_per_connection=2), clock)
+    a, _ = session()
+    b, _ = session()
+    limits.spend_guest_login(a)
+    limits.spend_send("ann", a)
+    limits.spend_guest_login(b)
+    limits.spend_guest_login(b)
+    assert limits.connection_buckets() == 3
+    clock.advance(5.0)  # a's send budget has refilled, no guest-login budget has
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 2
+    with pytest.raises(RateLimited):
+        limits.spend_guest_login(b)  # what is kept still counts
+    clock.advance(60.0)
+    limits.purge(clock.now())
+    assert limits.connection_buckets() == 0  # a logged-in connection holds none
+    limits.spend_guest_login(b)  # afresh: as a full bucket would have allowed
 
 
 def test_registrations_per_connection_then_forgotten_with_it() -> None:
@@ -189,8 +211,8 @@ def test_presence_binds_and_unbinds_and_expires_from_one_shared_timer() -> None:
     tokens = TokenService(SECRET, clock)
     sessions = [pres.open(FakePeer(), "127.0.0.1") for _ in range(50)]
     for i, s in enumerate(sessions):
-        token, claims = tokens.mint("ann" if i % 2 else "bob", account_jti(1, 0), (), 600)
-        pres.bind(s, token, claims, "Ann" if i % 2 else "Bob")
+        _token, claims = tokens.mint("ann" if i % 2 else "bob", account_jti(1, 0), (), 600)
+        pres.bind(s, claims, "Ann" if i % 2 else "Bob")
     assert pres.users_online() == 2 and len(list(pres.sessions_of("ann"))) == 25
     assert sessions[1].identity == "ann#1"
     assert len(sched.live()) == 1  # one timer for every bound connection, not one each
@@ -244,8 +266,8 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
 
     def member(name: str, jti: str) -> Session:
         s = pres.open(LogPeer(name, log), "127.0.0.1")
-        token, claims = tokens.mint(name.rstrip("0123456789"), jti, (), 600)
-        pres.bind(s, token, claims, name)
+        _token, claims = tokens.mint(name.rstrip("0123456789"), jti, (), 600)
+        pres.bind(s, claims, name)
         rooms.join(room, s)
         return s
 
@@ -253,14 +275,17 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     bob = member("bob", account_jti(2, 0))
     bob_other = member("bob2", guest_jti("5"))  # name "bob" too, another identity
     outsider = pres.open(LogPeer("out", log), "127.0.0.1")
-    out = Outcome(b"reply\n", [(ToRoom(room), b"m1\n"), (ToUser("bob", "bob#2"), b"dm\n")])
+    m1 = MemberJoined(room="lobby", user="m1")
+    dm = RoomClosed(room="dm", by="bob")
+    out = Outcome(b"reply\n", [(ToRoom(room), m1), (ToUser("bob", "bob#2"), dm)])
     others_now(bus, out, me)
     # Everyone else at once; the caller's copy waits for its reply.
-    assert log == [("bob", b"m1\n"), ("bob2", b"m1\n"), ("bob", b"dm\n")]
+    m1_line, dm_line = m1.json_frame(), dm.json_frame()
+    assert log == [("bob", m1_line), ("bob2", m1_line), ("bob", dm_line)]
     log.clear()
     me.send(out.reply)
     deliver_own(bus, out)
-    assert log == [("ann", b"reply\n"), ("ann", b"m1\n")]
+    assert log == [("ann", b"reply\n"), ("ann", m1_line)]
     assert stats.deliveries == 4
     # Closes are part of the outcome too: others at once, the caller's after its reply.
     log.clear()
@@ -273,10 +298,26 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     # A timer's outcome has no caller; skip leaves one connection out of a room.
     log.clear()
     fx = Effects()
-    fx.emit(ToRoom(room, skip=bob), b"joined\n")
+    joined = MemberJoined(room="lobby", user="cat")
+    fx.emit(ToRoom(room, skip=bob), joined)
     deliver(bus, fx)
-    assert log == [("ann", b"joined\n"), ("bob2", b"joined\n")]
+    assert log == [("ann", joined.json_frame()), ("bob2", joined.json_frame())]
     assert outsider.user is None and bob_other.identity == "bob#g5"
+    # Left out of a room is left out when it is also the caller: no copy after its reply.
+    log.clear()
+    before = stats.deliveries
+    me_joined, x, m2 = (MemberJoined(room="lobby", user=u) for u in ("me", "x", "m2"))
+    assert bus.publish(ToRoom(room, skip=me), me_joined, me) is False
+    assert log == [("bob", me_joined.json_frame()), ("bob2", me_joined.json_frame())]
+    assert bus.publish(ToRoom(room, skip=bob), x, me) is True  # me is in, bob not
+    assert stats.deliveries == before + 3
+    # A reply queued at once: the whole outcome in one pass, the caller's copies included.
+    log.clear()
+    me.send(b"reply\n")
+    deliver(bus, Outcome(b"reply\n", [(ToRoom(room), m2)], [ToSessions(bob)]))
+    line = m2.json_frame()
+    assert log == [("ann", b"reply\n"), ("ann", line), ("bob", line), ("bob2", line),
+                   ("bob", "closed")]
 
 
 # --- one event path: a command's closes are part of its outcome -------------------------
@@ -299,7 +340,7 @@ async def test_deleting_ones_own_account_closes_the_connection_after_the_reply()
             me = k.app.open_session(LogPeer("me", log), "127.0.0.1")
             twin = k.app.open_session(LogPeer("twin", log), "127.0.0.1")
             token, _ = k.tokens.mint("Root", jti(rec.id, 0), ("admin",), 600)
-            k.app.bind(twin, token, k.tokens.verify(token))
+            k.app.bind(twin, k.tokens.verify(token))
             line = json.dumps({"cmd": "user.delete", "id": 1, "user": "root", "token": token})
             pending = k.dispatcher.handle(me, line.encode())
             assert isinstance(pending, Pending)

@@ -88,6 +88,10 @@ async def test_passwd_checks_lengths_and_refuses_guests(connect: Connect) -> Non
     assert "8" in frame["message"]
     await a.error("passwd", "bad_request", password=PASSWORD, new_password="x" * 1025)
     await a.error("passwd", "bad_request", password=PASSWORD)  # a field missing
+    # A short old password is simply wrong (contract: `unauthorized`), not a bad request.
+    await a.error("passwd", "unauthorized", password="wrong", new_password=NEW_PASSWORD)
+    await a.error("passwd", "bad_request", password="x" * 1025, new_password=NEW_PASSWORD)
+    assert (await a.ok("whoami"))["user"] == "rae"  # nothing changed
     await g.guest("drifter")
     await g.error("passwd", "forbidden", password=PASSWORD, new_password=NEW_PASSWORD)
     c = await connect()

@@ -43,6 +43,8 @@ async def test_one_node_on_redis_serves_and_a_restart_keeps_everything(redis_url
     async with chatd_serving(*args) as srv:
         before = await first_life(srv.port)
     assert any(b"appendfsync always: an acknowledged write is on disk" in x for x in srv.log)
+    start = next(x for x in srv.log if b"chatd listening on" in x)
+    assert b"redis " in start and b"db " not in start, start  # names the store it uses
     async with chatd_serving(*args) as srv:
         c = await Client.connect(srv.port)
         try:

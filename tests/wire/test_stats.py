@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -198,6 +199,12 @@ async def test_the_metrics_endpoint_serves_the_stats_figures_in_prometheus_forma
         # Figures move between scrapes.
         await ann.ok("msg.send", room="lobby", text="again")
         assert (await scrape(srv))["chatd_messages_stored"][()] == 3.0
+        # Only /metrics is served: a mistyped path is a 404, not a scrape.
+        for path in ("/", "/metric", "/metrics/x", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                await asyncio.to_thread(_get, f"http://127.0.0.1:{srv.metrics.port}{path}")
+            err.value.close()  # an HTTPError holds the response's socket
+            assert err.value.code == 404, path
         for c in (ann, other, third, full):
             await c.close()
     assert srv.metrics is not None

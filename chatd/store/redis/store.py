@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
+from chatd.config import redis_address
 from chatd.errors import ChatError, Conflict, Internal, NotFound
 from chatd.store.base import (
     GuestHold,
@@ -221,11 +222,7 @@ class RedisStore:
             r.close()
 
     def _where(self) -> str:
-        # The URL without a password (it may carry one).
-        from urllib.parse import urlsplit
-
-        u = urlsplit(self.url)
-        return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
+        return redis_address(self.url)
 
     def _load(self, r: redis.Redis) -> Snapshot:
         P = self.prefix
@@ -303,6 +300,13 @@ class RedisStore:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    def shared_budgets(self) -> Any:
+        """Rate budgets shared with every node on this database (the server hands it to
+        Limits.share): a chatd.store.redis.limits.RedisBudgets."""
+        from chatd.store.redis.limits import RedisBudgets
+
+        return RedisBudgets(self.url, prefix=self.prefix)
 
     def _aclient(self) -> aioredis.Redis:
         if self._client is None:

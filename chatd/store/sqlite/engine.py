@@ -94,6 +94,9 @@ class Writer:
         self.commit_times: collections.deque[float] = collections.deque(maxlen=1024)
         self.write_errors = 0
         self._failed_batches = 0  # in the current failing streak
+        # Asked before every batch (writer thread): why the database must not be touched
+        # (the store's fault), or None. A batch then fails without entering SQLite.
+        self.guard: Callable[[], str | None] | None = None
 
     def start(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -107,6 +110,12 @@ class Writer:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+    def abandon(self) -> None:
+        """Stop without waiting for the thread (it may be stuck in a fault): what is queued
+        fails at its next look at the guard."""
+        self._stopping = True
+        self._wake.set()
 
     def submit(self, fn: Op, multi: bool = False) -> asyncio.Future[Any]:
         """Queue a write (at the call: writes run in the order they were submitted). Its
@@ -156,6 +165,12 @@ class Writer:
     def _run_batch(self, batch: list[Queued]) -> None:
         db = self.db
         assert db is not None
+        fault = self.guard() if self.guard is not None else None
+        if fault is not None:
+            self.write_errors += 1
+            refused = Internal(f"storage failed ({fault}); the server is stopping; the change was not saved")
+            self._hand_back([(fut, None, refused) for _, fut, _ in batch], self.ledger.rev)
+            return
         ledger = self.ledger
         ledger.mark()
         results: list[Result] = []
@@ -228,9 +243,12 @@ class Writer:
                     extra={"event": "store_error", "error": str(exc)},
                 )  # fmt: skip
             results = [(fut, None, err) for _, fut, _ in batch]
+        self._hand_back(results, ledger.rev)
+
+    def _hand_back(self, results: list[Result], rev: int) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._deliver, results, ledger.rev)
+            loop.call_soon_threadsafe(self._deliver, results, rev)
 
     def _deliver(self, results: list[Result], rev: int) -> None:
         # The watermark first: a command resumed below may read it (sync) at once.

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from chatd.errors import NotFound
+from chatd.errors import Internal, NotFound
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -156,6 +156,44 @@ class _Ledger:
         return out
 
 
+class _ShmWatch:
+    """Watches the database's shared-memory file (``-shm``), which SQLite maps into this
+    process: when something outside chatd truncates it, the next access to a page past its
+    new end kills the process with SIGBUS (no SQLite error can catch that); when it is
+    removed or replaced, another process (``chatd user add``) would index the WAL in a new
+    file while this one writes through the old, and the database can be damaged. So every
+    write batch and every read first looks (one ``stat``, no descriptor: closing one would
+    drop SQLite's POSIX locks on the file) and touches nothing once the file changed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.identity: tuple[int, int] | None = None
+        self.size = 0
+
+    def arm(self) -> None:
+        """Remember the file SQLite mapped (after the first transaction made it)."""
+        st = os.stat(self.path)
+        self.identity = (st.st_dev, st.st_ino)
+        self.size = st.st_size
+
+    def check(self) -> str | None:
+        """What happened to the file, or None while it is the one SQLite mapped, whole."""
+        if self.identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "was removed"
+        except OSError as exc:
+            return f"cannot be checked ({exc.strerror})"
+        if (st.st_dev, st.st_ino) != self.identity:
+            return "was replaced by another file"
+        if st.st_size < self.size:
+            return f"was truncated ({self.size} to {st.st_size} bytes)"
+        self.size = max(self.size, st.st_size)  # SQLite maps more as the WAL grows
+        return None
+
+
 class SQLiteStore:
     """Store on SQLite. ``path`` ":memory:" keeps nothing on disk (reads then share the writer).
 
@@ -182,6 +220,10 @@ class SQLiteStore:
         self._reader_dbs: list[sqlite3.Connection] = []
         self._reader_dbs_lock = threading.Lock()
         self._lock: ServerLock | None = None
+        self._shm = None if self.memory else _ShmWatch(os.path.realpath(path) + "-shm")
+        # Why the database must not be touched again (see _ShmWatch, abandon), once known.
+        self._fault: str | None = None
+        self._writer.guard = self.fault
 
     @property
     def rev(self) -> int:
@@ -237,6 +279,13 @@ class SQLiteStore:
                 raise StoreOpenError(str(exc)) from None
             raise
         self._db = db
+        if self._shm is not None:
+            try:
+                self._shm.arm()
+            except OSError as exc:
+                db.close()
+                self._unlock(refused=True)
+                raise StoreOpenError(f"cannot find the database's -shm file: {exc.strerror}") from None
         self._writer.start(db)
         if not self.memory:
             self._readers = concurrent.futures.ThreadPoolExecutor(
@@ -278,8 +327,30 @@ class SQLiteStore:
             users_version=int(meta["users_version"]),
         )
 
+    def fault(self) -> str | None:
+        """Why the database can no longer be used safely by this process (then nothing
+        touches it again: the server must stop), or None. Any thread; costs one stat."""
+        if self._fault is None and self._shm is not None:
+            what = self._shm.check()
+            if what is not None:
+                self._fault = f"the database's shared-memory file {self._shm.path} {what} outside chatd"
+        return self._fault
+
+    def abandon(self, reason: str) -> None:
+        """Touch the database no more (a thread may be stuck in a fault inside SQLite):
+        queued writes fail, reads fail, ``close`` leaves the connections as they are."""
+        if self._fault is None:
+            self._fault = reason
+
     async def close(self) -> None:
-        """Commit what is queued, then stop the writer and the readers."""
+        """Commit what is queued, then stop the writer and the readers. After a fault
+        nothing is closed: closing checkpoints, which would touch the damaged file (the
+        process exits instead; every committed change is in the WAL, replayed at the next
+        open)."""
+        if self.fault() is not None:
+            # The locks stay too, until the process exits: no other server starts meanwhile.
+            self._writer.abandon()
+            return
         await self._writer.stop()
         if self._readers is not None:
             # Reads in flight finish (they are short); then no thread uses a connection.
@@ -327,6 +398,9 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
 
         def run() -> T:
+            fault = self.fault()
+            if fault is not None:
+                raise Internal(f"storage failed ({fault}); the server is stopping")
             try:
                 return fn(self._reader_db())
             except sqlite3.Error as exc:
