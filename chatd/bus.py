@@ -10,10 +10,11 @@ caches the encoding on the event).
 Audiences name who should get a frame, not sockets: a room (``ToRoom``), a user's
 connections (``ToUser``, optionally only those of one identity), or given connections
 (``ToSessions``). The in-process ``LocalBus`` resolves them to this process's sessions.
-A bus for several nodes (issue 11) implements the same ``Bus`` protocol: it delivers
-locally as ``LocalBus`` does and forwards the event with its audience to the other nodes,
-whose bus delivers it to their own sessions; message events carry their revision, and a
-node delivers arriving events in revision order.
+The bus for several nodes (issue 11, ``chatd.cluster.RedisBus``) implements the same
+``Bus`` protocol: it delivers locally as ``LocalBus`` does and forwards the event's bytes
+with its audience to the other nodes, whose bus delivers it to their own sessions; message
+events it builds on every node from the store's change stream, in revision order
+(``carries_revisions``).
 
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
