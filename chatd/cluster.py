@@ -154,6 +154,7 @@ class Cluster:
         self._applied = (0, 0)  # last_id as numbers
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self.down = False
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
@@ -197,6 +198,9 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave the service at once: the other nodes drop this node's users now."""
+        # redis-py may turn a cancellation inside a command into a connection error: the
+        # loops look at this flag, so they end anyway.
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -251,6 +255,8 @@ class Cluster:
                 await self._beat()
                 await self._reap()
             except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return
                 log.debug("heartbeat failed: %s", exc)
 
     async def _reap(self) -> None:
@@ -284,6 +290,8 @@ class Cluster:
                     {self._stream: self.last_id}, count=_READ_COUNT, block=_BLOCK_MS
                 )
             except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return
                 if not self.down:
                     self.down = True
                     log.error("lost redis (%s): reconnecting; client connections end when it is back",

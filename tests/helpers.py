@@ -76,6 +76,11 @@ async def running_server(
     guest graces, idle deadlines) wait for `advance`, not for real time. In the two-node
     pass: the first of two nodes on one Redis (`nodes_of` gives both)."""
     cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
+    if TWO_NODES and not two_nodes(cfg):
+        raise AssertionError(
+            "the two-node pass starts nodes on Redis only: a test of a SQLite file is marked "
+            "@pytest.mark.one_node(reason)"
+        )
     if not two_nodes(cfg):
         server = ChatServer(cfg, _store(cfg), SECRET, clock=clock)
         await server.start()
