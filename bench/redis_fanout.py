@@ -6,9 +6,9 @@ each node's CPU per delivery.
 
 Nodes are `chatd serve --redis` on a private redis-server (appendfsync always); the one
 node and node A on core 0, node B on core 1 (with redis-server and this load generator:
-a two-core machine has no more). The room is created on A before B starts, so B knows it
-from Redis at start even without a cross-node bus. Missing deliveries (events that do not
-cross nodes) are counted and reported, never waited for beyond --drain seconds.
+a two-core machine has no more). The room is created on A before B starts. Missing
+deliveries (events that did not cross nodes) are counted and reported, never waited for
+beyond --drain seconds.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _measure(
         r["node_us_per_delivery"] = [round(u / d * 1e6, 2) for u in used] if d else None
         r["redis_cpu"] = round((redis.cpu() - rcpu0) / r["seconds"], 2)
         if r["missing"]:
-            r["note"] = "deliveries missing: events do not cross nodes (no cross-node bus?)"
+            r["note"] = "deliveries missing: some events did not reach their subscribers"
     print(json.dumps(r), flush=True)
     return r
 

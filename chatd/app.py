@@ -241,7 +241,11 @@ class App:
         user = s.user
         if self.rooms.leave(room, s) and user is not None:
             self._depart(room, MemberLeft(room=room.name, user=user, reason=reason))
-        if room.ephemeral and not room.sessions and not room.deleted:
+        self.drop_if_unused(room)
+
+    def drop_if_unused(self, room: LiveRoom) -> None:
+        """An ephemeral room with no member left on any node goes."""
+        if room.ephemeral and room.is_empty() and not room.deleted:
             self._departures.pop(room, None)  # nobody is left to tell
             self.rooms.remove(room)
             # Queued now, before anything that could reuse the name is (store order).

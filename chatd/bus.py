@@ -10,10 +10,11 @@ caches the encoding on the event).
 Audiences name who should get a frame, not sockets: a room (``ToRoom``), a user's
 connections (``ToUser``, optionally only those of one identity), or given connections
 (``ToSessions``). The in-process ``LocalBus`` resolves them to this process's sessions.
-A bus for several nodes (issue 11) implements the same ``Bus`` protocol: it delivers
-locally as ``LocalBus`` does and forwards the event with its audience to the other nodes,
-whose bus delivers it to their own sessions; message events carry their revision, and a
-node delivers arriving events in revision order.
+The bus for several nodes (issue 11, ``chatd.cluster.RedisBus``) implements the same
+``Bus`` protocol: it delivers locally as ``LocalBus`` does and forwards the event's bytes
+with its audience to the other nodes, whose bus delivers it to their own sessions; message
+events it builds on every node from the store's change stream, in revision order
+(``carries_revisions``).
 
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
@@ -27,7 +28,7 @@ event's encoding for that format, still once per event and format.)
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from typing import TYPE_CHECKING, Protocol, Union
 
 from chatd.protocol.events import Frame
@@ -100,6 +101,16 @@ Events = list[tuple[Audience, Frame]]
 
 
 class Bus(Protocol):
+    # True for a bus that delivers message events (send, edit, delete) itself, from the
+    # store's change stream in revision order (chatd/cluster): handlers then emit none.
+    carries_revisions: bool
+
+    def caught_up(self) -> Awaitable[None] | None:
+        """Something to await before reading state other nodes change (members, rooms,
+        accounts): done once this node has applied every change made anywhere before the
+        call. None when there is nothing to wait for (one node)."""
+        ...
+
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         """Deliver `frame` (an event, or a Batch of them) to every connection of `audience`
         at once, except `caller`; True when `caller` is in the audience (its copy is then
@@ -116,6 +127,10 @@ class LocalBus:
     """The in-process Bus: audiences resolve to this process's sessions."""
 
     __slots__ = ("_directory", "_stats")
+    carries_revisions = False
+
+    def caught_up(self) -> None:
+        return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:
         self._directory = directory

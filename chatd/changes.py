@@ -1,8 +1,8 @@
 """A stored change as the wire has it: a message record → its Message, its event, and who
-gets the event. One place for it: the handlers that make a change use it, and so will a bus
-for several nodes (issue 11) that reads the changes other nodes made from the store's change
-stream (chatd/store/redis: fields ``rev``, ``kind`` and the message) and delivers the same
-event values here.
+gets the event. One place for it: the handlers that make a change use it (one node), and so
+does the bus for several nodes (chatd/cluster.py), which reads every node's message changes
+from the store's change stream (chatd/store/redis: fields ``rev``, ``kind`` and the
+message) and delivers the same event values here.
 
 Room names come from this node's rooms (``RoomManager.by_id``): a message of a room this
 node does not know (deleted meanwhile) has ``room`` None and no audience.

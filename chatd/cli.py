@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep everything in Redis (redis://HOST:PORT/DB, rediss:// for "
                        "TLS) instead of --db; default $CHATD_REDIS; needs chatd[redis] and "
                        "--secret or $CHATD_SECRET")
+    serve.add_argument("--node-ttl", type=_node_ttl, default=d.node_ttl, metavar="SECONDS",
+                       help="with --redis: a node silent this long is taken for dead and its "
+                       "users leave every room (0.5 to 10)")
     serve.add_argument("--host", default=d.host, help="address to listen on")
     serve.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     serve.add_argument("--token-ttl", type=int, default=d.token_ttl, help="max token life, s")
@@ -356,12 +359,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _node_ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.5 <= value <= 10.0:
+        raise argparse.ArgumentTypeError("must be 0.5 to 10 seconds")
+    return value
+
+
 def config_from(args: argparse.Namespace) -> Config:
     return Config(
         host=args.host,
         port=args.port,
         db=args.db,
         redis=args.redis,
+        node_ttl=args.node_ttl,
         token_ttl=args.token_ttl,
         max_frame=args.max_frame,
         rate_limit=args.rate_limit,

@@ -33,6 +33,9 @@ class Config:
     db: str = "chatd.db"
     # --redis / CHATD_REDIS (issue 11): the Redis store instead of SQLite; db is then unused.
     redis: str | None = None
+    # Several nodes on one Redis (chatd/cluster.py): a node that stops refreshing its
+    # heartbeat for this long is taken for dead; its users leave every room.
+    node_ttl: float = 10.0
     secret: str | None = None
     # Contract: a 4,000-char message fully escaped plus a token fits in 64 KiB.
     max_frame: int = 65_536

@@ -5,6 +5,7 @@ touches sockets (STYLE). Membership belongs to connections; member events are pe
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -33,6 +34,7 @@ class LiveRoom:
         "name",
         "open",
         "owner",
+        "remote",
         "sessions",
         "topic",
         "users",
@@ -50,6 +52,9 @@ class LiveRoom:
         self.sessions: dict[Session, None] = {}
         # user key -> how many of that user's connections are in the room
         self.users: dict[str, int] = {}
+        # Several nodes (chatd/cluster): user key -> the other nodes that user is in the
+        # room on (as they announced it). A user is a member while it is in either map.
+        self.remote: dict[str, set[str]] = {}
         # (user key, display name) of every member user, sorted: kept in step by join and
         # leave (an insort is one memmove), so a member list never sorts (issue 13, item
         # 11); its JSON is encoded once per change and reused by every reader.
@@ -69,7 +74,7 @@ class LiveRoom:
             topic=self.topic,
             owner=self.owner,
             created_at=rfc3339(self.created_at),
-            members=len(self.users),
+            members=len(self.members_sorted),
             ephemeral=self.ephemeral,
             open=self.open,
         )
@@ -102,7 +107,11 @@ class LiveRoom:
         self._members_json = None
 
     def has_user(self, user_key: str) -> bool:
-        return user_key in self.users
+        return user_key in self.users or user_key in self.remote
+
+    def is_empty(self) -> bool:
+        """No member on any node."""
+        return not self.sessions and not self.remote
 
 
 class RoomManager:
@@ -122,6 +131,9 @@ class RoomManager:
         # Rooms in case-insensitive name order, with their keys, for paging room.list and
         # channels; rebuilt on the first read after a change.
         self._sorted: tuple[list[str], list[LiveRoom]] | None = None
+        # Several nodes: told when a user enters a room here (first connection on this
+        # node) or leaves it (last), with (room, user key, display name, entered).
+        self.on_presence: Callable[[LiveRoom, str, str, bool], None] | None = None
 
     def load(self, records: list[RoomRecord]) -> None:
         for rec in records:
@@ -201,11 +213,16 @@ class RoomManager:
         self.rooms.pop(room.name.lower(), None)
         self._sorted = None
         room.deleted = True
+        if self.on_presence is not None:
+            names = dict(room.members_sorted)
+            for key in room.users:
+                self.on_presence(room, key, names.get(key, key), False)
         members = list(room.sessions)
         for s in members:
             self._forget(s, room)
         room.sessions.clear()
         room.users.clear()
+        room.remote.clear()
         room.members_sorted.clear()
         room._members_json = None
         return members
@@ -227,7 +244,8 @@ class RoomManager:
                 self._joined[session] = next(iter(joined))
 
     def join(self, room: LiveRoom, session: Session) -> bool:
-        """Add a connection; True when it is the user's first connection in the room."""
+        """Add a connection; True when it is the user's first connection in the room (on
+        any node)."""
         if session in room.sessions:
             return False
         key = session.user_key
@@ -242,12 +260,19 @@ class RoomManager:
             self._joined[session] = {joined: None, room: None}
         n = room.users.get(key, 0)
         room.users[key] = n + 1
-        if n == 0:
-            room._member_in(key, session.user or key)
-        return n == 0
+        if n != 0:
+            return False
+        name = session.user or key
+        if self.on_presence is not None:
+            self.on_presence(room, key, name, True)
+        if key in room.remote:
+            return False
+        room._member_in(key, name)
+        return True
 
     def leave(self, room: LiveRoom, session: Session) -> bool:
-        """Remove a connection; True when it was the user's last connection in the room."""
+        """Remove a connection; True when it was the user's last connection in the room
+        (on any node)."""
         if session not in room.sessions:
             return False
         del room.sessions[session]
@@ -257,7 +282,40 @@ class RoomManager:
         n = room.users.get(key, 1) - 1
         if n <= 0:
             room.users.pop(key, None)
+            if self.on_presence is not None:
+                self.on_presence(room, key, session.user or key, False)
+            if key in room.remote:
+                return False
             room._member_out(key)
             return True
         room.users[key] = n
         return False
+
+    # --- members on other nodes (chatd/cluster) ------------------------------------------
+
+    def remote_in(self, room: LiveRoom, node: str, key: str, name: str) -> bool:
+        """`node` says its user `key` is in the room; True when the user is new to it."""
+        nodes = room.remote.get(key)
+        if nodes is None:
+            nodes = room.remote[key] = set()
+            new = key not in room.users
+            if new:
+                room._member_in(key, name)
+        else:
+            new = False
+        nodes.add(node)
+        return new
+
+    def remote_out(self, room: LiveRoom, node: str, key: str) -> bool:
+        """`node` says its user `key` left the room; True when the user is gone from it."""
+        nodes = room.remote.get(key)
+        if nodes is None or node not in nodes:
+            return False
+        nodes.discard(node)
+        if nodes:
+            return False
+        del room.remote[key]
+        if key in room.users:
+            return False
+        room._member_out(key)
+        return True

@@ -260,6 +260,7 @@ class ChatServer:
         self.listeners: list[socket.socket] = []
         self.acceptors: list[asyncio.Task[None]] = []
         self.metrics: Any = None  # the Prometheus endpoint (chatd.metrics), when on
+        self.cluster: Any = None  # chatd.cluster.Cluster, with the Redis store
         self._refusal_log = _LogGate()
         # Connections whose writes are paused: [unsent bytes, since when] (the stuck-writer
         # sweep), here rather than two fields on every connection.
@@ -596,8 +597,23 @@ class ChatServer:
     # --- start and stop --------------------------------------------------------------
 
     async def start(self) -> None:
+        clustered = _is_redis(self.store)
+        if clustered:
+            # Ephemeral rooms may have members on other nodes: the cluster decides.
+            self.store.drop_ephemeral = False  # type: ignore[attr-defined]
         snap = await self.loop.run_in_executor(None, self.store.open)
         self.app.load(snap)
+        if clustered:
+            from chatd.cluster import Cluster
+
+            self.cluster = Cluster(
+                self.app, cast(Any, self.store), self.end_connections, self.config.node_ttl
+            )
+            try:
+                await self.cluster.start()
+            except BaseException:
+                await self.store.close()
+                raise
         self.max_connections = min(self.config.max_connections, _raise_nofile() - 64)
         sockets: list[Any] = []
         try:
@@ -670,6 +686,18 @@ class ChatServer:
             "metrics": f"http://{m.host}:{m.port}/metrics" if m is not None else "off",
         }
 
+    def end_connections(self, reason: str) -> None:
+        """End every client connection with `server.shutdown` (the node keeps running:
+        clients reconnect and sync; chatd/cluster.py, after a Redis outage)."""
+        frame = ServerShutdown(reason=reason).json_frame()
+        conns = list(self.connections)
+        for conn in conns:
+            if conn.pipe is not None:
+                conn.pipe.stop(frame)
+        self.flush_all()
+        for conn in conns:
+            conn.close()
+
     async def stats_report(self) -> dict[str, Any]:
         """The `stats` figures (for the metrics endpoint; the command builds the same)."""
         return self.stats.report(self.app, await self.store.count_messages())
@@ -702,6 +730,8 @@ class ChatServer:
         self.app.suspend_holds()  # queued before the store closes: their writes land
         for t in list(self.tasks):
             t.cancel()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.store.close()
         if self.app.limits.shared is not None:
             await self.app.limits.shared.close()
@@ -742,6 +772,10 @@ class ChatServer:
     def abort_later(self, transport: asyncio.Transport) -> None:
         # close() waits for the buffer to drain; a peer that never reads must not pin it.
         self.loop.call_later(self.config.shutdown_grace, transport.abort)
+
+
+def _is_redis(store: Store) -> bool:
+    return type(store).__module__.startswith("chatd.store.redis")
 
 
 def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:

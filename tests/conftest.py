@@ -1,11 +1,60 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+import tests.helpers
 from chatd.server import ChatServer
-from tests.helpers import Client, fake_clock, running_server
+from tests.helpers import Client, fake_clock, nodes_of, running_server
+
+# CHATD_TWO_NODE_PASS=all runs every wire test in the two-node pass (see below).
+TWO_NODE_PASS_FOR_ALL = os.environ.get("CHATD_TWO_NODE_PASS") == "all"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_node(reason): a wire test inherently about one process (its SQLite file, its "
+        "crash, its subprocess): not run again in the two-node pass",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every wire test runs twice: on one node, and on two nodes sharing one Redis
+    (tests/helpers.py TWO_NODES), unless it is marked one_node with a reason."""
+    if "/tests/wire/" not in str(metafunc.definition.path).replace("\\", "/"):
+        return
+    if "topology" not in metafunc.fixturenames and not TWO_NODE_PASS_FOR_ALL:
+        # NOT DONE (issue 11): with every wire test in it, the two-node pass hangs in
+        # teardown (first seen: test_messages.py::test_dm_to_an_offline_registered_user_
+        # is_kept[two]); until that is found it runs only the tests that ask for it.
+        return
+    marker = metafunc.definition.get_closest_marker("one_node")
+    if marker is not None:
+        assert marker.args and marker.args[0], "one_node needs a reason"
+        return
+    metafunc.fixturenames.append("topology")
+    metafunc.parametrize("topology", ["one", "two"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _two_node_pass(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Before anything else, so every server the test starts (through the `server`
+    fixture or running_server) belongs to its pass."""
+    callspec = getattr(request.node, "callspec", None)
+    tests.helpers.TWO_NODES = callspec is not None and callspec.params.get("topology") == "two"
+    try:
+        yield
+    finally:
+        tests.helpers.TWO_NODES = False
+
+
+@pytest.fixture
+def topology(request: pytest.FixtureRequest) -> str:
+    """The pass: "one" node, or "two" nodes on one Redis (tests/helpers.py)."""
+    return str(request.param)
 
 
 @pytest.fixture
@@ -19,9 +68,11 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[ChatServer]:
 @pytest.fixture
 async def connect(server: ChatServer) -> AsyncIterator[Callable[[], Awaitable[Client]]]:
     clients: list[Client] = []
+    ports = [node.port for node in nodes_of(server)]
 
     async def make() -> Client:
-        c = await Client.connect(server.port)
+        # In the two-node pass, connections alternate between the nodes.
+        c = await Client.connect(ports[len(clients) % len(ports)])
         clients.append(c)
         return c
 

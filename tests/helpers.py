@@ -38,16 +38,34 @@ GUEST_DEFAULTS = TEST_CONFIG.replace(
 )
 
 
-def _store(cfg: Config) -> Any:
+# The two-node pass of the wire suite (tests/conftest.py sets it per test): servers of a
+# :memory: config start as TWO nodes on one fresh Redis, each with its own ChatServer,
+# RedisStore and bus (they share only Redis, and the test's FakeClock when it has one),
+# and the `connect` fixture alternates its connections between them.
+TWO_NODES = False
+# Each first node -> every node of its service (the first included).
+NODES: dict[ChatServer, list[ChatServer]] = {}
+
+
+def two_nodes(cfg: Config) -> bool:
+    return TWO_NODES and cfg.db == ":memory:"
+
+
+def _store(cfg: Config, url: str | None = None) -> Any:
     """SQLite as configured; CHATD_TEST_STORE=redis runs the in-process servers of a
     :memory: config on the Redis store instead (a local check of RedisStore behind the
     whole wire suite; tests/redisutil.py starts the redis-server)."""
-    if os.environ.get("CHATD_TEST_STORE") == "redis" and cfg.db == ":memory:":
+    if url is not None or (os.environ.get("CHATD_TEST_STORE") == "redis" and cfg.db == ":memory:"):
         from chatd.store.redis import RedisStore
         from tests.redisutil import fresh_redis_url
 
-        return RedisStore(fresh_redis_url())
+        return RedisStore(url or fresh_redis_url())
     return SQLiteStore(cfg.db)
+
+
+def nodes_of(server: ChatServer) -> list[ChatServer]:
+    """Every node of the service `server` is the first node of (one, usually)."""
+    return NODES.get(server, [server])
 
 
 @asynccontextmanager
@@ -55,14 +73,40 @@ async def running_server(
     config: Config | None = None, *, clock: Clock | None = None, **changes: Any
 ) -> AsyncIterator[ChatServer]:
     """An in-process server; with `clock=FakeClock(...)` its timers (expiry, notices,
-    guest graces, idle deadlines) wait for `advance`, not for real time."""
+    guest graces, idle deadlines) wait for `advance`, not for real time. In the two-node
+    pass: the first of two nodes on one Redis (`nodes_of` gives both)."""
     cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
-    server = ChatServer(cfg, _store(cfg), SECRET, clock=clock)
-    await server.start()
+    if TWO_NODES and not two_nodes(cfg):
+        raise AssertionError(
+            "the two-node pass starts nodes on Redis only: a test of a SQLite file is marked "
+            "@pytest.mark.one_node(reason)"
+        )
+    if not two_nodes(cfg):
+        server = ChatServer(cfg, _store(cfg), SECRET, clock=clock)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+        return
+    from tests.redisutil import fresh_redis_url
+
+    url = fresh_redis_url()
+    first = ChatServer(cfg, _store(cfg, url), SECRET, clock=clock)
+    await first.start()
+    second = ChatServer(cfg, _store(cfg, url), SECRET, clock=clock)
     try:
-        yield server
+        await second.start()
+    except BaseException:
+        await first.stop()
+        raise
+    NODES[first] = [first, second]
+    try:
+        yield first
     finally:
-        await server.stop()
+        del NODES[first]
+        await second.stop()
+        await first.stop()
 
 
 class Client:
@@ -239,5 +283,6 @@ async def advance(server: ChatServer, seconds: float) -> None:
     clock = server.clock
     assert isinstance(clock, FakeClock), "advance needs running_server(clock=fake_clock())"
     clock.advance(seconds)
-    server.run_due()
+    for node in nodes_of(server):
+        node.run_due()
     await asyncio.sleep(0)

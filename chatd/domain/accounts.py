@@ -232,6 +232,15 @@ class Accounts:
             return None
         return hold
 
+    def adopt_hold(self, key: str, hold: GuestHold | None) -> None:
+        """Another node changed the hold on `key` (already stored): take it as it is
+        (None: released)."""
+        self._cancel_hold_timer(key)
+        if hold is None:
+            self._guests.pop(key, None)
+        else:
+            self._guests[key] = hold
+
     def is_current_hold(self, hold: GuestHold) -> bool:
         """True while `hold` is still the state of its name's hold (compare-and-set)."""
         return self._guests.get(hold.name.lower()) is hold

@@ -246,6 +246,8 @@ def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
 
 async def auth(app: App, req: Request, cmd: c.Auth) -> AuthReply:
     assert cmd.token is not None
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: a logout or revocation made elsewhere counts
     claims = app.tokens.verify(cmd.token)
     try:
         app.accounts.check_claims(claims)

@@ -46,7 +46,11 @@ def check_limit(cmd: c.RoomHistory | c.DmHistory | c.Sync, config: Config) -> No
 
 def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -> None:
     """A message's event goes to the room, or to both identities' connections (a DM: not
-    to whoever holds those names now): chatd.changes.audiences."""
+    to whoever holds those names now): chatd.changes.audiences. A bus that carries
+    revisions (several nodes) delivers it from the change stream instead, in revision
+    order on every node."""
+    if app.bus.carries_revisions:
+        return
     for audience in changes.audiences(app.rooms, m):
         if isinstance(audience, ToRoom):
             app.settle(audience.room)  # departures before this message are announced first
@@ -157,7 +161,7 @@ async def edit(app: App, req: Request, cmd: c.MsgEdit) -> MessageReply:
 async def delete(app: App, req: Request, cmd: c.MsgDelete) -> Empty:
     m = await _visible(app, req, cmd.message_id)
     _may_change(req, m, "delete")
-    rec = await app.store.delete_message(m.id)
+    rec = await app.store.delete_message(m.id, req.user)
     if rec is None:
         raise NotFound(f"no message {cmd.message_id}")
     _room_still_there(app, rec)

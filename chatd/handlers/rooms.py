@@ -134,7 +134,7 @@ async def _edit(app: App, req: Request, cmd: c.RoomEdit, room: LiveRoom) -> Room
 async def delete(app: App, req: Request, cmd: c.RoomDelete) -> Empty:
     room = app.rooms.get(cmd.room)
     _may_manage(req, room)
-    await app.store.delete_room(room.id)
+    await app.store.delete_room(room.id, req.user)
     if not room.deleted:
         app.settle(room)
         members = app.rooms.remove(room)
@@ -178,6 +178,8 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> RoomListReply:
     """Rooms in case-insensitive name order, a page at a time: `after` a name, `limit`.
     [chatd] `more` says whether rooms follow; then `next` is the cursor to pass as
     `after`. Without paging fields a small server's reply is every room."""
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     page = _Page(app, _list_limit(app, cmd.limit))
     _, rooms, start = app.rooms.after(cmd.after)
     last = None
@@ -189,7 +191,11 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> RoomListReply:
     if page.full:
         return RoomListReply(rooms=rooms_page, more=True, next=last or cmd.after)
     return RoomListReply(rooms=rooms_page, more=False)
+
+
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: members and rooms as every node has changed them
     room = app.rooms.get(cmd.room)
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
@@ -205,6 +211,8 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
 
 
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> RoomMembersReply:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     room = app.rooms.get(cmd.room)
     app.settle(room)  # departures the list no longer shows are announced first
     return RoomMembersReply(room=room.name, members=_members(room))
@@ -218,6 +226,8 @@ def _members(room: LiveRoom) -> list[str]:
 async def channels(app: App, req: Request, cmd: c.Channels) -> ChannelsReply:
     """Rooms (name order), then known users (name order), a page at a time. [chatd] The
     cursor names the kind: `after` is "room:NAME" or "user:NAME", as `next` gives it."""
+    if (wait := app.bus.caught_up()) is not None:
+        await wait
     kind, name = _channel_cursor(cmd.after) if cmd.after is not None else ("room", None)
     page = _Page(app, _list_limit(app, cmd.limit))
     last: str | None = None

@@ -168,7 +168,9 @@ class Store(Protocol):
     # rooms
     async def create_room(self, room: RoomRecord) -> RoomRecord: ...
     async def update_room(self, room_id: int, name: str, topic: str) -> None: ...
-    def delete_room(self, room_id: int) -> Awaitable[None]: ...
+    def delete_room(self, room_id: int, by: str = "") -> Awaitable[None]:
+        """``by`` (who deleted it) is for the other nodes' `room.closed` (Redis)."""
+        ...
 
     # messages
     async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
@@ -179,9 +181,10 @@ class Store(Protocol):
     async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None:
         """The changed live message with the next revision; None if missing or deleted."""
         ...
-    async def delete_message(self, message_id: int) -> MessageRecord | None:
+    async def delete_message(self, message_id: int, by: str = "") -> MessageRecord | None:
         """The tombstone (text "", deleted) with the next revision; None if missing or
-        already deleted."""
+        already deleted. ``by`` (who deleted it) goes into the Redis change stream for the
+        other nodes' `message.deleted`; it is not stored."""
         ...
     async def get_message(self, message_id: int) -> MessageRecord | None: ...
     async def count_messages(self) -> int:

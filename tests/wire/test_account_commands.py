@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from chatd.auth import new_jti
 from chatd.server import ChatServer
 from tests.helpers import SECRET, Client, Connect, admin, running_server
@@ -158,6 +160,7 @@ async def test_help_shows_each_commands_grant_and_a_one_line_summary(connect: Co
 # --- command-line changes count at once ------------------------------------------------
 
 
+@pytest.mark.one_node('`chatd user add` processes on one SQLite file beside a server process')
 async def test_a_login_right_after_user_add_succeeds(tmp_path: Any) -> None:
     db = str(tmp_path / "u.db")
     # The poll for command-line changes is made slow, so only reading at once can pass.
@@ -192,6 +195,7 @@ async def test_a_login_right_after_user_add_succeeds(tmp_path: Any) -> None:
         assert frame["code"] == "unauthorized", frame
 
 
+@pytest.mark.one_node('`chatd user delete` processes on one SQLite file beside a server process')
 async def test_a_login_right_after_user_delete_fails(tmp_path: Any) -> None:
     db = str(tmp_path / "u.db")
     rc, _, err = await chatd_run("user", "add", "gone", "--password-stdin", "--db", db,

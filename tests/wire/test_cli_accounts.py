@@ -18,6 +18,8 @@ from chatd.server import ChatServer
 from tests.helpers import SECRET, Client, running_server, until
 from tests.process import chatd_run, chatd_serving
 
+pytestmark = pytest.mark.one_node("`chatd user` on one SQLite file beside a running server")
+
 PASSWORD = "correct horse battery"
 
 

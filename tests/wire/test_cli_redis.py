@@ -16,6 +16,8 @@ import pytest
 from tests.helpers import Client
 from tests.process import chatd_run, chatd_serving
 
+pytestmark = pytest.mark.one_node("command-line tools and node processes on their own Redis")
+
 SECRET = "a-secret-shared-by-every-node-0123456789"
 PASSWORD = "correct horse battery"
 

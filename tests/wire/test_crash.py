@@ -13,8 +13,12 @@ from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import SECRET, TIMEOUT, Client
 from tests.process import Served, chatd_serving
+
+pytestmark = pytest.mark.one_node("a crash of one process and its SQLite file")
 
 STORM = ("--rate-limit", "0", "--command-rate", "0")
 CLIENTS = 20

@@ -20,6 +20,8 @@ from tests.process import chatd_run
 from tests.wire.test_crash import serving
 from tests.wire.test_durability import all_history, refused
 
+pytestmark = pytest.mark.one_node("one process's SQLite files")
+
 # Each spelling of "the live database or one of its files" an operator (or an attacker
 # with a shell) could hand to `chatd backup`, as a function of the database's directory.
 SPELLINGS: dict[str, Callable[[Path], str]] = {

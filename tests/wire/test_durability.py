@@ -63,6 +63,7 @@ def refused(rc: int, err: str) -> None:
 # --- errors at start ---------------------------------------------------------------------
 
 
+@pytest.mark.one_node("one SQLite file's schema version")
 async def test_a_database_newer_than_chatd_is_refused_with_a_clear_message(
     tmp_path: Path,
 ) -> None:
@@ -81,6 +82,7 @@ async def test_a_database_newer_than_chatd_is_refused_with_a_clear_message(
 
 
 @pytest.mark.parametrize("kind", ["other-sqlite", "garbage"])
+@pytest.mark.one_node('one SQLite file')
 async def test_a_file_that_is_not_a_chatd_database_is_refused_and_left_untouched(
     tmp_path: Path, kind: str
 ) -> None:
@@ -103,6 +105,7 @@ async def test_a_file_that_is_not_a_chatd_database_is_refused_and_left_untouched
     assert not (tmp_path / "x.db-wal").exists()
 
 
+@pytest.mark.one_node("one SQLite file's lock between processes")
 async def test_a_second_server_on_the_same_database_exits_2_but_cli_commands_work(
     tmp_path: Path,
 ) -> None:
@@ -187,6 +190,7 @@ async def test_a_failing_disk_fails_sends_keeps_reads_and_events_and_recovers(
         await a.close()
 
 
+@pytest.mark.one_node("SQLite's own rollback in one process")
 async def test_a_batch_whose_transaction_sqlite_rolled_back_fails_whole(tmp_path: Path) -> None:
     """SQLITE_FULL or an I/O error may roll the whole transaction back, not just the
     statement: the writes after it in the batch must not run in autocommit, and the
@@ -227,6 +231,7 @@ async def test_a_batch_whose_transaction_sqlite_rolled_back_fails_whole(tmp_path
 # --- backup and restore ------------------------------------------------------------------
 
 
+@pytest.mark.one_node('`chatd backup` of one SQLite file')
 async def test_backup_while_a_server_writes_is_consistent_and_restores(tmp_path: Path) -> None:
     db = str(tmp_path / "live.db")
     copy = str(tmp_path / "backup.db")
@@ -296,6 +301,7 @@ async def _true(value: bool) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage"])
+@pytest.mark.one_node('`chatd backup` of one SQLite file')
 async def test_backup_of_a_bad_database_is_a_clear_error(tmp_path: Path, kind: str) -> None:
     db = tmp_path / "src.db"
     if kind == "garbage":

@@ -8,6 +8,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from chatd.config import Config
 from tests.helpers import (
     GUEST_DEFAULTS,
@@ -164,6 +166,7 @@ async def test_a_guest_reconnecting_after_a_restart_keeps_its_name(tmp_path: Any
         await a.close()
 
 
+@pytest.mark.one_node('`chatd user add` on one SQLite file beside a server process')
 async def test_user_add_takes_a_guest_name_once_its_grace_has_lapsed(tmp_path: Any) -> None:
     db = str(tmp_path / "g.db")
     secret = "cli-test-secret-that-is-long-enough-for-hs256"
@@ -188,6 +191,7 @@ async def test_user_add_takes_a_guest_name_once_its_grace_has_lapsed(tmp_path: A
         await c.close()
 
 
+@pytest.mark.one_node('`chatd user add` on one SQLite file after a server process stops')
 async def test_user_add_after_a_clean_stop_waits_only_for_the_grace(tmp_path: Any) -> None:
     db = str(tmp_path / "g.db")
     async with running_server(GUEST_DEFAULTS, db=db, guest_grace=0.5) as server:
@@ -233,6 +237,7 @@ async def test_guests_get_room_create_and_their_own_messages_only() -> None:
             await x.close()
 
 
+@pytest.mark.one_node('a `chatd serve` process of its own')
 async def test_guest_grants_flag_sets_the_list_and_refuses_admin(tmp_path: Any) -> None:
     db = str(tmp_path / "g.db")
     rc, _, err = await chatd_run("serve", "--port", "0", "--db", db,

@@ -19,6 +19,8 @@ from tests.helpers import TIMEOUT, Client
 from tests.process import chatd_run, chatd_serving
 from tests.tlsutil import Certs, certs
 
+pytestmark = pytest.mark.one_node("command-line tools and one server process, in subprocesses")
+
 __all__ = ["certs"]  # the fixture
 SECRET = "an-operator-secret-that-is-long-enough!!"
 

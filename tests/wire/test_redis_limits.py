@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.helpers import Client
 from tests.process import chatd_serving
+
+pytestmark = pytest.mark.one_node("starts its own node processes on its own Redis")
 
 SECRET = "a-secret-shared-by-every-node-0123456789"
 PASSWORD = "correct horse battery"
@@ -24,8 +28,7 @@ async def test_a_user_who_spent_its_burst_on_one_node_is_limited_on_the_other(
         await on_a.ok("register", user="ann", password=PASSWORD)
         token = (await on_a.ok("login", user="ann", password=PASSWORD))["token"]
         await on_b.ok("auth", token=token)
-        # A room on each node (rooms created on one node are seen by the other only once
-        # the cross-node bus is there; the budget is the user's, whatever the room).
+        # A room on each node: the budget is the user's, whatever the room.
         await on_a.ok("room.create", room="dev")
         await on_b.ok("room.create", room="ops")
         for i in range(12):  # the burst: 3 x 4

@@ -14,6 +14,8 @@ import pytest
 from tests.helpers import SECRET, TIMEOUT, Client, deaf_client
 from tests.process import chatd_env, chatd_run, chatd_serving
 
+pytestmark = pytest.mark.one_node("`chatd serve` processes of its own")
+
 serve = chatd_serving
 run = chatd_run
 
@@ -89,6 +91,7 @@ async def test_shutdown_is_prompt_with_a_client_that_never_reads(sig: int) -> No
         await shutdown_then_eof(other)
         assert await asyncio.wait_for(srv.proc.wait(), 6) == 0
         assert time.monotonic() - start < 5
+
         # The deaf client finds its stream ended (cut short, or after the shutdown event).
         async def to_end() -> None:
             while True:

@@ -20,6 +20,8 @@ from tests.process import ROOT, Served, chatd_serving
 from tests.wire.test_crash import STORM, serving
 from tests.wire.test_durability import all_history
 
+pytestmark = pytest.mark.one_node("one process's SQLite -shm file")
+
 STORAGE_FAILED = 3
 
 

@@ -33,6 +33,9 @@ from __future__ import annotations
 # Shared helpers, prepended to every script that needs them. P is ARGV[1] in every script.
 _PRELUDE = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', P..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local function live_keys(room, sk, tk, sl, tl, pair)
   if room then return {P..'r:'..room..':ids'} end
   return {P..'d:{'..sk..'}:ids', P..'d:{'..tk..'}:ids', P..'d:{'..sk..'}:w:'..tl,
@@ -72,7 +75,7 @@ end
 # Reply per message: {1, id, rev} stored, {2, fields} the original of a repeated nonce,
 # {3} the room was deleted.
 SEND = _PRELUDE + r"""
-local meta, nonces, stream, maxlen = P..'meta', P..'nonce', P..'changes', ARGV[2]
+local meta, nonces, stream, maxlen, node = P..'meta', P..'nonce', P..'changes', ARGV[2], ARGV[4] or ''
 local batch = cmsgpack.unpack(ARGV[3])
 local c = redis.call('HMGET', meta, 'msg_id', 'rev')
 local id, rev = tonumber(c[1]) or 0, tonumber(c[2]) or 0
@@ -118,7 +121,7 @@ for _, a in ipairs(batch) do
       redis.call('SADD', P..'d:{'..sk..'}:with', tl)
       redis.call('SADD', P..'d:{'..tk..'}:with', sl)
     end
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'rev', rev, 'kind', 'message', unpack(f))
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'rev', rev, 'kind', 'message', 'node', node, unpack(f))
     out[#out+1] = {1, id, rev}
   end
 end
@@ -126,7 +129,8 @@ redis.call('HSET', meta, 'msg_id', id, 'rev', rev)
 return out
 """
 
-# ARGV: P, maxlen, id, kind ("edited" or "deleted"), text, edited ts, edited by.
+# ARGV: P, maxlen, id, kind ("edited" or "deleted"), text, edited ts, by (the editor or
+# the deleter), node (the writing node's id, for the bus: chatd/cluster).
 # Reply: the message's fields after the change, or false when it is missing or deleted.
 CHANGE = _PRELUDE + r"""
 local id, kind = ARGV[3], ARGV[4]
@@ -143,7 +147,8 @@ else
 end
 for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZADD', k, rev, id) end
 local all = redis.call('HGETALL', key)
-redis.call('XADD', P..'changes', 'MAXLEN', '~', ARGV[2], '*', 'rev', rev, 'kind', 'message.'..kind, unpack(all))
+redis.call('XADD', P..'changes', 'MAXLEN', '~', ARGV[2], '*', 'rev', rev, 'kind', 'message.'..kind,
+           'node', ARGV[8] or '', 'by', ARGV[7], unpack(all))
 return all
 """
 
@@ -196,21 +201,33 @@ if #ids < batch then redis.call('DEL', revs, P..'r:'..room..':ids', P..'r:'..roo
 return #ids
 """
 
-# ARGV: P, name, name key, topic, owner, created_at, ephemeral, open. Reply: id, 0 = taken.
+# Room and account scripts append a notice to the change stream (kind room.*, user,
+# hold, revoked), so every node's bus (chatd/cluster) adopts the change in stream order;
+# their last ARGV is the writing node's id ("" for the command line).
+# ARGV: P, name, name key, topic, owner, created_at, ephemeral, open, node.
+# Reply: id, 0 = taken.
 CREATE_ROOM = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 if redis.call('HEXISTS', P..'room_names', ARGV[3]) == 1 then return 0 end
 local id = redis.call('HINCRBY', P..'meta', 'room_id', 1)
 redis.call('HSET', P..'room:'..id, 'n', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'o', ARGV[5],
            'c', ARGV[6], 'e', ARGV[7], 'op', ARGV[8])
 redis.call('HSET', P..'room_names', ARGV[3], id)
 redis.call('SADD', P..'rooms', id)
+notify('kind', 'room.created', 'node', ARGV[9] or '', 'id', id, 'n', ARGV[2], 't', ARGV[4],
+       'o', ARGV[5], 'c', ARGV[6], 'e', ARGV[7], 'op', ARGV[8])
 return id
 """
 
-# ARGV: P, id, name, name key, topic. Reply: 1 done (or no such room), 0 = name taken.
+# ARGV: P, id, name, name key, topic, node. Reply: 1 done (or no such room), 0 = name taken.
 UPDATE_ROOM = r"""
 local P, id = ARGV[1], ARGV[2]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local key = P..'room:'..id
 local old = redis.call('HGET', key, 'k')
 if not old then return 1 end
@@ -221,56 +238,83 @@ if old ~= ARGV[4] then
   redis.call('HSET', P..'room_names', ARGV[4], id)
 end
 redis.call('HSET', key, 'n', ARGV[3], 'k', ARGV[4], 't', ARGV[5])
+notify('kind', 'room.updated', 'node', ARGV[6] or '', 'id', id, 'n', ARGV[3], 't', ARGV[5])
 return 1
 """
 
-# ARGV: P, id. The room goes now; its messages follow in PURGE batches.
+# ARGV: P, id, node, by (who deleted it; "" an ephemeral room emptied). The room goes now; its messages follow in PURGE batches.
+# Reply: 1 deleted, 0 it was already gone (no notice then: several nodes may delete it).
 DELETE_ROOM = r"""
 local P, id = ARGV[1], ARGV[2]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local key = P..'room:'..id
 local k = redis.call('HGET', key, 'k')
+local existed = redis.call('EXISTS', key)
 if k and redis.call('HGET', P..'room_names', k) == id then redis.call('HDEL', P..'room_names', k) end
 redis.call('DEL', key)
 redis.call('SREM', P..'rooms', id)
 redis.call('SADD', P..'rooms:gone', id)
+if existed == 0 then return 0 end
+notify('kind', 'room.deleted', 'node', ARGV[3] or '', 'id', id, 'by', ARGV[4] or '')
 return 1
 """
 
-# ARGV: P, name, name key, pw hash, admin, created_at. Reply: the new id, 0 = taken.
+# ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = taken
+# (by an account, or by a guest's hold that has not lapsed: names are one namespace).
 CREATE_USER = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
 local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
 redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])
 redis.call('HSET', P..'users', ARGV[3], id)
+notify('kind', 'user', 'node', ARGV[7] or '', 'key', ARGV[3])
 return id
 """
 
-# ARGV: P, name key. Reply: 1 deleted, 0 none.
+# ARGV: P, name key, node. Reply: 1 deleted, 0 none.
 DELETE_USER = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local id = redis.call('HGET', P..'users', ARGV[2])
 if not id then return 0 end
 redis.call('HDEL', P..'users', ARGV[2])
 redis.call('DEL', P..'u:'..id)
+notify('kind', 'user', 'node', ARGV[3] or '', 'key', ARGV[2])
 return 1
 """
 
-# ARGV: P, name key. Reply: the new token_version, 0 = no such user.
+# ARGV: P, name key, node. Reply: the new token_version, 0 = no such user.
 BUMP_TOKEN_VERSION = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local id = redis.call('HGET', P..'users', ARGV[2])
 if not id then return 0 end
-return redis.call('HINCRBY', P..'u:'..id, 'tv', 1)
+local tv = redis.call('HINCRBY', P..'u:'..id, 'tv', 1)
+notify('kind', 'user', 'node', ARGV[3] or '', 'key', ARGV[2])
+return tv
 """
 
-# ARGV: P, user id, pw hash. Reply: the new token_version, false = no such user.
+# ARGV: P, user id, pw hash, node. Reply: the new token_version, false = no such user.
 SET_PASSWORD = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local key = P..'u:'..ARGV[2]
 if redis.call('EXISTS', key) == 0 then return false end
 redis.call('HSET', key, 'h', ARGV[3])
-return redis.call('HINCRBY', key, 'tv', 1)
+local tv = redis.call('HINCRBY', key, 'tv', 1)
+notify('kind', 'user', 'node', ARGV[4] or '', 'key', string.lower(redis.call('HGET', key, 'n')))
+return tv
 """
 
 # ARGV: P, name key. Reply: the user's fields, or false.
@@ -295,9 +339,12 @@ return {redis.call('HGET', P..'meta', 'users_version') or '0', out}
 """
 
 # Guest holds, compare-and-set on (jti, version). ARGV: P, name key, jti, version, new JSON
-# ("" = release). Reply: 1 applied, 0 not (gone, another hold, or a newer version stored).
+# ("" = release), node. Reply: 1 applied, 0 not (gone, another hold, or a newer version stored).
 HOLD_CAS = r"""
 local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
 local old = redis.call('HGET', P..'guests', ARGV[2])
 if not old then return 0 end
 local o = cjson.decode(old)
@@ -307,6 +354,7 @@ if ARGV[5] == '' then
 else
   redis.call('HSET', P..'guests', ARGV[2], ARGV[5])
 end
+notify('kind', 'hold', 'node', ARGV[6] or '', 'key', ARGV[2], 'h', ARGV[5])
 return 1
 """
 
@@ -394,7 +442,77 @@ end
 return 1
 """
 
+# A new guest hold, decided here so that a name is one guest's across nodes. ARGV: P, name
+# key, hold JSON, now, node. Reply: 1 held; 0 the name is an account's; 2 another guest's
+# hold that has not lapsed (its held_until is null or later than now).
+HOLD_NEW = r"""
+local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
+
+if redis.call('HEXISTS', P..'users', ARGV[2]) == 1 then return 0 end
+local old = redis.call('HGET', P..'guests', ARGV[2])
+if old then
+  local o = cjson.decode(old)
+  local new = cjson.decode(ARGV[3])
+  local lapsed = o.held_until ~= nil and o.held_until ~= cjson.null and o.held_until <= tonumber(ARGV[4])
+  if o.jti ~= new.jti and not lapsed then return 2 end
+end
+redis.call('HSET', P..'guests', ARGV[2], ARGV[3])
+notify('kind', 'hold', 'node', ARGV[5] or '', 'key', ARGV[2], 'h', ARGV[3])
+return 1
+"""
+
+# A token revoked. ARGV: P, jti, expires_at, node.
+REVOKE = r"""
+local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
+
+redis.call('ZADD', P..'revoked', ARGV[3], ARGV[2])
+notify('kind', 'revoked', 'node', ARGV[4] or '', 'jti', ARGV[2], 'exp', ARGV[3])
+return 1
+"""
+
+# A node's user entered (op "in") or left ("out") a room: kept per node in P node:<id>:m
+# (field "<room id>\n<user key>" -> display name) so the node's members can be removed
+# when it dies, and announced to the other nodes. ARGV: P, node, op, room id, key, name.
+PRESENCE = r"""
+local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
+
+local h, f = P..'node:'..ARGV[2]..':m', ARGV[4]..'\n'..ARGV[5]
+if ARGV[3] == 'in' then redis.call('HSET', h, f, ARGV[6]) else redis.call('HDEL', h, f) end
+notify('kind', ARGV[3], 'node', ARGV[2], 'room', ARGV[4], 'key', ARGV[5], 'name', ARGV[6])
+return 1
+"""
+
+# A dead node's cleanup (its heartbeat key expired), run once by whichever node won the
+# reap lock: its membership goes, and one `gone` notice tells every node to drop its users.
+# ARGV: P, dead node id. Reply: how many memberships it had.
+REAP = r"""
+local P = ARGV[1]
+local function notify(...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+end
+
+local h = P..'node:'..ARGV[2]..':m'
+local n = redis.call('HLEN', h)
+redis.call('DEL', h)
+redis.call('SREM', P..'nodes', ARGV[2])
+notify('kind', 'gone', 'node', ARGV[2])
+return n
+"""
+
 SCRIPTS = {
+    "hold_new": HOLD_NEW,
+    "revoke": REVOKE,
+    "presence": PRESENCE,
+    "reap": REAP,
     "import": IMPORT,
     "send": SEND,
     "change": CHANGE,

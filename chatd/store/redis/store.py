@@ -192,6 +192,13 @@ class RedisStore:
         self._purges: list[int] = []
         self._stopping = False
         self._failing = False
+        # The bus (chatd/cluster) names this node in what it writes to the change stream.
+        self.node = ""
+        # Pipelines sent and settled (replied or failed), and who waits for those sent so
+        # far to settle (the bus, before delivering this node's own changes: reply first).
+        self._sent = 0
+        self._settled = 0
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -361,9 +368,38 @@ class RedisStore:
                 sends.append(s)
                 i += 1
             blob = _PACK.encode([s.args for s in sends])
-            yield "send", (self.prefix, self.stream_maxlen, blob), sends
+            yield "send", (self.prefix, self.stream_maxlen, blob, self.node), sends
+
+    def writes_settled(self) -> Awaitable[None]:
+        """Resolves once every pipeline sent so far has its replies handled (its futures
+        resolved, so the commands that waited on them have answered)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._settled >= self._sent:
+            fut.set_result(None)
+        else:
+            self._settle_waiters.append((self._sent, fut))
+        return fut
+
+    def _settle(self) -> None:
+        self._settled += 1
+        if self._settle_waiters:
+            left = []
+            for target, fut in self._settle_waiters:
+                if target <= self._settled:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    left.append((target, fut))
+            self._settle_waiters = left
 
     async def _run_batch(self, batch: list[_Send | _Call]) -> None:
+        self._sent += 1
+        try:
+            await self._run_batch_now(batch)
+        finally:
+            self._settle()
+
+    async def _run_batch_now(self, batch: list[_Send | _Call]) -> None:
         calls = list(self._commands(batch))
         began = time.perf_counter()
         try:
@@ -494,18 +530,19 @@ class RedisStore:
             return UserRecord(uid, name, pw_hash, admin, 0)
 
         return await self._call(
-            "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), decode=decode
+            "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), self.node,
+            decode=decode,
         )
 
     async def delete_user(self, name: str) -> bool:
-        return await self._call("delete_user", name.lower(), decode=bool)
+        return await self._call("delete_user", name.lower(), self.node, decode=bool)
 
     async def bump_token_version(self, name: str) -> int:
-        return await self._call("bump_token_version", name.lower(), decode=int)
+        return await self._call("bump_token_version", name.lower(), self.node, decode=int)
 
     async def revoke(self, jti: str, expires_at: int) -> None:
         # Through the writer (ordered with every other write), as a tiny script.
-        await self._call_cmd("ZADD", self.prefix + "revoked", expires_at, jti)
+        await self._call("revoke", jti, expires_at, self.node)
 
     def _call_cmd(self, *command: Any) -> Deferred[Any]:
         """A plain Redis command through the writer, ordered with the scripts."""
@@ -519,20 +556,36 @@ class RedisStore:
 
     async def set_password(self, user_id: int, pw_hash: str) -> int | None:
         return await self._call(
-            "set_password", user_id, pw_hash, decode=lambda v: None if v is None else int(v)
+            "set_password", user_id, pw_hash, self.node,
+            decode=lambda v: None if v is None else int(v),
         )
 
     async def hold_guest(self, hold: GuestHold) -> None:
-        await self._call_cmd("HSET", self.prefix + "guests", hold.name.lower(), _ENC.encode(hold))
+        """Decided in Redis (one script), so a name is one guest's across nodes: Conflict
+        when an account has it or another guest's hold has not lapsed."""
+
+        def decode(ok: int) -> None:
+            if ok == 0:
+                raise Conflict(f"the name {hold.name!r} is taken")
+            if ok == 2:
+                raise Conflict(f"the name {hold.name!r} is held by a guest")
+
+        await self._call(
+            "hold_new", hold.name.lower(), _ENC.encode(hold), _f(time.time()), self.node,
+            decode=decode,
+        )
 
     def update_hold(self, hold: GuestHold) -> Awaitable[bool]:
         # Queued at the call, not at the first await: writes go in the order decided.
         return self._call(
-            "hold_cas", hold.name.lower(), hold.jti, hold.version, _ENC.encode(hold), decode=bool
+            "hold_cas", hold.name.lower(), hold.jti, hold.version, _ENC.encode(hold), self.node,
+            decode=bool,
         )
 
     def release_guest(self, hold: GuestHold) -> Awaitable[bool]:
-        return self._call("hold_cas", hold.name.lower(), hold.jti, hold.version, "", decode=bool)
+        return self._call(
+            "hold_cas", hold.name.lower(), hold.jti, hold.version, "", self.node, decode=bool
+        )
 
     async def purge_expired(self, now: int) -> None:
         await self._call_cmd("ZREMRANGEBYSCORE", self.prefix + "revoked", "-inf", now)
@@ -556,7 +609,7 @@ class RedisStore:
 
         return await self._call(
             "create_room", room.name, room.name.lower(), room.topic, room.owner,
-            _f(room.created_at), int(room.ephemeral), int(room.open), decode=decode,
+            _f(room.created_at), int(room.ephemeral), int(room.open), self.node, decode=decode,
         )  # fmt: skip
 
     async def update_room(self, room_id: int, name: str, topic: str) -> None:
@@ -564,16 +617,18 @@ class RedisStore:
             if ok == 0:
                 raise Conflict(f"room {name!r} already exists")
 
-        await self._call("update_room", room_id, name, name.lower(), topic, decode=decode)
+        await self._call(
+            "update_room", room_id, name, name.lower(), topic, self.node, decode=decode
+        )
 
-    def delete_room(self, room_id: int) -> Awaitable[None]:
+    def delete_room(self, room_id: int, by: str = "") -> Awaitable[None]:
         """Queued at the call (see SQLiteStore.delete_room); its messages are purged in
         batches after it."""
 
         def decode(_: Any) -> None:
             self._purge_later(room_id)
 
-        return self._call("delete_room", room_id, decode=decode)
+        return self._call("delete_room", room_id, self.node, by, decode=decode)
 
     def _purge_later(self, room_id: int) -> None:
         def decode(n: int) -> None:
@@ -608,13 +663,14 @@ class RedisStore:
         self, message_id: int, text: str, ts: float, by: str
     ) -> MessageRecord | None:
         return await self._call(
-            "change", self.stream_maxlen, message_id, "edited", text, _f(ts), by,
+            "change", self.stream_maxlen, message_id, "edited", text, _f(ts), by, self.node,
             decode=self._changed,
         )  # fmt: skip
 
-    async def delete_message(self, message_id: int) -> MessageRecord | None:
+    async def delete_message(self, message_id: int, by: str = "") -> MessageRecord | None:
         return await self._call(
-            "change", self.stream_maxlen, message_id, "deleted", "", "", "", decode=self._changed
+            "change", self.stream_maxlen, message_id, "deleted", "", "", by, self.node,
+            decode=self._changed,
         )
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
@@ -662,6 +718,19 @@ class RedisStore:
         return bool(
             await self._cmd(lambda c: c.sismember(f"{self.prefix}d:{{{me}}}:with", other.lower()))
         )
+
+    # --- the bus (chatd/cluster): writes ordered with every other write ---------------
+
+    def presence(self, op: str, room_id: int, key: str, name: str) -> Deferred[Any]:
+        """This node's user entered ("in") or left ("out") a room (scripts.PRESENCE)."""
+        return self._call("presence", self.node, op, room_id, key, name)
+
+    def publish(self, fields: tuple[Any, ...]) -> Deferred[Any]:
+        """Append an event for the other nodes to the change stream (field, value, ...)."""
+        return self._call_cmd(
+            "XADD", self.prefix + "changes", "MAXLEN", "~", self.stream_maxlen, "*",
+            "node", self.node, *fields,
+        )  # fmt: skip
 
     # --- retention -------------------------------------------------------------------
 

@@ -501,7 +501,7 @@ class SQLiteStore:
     async def update_room(self, room_id: int, name: str, topic: str) -> None:
         await self._write(lambda db: q.update_room(db, room_id, name, topic))
 
-    def delete_room(self, room_id: int) -> Awaitable[None]:
+    def delete_room(self, room_id: int, by: str = "") -> Awaitable[None]:
         """Queued at the call, not at the first await: a create of the same name that
         follows (an emptied ephemeral room's name reused at once) then comes after it."""
 
@@ -529,7 +529,7 @@ class SQLiteStore:
             "text = ?, edited_ts = ?, edited_by = ?", (text, ts, by), message_id
         )
 
-    async def delete_message(self, message_id: int) -> MessageRecord | None:
+    async def delete_message(self, message_id: int, by: str = "") -> MessageRecord | None:
         return await self._change_message("text = '', deleted = 1", (), message_id)
 
     def _change_message(

@@ -1,0 +1,517 @@
+"""Several nodes on one Redis as one server (issue 11): the Redis bus, cluster presence,
+node liveness and the outage rule. Used whenever the store is Redis.
+
+One stream, one order. Every change and event that crosses nodes is an entry of the
+store's change stream (`P changes`), and each node reads it with one XREAD loop, applying
+entries in stream order:
+- message changes (send, edit, delete) are appended by the store's Lua scripts in the
+  same atomic step that allocates their revision, so stream order is revision order. The
+  bus delivers them on EVERY node from the stream (handlers emit none: `carries_revisions`),
+  so each connection gets them in revision order whichever node wrote them. A node's own
+  change is delivered only once every store pipeline sent before the entry was read has
+  been answered: the caller's reply is then queued before the event.
+- room and account changes (create, rename, delete; register, delete, passwd, logout,
+  revocations, guest holds) are appended by their scripts too (kind room.*, user, hold,
+  revoked): the other nodes adopt them, as a `chatd user …` is adopted.
+- other events (member.joined/left, room.updated, …) are delivered here at once and
+  appended for the other nodes (kind `ev`, with their audience: a room id or a user), and
+  presence (kind `in`/`out`: a user entered or left a room on a node) keeps every node's
+  member lists whole. Both go through the store's writer, in order with its writes.
+
+Liveness: each node refreshes `P node:<id>` (TTL `--node-ttl`) every third of it; a node
+whose key is gone is reaped once, by whichever node takes `P reap:<id>` first (SET NX):
+its membership goes and a `gone` entry makes every node drop its users (member.left).
+
+Outage: when the reader loses Redis, once Redis answers again the node ends every client
+connection with `server.shutdown`: clients reconnect and `sync` (protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from chatd import changes
+from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
+from chatd.domain.identity import is_guest_jti
+from chatd.errors import Unauthorized
+from chatd.protocol.events import Batch, Frame, MemberLeft, RoomClosed, decode_event
+from chatd.store.base import GuestHold, RoomRecord
+from chatd.store.redis.scripts import REAP
+from chatd.store.redis.store import message_from
+
+if TYPE_CHECKING:
+    from chatd.app import App
+    from chatd.rooms import LiveRoom
+    from chatd.session import Session
+    from chatd.stats import Stats
+    from chatd.store.redis.store import RedisStore
+
+log = logging.getLogger("chatd")
+_HOLD = msgspec.json.Decoder(GuestHold)
+_READ_COUNT = 1_000
+_BLOCK_MS = 1_000
+_MAX_BACKOFF = 2.0
+
+
+class RedisBus:
+    """The Bus for several nodes: delivers here at once (as ``LocalBus``) and appends the
+    event's bytes, with its audience, to the change stream for the other nodes
+    (``ToSessions`` names connections of this node: local only). Message events it
+    delivers itself from the stream."""
+
+    __slots__ = ("_directory", "_local", "_store", "caught_up")
+    carries_revisions = True
+
+    def __init__(
+        self,
+        directory: Any,
+        stats: Stats,
+        store: RedisStore,
+        caught_up: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._directory = directory
+        self._local = LocalBus(directory, stats)
+        self._store = store
+        # Read your writes across nodes (see Bus.caught_up): the stream's tail now, then
+        # wait for the reader to have applied it.
+        self.caught_up = caught_up
+
+    def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        mine = self._local.publish(audience, frame, caller)
+        where = _address(audience)
+        if where is not None:
+            data = frame.json_frame()  # the bytes the local fan-out used (cached)
+            _logged(self._store.publish(("kind", "ev", "a", where, "f", data)))
+        return mine
+
+    def local(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
+        """Deliver to this node's connections only (an event read from the stream)."""
+        return self._local.publish(audience, frame, caller)
+
+    def close(self, audience: Audience, caller: Session | None = None) -> bool:
+        mine = self.close_local(audience, caller)
+        where = _address(audience)
+        if where is not None:
+            _logged(self._store.publish(("kind", "close", "a", where)))
+        return mine
+
+    def close_local(self, audience: Audience, caller: Session | None = None) -> bool:
+        return self._local.close(audience, caller)
+
+
+def _address(audience: Audience) -> str | None:
+    if isinstance(audience, ToRoom):
+        return f"r:{audience.room.id}"
+    if isinstance(audience, ToUser):
+        return f"u:{audience.key}\n{audience.identity or ''}"
+    return None
+
+
+def _frame_of(data: bytes) -> Frame:
+    """An event (or a Batch of them: several lines) another node published, as the value
+    it was there; its bytes are kept as its encoding (not encoded again here)."""
+    lines = data.splitlines(keepends=True)
+    if len(lines) == 1:
+        return decode_event(data)
+    return Batch([decode_event(line) for line in lines])  # joins the kept lines once
+
+
+def _logged(write: Any) -> None:
+    def done(fut: Any) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.debug("an event for the other nodes was not written: %s", exc)
+
+    write.add_done_callback(done)
+
+
+class Cluster:
+    """This node's part in a service of several nodes on one Redis (see the module)."""
+
+    def __init__(
+        self,
+        app: App,
+        store: RedisStore,
+        end_connections: Callable[[str], None],
+        node_ttl: float,
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.node = uuid.uuid4().hex[:12]
+        self.node_ttl = node_ttl
+        self.end_connections = end_connections
+        self.bus = RedisBus(app.presence, app.stats, store, self.caught_up)
+        self.last_id = "0-0"
+        self._applied = (0, 0)  # last_id as numbers
+        self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self.down = False
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        P = store.prefix
+        self._stream = P + "changes"
+        self._key = f"{P}node:{self.node}"
+
+    # --- start and stop --------------------------------------------------------------
+
+    def client(self, blocking: bool = False) -> aioredis.Redis:
+        timeout = self.store.timeout + (_BLOCK_MS / 1000 if blocking else 0)
+        return aioredis.Redis.from_url(
+            self.store.url, decode_responses=False, socket_timeout=timeout,
+            socket_connect_timeout=self.store.timeout, retry=aioredis.retry.Retry(NoBackoff(), 0),
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        """Join the service: heartbeat, other nodes' members, the stream from now."""
+        app, store = self.app, self.store
+        store.node = self.node
+        app.bus = self.bus
+        app.rooms.on_presence = self._presence
+        self._client = self.client()
+        self._reader = self.client(blocking=True)
+        c = self._client
+        await self._beat()
+        last: Any = await c.xrevrange(self._stream, "+", "-", count=1)
+        self.last_id = last[0][0].decode() if last else "0-0"
+        self._applied = _id(self.last_id)
+        others = await self._live_nodes()
+        for node in others:
+            await self._load_members(node)
+        if not others:
+            # Nobody else is serving: ephemeral rooms left by stopped nodes go (contract).
+            for room in [r for r in app.rooms.rooms.values() if r.ephemeral]:
+                app.drop_if_unused(room)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._beat_loop())]
+        log.info("cluster node %s joined (%d other nodes live)", self.node, len(others),
+                 extra={"event": "node_joined", "node": self.node, "nodes": len(others) + 1})  # fmt: skip
+
+    async def stop(self) -> None:
+        """Leave the service at once: the other nodes drop this node's users now."""
+        # redis-py may turn a cancellation inside a command into a connection error: the
+        # loops look at this flag, so they end anyway.
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except BaseException:  # cancelled, or failed (logged there)
+                pass
+        if self._client is not None:
+            try:
+                await self._client.delete(self._key)
+                await self._client.eval(REAP, 0, self.store.prefix, self.node)
+            except (RedisError, OSError) as exc:
+                log.warning("could not leave the cluster cleanly: %s", exc)
+            await self._client.aclose()
+        if self._reader is not None:
+            await self._reader.aclose()
+
+    async def _live_nodes(self) -> list[str]:
+        assert self._client is not None
+        P = self.store.prefix
+        found: Any = await self._client.smembers(P + "nodes")
+        nodes = sorted(x.decode() for x in found)
+        live = []
+        for node in nodes:
+            if node != self.node and await self._client.exists(f"{P}node:{node}"):
+                live.append(node)
+        return live
+
+    async def _load_members(self, node: str) -> None:
+        assert self._client is not None
+        members: Any = await self._client.hgetall(f"{self.store.prefix}node:{node}:m")
+        for field, name in members.items():
+            room_id, key = field.decode().split("\n", 1)
+            room = self.app.rooms.by_id.get(int(room_id))
+            if room is not None:
+                self.app.rooms.remote_in(room, node, key, name.decode())
+
+    # --- liveness --------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        assert self._client is not None
+        P = self.store.prefix
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key, b"1", px=int(self.node_ttl * 1000))
+        pipe.sadd(P + "nodes", self.node)
+        await pipe.execute()
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.node_ttl / 3)
+            try:
+                await self._beat()
+                await self._reap()
+            except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return
+                log.debug("heartbeat failed: %s", exc)
+
+    async def _reap(self) -> None:
+        """Clean up after nodes whose heartbeat expired: once each, under a lock."""
+        assert self._client is not None
+        P = self.store.prefix
+        nodes: Any = await self._client.smembers(P + "nodes")
+        for raw in nodes:
+            node = raw.decode()
+            if node == self.node or await self._client.exists(f"{P}node:{node}"):
+                continue
+            lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=60_000)
+            if lock:
+                n = await self._client.eval(REAP, 0, P, node)
+                log.warning("node %s stopped answering: its %s room memberships removed", node, n,
+                            extra={"event": "node_reaped", "node": node})  # fmt: skip
+
+    # --- presence --------------------------------------------------------------------
+
+    def _presence(self, room: LiveRoom, key: str, name: str, entered: bool) -> None:
+        _logged(self.store.presence("in" if entered else "out", room.id, key, name))
+
+    # --- the reader ------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            assert self._reader is not None
+            try:
+                reply: Any = await self._reader.xread(
+                    {self._stream: self.last_id}, count=_READ_COUNT, block=_BLOCK_MS
+                )
+            except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return
+                if not self.down:
+                    self.down = True
+                    log.error("lost redis (%s): reconnecting; client connections end when it is back",
+                              exc, extra={"event": "cluster_down", "error": str(exc)})  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            backoff = 0.05
+            if self.down:
+                await self._recovered()
+            if not reply:
+                continue
+            entries = reply[0][1]
+            me = self.node.encode()
+            if any(f.get(b"node") == me and b"rev" in f for _, f in entries):
+                # Our own change: its command's reply goes first (bounded wait).
+                try:
+                    await asyncio.wait_for(_future(self.store.writes_settled()), self.store.timeout * 2)
+                except TimeoutError:
+                    pass
+            for entry_id, fields in entries:
+                self.last_id = entry_id.decode()
+                try:
+                    self._apply(fields)
+                except Exception:
+                    log.exception("could not apply a change from the stream")
+            self._applied = _id(self.last_id)
+            self._wake_caught_up()
+
+    def caught_up(self) -> Awaitable[None]:
+        return asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """Wait until the reader has applied the stream up to its tail as of now (bounded:
+        Redis unreachable, or slow, and this answers from what the node has)."""
+        try:
+            assert self._client is not None
+            info: Any = await self._client.xinfo_stream(self._stream)
+            tail = info["last-generated-id"]
+            target = _id(tail.decode() if isinstance(tail, bytes) else str(tail))
+        except (RedisError, OSError):
+            return
+        if target <= self._applied:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._catching_up.append((target, fut))
+        try:
+            await asyncio.wait_for(fut, self.store.timeout)
+        except TimeoutError:
+            pass
+
+    def _wake_caught_up(self) -> None:
+        if not self._catching_up:
+            return
+        left = []
+        for target, fut in self._catching_up:
+            if target <= self._applied:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                left.append((target, fut))
+        self._catching_up = left
+
+    async def _recovered(self) -> None:
+        """Redis answers again: events may have been lost meanwhile (ours to the others,
+        theirs to us), so every client reconnects and syncs (protocol.md)."""
+        self.down = False
+        log.warning("redis is back: ending client connections so they resync",
+                    extra={"event": "cluster_recovered"})  # fmt: skip
+        self.end_connections("lost contact with the other nodes; reconnect and sync")
+        try:
+            await self._beat()
+        except (RedisError, OSError):
+            self.down = True
+
+    def _apply(self, raw: dict[bytes, bytes]) -> None:
+        kind = raw[b"kind"].decode()
+        if kind == "ev" or kind == "close":
+            if raw.get(b"node") != self.node.encode():
+                self._deliver_remote(kind, raw)
+            return
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        own = f.get("node") == self.node
+        if kind.startswith("message"):
+            self._message(kind, f)
+        elif own:
+            return  # this node applied its own change already
+        elif kind == "in" or kind == "out":
+            self._remote_presence(kind, f)
+        elif kind.startswith("room."):
+            self._room(kind, f)
+        elif kind == "user":
+            self.app.scheduler.spawn(_quiet(self.app.refresh_user(f["key"])))
+        elif kind == "revoked":
+            self._revoked(f["jti"], int(f["exp"]))
+        elif kind == "hold":
+            self._hold(f["key"], f.get("h", ""))
+        elif kind == "gone":
+            self._gone(f["node"])
+
+    def _deliver_remote(self, kind: str, raw: dict[bytes, bytes]) -> None:
+        where = raw[b"a"].decode()
+        audience: Audience
+        if where.startswith("r:"):
+            room = self.app.rooms.by_id.get(int(where[2:]))
+            if room is None:
+                return
+            self.app.settle(room)  # this node's departures happened first
+            audience = ToRoom(room)
+        else:
+            key, _, identity = where[2:].partition("\n")
+            audience = ToUser(key, identity or None)
+        if kind == "ev":
+            self.bus.local(audience, _frame_of(raw[b"f"]))
+        else:
+            self.bus.close_local(audience)
+
+    def _message(self, kind: str, f: dict[str, str]) -> None:
+        app = self.app
+        rec = message_from([x for kv in f.items() for x in kv])
+        if rec.rev > self.store.rev:
+            self.store.rev = rec.rev
+        event = changes.message_event(app.rooms, kind, rec, f.get("by") or None)
+        for audience in changes.audiences(app.rooms, rec):  # one encoding for all of them
+            if isinstance(audience, ToRoom):
+                app.settle(audience.room)  # departures before this message go first
+            self.bus.local(audience, event)
+
+    def _remote_presence(self, kind: str, f: dict[str, str]) -> None:
+        rooms = self.app.rooms
+        room = rooms.by_id.get(int(f["room"]))
+        if room is None:
+            return
+        if kind == "in":
+            rooms.remote_in(room, f["node"], f["key"], f["name"])
+        elif rooms.remote_out(room, f["node"], f["key"]):
+            self.app.drop_if_unused(room)
+
+    def _room(self, kind: str, f: dict[str, str]) -> None:
+        app = self.app
+        room_id = int(f["id"])
+        room = app.rooms.by_id.get(room_id)
+        if kind == "room.created":
+            if room is None and f["n"].lower() not in app.rooms.rooms:
+                app.rooms.add(RoomRecord(
+                    room_id, f["n"], f["t"], f["o"], float(f["c"]), f["e"] == "1", f["op"] == "1"
+                ))  # fmt: skip
+        elif room is None or room.deleted:
+            return
+        elif kind == "room.updated":
+            app.settle(room)
+            room.topic = f["t"]
+            if f["n"] != room.name:
+                app.rooms.rename(room, f["n"])
+        elif kind == "room.deleted":
+            app.settle(room)
+            members = app.rooms.remove(room)
+            if members:
+                event = RoomClosed(room=room.name, by=f.get("by") or None)
+                self.bus.local(ToSessions.of(members), event)
+
+    def _revoked(self, jti: str, exp: int) -> None:
+        app = self.app
+        app.accounts.revoke(jti, exp)
+        fx = Effects()
+        for s in list(app.presence.sessions()):
+            if s.claims is not None and s.claims.jti == jti:
+                app.expire(s, "logout", fx)
+        deliver(self.bus, fx)
+
+    def _hold(self, key: str, data: str) -> None:
+        app = self.app
+        hold = _HOLD.decode(data) if data else None
+        app.accounts.adopt_hold(key, hold)
+        fx = Effects()
+        for s in app.sessions_of(key):
+            if s.claims is None or not is_guest_jti(s.claims.jti):
+                continue
+            try:
+                app.accounts.check_claims(s.claims)
+            except Unauthorized:
+                app.expire(s, "logout", fx)
+        deliver(self.bus, fx)
+        if hold is not None and hold.held_until is not None and app.presence.is_online(key):
+            app.accounts.settle_hold(key)  # still connected here: held while connected
+
+    def _gone(self, node: str) -> None:
+        app = self.app
+        if node == self.node:
+            # Reaped while alive (Redis was away longer than the TTL): the others dropped
+            # this node's users; clients reconnect and rejoin.
+            self.end_connections("lost contact with the other nodes; reconnect and sync")
+            return
+        for room in list(app.rooms.rooms.values()):
+            left = [k for k, nodes in room.remote.items() if node in nodes]
+            if not left:
+                continue
+            app.settle(room)
+            names = dict(room.members_sorted)
+            for key in left:
+                if app.rooms.remote_out(room, node, key):
+                    event = MemberLeft(
+                        room=room.name, user=names.get(key, key), reason="disconnected"
+                    )
+                    self.bus.local(ToRoom(room), event)
+            app.drop_if_unused(room)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _future(x: Awaitable[None]) -> None:
+    await x
+
+
+async def _quiet(x: Awaitable[Any]) -> None:
+    try:
+        await x
+    except Exception as exc:
+        log.warning("could not adopt a change from another node: %s", exc)
+
