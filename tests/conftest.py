@@ -45,10 +45,12 @@ def _two_node_pass(request: pytest.FixtureRequest) -> Iterator[None]:
     fixture or running_server) belongs to its pass."""
     callspec = getattr(request.node, "callspec", None)
     tests.helpers.TWO_NODES = callspec is not None and callspec.params.get("topology") == "two"
+    tests.helpers.REDIS_FOR_FILE.clear()
     try:
         yield
     finally:
         tests.helpers.TWO_NODES = False
+        tests.helpers.REDIS_FOR_FILE.clear()
 
 
 @pytest.fixture
