@@ -198,16 +198,20 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave the service at once: the other nodes drop this node's users now."""
-        # redis-py may turn a cancellation inside a command into a connection error: the
-        # loops look at this flag, so they end anyway.
+        # A cancellation can be lost on its way into a loop (Python 3.11's wait_for returns
+        # the result when its inner future completes as the cancellation arrives, and
+        # redis-py may turn one into a connection error), so the loops also end on this
+        # flag, and the wait for them is bounded.
         self._stopping = True
         for t in self._tasks:
             t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.store.timeout + _BLOCK_MS / 1000 + 1)
         for t in self._tasks:
-            try:
-                await t
-            except BaseException:  # cancelled, or failed (logged there)
-                pass
+            if not t.done():
+                log.warning("a cluster loop did not end on stop; left behind")
+            elif not t.cancelled() and t.exception() is not None:
+                log.warning("a cluster loop failed: %s", t.exception())
         if self._client is not None:
             try:
                 await self._client.delete(self._key)
@@ -249,7 +253,7 @@ class Cluster:
         await pipe.execute()
 
     async def _beat_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.node_ttl / 3)
             try:
                 await self._beat()
@@ -283,7 +287,7 @@ class Cluster:
 
     async def _read_loop(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             assert self._reader is not None
             try:
                 reply: Any = await self._reader.xread(

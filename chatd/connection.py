@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from chatd.bus import deliver, others_now
@@ -301,7 +301,18 @@ class Connection:
         if self.paused:
             self.resume(PAUSE_BACKLOG)
             if self.paused & PAUSE_EOF and not self.waiting:
-                self.close()  # every complete frame ran and every reply is queued
+                # Every complete frame ran and every reply is queued. With several nodes
+                # the events of its own commands come back through the change stream:
+                # close once this node has applied it (bounded), so they are sent too.
+                wait = host.app.bus.caught_up()
+                if wait is None:
+                    self.close()
+                else:
+                    host.app.scheduler.spawn(self._close_after(wait))
+
+    async def _close_after(self, wait: Awaitable[None]) -> None:
+        await wait
+        self.close()
 
     def _continue(self) -> None:
         if self.paused == PAUSE_BACKLOG:

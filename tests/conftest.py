@@ -9,8 +9,6 @@ import tests.helpers
 from chatd.server import ChatServer
 from tests.helpers import Client, fake_clock, nodes_of, running_server
 
-# CHATD_TWO_NODE_PASS=all runs every wire test in the two-node pass (see below).
-TWO_NODE_PASS_FOR_ALL = os.environ.get("CHATD_TWO_NODE_PASS") == "all"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,11 +24,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     (tests/helpers.py TWO_NODES), unless it is marked one_node with a reason."""
     if "/tests/wire/" not in str(metafunc.definition.path).replace("\\", "/"):
         return
-    if "topology" not in metafunc.fixturenames and not TWO_NODE_PASS_FOR_ALL:
-        # NOT DONE (issue 11): with every wire test in it, the two-node pass hangs in
-        # teardown (first seen: test_messages.py::test_dm_to_an_offline_registered_user_
-        # is_kept[two]); until that is found it runs only the tests that ask for it.
-        return
     marker = metafunc.definition.get_closest_marker("one_node")
     if marker is not None:
         assert marker.args and marker.args[0], "one_node needs a reason"
@@ -45,10 +38,12 @@ def _two_node_pass(request: pytest.FixtureRequest) -> Iterator[None]:
     fixture or running_server) belongs to its pass."""
     callspec = getattr(request.node, "callspec", None)
     tests.helpers.TWO_NODES = callspec is not None and callspec.params.get("topology") == "two"
+    tests.helpers.REDIS_FOR_FILE.clear()
     try:
         yield
     finally:
         tests.helpers.TWO_NODES = False
+        tests.helpers.REDIS_FOR_FILE.clear()
 
 
 @pytest.fixture

@@ -45,10 +45,14 @@ GUEST_DEFAULTS = TEST_CONFIG.replace(
 TWO_NODES = False
 # Each first node -> every node of its service (the first included).
 NODES: dict[ChatServer, list[ChatServer]] = {}
+# In the two-node pass, a test's database file -> the Redis that stands for it, so a test
+# that restarts its server on one file restarts both nodes on one Redis (emptied once, at
+# the file's first use in the test; tests/conftest.py clears this per test).
+REDIS_FOR_FILE: dict[str, str] = {}
 
 
 def two_nodes(cfg: Config) -> bool:
-    return TWO_NODES and cfg.db == ":memory:"
+    return TWO_NODES
 
 
 def _store(cfg: Config, url: str | None = None) -> Any:
@@ -76,11 +80,6 @@ async def running_server(
     guest graces, idle deadlines) wait for `advance`, not for real time. In the two-node
     pass: the first of two nodes on one Redis (`nodes_of` gives both)."""
     cfg = (config or TEST_CONFIG).replace(**changes) if changes else (config or TEST_CONFIG)
-    if TWO_NODES and not two_nodes(cfg):
-        raise AssertionError(
-            "the two-node pass starts nodes on Redis only: a test of a SQLite file is marked "
-            "@pytest.mark.one_node(reason)"
-        )
     if not two_nodes(cfg):
         server = ChatServer(cfg, _store(cfg), SECRET, clock=clock)
         await server.start()
@@ -91,7 +90,10 @@ async def running_server(
         return
     from tests.redisutil import fresh_redis_url
 
-    url = fresh_redis_url()
+    if cfg.db == ":memory:":
+        url = fresh_redis_url()
+    else:
+        url = REDIS_FOR_FILE.get(cfg.db) or REDIS_FOR_FILE.setdefault(cfg.db, fresh_redis_url())
     first = ChatServer(cfg, _store(cfg, url), SECRET, clock=clock)
     await first.start()
     second = ChatServer(cfg, _store(cfg, url), SECRET, clock=clock)

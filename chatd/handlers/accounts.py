@@ -85,6 +85,8 @@ def _held(app: App, name: str, hold: GuestHold) -> Conflict:
 
 
 async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: holds and accounts as every node has changed them
     accounts = app.accounts
     hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
@@ -192,6 +194,8 @@ async def _guest_login(
     key = cmd.user.lower()
     if not app.config.guests:
         raise Forbidden("guest logins are turned off on this server")
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: holds and accounts as every node has changed them
     accounts = app.accounts
     if accounts.is_registered(key):
         raise Unauthorized("that name is registered: log in with its password")

@@ -205,6 +205,8 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
 
 
 async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
+    if (wait := app.bus.caught_up()) is not None:
+        await wait  # several nodes: member.left only if no other node has the user there
     room = app.rooms.get(cmd.room)
     app.leave(room, req.session, "left")
     return EMPTY

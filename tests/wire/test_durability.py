@@ -140,6 +140,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.one_node("faults injected into one SQLite file's connection")
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_a_failing_disk_fails_sends_keeps_reads_and_events_and_recovers(
     tmp_path: Path, fault: str
@@ -443,6 +444,7 @@ async def _eq(got: Any, want: Any) -> bool:
     return bool(await got == want)
 
 
+@pytest.mark.one_node("reads one SQLite file's tables")
 async def test_a_deleted_rooms_messages_go_in_batches_and_the_room_is_gone_at_once(
     tmp_path: Path,
 ) -> None:
@@ -484,6 +486,7 @@ async def test_a_deleted_rooms_messages_go_in_batches_and_the_room_is_gone_at_on
         await c.close()
 
 
+@pytest.mark.one_node("writes into one SQLite file's tables")
 async def test_messages_of_a_room_deleted_before_a_crash_are_purged_after_restart(
     tmp_path: Path,
 ) -> None:

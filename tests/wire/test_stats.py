@@ -23,6 +23,7 @@ from tests.helpers import (
     deaf_client,
     fake_clock,
     guest,
+    nodes_of,
     running_server,
 )
 from tests.wire.test_limits import SMALL_OUTBOX, conn_of, connect_from, read_to_end, wait_until
@@ -299,11 +300,12 @@ async def test_start_and_stop_are_logged_with_the_settings(
 ) -> None:
     caplog.set_level(logging.INFO, logger="chatd")
     async with running_server(idle_timeout=42.0) as srv:
-        port = srv.port
+        ports = [node.port for node in nodes_of(srv)]  # one node, or two in the two-node pass
     start = events(caplog, "start")
-    assert len(start) == 1
-    msg = start[0].getMessage()
-    assert f"listening on 127.0.0.1:{port}" in msg
-    for part in ("tls off", "db :memory:", "idle_timeout 42.0", "metrics off", VERSION):
-        assert part in msg, msg
-    assert len(events(caplog, "stopping")) == 1 and len(events(caplog, "stopped")) == 1
+    assert len(start) == len(ports)
+    for port, record in zip(ports, start, strict=True):
+        msg = record.getMessage()
+        assert f"listening on 127.0.0.1:{port}" in msg
+        for part in ("tls off", "db :memory:", "idle_timeout 42.0", "metrics off", VERSION):
+            assert part in msg, msg
+    assert len(events(caplog, "stopping")) == len(ports) == len(events(caplog, "stopped"))

@@ -269,6 +269,13 @@ local function notify(...)
   redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
 end
 if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
+-- A guest's hold that has not lapsed keeps the name (decided here, so across nodes too).
+local held = redis.call('HGET', P..'guests', ARGV[3])
+if held and held ~= '' then
+  local o = cjson.decode(held)
+  local lapsed = o.held_until ~= nil and o.held_until ~= cjson.null and o.held_until <= tonumber(ARGV[6])
+  if not lapsed then return 0 end
+end
 local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
 redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])
 redis.call('HSET', P..'users', ARGV[3], id)
