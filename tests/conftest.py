@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
@@ -8,7 +7,6 @@ import pytest
 import tests.helpers
 from chatd.server import ChatServer
 from tests.helpers import Client, fake_clock, nodes_of, running_server
-
 
 
 def pytest_configure(config: pytest.Config) -> None:
