@@ -303,12 +303,15 @@ async def test_a_node_s_own_change_reaches_the_caller_after_its_reply(
         await server.stop()
 
 
+@pytest.mark.parametrize(
+    "kept", [None, 1, 0], ids=["nothing-trimmed", "trimmed-but-the-last", "all-trimmed"]
+)
 async def test_a_node_that_falls_behind_the_stream_cap_ends_its_connections(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, kept: int | None
 ) -> None:
     """Entries trimmed from the change stream before the node read them (it was further
     behind than the cap) are changes it missed: its clients get `server.shutdown`, and
-    after they reconnect everything works."""
+    after they reconnect everything works. Entries it is merely late on are applied."""
     import redis.asyncio as aioredis
 
     from chatd.cluster import Cluster
@@ -341,12 +344,21 @@ async def test_a_node_that_falls_behind_the_stream_cap_ends_its_connections(
             await c.event("message")
             open_gate.clear()  # the reader stalls ...
             await asyncio.wait_for(parked.wait(), 10)
-            # ... while another node's user joins, and the stream is trimmed past it.
+            # ... while users of another node join, and the stream may be trimmed.
             stream = store.prefix + "changes"
-            await raw.xadd(stream, {"kind": "in", "room": str(room_id),
-                                    "key": "zed", "name": "Zed", "node": "elsewhere"})  # fmt: skip
-            await raw.xtrim(stream, maxlen=0)
+            for name in ("Zed", "Yan"):
+                await raw.xadd(stream, {"kind": "in", "room": str(room_id), "key": name.lower(),
+                                        "name": name, "node": "elsewhere"})  # fmt: skip
+            if kept is not None:
+                await raw.xtrim(stream, maxlen=kept, approximate=False)
             open_gate.set()
+            if kept is None:  # late, not lost: applied, nothing ends
+                await c.ok("msg.send", room="dev", text="still here")
+                await c.event("message")
+                members = (await c.ok("room.members", room="dev"))["members"]
+                assert members == ["ann", "Yan", "Zed"]
+                assert [e for e in c.events if e["event"] == "server.shutdown"] == []
+                return
             shutdown = await c.event("server.shutdown", timeout=10)
             assert "reconnect and sync" in shutdown["reason"]
         async with clients(server.port) as (c,):  # reconnects and goes on
