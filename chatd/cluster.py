@@ -23,7 +23,8 @@ whose key is gone is reaped once, by whichever node takes `P reap:<id>` first (S
 its membership goes and a `gone` entry makes every node drop its users (member.left).
 
 Outage: when the reader loses Redis, once Redis answers again the node ends every client
-connection with `server.shutdown`: clients reconnect and `sync` (protocol.md).
+connection with `server.shutdown`: clients reconnect and `sync` (protocol.md). So it does
+when it fell so far behind that the stream was trimmed past its position (a gap).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
@@ -152,6 +153,7 @@ class Cluster:
         self.bus = RedisBus(app.presence, app.stats, store, self.caught_up)
         self.last_id = "0-0"
         self._applied = (0, 0)  # last_id as numbers
+        self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self.down = False
         self._stopping = False
@@ -181,8 +183,12 @@ class Cluster:
         self._reader = self.client(blocking=True)
         c = self._client
         await self._beat()
-        last: Any = await c.xrevrange(self._stream, "+", "-", count=1)
-        self.last_id = last[0][0].decode() if last else "0-0"
+        try:  # the last id ever given, even if its entry was trimmed (see _read_batch)
+            info: Any = await c.xinfo_stream(self._stream)
+            self.last_id = _str(info["last-generated-id"])
+            self._ordinal = int(info.get("entries-added", 0))
+        except ResponseError:  # no stream yet
+            self.last_id, self._ordinal = "0-0", 0
         self._applied = _id(self.last_id)
         others = await self._live_nodes()
         for node in others:
@@ -290,9 +296,7 @@ class Cluster:
         while not self._stopping:
             assert self._reader is not None
             try:
-                reply: Any = await self._reader.xread(
-                    {self._stream: self.last_id}, count=_READ_COUNT, block=_BLOCK_MS
-                )
+                entries, gap = await self._read_batch()
             except (RedisError, OSError) as exc:
                 if self._stopping:
                     return
@@ -305,10 +309,14 @@ class Cluster:
                 continue
             backoff = 0.05
             if self.down:
-                await self._recovered()
-            if not reply:
+                await self._recovered()  # ends the connections: a gap then is covered too
+            elif gap:
+                log.warning("this node fell behind the change stream's cap and missed changes: "
+                            "ending client connections so they resync",
+                            extra={"event": "cluster_gap"})  # fmt: skip
+                self.end_connections("missed changes from the other nodes; reconnect and sync")
+            if not entries:
                 continue
-            entries = reply[0][1]
             me = self.node.encode()
             if any(f.get(b"node") == me and b"rev" in f for _, f in entries):
                 # Our own change: its command's reply goes first (bounded wait).
@@ -325,6 +333,37 @@ class Cluster:
             self._applied = _id(self.last_id)
             self._wake_caught_up()
 
+    async def _read_batch(self) -> tuple[list[Any], bool]:
+        """The entries after `last_id` (waiting up to _BLOCK_MS for some), and whether an
+        entry after `last_id` was trimmed away unread (the node fell behind the stream's
+        cap). Same round trip: XINFO STREAM right after the XREAD. Trimming deletes from
+        the head, and `entries-added` (Redis 7) gives the stream's first entry its ordinal
+        (`entries-added - length + 1`), so the entries between this node's ordinal and the
+        first entry must all be in the batch; one that is not was lost."""
+        assert self._reader is not None
+        since = _id(self.last_id)
+        pipe = self._reader.pipeline(transaction=False)
+        pipe.xread({self._stream: self.last_id}, count=_READ_COUNT, block=_BLOCK_MS)
+        pipe.xinfo_stream(self._stream)
+        read, info = await pipe.execute(raise_on_error=False)
+        if isinstance(read, BaseException):
+            raise read
+        entries: list[Any] = read[0][1] if read else []
+        n = len(entries)
+        if isinstance(info, BaseException) or "entries-added" not in info:
+            self._ordinal += n  # no stream (yet), or Redis before 7: cannot tell
+            return entries, False
+        first = info.get("first-entry")
+        if first and _id(_str(first[0])) <= since:  # nothing after last_id was trimmed
+            self._ordinal += n
+            return entries, False
+        first_ordinal = int(info["entries-added"]) - int(info["length"]) + 1
+        ids = [e[0] for e in entries]
+        j = ids.index(first[0]) if first and first[0] in ids else n
+        gap = first_ordinal - 1 - self._ordinal > j
+        self._ordinal = first_ordinal + n - 1 - j
+        return entries, gap
+
     def caught_up(self) -> Awaitable[None]:
         return asyncio.get_running_loop().create_task(self._catch_up())
 
@@ -334,8 +373,7 @@ class Cluster:
         try:
             assert self._client is not None
             info: Any = await self._client.xinfo_stream(self._stream)
-            tail = info["last-generated-id"]
-            target = _id(tail.decode() if isinstance(tail, bytes) else str(tail))
+            target = _id(_str(info["last-generated-id"]))
         except (RedisError, OSError):
             return
         if target <= self._applied:
@@ -502,6 +540,10 @@ class Cluster:
                     )
                     self.bus.local(ToRoom(room), event)
             app.drop_if_unused(room)
+
+
+def _str(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _id(entry_id: str) -> tuple[int, int]:

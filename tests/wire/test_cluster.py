@@ -301,3 +301,72 @@ async def test_a_node_s_own_change_reaches_the_caller_after_its_reply(
             await c.close()
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize(
+    "kept", [None, 1, 0], ids=["nothing-trimmed", "trimmed-but-the-last", "all-trimmed"]
+)
+async def test_a_node_that_falls_behind_the_stream_cap_ends_its_connections(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, kept: int | None
+) -> None:
+    """Entries trimmed from the change stream before the node read them (it was further
+    behind than the cap) are changes it missed: its clients get `server.shutdown`, and
+    after they reconnect everything works. Entries it is merely late on are applied."""
+    import redis.asyncio as aioredis
+
+    from chatd.cluster import Cluster
+    from chatd.server import ChatServer
+    from chatd.store.redis.store import RedisStore
+    from tests.helpers import SECRET as TEST_SECRET
+    from tests.helpers import TEST_CONFIG
+
+    open_gate, parked = asyncio.Event(), asyncio.Event()
+    open_gate.set()
+    read_batch = Cluster._read_batch
+
+    async def paused(self: Cluster) -> Any:
+        if not open_gate.is_set():
+            parked.set()
+            await asyncio.wait_for(open_gate.wait(), 20)
+        return await read_batch(self)
+
+    monkeypatch.setattr(Cluster, "_read_batch", paused)
+    store = RedisStore(redis_url)
+    server = ChatServer(TEST_CONFIG, store, TEST_SECRET)
+    await server.start()
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with clients(server.port) as (c,):
+            await user(c, "ann")
+            await c.ok("room.create", room="dev")
+            room_id = server.app.rooms.rooms["dev"].id
+            await c.ok("msg.send", room="dev", text="seen")
+            await c.event("message")
+            open_gate.clear()  # the reader stalls ...
+            await asyncio.wait_for(parked.wait(), 10)
+            # ... while users of another node join, and the stream may be trimmed.
+            stream = store.prefix + "changes"
+            for name in ("Zed", "Yan"):
+                await raw.xadd(stream, {"kind": "in", "room": str(room_id), "key": name.lower(),
+                                        "name": name, "node": "elsewhere"})  # fmt: skip
+            if kept is not None:
+                await raw.xtrim(stream, maxlen=kept, approximate=False)
+            open_gate.set()
+            if kept is None:  # late, not lost: applied, nothing ends
+                await c.ok("msg.send", room="dev", text="still here")
+                await c.event("message")
+                members = (await c.ok("room.members", room="dev"))["members"]
+                assert members == ["ann", "Yan", "Zed"]
+                assert [e for e in c.events if e["event"] == "server.shutdown"] == []
+                return
+            shutdown = await c.event("server.shutdown", timeout=10)
+            assert "reconnect and sync" in shutdown["reason"]
+        async with clients(server.port) as (c,):  # reconnects and goes on
+            await c.ok("login", user="ann", password=PASSWORD)
+            await c.ok("room.join", room="dev")
+            await c.ok("msg.send", room="dev", text="after")
+            assert (await c.event("message"))["text"] == "after"
+            assert [e for e in c.events if e["event"] == "server.shutdown"] == []
+    finally:
+        await raw.aclose()
+        await server.stop()
