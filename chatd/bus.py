@@ -111,6 +111,12 @@ class Bus(Protocol):
         call. None when there is nothing to wait for (one node)."""
         ...
 
+    def published(self) -> Awaitable[None] | None:
+        """Something to await before a reply whose membership change other nodes must
+        already see (a join, a create): done once this node's presence writes so far have
+        reached the other nodes' stream. None when there is nothing to wait for."""
+        ...
+
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         """Deliver `frame` (an event, or a Batch of them) to every connection of `audience`
         at once, except `caller`; True when `caller` is in the audience (its copy is then
@@ -130,6 +136,9 @@ class LocalBus:
     carries_revisions = False
 
     def caught_up(self) -> None:
+        return None
+
+    def published(self) -> None:
         return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:

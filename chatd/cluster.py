@@ -69,7 +69,7 @@ class RedisBus:
     (``ToSessions`` names connections of this node: local only). Message events it
     delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_local", "_store", "caught_up")
+    __slots__ = ("_directory", "_local", "_store", "caught_up", "published")
     carries_revisions = True
 
     def __init__(
@@ -78,6 +78,7 @@ class RedisBus:
         stats: Stats,
         store: RedisStore,
         caught_up: Callable[[], Awaitable[None]],
+        published: Callable[[], Awaitable[None] | None],
     ) -> None:
         self._directory = directory
         self._local = LocalBus(directory, stats)
@@ -85,6 +86,9 @@ class RedisBus:
         # Read your writes across nodes (see Bus.caught_up): the stream's tail now, then
         # wait for the reader to have applied it.
         self.caught_up = caught_up
+        # A join's reply waits for its presence write (see Bus.published), so a join on
+        # another node right after it sees this member.
+        self.published = published
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         mine = self._local.publish(audience, frame, caller)
@@ -150,11 +154,12 @@ class Cluster:
         self.node = uuid.uuid4().hex[:12]
         self.node_ttl = node_ttl
         self.end_connections = end_connections
-        self.bus = RedisBus(app.presence, app.stats, store, self.caught_up)
+        self.bus = RedisBus(app.presence, app.stats, store, self.caught_up, self.published)
         self.last_id = "0-0"
         self._applied = (0, 0)  # last_id as numbers
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._last_presence: asyncio.Future[None] | None = None
         self.down = False
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -287,7 +292,21 @@ class Cluster:
     # --- presence --------------------------------------------------------------------
 
     def _presence(self, room: LiveRoom, key: str, name: str, entered: bool) -> None:
-        _logged(self.store.presence("in" if entered else "out", room.id, key, name))
+        write = self.store.presence("in" if entered else "out", room.id, key, name)
+        _logged(write)
+        # Writes complete in order (one pipeline), so the last one stands for all.
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(_: Any) -> None:
+            if not written.done():
+                written.set_result(None)
+
+        write.add_done_callback(settle)
+        self._last_presence = written
+
+    def published(self) -> Awaitable[None] | None:
+        last = self._last_presence
+        return None if last is None or last.done() else last
 
     # --- the reader ------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> RoomReply:
     s = req.session
     if s.user_key is not None and not s.closed:
         app.rooms.join(room, s)
+        if (written := app.bus.published()) is not None:
+            await written  # several nodes: a join elsewhere right after this sees the creator
     elif room.ephemeral:
         app.leave(room, s, "left")  # nobody in it: an ephemeral room goes at once
     return RoomReply(room=room.info())
@@ -201,6 +203,8 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
     s = req.session
     if app.rooms.join(room, s):
         req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
+        if (written := app.bus.published()) is not None:
+            await written  # several nodes: a join elsewhere right after this one sees it
     return RoomJoinReply(room=room.info(), members=_members(room))
 
 
