@@ -23,6 +23,7 @@ from redis.retry import Retry
 from chatd.config import redis_address
 from chatd.errors import Conflict
 from chatd.store.base import NameHeld, StoreMissing, StoreOpenError, UserRecord
+from chatd.store.redis.scripts import ALL_USERS, GET_USER
 from chatd.store.redis.store import LAYOUT, _f, _user
 
 # ARGV: P, name, name key, pw hash, admin (0/1), now (unix seconds).
@@ -58,27 +59,6 @@ redis.call('HINCRBY', P..'meta', 'users_version', 1)
 return 1
 """
 
-# ARGV: P, name key. Reply: the account's fields, or false.
-_GET_USER = r"""
-local P = ARGV[1]
-local id = redis.call('HGET', P..'users', ARGV[2])
-if not id then return false end
-local u = redis.call('HGETALL', P..'u:'..id)
-if #u == 0 then return false end
-return u
-"""
-
-# ARGV: P. Reply: the fields of every account (one consistent view).
-_ALL_USERS = r"""
-local P = ARGV[1]
-local out = {}
-for _, id in ipairs(redis.call('HVALS', P..'users')) do
-  local u = redis.call('HGETALL', P..'u:'..id)
-  if #u > 0 then out[#out+1] = u end
-end
-return out
-"""
-
 
 class RedisAdmin:
     """`AdminStore` on the Redis database at ``url`` (the nodes' `--redis`).
@@ -101,7 +81,7 @@ class RedisAdmin:
             self._scripts = {
                 name: self._r.register_script(src)
                 for name, src in (("create", _CREATE_USER), ("delete", _DELETE_USER),
-                                  ("get", _GET_USER), ("all", _ALL_USERS))
+                                  ("get", GET_USER), ("all", ALL_USERS))
             }  # fmt: skip
             self._check(create)
         except RedisError as exc:
@@ -153,5 +133,5 @@ class RedisAdmin:
         return _user(flat) if flat else None
 
     def list_users(self) -> list[UserRecord]:
-        users = [_user(u) for u in self._run("all")]
+        users = [_user(u) for u in self._run("all")[1]]  # {users_version, users}
         return sorted(users, key=lambda u: (u.name.lower(), u.id))
