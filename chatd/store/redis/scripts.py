@@ -31,11 +31,14 @@ touches keys of many slots):
 from __future__ import annotations
 
 # Shared helpers, prepended to every script that needs them. P is ARGV[1] in every script.
-_PRELUDE = r"""
-local P = ARGV[1]
+# notify: append a change or notice to the change stream (capped, see store._STREAM_MAXLEN).
+_NOTIFY = r"""
 local function notify(...)
-  redis.call('XADD', P..'changes', 'MAXLEN', '~', 100000, '*', ...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
 end
+"""
+_PRELUDE = _NOTIFY + r"""
+local P = ARGV[1]
 local function live_keys(room, sk, tk, sl, tl, pair)
   if room then return {P..'r:'..room..':ids'} end
   return {P..'d:{'..sk..'}:ids', P..'d:{'..tk..'}:ids', P..'d:{'..sk..'}:w:'..tl,
@@ -206,11 +209,8 @@ return #ids
 # their last ARGV is the writing node's id ("" for the command line).
 # ARGV: P, name, name key, topic, owner, created_at, ephemeral, open, node.
 # Reply: id, 0 = taken.
-CREATE_ROOM = r"""
+CREATE_ROOM = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 if redis.call('HEXISTS', P..'room_names', ARGV[3]) == 1 then return 0 end
 local id = redis.call('HINCRBY', P..'meta', 'room_id', 1)
 redis.call('HSET', P..'room:'..id, 'n', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'o', ARGV[5],
@@ -223,11 +223,8 @@ return id
 """
 
 # ARGV: P, id, name, name key, topic, node. Reply: 1 done (or no such room), 0 = name taken.
-UPDATE_ROOM = r"""
+UPDATE_ROOM = _NOTIFY + r"""
 local P, id = ARGV[1], ARGV[2]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local key = P..'room:'..id
 local old = redis.call('HGET', key, 'k')
 if not old then return 1 end
@@ -244,11 +241,8 @@ return 1
 
 # ARGV: P, id, node, by (who deleted it; "" an ephemeral room emptied). The room goes now; its messages follow in PURGE batches.
 # Reply: 1 deleted, 0 it was already gone (no notice then: several nodes may delete it).
-DELETE_ROOM = r"""
+DELETE_ROOM = _NOTIFY + r"""
 local P, id = ARGV[1], ARGV[2]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local key = P..'room:'..id
 local k = redis.call('HGET', key, 'k')
 local existed = redis.call('EXISTS', key)
@@ -263,11 +257,8 @@ return 1
 
 # ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = taken
 # (by an account, or by a guest's hold that has not lapsed: names are one namespace).
-CREATE_USER = r"""
+CREATE_USER = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
 -- A guest's hold that has not lapsed keeps the name (decided here, so across nodes too).
 local held = redis.call('HGET', P..'guests', ARGV[3])
@@ -284,11 +275,8 @@ return id
 """
 
 # ARGV: P, name key, node. Reply: 1 deleted, 0 none.
-DELETE_USER = r"""
+DELETE_USER = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local id = redis.call('HGET', P..'users', ARGV[2])
 if not id then return 0 end
 redis.call('HDEL', P..'users', ARGV[2])
@@ -298,11 +286,8 @@ return 1
 """
 
 # ARGV: P, name key, node. Reply: the new token_version, 0 = no such user.
-BUMP_TOKEN_VERSION = r"""
+BUMP_TOKEN_VERSION = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local id = redis.call('HGET', P..'users', ARGV[2])
 if not id then return 0 end
 local tv = redis.call('HINCRBY', P..'u:'..id, 'tv', 1)
@@ -311,11 +296,8 @@ return tv
 """
 
 # ARGV: P, user id, pw hash, node. Reply: the new token_version, false = no such user.
-SET_PASSWORD = r"""
+SET_PASSWORD = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local key = P..'u:'..ARGV[2]
 if redis.call('EXISTS', key) == 0 then return false end
 redis.call('HSET', key, 'h', ARGV[3])
@@ -347,11 +329,8 @@ return {redis.call('HGET', P..'meta', 'users_version') or '0', out}
 
 # Guest holds, compare-and-set on (jti, version). ARGV: P, name key, jti, version, new JSON
 # ("" = release), node. Reply: 1 applied, 0 not (gone, another hold, or a newer version stored).
-HOLD_CAS = r"""
+HOLD_CAS = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
 local old = redis.call('HGET', P..'guests', ARGV[2])
 if not old then return 0 end
 local o = cjson.decode(old)
@@ -452,12 +431,8 @@ return 1
 # A new guest hold, decided here so that a name is one guest's across nodes. ARGV: P, name
 # key, hold JSON, now, node. Reply: 1 held; 0 the name is an account's; 2 another guest's
 # hold that has not lapsed (its held_until is null or later than now).
-HOLD_NEW = r"""
+HOLD_NEW = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
-
 if redis.call('HEXISTS', P..'users', ARGV[2]) == 1 then return 0 end
 local old = redis.call('HGET', P..'guests', ARGV[2])
 if old then
@@ -472,12 +447,8 @@ return 1
 """
 
 # A token revoked. ARGV: P, jti, expires_at, node.
-REVOKE = r"""
+REVOKE = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
-
 redis.call('ZADD', P..'revoked', ARGV[3], ARGV[2])
 notify('kind', 'revoked', 'node', ARGV[4] or '', 'jti', ARGV[2], 'exp', ARGV[3])
 return 1
@@ -486,12 +457,8 @@ return 1
 # A node's user entered (op "in") or left ("out") a room: kept per node in P node:<id>:m
 # (field "<room id>\n<user key>" -> display name) so the node's members can be removed
 # when it dies, and announced to the other nodes. ARGV: P, node, op, room id, key, name.
-PRESENCE = r"""
+PRESENCE = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
-
 local h, f = P..'node:'..ARGV[2]..':m', ARGV[4]..'\n'..ARGV[5]
 if ARGV[3] == 'in' then redis.call('HSET', h, f, ARGV[6]) else redis.call('HDEL', h, f) end
 notify('kind', ARGV[3], 'node', ARGV[2], 'room', ARGV[4], 'key', ARGV[5], 'name', ARGV[6])
@@ -501,12 +468,8 @@ return 1
 # A dead node's cleanup (its heartbeat key expired), run once by whichever node won the
 # reap lock: its membership goes, and one `gone` notice tells every node to drop its users.
 # ARGV: P, dead node id. Reply: how many memberships it had.
-REAP = r"""
+REAP = _NOTIFY + r"""
 local P = ARGV[1]
-local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
-end
-
 local h = P..'node:'..ARGV[2]..':m'
 local n = redis.call('HLEN', h)
 redis.call('DEL', h)
