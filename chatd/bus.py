@@ -19,7 +19,7 @@ events it builds on every node from the store's change stream, in revision order
 Ordering rule (wire contract: on the caller's own connection a command's reply comes
 before the events it causes): ``others_now`` delivers an outcome's events and closes to
 every connection except the caller's at once, and leaves in the outcome only the caller's
-own share, which ``deliver_own`` sends after the reply. A reply queued at once needs no
+own share, which ``deliver`` sends after the reply. A reply queued at once needs no
 split: ``deliver`` then sends every event to everyone. Fan-out encodes once: the same
 bytes go to every recipient's bounded outbox, and no recipient is ever awaited (STYLE 6).
 (A second wire format: each session would name its format, and the bus would take each
@@ -215,7 +215,7 @@ class Delivery(Protocol):
 def others_now(bus: Bus, outcome: Delivery, me: Session | None) -> None:
     """Deliver the outcome's events and closes to everyone but `me` now, so every
     connection sees changes in commit (revision) order; leave in the outcome only `me`'s
-    own share, for ``deliver_own`` after its reply."""
+    own share, for ``deliver`` after its reply."""
     events = outcome.events
     if events:
         own: Events = []
@@ -231,20 +231,10 @@ def others_now(bus: Bus, outcome: Delivery, me: Session | None) -> None:
         outcome.closes = [ToSessions(me)] if close_me and me is not None else None
 
 
-def deliver_own(bus: Bus, outcome: Delivery) -> None:
-    """The caller's own share of an outcome (after ``others_now``), once its reply is
-    queued: its events, then its close."""
-    if outcome.events:
-        for audience, frame in outcome.events:
-            bus.publish(audience, frame)
-    if outcome.closes:
-        for audience in outcome.closes:
-            bus.close(audience)
-
-
 def deliver(bus: Bus, fx: Effects | Delivery) -> None:
-    """Every event, then every close, at once: a timer's outcome (no caller), or a
-    command's once its reply is queued (then the caller's copies need no holding back)."""
+    """Every event, then every close, at once: a timer's outcome (no caller), a
+    command's once its reply is queued (then the caller's copies need no holding back),
+    or the caller's own share that ``others_now`` left, after its reply."""
     if fx.events:
         for audience, frame in fx.events:
             bus.publish(audience, frame)

@@ -15,7 +15,6 @@ from chatd.bus import (
     ToSessions,
     ToUser,
     deliver,
-    deliver_own,
     others_now,
 )
 from chatd.clock import FakeClock
@@ -284,7 +283,7 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     assert log == [("bob", m1_line), ("bob2", m1_line), ("bob", dm_line)]
     log.clear()
     me.send(out.reply)
-    deliver_own(bus, out)
+    deliver(bus, out)
     assert log == [("ann", b"reply\n"), ("ann", m1_line)]
     assert stats.deliveries == 4
     # Closes are part of the outcome too: others at once, the caller's after its reply.
@@ -293,7 +292,7 @@ def test_audiences_resolve_to_local_sessions_and_the_callers_copy_follows_its_re
     others_now(bus, closing, me)
     assert log == [("bob", "closed")]
     me.send(closing.reply)
-    deliver_own(bus, closing)
+    deliver(bus, closing)
     assert log == [("bob", "closed"), ("ann", b"ok\n"), ("ann", "closed")]
     # A timer's outcome has no caller; skip leaves one connection out of a room.
     log.clear()
@@ -351,7 +350,7 @@ async def test_deleting_ones_own_account_closes_the_connection_after_the_reply()
             others_now(k.app.bus, out, me)
             assert log == [("twin", "closed")]
             me.send(out.reply)
-            deliver_own(k.app.bus, out)
+            deliver(k.app.bus, out)
             assert log[1:] == [("me", out.reply), ("me", "closed")]
     finally:
         await store.close()

@@ -13,7 +13,7 @@ import pytest
 
 import chatd.protocol.events as events_mod
 from chatd import changes
-from chatd.bus import Effects, ToRoom, deliver, deliver_own, others_now
+from chatd.bus import Effects, ToRoom, deliver, others_now
 from chatd.dispatch import Dispatcher, Outcome, Pending
 from chatd.protocol.events import (
     EVENTS,
@@ -168,7 +168,7 @@ def test_a_fan_out_to_n_connections_encodes_the_event_once(encodes: list[str]) -
         ev = MemberJoined(room="big", user="cat")
         out = Outcome(b"reply\n", [(ToRoom(room), ev)])
         others_now(k.app.bus, out, sessions[0])
-        deliver_own(k.app.bus, out)
+        deliver(k.app.bus, out)
         # A timer's event, to the same room.
         fx = Effects()
         bye = ServerShutdown(reason="bye")
@@ -199,7 +199,7 @@ async def test_a_sent_message_is_encoded_once_for_the_room_and_once_for_a_dm(
                 out = await _run(d, sender, frame)
                 sender.send(out.reply)
                 others_now(k.app.bus, out, sender)
-                deliver_own(k.app.bus, out)
+                deliver(k.app.bus, out)
         finally:
             await k.app.store.close()
     assert encodes == ["message", "message"]
