@@ -31,10 +31,13 @@ touches keys of many slots):
 from __future__ import annotations
 
 # Shared helpers, prepended to every script that needs them. P is ARGV[1] in every script.
-# notify: append a change or notice to the change stream (capped, see store._STREAM_MAXLEN).
-_NOTIFY = r"""
+# Change stream entries kept (approximately): notices are capped here, and the store
+# passes the same cap to the scripts that take it as an argument.
+STREAM_MAXLEN = 100_000
+# notify: append a change or notice to the change stream.
+_NOTIFY = f"""
 local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', 100000, '*', ...)
+  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', {STREAM_MAXLEN}, '*', ...)
 end
 """
 _PRELUDE = _NOTIFY + r"""

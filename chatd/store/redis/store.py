@@ -48,7 +48,7 @@ from chatd.store.base import (
 )
 from chatd.store.deferred import Deferred
 from chatd.store.dump import Dump, MessageRow, UserRow
-from chatd.store.redis.scripts import SCRIPTS
+from chatd.store.redis.scripts import SCRIPTS, STREAM_MAXLEN
 
 T = TypeVar("T")
 log = logging.getLogger("chatd")
@@ -58,7 +58,6 @@ NONCE_KEEP = 24 * 3600.0  # contract: a nonce is kept at least 24 h (as the SQLi
 _SEND_CHUNK = 500  # sends per script call: a long script blocks every other Redis client
 _MAX_BATCH = 5_000  # writes per pipeline
 _PURGE_BATCH = 2_000
-_STREAM_MAXLEN = 100_000  # change stream entries kept (approximately; for a bus's replay)
 _ENC = msgspec.json.Encoder()
 _PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
@@ -171,7 +170,7 @@ class RedisStore:
         timeout: float = 5.0,
         drop_ephemeral: bool = True,
         max_batch: int = _MAX_BATCH,
-        stream_maxlen: int = _STREAM_MAXLEN,
+        stream_maxlen: int = STREAM_MAXLEN,
     ) -> None:
         self.url = url
         self.prefix = prefix
