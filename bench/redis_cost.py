@@ -94,17 +94,17 @@ async def _budgets(url: str, pid: int) -> dict[str, Any]:
 
     budgets = RedisBudgets(url)
     one = [("s:ann", 10.0, 30.0, 1)]
-    await budgets.settle(one, {}, [], 60.0)
+    await budgets.settle(one)
     n = 2_000
     c0, r0, t0 = time.process_time(), sum(_cpu(pid)), time.perf_counter()
     for _ in range(n):
-        await budgets.settle(one, {}, [], 60.0)
+        await budgets.settle(one)
     c1, r1, t1 = time.process_time(), sum(_cpu(pid)), time.perf_counter()
     many = [(f"s:u{i}", 10.0, 30.0, 3) for i in range(100)]
     calls = 200
     c2, r2 = time.process_time(), sum(_cpu(pid))
     for _ in range(calls):
-        await budgets.settle(many, {}, [], 60.0)
+        await budgets.settle(many)
     c3, r3 = time.process_time(), sum(_cpu(pid))
     await budgets.close()
     sends = calls * 100 * 3

@@ -106,31 +106,15 @@ class FailureGate:
         self._in_flight: dict[Hashable, int] = {}
         self._waiters: dict[Hashable, list[asyncio.Future[None]]] = {}
         self._sweep_at = self._sweep_base = sweep_at
-        # Several nodes (Limits.settle): failures other nodes saw, by key, as times on
-        # this clock; and this node's failures not yet told to the others (None: alone).
-        self._remote: dict[Hashable, list[float]] = {}
-        self.unshared: dict[Hashable, int] | None = None
 
     def _recent(self, key: Hashable, now: float) -> list[float]:
         failures = self._failures.get(key)
-        if failures is not None:
-            failures[:] = [t for t in failures if now - t < self.window]
-            if not failures:
-                del self._failures[key]
-        remote = self._remote.get(key)
-        if remote is None:
-            return failures or []
-        remote[:] = [t for t in remote if now - t < self.window]
-        if not remote:
-            del self._remote[key]
-        return sorted((failures or []) + remote)
-
-    def set_remote(self, key: Hashable, times: list[float]) -> None:
-        """The failures other nodes saw for `key` (times on this clock): replaces the last."""
-        if times:
-            self._remote[key] = times
-        else:
-            self._remote.pop(key, None)
+        if failures is None:
+            return []
+        failures[:] = [t for t in failures if now - t < self.window]
+        if not failures:
+            del self._failures[key]
+        return failures
 
     def failures(self, key: Hashable, now: float) -> int:
         return len(self._recent(key, now))
@@ -193,8 +177,6 @@ class FailureGate:
                 self._in_flight.pop(key, None)
             if failed:
                 self._failures.setdefault(key, []).append(now)
-                if self.unshared is not None:
-                    self.unshared[key] = self.unshared.get(key, 0) + 1
             for waiter in self._waiters.pop(key, ()):
                 if not waiter.done():
                     waiter.set_result(None)
@@ -202,4 +184,3 @@ class FailureGate:
     def forget(self, key: Hashable) -> None:
         """Drop a key's failures (a connection that closed)."""
         self._failures.pop(key, None)
-        self._remote.pop(key, None)

@@ -1,5 +1,5 @@
 """Rate budgets that are not per command: msg.send/msg.edit per user and per connection
-(protocol.md Limits), failed logins (the gate counts checks in flight), registrations and new
+(protocol.md Limits), failed logins (checks in flight count as failures), registrations and new
 guest names per connection and per address (issue 13). The only writer of these buckets;
 per-connection ones are made on first use and forgotten when the connection closes or
 once refilled (``purge``), so a connection that never sends or registers pays nothing and
@@ -7,13 +7,14 @@ one that logged in a while ago pays nothing more."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from chatd.clock import Clock
 from chatd.config import Config
-from chatd.errors import RateLimited
+from chatd.errors import Internal, RateLimited
 from chatd.ratelimit import FailureGate, KeyedBuckets, TokenBucket
 
 if TYPE_CHECKING:
@@ -22,36 +23,74 @@ if TYPE_CHECKING:
 _HOUR = 3_600.0
 _MINUTE = 60.0
 _LOOPBACK = ("127.0.0.1", "::1")  # as chatd.server: exempt from per-address guest limits
+# Several nodes: a login check waiting for checks in flight on other nodes looks again
+# after this long, doubling up to the max (a finish on its own node wakes it at once).
+_RECHECK_FIRST = 0.01
+_RECHECK_MAX = 0.2
 
 FailureKeys = Sequence[tuple[Hashable, int]]
 log = logging.getLogger("chatd")
 
 
 class SharedBudgets(Protocol):
-    """The budgets every node of one service shares (chatd/store/redis/limits.py).
+    """The budgets and failed logins every node of one service shares
+    (chatd/store/redis/limits.py). Every call raises ConnectionError when the shared store
+    cannot be reached.
 
-    ``settle`` adds this node's spends since the last call to the shared buckets and its
-    new failed logins to the shared failure lists, in one round trip, and returns each
-    bucket's tokens after that (in order) and, for every failure key asked about, how
-    many seconds ago each failure seen by the OTHER nodes happened (within ``window``)."""
+    ``settle`` adds this node's spends since the last call to the shared buckets, in one
+    round trip, and returns each bucket's tokens after that (in order).
 
-    async def settle(
-        self,
-        spent: list[tuple[str, float, float, int]],  # (bucket, rate, burst, spends)
-        failed: dict[str, int],
-        watched: list[str],
-        window: float,
-    ) -> tuple[list[float], dict[str, list[float]]]: ...
+    ``admit`` is one password check's admission under ``keys`` (shared key name, limit >
+    0), atomically across every node: failures in the last ``window`` seconds plus checks
+    in flight anywhere must stay under each key's limit. Returns the check's id (a place
+    is now reserved under every key), or the seconds until a key's failures alone fall
+    below its limit (refused), or None (checks in flight fill a key: ask again later).
+    ``finish`` ends an admitted check: its reservation goes, and with ``failed`` it counts
+    as a failure under each name; returns each name's failures in the window after it.
+    A reservation lives while its node renews (``renew``) at least every ``lease`` seconds,
+    so one made by a node that died lapses."""
+
+    node: str
+    lease: float
+
+    async def settle(self, spent: list[tuple[str, float, float, int]]) -> list[float]: ...
+
+    async def admit(self, keys: list[tuple[str, int]], window: float) -> str | float | None: ...
+
+    async def finish(
+        self, check: str, names: list[str], failed: bool, window: float
+    ) -> list[int]: ...
+
+    async def renew(self) -> None: ...
 
     async def close(self) -> None: ...
 
 
-def _shared_failure_key(key: Hashable) -> str | None:
-    """The name of a failure key all nodes share (per account and per address), else None
-    (a connection's failures are its node's alone)."""
-    if isinstance(key, tuple) and len(key) == 2 and key[0] in ("account", "ip"):
-        return f"{key[0][0]}:{key[1]}"
-    return None
+class LoginCheck:
+    """One admitted password check (``Limits.admit_login``); ``Limits.finish_login`` ends
+    it, once. ``shared``: its keys' names on the shared store (several nodes), else None."""
+
+    __slots__ = ("id", "keys", "shared")
+
+    def __init__(
+        self, keys: FailureKeys, shared: list[str] | None = None, check_id: str = ""
+    ) -> None:
+        self.keys = keys
+        self.shared = shared
+        self.id = check_id
+
+
+def _shared_failure_key(key: Hashable, node: str) -> str:
+    """A failure key's name on the shared store: per account and per address shared by
+    every node; a connection's is its node's (named with the node, as it lives in Redis)."""
+    assert isinstance(key, tuple) and len(key) == 2
+    kind, value = key
+    return f"c:{node}:{value}" if kind == "conn" else f"{kind[0]}:{value}"
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Limits:
@@ -66,6 +105,13 @@ class Limits:
         # Failed logins per account, connection and address, checks in flight counted as
         # failures (protocol.md Limits, login failures; issue 13 item 6).
         self.login_gate = FailureGate(60.0, clock)
+        # Several nodes: the gate is on the shared store instead. Checks of this node
+        # admitted and not finished (its reservations are renewed while there are any),
+        # finishes that could not reach the store (sent again at the next settle), and
+        # checks waiting for a place, by shared key name (a finish here wakes them).
+        self._shared_checks = 0
+        self._unfinished: list[tuple[str, list[str], bool]] = []
+        self._login_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Per address: registrations per hour, new guest names per minute (issue 13).
         self._register_ips = KeyedBuckets(config.register_per_ip, _HOUR)
         self._guest_ips = KeyedBuckets(config.guest_logins_per_ip, _MINUTE)
@@ -76,10 +122,9 @@ class Limits:
 
     def share(self, shared: SharedBudgets) -> None:
         """From now on per-user send budgets, per-address registration and guest-login
-        budgets, and failed logins per account and per address count across every node
-        (protocol.md Limits, "Several nodes"); the server calls `settle` periodically."""
+        budgets, and failed logins count across every node (protocol.md Limits, "Several
+        nodes"); the server calls `settle` every `limits_sync` seconds."""
         self.shared = shared
-        self.login_gate.unshared = {}
 
     # --- msg.send / msg.edit -----------------------------------------------------------
 
@@ -183,23 +228,80 @@ class Limits:
             (("ip", s.ip), cfg.login_failures_per_ip),
         ]
 
-    # --- several nodes ------------------------------------------------------------------
-
-    async def refresh_failures(self, keys: FailureKeys) -> None:
-        """Before a password check: learn the failures the other nodes saw for these keys
-        (one round trip; a login costs a KDF run anyway), so guesses spread over several
-        nodes meet one limit. Without `shared`, or if it cannot be reached, nothing."""
+    async def admit_login(self, s: Session, account: str) -> LoginCheck:
+        """Wait for a place for one password check of `account` on `s`: checks still
+        running count as failures until proven otherwise (chatd.ratelimit.FailureGate), on
+        every node when shared. Raises RateLimited once the failures of a key reach its
+        limit; with a shared store that cannot be reached, Internal (the account could not
+        be read either). The caller must `finish_login` the check."""
+        keys = self.failure_keys(s, account)
         shared = self.shared
         if shared is None:
-            return
-        watched = {k: key for key, _ in keys if (k := _shared_failure_key(key)) is not None}
+            await self.login_gate.admit(keys)
+            return LoginCheck(keys)
+        window = self.login_gate.window
+        asked = [(_shared_failure_key(key, shared.node), n) for key, n in keys if n > 0]
+        pause = _RECHECK_FIRST
+        while True:
+            try:
+                verdict = await shared.admit(asked, window)
+            except ConnectionError as exc:
+                log.warning("could not count a login check with the other nodes: %s", exc,
+                            extra={"event": "limits_unshared", "error": str(exc)})  # fmt: skip
+                raise Internal("storage (Redis) unreachable; try again later") from None
+            if isinstance(verdict, str):
+                self._shared_checks += 1
+                return LoginCheck(keys, [name for name, _ in asked], verdict)
+            if verdict is not None:
+                raise RateLimited("too many failed logins; wait before trying again", verdict)
+            # Checks in flight fill a key: a finish on this node wakes us at once, one on
+            # another node is seen at the next look (sooner the first few times).
+            await self._wait_for_a_finish([name for name, _ in asked], pause)
+            pause = min(2 * pause, _RECHECK_MAX)
+
+    async def _wait_for_a_finish(self, names: list[str], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout, _wake, waiter)
+        for name in names:
+            self._login_waiters.setdefault(name, []).append(waiter)
         try:
-            _, remote = await shared.settle([], {}, list(watched), self.login_gate.window)
-        except Exception:
-            return  # the local gate still holds; settle logs the outage
-        now = self._clock.now()
-        for shared_key, key in watched.items():
-            self.login_gate.set_remote(key, [now - age for age in remote.get(shared_key, [])])
+            await waiter
+        finally:
+            timer.cancel()
+            for name in names:
+                queue = self._login_waiters.get(name)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._login_waiters[name]
+
+    async def finish_login(self, check: LoginCheck, *, failed: bool) -> list[int]:
+        """End an admitted check; `failed`: it counts as a failed login under each key.
+        Returns each key's failures in the window now, in `failure_keys` order (empty if
+        the shared store could not be told: it is told at the next settle)."""
+        names = check.shared
+        if names is None:
+            self.login_gate.finish(check.keys, failed=failed)
+            now = self._clock.now()
+            return [self.login_gate.failures(key, now) for key, _ in check.keys]
+        assert self.shared is not None
+        self._shared_checks -= 1
+        try:
+            counts = await self.shared.finish(check.id, names, failed, self.login_gate.window)
+        except ConnectionError as exc:
+            self._unfinished.append((check.id, names, failed))
+            log.warning("could not count a login check with the other nodes: %s", exc,
+                        extra={"event": "limits_unshared", "error": str(exc)})  # fmt: skip
+            return []
+        finally:
+            for name in names:
+                for waiter in self._login_waiters.pop(name, ()):
+                    _wake(waiter)
+        told = iter(counts)
+        return [next(told) if limit > 0 else 0 for _, limit in check.keys]
+
+    # --- several nodes ------------------------------------------------------------------
 
     def _bucket(self, name: str) -> tuple[TokenBucket | None, float, float]:
         """A shared bucket's local copy (None if it was purged meantime), rate and burst."""
@@ -211,32 +313,34 @@ class Limits:
         return ips.get(key), ips.rate, float(ips.count)
 
     async def settle(self) -> None:
-        """Tell the other nodes (through `shared`) what was spent and failed here since
-        the last call, and take the shared state back: each local bucket is set to the
-        shared one less what was spent here during the round trip. If the shared store cannot be reached, the
-        spends are kept for the next call and the local budgets go on alone."""
+        """Tell the other nodes (through `shared`) what was spent here since the last call,
+        and take the shared state back: each local bucket is set to the shared one less
+        what was spent here during the round trip. Also keep this node's login checks in
+        flight reserved (renew) and send the finishes that could not be sent. If the shared
+        store cannot be reached, the spends and finishes are kept for the next call and the
+        local budgets go on alone."""
         shared = self.shared
-        gate = self.login_gate
-        if shared is None or gate.unshared is None:
-            return
-        spent, self._unshared = self._unshared, {}
-        failed_keys, gate.unshared = gate.unshared, {}
-        items = [(name, *self._bucket(name)[1:], n) for name, n in spent.items()]
-        failed: dict[str, int] = {}
-        for key, n in failed_keys.items():
-            if (shared_key := _shared_failure_key(key)) is not None:
-                failed[shared_key] = n
-        if not items and not failed:
+        if shared is None:
             return
         try:
-            # No failure keys are read back here: every password check reads its own first
-            # (refresh_failures), so a settle costs only what this node changed.
-            tokens, _ = await shared.settle(items, failed, [], gate.window)
-        except Exception as exc:
+            if self._shared_checks > 0:
+                await shared.renew()
+            while self._unfinished:
+                check_id, names, failed = self._unfinished[0]
+                await shared.finish(check_id, names, failed, self.login_gate.window)
+                del self._unfinished[0]
+        except ConnectionError as exc:
+            log.warning("could not share login checks with the other nodes: %s", exc,
+                        extra={"event": "limits_unshared", "error": str(exc)})  # fmt: skip
+        spent, self._unshared = self._unshared, {}
+        if not spent:
+            return
+        items = [(name, *self._bucket(name)[1:], n) for name, n in spent.items()]
+        try:
+            tokens = await shared.settle(items)
+        except ConnectionError as exc:
             for name, n in spent.items():  # counted at the next settle instead
                 self._unshared[name] = self._unshared.get(name, 0) + n
-            for key, n in failed_keys.items():
-                gate.unshared[key] = gate.unshared.get(key, 0) + n
             log.warning("could not share rate budgets with the other nodes: %s", exc,
                         extra={"event": "limits_unshared", "error": str(exc)})  # fmt: skip
             return

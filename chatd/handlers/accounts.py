@@ -4,7 +4,7 @@ contract, "Identity and tokens" and "Decided for the next round")."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from chatd.auth import Claims, normalize_grants
@@ -112,12 +112,9 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
 
     Every check goes through the login gate: checks still running count as failures
     until they are proven otherwise, so guesses sent in parallel, from one connection or
-    many, cannot get more checks than the limit (issue 13, item 6). Raises RateLimited
-    once the failures reach a limit."""
-    keys = app.limits.failure_keys(s, key)
-    gate = app.limits.login_gate
-    await app.limits.refresh_failures(keys)  # several nodes: the others' failures count too
-    await gate.admit(keys)
+    many, on one node or several, cannot get more checks than the limit (issue 13, item
+    6; issue 11). Raises RateLimited once the failures reach a limit."""
+    check = await app.limits.admit_login(s, key)
     failed = False
     try:
         if s.closed:
@@ -132,19 +129,20 @@ async def check_user_password(app: App, s: Session, key: str, password: str) -> 
             failed = True
             raise Unauthorized("wrong user name or password")
     finally:
-        gate.finish(keys, failed=failed)
+        counts = await app.limits.finish_login(check, failed=failed)
         if failed:
-            _log_burst(app, s, key, keys)
+            _log_burst(app, s, key, check.keys, counts)
     return now
 
 
-def _log_burst(app: App, s: Session, key: str, keys: list[tuple[Hashable, int]]) -> None:
+def _log_burst(
+    app: App, s: Session, key: str, keys: Sequence[tuple[Hashable, int]], counts: list[int]
+) -> None:
     """One log line per burst of failed logins: when the failures of the account, the
     connection or the address reach their limit (later attempts are refused before they
-    can fail, so the line is not repeated)."""
-    now = app.clock.now()
-    counts = [app.limits.login_gate.failures(k, now) for k, _ in keys]
-    if not any(n == limit for n, (_, limit) in zip(counts, keys, strict=True)):
+    can fail, so the line is not repeated; on several nodes, only by the node whose
+    failure reached it)."""
+    if not any(limit > 0 and n == limit for n, (_, limit) in zip(counts, keys, strict=False)):
         return
     app.stats.login_bursts += 1
     log.warning(

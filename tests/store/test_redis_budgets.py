@@ -14,7 +14,7 @@ import pytest
 from chatd.clock import SystemClock
 from chatd.config import Config
 from chatd.domain.limits import Limits
-from chatd.errors import RateLimited
+from chatd.errors import Internal, RateLimited
 from chatd.session import Session
 from chatd.store.redis.limits import RedisBudgets
 
@@ -94,24 +94,93 @@ async def test_a_user_over_budget_on_one_node_is_refused_on_another(redis_url: s
 async def test_failed_logins_on_one_node_count_on_another(redis_url: str) -> None:
     a, b = node(redis_url), node(redis_url)
     limit = CONFIG.login_failures_per_minute
-    on_a = a.failure_keys(conn(1, "198.51.100.1"), "dora")
-    for _ in range(limit):
-        await a.login_gate.admit(on_a)
-        a.login_gate.finish(on_a, failed=True)
-    await a.settle()
-    # Another connection from another address on node b: the account's budget is spent.
-    on_b = b.failure_keys(conn(2, "198.51.100.2"), "dora")
-    await b.refresh_failures(on_b)
-    with pytest.raises(RateLimited):
-        await b.login_gate.admit(on_b)
+    for i in range(limit):
+        check = await a.admit_login(conn(i, "198.51.100.1"), "dora")
+        counts = await a.finish_login(check, failed=True)
+        assert counts == [i + 1, 1, i + 1]  # the account, the connection, the address
+    # At once (no settle): another connection from another address on node b finds the
+    # account's budget spent.
+    with pytest.raises(RateLimited) as refused:
+        await b.admit_login(conn(90, "198.51.100.2"), "dora")
+    assert 59 < refused.value.retry_after <= 60
     # Its own address's and connection's budgets are untouched: another account is fine.
-    other = b.failure_keys(conn(2, "198.51.100.2"), "emil")
-    await b.refresh_failures(other)
-    await b.login_gate.admit(other)
-    b.login_gate.finish(other, failed=False)
+    check = await b.admit_login(conn(90, "198.51.100.2"), "emil")
+    assert await b.finish_login(check, failed=False) == [0, 0, 0]
     for n in (a, b):
         assert n.shared is not None
         await n.shared.close()
+
+
+async def test_simultaneous_checks_on_two_nodes_get_one_limit(redis_url: str) -> None:
+    """Issue 11: guesses split over two nodes at the same moment meet ONE limit; the
+    checks in flight on one node hold the others back on both, and once they fail the
+    waiting ones are refused."""
+    nodes = [node(redis_url), node(redis_url)]
+    limit = CONFIG.login_failures_per_minute
+    checked: list[int] = []
+
+    async def guess(i: int) -> str:
+        limits = nodes[i % 2]
+        try:
+            check = await limits.admit_login(conn(100 + i, f"203.0.113.{i}"), "gus")
+        except RateLimited:
+            return "rate_limited"
+        checked.append(i)
+        await asyncio.sleep(0.05)  # the hash
+        await limits.finish_login(check, failed=True)
+        return "unauthorized"
+
+    codes = await asyncio.wait_for(asyncio.gather(*(guess(i) for i in range(20))), 10)
+    assert codes.count("unauthorized") == limit, codes
+    assert {checked[j] % 2 for j in range(limit)} == {0, 1}  # both nodes checked some
+    for n in nodes:
+        assert n.shared is not None
+        await n.shared.close()
+
+
+async def test_a_correct_password_releases_its_place_on_every_node(redis_url: str) -> None:
+    a, b = node(redis_url), node(redis_url)
+    limit = CONFIG.login_failures_per_minute
+    checks = [await a.admit_login(conn(200 + i), "hal") for i in range(limit)]
+    waiting = asyncio.ensure_future(b.admit_login(conn(300), "hal"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # the limit is full of checks in flight on node a
+    assert await a.finish_login(checks.pop(), failed=False) == [0, 0, 0]  # right password
+    check = await asyncio.wait_for(waiting, 2)  # node b's check gets the place
+    for c in checks:
+        await a.finish_login(c, failed=True)
+    # Success counts nothing and resets nothing: 4 failures, then node b's 5th.
+    assert (await b.finish_login(check, failed=True))[0] == limit
+    with pytest.raises(RateLimited):
+        await a.admit_login(conn(400), "hal")
+    for n in (a, b):
+        assert n.shared is not None
+        await n.shared.close()
+
+
+async def test_a_dead_nodes_reservations_lapse_and_a_live_nodes_do_not(redis_url: str) -> None:
+    lease = 0.3
+    live, dying, other = (RedisBudgets(redis_url, lease=lease) for _ in range(3))
+    one = [("a:ivy", 1)]  # a limit of one check
+    check = await live.admit(one, 60.0)
+    assert isinstance(check, str)
+    assert await other.admit(one, 60.0) is None  # wait: the place is taken
+    for _ in range(6):  # renewed, as the server's settle does while the check runs
+        await asyncio.sleep(lease / 3)
+        await live.renew()
+        assert await other.admit(one, 60.0) is None
+    assert await live.finish(check, ["a:ivy"], False, 60.0) == [0]
+    # A node that dies in the middle of a check never finishes it nor renews it.
+    assert isinstance(await dying.admit(one, 60.0), str)
+    assert await other.admit(one, 60.0) is None
+    await asyncio.sleep(lease + 0.1)
+    taken = await other.admit(one, 60.0)
+    assert isinstance(taken, str)  # the dead node's place lapsed
+    assert await other.finish(taken, ["a:ivy"], True, 60.0) == [1]
+    refused = await live.admit(one, 60.0)
+    assert isinstance(refused, float) and 59 < refused <= 60
+    for budgets in (live, dying, other):
+        await budgets.close()
 
 
 async def test_spends_wait_for_the_next_settle_when_redis_is_unreachable() -> None:
@@ -120,5 +189,8 @@ async def test_spends_wait_for_the_next_settle_when_redis_is_unreachable() -> No
     await limits.settle()  # logged, not raised
     state: Any = limits
     assert state._unshared == {"s:fay": 1}
+    # A password check cannot be counted with the others (nor the account read): internal.
+    with pytest.raises(Internal):
+        await limits.admit_login(conn(1), "fay")
     assert limits.shared is not None
     await limits.shared.close()

@@ -42,16 +42,13 @@ class Ledger:
         self.gate: asyncio.Event | None = None
         self.fail = False
 
-    async def settle(
-        self, spent: list[tuple[str, float, float, int]], failed: dict[str, int],
-        watched: list[str], window: float,
-    ) -> tuple[list[float], dict[str, list[float]]]:  # fmt: skip
+    async def settle(self, spent: list[tuple[str, float, float, int]]) -> list[float]:
         self.calls.append(spent)
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
             raise ConnectionError("down")
-        return [self.left for _ in spent], {}
+        return [self.left for _ in spent]
 
     async def close(self) -> None:
         pass
@@ -98,4 +95,3 @@ async def test_alone_nothing_is_recorded_or_settled() -> None:
     await limits.settle()
     state: Any = limits
     assert limits.shared is None and state._unshared == {}
-    assert limits.login_gate.unshared is None

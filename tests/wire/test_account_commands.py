@@ -70,7 +70,6 @@ async def test_passwd_gives_a_new_token_and_ends_every_other(
     ] == "ok"
 
 
-@pytest.mark.one_node("failed-login limits: checks in flight on another node are not counted (protocol.md, Several nodes)")
 async def test_passwd_with_a_wrong_password_counts_as_a_failed_login(connect: Connect) -> None:
     a = await connect()
     await account(a, "quin")

@@ -344,7 +344,6 @@ async def test_five_failed_logins_per_connection_then_rate_limited(connect: Conn
     await c.guest("guestnina")
 
 
-@pytest.mark.one_node("failed-login limits: checks in flight on another node are not counted (protocol.md, Several nodes)")
 async def test_five_failed_logins_per_account_then_rate_limited(connect: Connect) -> None:
     c = await connect()
     await c.ok("register", user="oscar", password=PASSWORD)
@@ -1222,7 +1221,6 @@ async def test_user_delete_reply_comes_before_member_left(server, connect) -> No
     assert left == {"room": "shared", "user": "doomed", "reason": "deleted"}
 
 
-@pytest.mark.one_node("failed-login limits: checks in flight on another node are not counted (protocol.md, Several nodes)")
 async def test_parallel_guesses_at_a_failing_account_stay_within_the_limit(
     server: ChatServer, connect: Connect
 ) -> None:

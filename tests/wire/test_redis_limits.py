@@ -62,3 +62,34 @@ async def test_failed_logins_on_one_node_lock_the_account_on_the_other(redis_url
         frame = await c.error("login", "rate_limited", user="bea", password="wrong again!!")
         assert frame["retry_after"] > 0
         await c.close()
+
+
+async def test_simultaneous_wrong_guesses_split_over_two_nodes_meet_one_limit(
+    redis_url: str,
+) -> None:
+    """Issue 11: 40 wrong passwords for one account sent at the same moment, half to each
+    node: the checks in flight on both nodes count, so at most 5 are checked (alone, each
+    node would check 5)."""
+    async with chatd_serving(*node(redis_url)) as a, chatd_serving(*node(redis_url)) as b:
+        c = await Client.connect(a.port)
+        await c.ok("register", user="cid", password=PASSWORD)
+        await c.close()
+        guessers = [await Client.connect((a, b)[i % 2].port) for i in range(40)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(
+                g.call("login", user="cid", password=f"wrong guess {i:02}")
+                for i, g in enumerate(guessers)
+            )),
+            60,
+        )  # fmt: skip
+        codes = [r["code"] for r in results]
+        assert set(codes) <= {"unauthorized", "rate_limited"}, codes
+        assert codes.count("unauthorized") <= 5, codes.count("unauthorized")
+        assert all(0 < r["retry_after"] <= 60 for r in results if r["code"] == "rate_limited")
+        # The account is locked on both nodes, even for its right password.
+        for served in (a, b):
+            late = await Client.connect(served.port)
+            await late.error("login", "rate_limited", user="cid", password=PASSWORD)
+            await late.close()
+        for g in guessers:
+            await g.close()

@@ -1,45 +1,58 @@
-"""Rate budgets shared by every node on one Redis (`SharedBudgets`, chatd/domain/limits.py).
+"""Rate budgets and failed logins shared by every node on one Redis (`SharedBudgets`,
+chatd/domain/limits.py).
 
-How a limit holds across nodes without a Redis round trip per `msg.send`: each node keeps
-spending from its local buckets (the single-node code, unchanged), counts what it spent,
-and every `limits_sync` seconds (0.1 s by default) settles: ONE script call adds every
-bucket's spends to the shared bucket (refilled on Redis's clock, so the nodes' clocks do
-not matter) and returns what is left, which the node takes as its local state. So the
+Budgets (msg.send per user, registrations and guest logins per address): each node keeps
+spending from its local buckets without a Redis round trip per `msg.send`, counts what it
+spent, and every `limits_sync` seconds (0.1 s by default) settles: ONE script call adds
+every bucket's spends to the shared bucket (refilled on Redis's clock, so the nodes' clocks
+do not matter) and returns what is left, which the node takes as its local state. So the
 sustained rate of a user is the limit whatever number of nodes it uses; what a user can
 exceed it by is the burst each extra node still believed available at its last settle
-(protocol.md Limits, "Several nodes"). Failed logins go the same way: each node adds its
-new failures to a shared list per account and per address, and reads back those of the
-other nodes for the keys it is checking.
+(protocol.md Limits, "Several nodes").
+
+Failed logins are exact instead (a login costs a password hash anyway, so two round trips
+are cheap): before a password check ONE script (`_ADMIT`) checks, for each of its keys
+(the account, the connection, the address), failures in the window plus checks in flight
+on every node against the key's limit, and either refuses (the failures alone reach a
+limit), answers "wait" (checks in flight fill it), or reserves a place in flight under
+every key at once. After the check ONE script (`_FINISH`) turns the reservation into a
+failure or releases it. A reservation lives while its node does: the node keeps
+`P lim:node:<node>` alive (every settle while it has checks in flight; TTL `lease`), and a
+reservation whose node key has lapsed no longer counts (a node that died mid-check).
 
 Keys (P the store's prefix):
   P lim:<bucket>   hash: t (tokens; negative is debt, repaid before the next send), s;
                    expires once it would be full again. <bucket> is s:<user>, r:<addr>
                    (registrations), g:<addr> (guest logins).
-  P fail:<key>     zset of failed logins, score = Redis time; members <node>:<seq>:<n>;
-                   expires after the window. <key> is a:<account> or i:<addr>.
-  P lim:seq        counter making failure members unique.
+  P fail:<key>     zset of failed logins, score = Redis time, member = the check's id;
+                   expires after the window. <key> is a:<account>, i:<addr> or
+                   c:<node>:<connection>.
+  P flight:<key>   zset of checks in flight, member = the check's id <node>:<n>, score =
+                   Redis time; expires an hour after its last reservation (a check is
+                   never that long: the hash queue and the store's timeouts bound it).
+  P lim:node:<node> this node's reservations are alive (PX lease).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-# ARGV: P, node, window, number of buckets, number of failure keys, then per bucket
-# (name, rate, burst, spent), per failure key (name, count), then the watched failure keys.
-# Reply: {tokens of each bucket as strings, {watched key, {ages of the others' failures}}...}
+# ARGV: P, number of buckets, then per bucket (name, rate, burst, spent).
+# Reply: the tokens of each bucket, as strings.
 _SETTLE = r"""
-local P, node = ARGV[1], ARGV[2]
-local window, nb, nf = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local P, nb = ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local left = {}
-local i = 6
+local i = 3
 for _ = 1, nb do
   local key = P..'lim:'..ARGV[i]
   local rate, burst, spent = tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
@@ -53,75 +66,137 @@ for _ = 1, nb do
   left[#left+1] = string.format('%.17g', tokens)
   i = i + 4
 end
-if nf > 0 then
-  local seq = redis.call('INCR', P..'lim:seq')
-  for _ = 1, nf do
-    local key = P..'fail:'..ARGV[i]
-    for n = 1, tonumber(ARGV[i+1]) do
-      redis.call('ZADD', key, now, node..':'..seq..':'..n)
+return left
+"""
+
+# ARGV: P, node, check id, window, lease (s), then per key (name, limit > 0).
+# Reply: {0} admitted (a place reserved under every key), {1} wait (checks in flight fill
+# a key), {2, retry_after} refused (a key's failures alone reach its limit). As
+# chatd.ratelimit.FailureGate.admit, which it mirrors: a refusal by any key comes first.
+_ADMIT = r"""
+local P, node, id = ARGV[1], ARGV[2], ARGV[3]
+local window, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local alive = {[node] = true}
+local blocked = false
+for i = 6, #ARGV, 2 do
+  local name, limit = ARGV[i], tonumber(ARGV[i+1])
+  local fail = P..'fail:'..name
+  redis.call('ZREMRANGEBYSCORE', fail, '-inf', now - window)
+  local failures = redis.call('ZCARD', fail)
+  if failures >= limit then
+    local oldest = redis.call('ZRANGE', fail, failures - limit, failures - limit, 'WITHSCORES')
+    return {2, string.format('%.17g', window - (now - tonumber(oldest[2])))}
+  end
+  if not blocked then
+    local flight = P..'flight:'..name
+    local flying = 0
+    for _, m in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
+      local owner = string.match(m, '^[^:]*')
+      local live = alive[owner]
+      if live == nil then
+        live = redis.call('EXISTS', P..'lim:node:'..owner) == 1
+        alive[owner] = live
+      end
+      if live then flying = flying + 1 else redis.call('ZREM', flight, m) end
     end
-    redis.call('PEXPIRE', key, math.ceil(window * 1000))
-    i = i + 2
+    blocked = failures + flying >= limit
   end
 end
-local mine = node..':'
-local seen = {}
-while i <= #ARGV do
-  local key = P..'fail:'..ARGV[i]
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local list = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  local ages = {}
-  for j = 1, #list, 2 do
-    if string.sub(list[j], 1, #mine) ~= mine then
-      ages[#ages+1] = string.format('%.17g', now - tonumber(list[j+1]))
-    end
-  end
-  seen[#seen+1] = ARGV[i]
-  seen[#seen+1] = ages
-  i = i + 1
+if blocked then return {1} end
+for i = 6, #ARGV, 2 do
+  local flight = P..'flight:'..ARGV[i]
+  redis.call('ZADD', flight, now, id)
+  redis.call('EXPIRE', flight, 3600)
 end
-return {left, seen}
+redis.call('SET', P..'lim:node:'..node, '1', 'PX', math.ceil(lease * 1000))
+return {0}
+"""
+
+# ARGV: P, check id, window, failed (1/0), then the key names the check was admitted under.
+# Reply: each key's failures in the window after this one.
+_FINISH = r"""
+local P, id, window, failed = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local counts = {}
+for i = 5, #ARGV do
+  redis.call('ZREM', P..'flight:'..ARGV[i], id)
+  local fail = P..'fail:'..ARGV[i]
+  if failed then
+    redis.call('ZADD', fail, now, id)
+    redis.call('PEXPIRE', fail, math.ceil(window * 1000))
+  end
+  redis.call('ZREMRANGEBYSCORE', fail, '-inf', now - window)
+  counts[#counts+1] = redis.call('ZCARD', fail)
+end
+return counts
 """
 
 
 class RedisBudgets:
     """`SharedBudgets` on the Redis database at ``url``: one connection of its own (a
-    settle never waits behind the store's writes), short timeouts (a settle that cannot
-    reach Redis fails at once; Limits keeps the spends for the next one)."""
+    settle or a login check never waits behind the store's writes), short timeouts (a call
+    that cannot reach Redis fails at once with ConnectionError). ``lease``: how long this
+    node's reservations outlive its last renewal (a node that died mid-check)."""
 
-    def __init__(self, url: str, *, prefix: str = "chatd:", timeout: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "chatd:", timeout: float = 1.0, lease: float = 5.0
+    ) -> None:
         self.prefix = prefix
         self.node = uuid.uuid4().hex[:12]
+        self.lease = lease
+        self._alive = f"{prefix}lim:node:{self.node}"
+        self._checks = itertools.count(1)
         self._client = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout,
             socket_connect_timeout=timeout, retry=aioredis.retry.Retry(NoBackoff(), 0),
         )  # fmt: skip
-        self._script = self._client.register_script(_SETTLE)
+        self._settle = self._client.register_script(_SETTLE)
+        self._admit = self._client.register_script(_ADMIT)
+        self._finish = self._client.register_script(_FINISH)
 
-    async def settle(
-        self,
-        spent: list[tuple[str, float, float, int]],
-        failed: dict[str, int],
-        watched: list[str],
-        window: float,
-    ) -> tuple[list[float], dict[str, list[float]]]:
-        args: list[Any] = [self.prefix, self.node, repr(window), len(spent), len(failed)]
+    async def settle(self, spent: list[tuple[str, float, float, int]]) -> list[float]:
+        args: list[Any] = [self.prefix, len(spent)]
         for name, rate, burst, n in spent:
             args += (name, repr(rate), repr(burst), n)
-        for name, n in failed.items():
-            args += (name, n)
-        args += watched
+        left = await self._call(lambda: self._settle(args=args))
+        return [float(x) for x in left]
+
+    async def admit(self, keys: list[tuple[str, int]], window: float) -> str | float | None:
+        check = f"{self.node}:{next(self._checks)}"
+        args: list[Any] = [self.prefix, self.node, check, repr(window), repr(self.lease)]
+        for name, limit in keys:
+            args += (name, limit)
+        reply = await self._call(lambda: self._admit(args=args))
+        if reply[0] == 0:
+            return check
+        return float(reply[1]) if reply[0] == 2 else None
+
+    async def finish(self, check: str, names: list[str], failed: bool, window: float) -> list[int]:
+        args: list[Any] = [self.prefix, check, repr(window), 1 if failed else 0, *names]
+        return [int(n) for n in await self._call(lambda: self._finish(args=args))]
+
+    async def renew(self) -> None:
+        px = int(self.lease * 1000)
+        await self._call(lambda: self._client.set(self._alive, "1", px=px))
+
+    async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
+        async def run() -> Any:
+            try:
+                return await request()
+            except (RedisError, OSError) as exc:
+                raise ConnectionError(f"Redis: {exc}") from None
+
         # In a Task of its own: redis-py's timeouts need one (see store._in_task), and a
         # login's check runs in the server's command driver, outside any Task.
-        left, seen = await asyncio.get_running_loop().create_task(self._call(args))
-        remote = {seen[j]: [float(a) for a in seen[j + 1]] for j in range(0, len(seen), 2)}
-        return [float(x) for x in left], remote
-
-    async def _call(self, args: list[Any]) -> Any:
-        try:
-            return await self._script(args=args)
-        except (RedisError, OSError) as exc:
-            raise ConnectionError(f"Redis: {exc}") from None
+        return await asyncio.get_running_loop().create_task(run())
 
     async def close(self) -> None:
+        """Stop; this node's reservations (none should be left) lapse at once."""
+        try:
+            await self._call(lambda: self._client.delete(self._alive))
+        except ConnectionError:
+            pass
         await self._client.aclose()
