@@ -131,9 +131,11 @@ class RoomManager:
         # Rooms in case-insensitive name order, with their keys, for paging room.list and
         # channels; rebuilt on the first read after a change.
         self._sorted: tuple[list[str], list[LiveRoom]] | None = None
-        # Several nodes: told when a user enters a room here (first connection on this
-        # node) or leaves it (last), with (room, user key, display name, entered).
-        self.on_presence: Callable[[LiveRoom, str, str, bool], None] | None = None
+        # Several nodes (chatd/cluster): told when a user enters a room here (its first
+        # connection on this node) or leaves it (its last), with (room, user key, display
+        # name, entered, reason). Who is first in or last out on ANY node is then decided
+        # in Redis, which announces it: join and leave announce nothing themselves.
+        self.on_presence: Callable[[LiveRoom, str, str, bool, str], None] | None = None
 
     def load(self, records: list[RoomRecord]) -> None:
         for rec in records:
@@ -216,7 +218,7 @@ class RoomManager:
         if self.on_presence is not None:
             names = dict(room.members_sorted)
             for key in room.users:
-                self.on_presence(room, key, names.get(key, key), False)
+                self.on_presence(room, key, names.get(key, key), False, "")
         members = list(room.sessions)
         for s in members:
             self._forget(s, room)
@@ -244,8 +246,8 @@ class RoomManager:
                 self._joined[session] = next(iter(joined))
 
     def join(self, room: LiveRoom, session: Session) -> bool:
-        """Add a connection; True when it is the user's first connection in the room (on
-        any node)."""
+        """Add a connection; True when it is the user's first connection in the room, to
+        be announced (never with several nodes: see on_presence)."""
         if session in room.sessions:
             return False
         key = session.user_key
@@ -263,16 +265,16 @@ class RoomManager:
         if n != 0:
             return False
         name = session.user or key
+        if key not in room.remote:
+            room._member_in(key, name)
         if self.on_presence is not None:
-            self.on_presence(room, key, name, True)
-        if key in room.remote:
+            self.on_presence(room, key, name, True, "")
             return False
-        room._member_in(key, name)
         return True
 
-    def leave(self, room: LiveRoom, session: Session) -> bool:
-        """Remove a connection; True when it was the user's last connection in the room
-        (on any node)."""
+    def leave(self, room: LiveRoom, session: Session, reason: str = "left") -> bool:
+        """Remove a connection; True when it was the user's last connection in the room,
+        to be announced with `reason` (never with several nodes: see on_presence)."""
         if session not in room.sessions:
             return False
         del room.sessions[session]
@@ -282,14 +284,33 @@ class RoomManager:
         n = room.users.get(key, 1) - 1
         if n <= 0:
             room.users.pop(key, None)
+            if key not in room.remote:
+                room._member_out(key)
             if self.on_presence is not None:
-                self.on_presence(room, key, session.user or key, False)
-            if key in room.remote:
+                self.on_presence(room, key, session.user or key, False, reason)
                 return False
-            room._member_out(key)
             return True
         room.users[key] = n
         return False
+
+    def withdraw(self, room: LiveRoom, key: str) -> list[Session]:
+        """Take the user's connections out of the room without a word (several nodes: their
+        join was refused, the room having closed first; or this node reset its presence).
+        Returns them."""
+        out = [s for s in room.sessions if s.user_key == key]
+        for s in out:
+            del room.sessions[s]
+            self._forget(s, room)
+        if room.users.pop(key, None) is not None and key not in room.remote:
+            room._member_out(key)
+        return out
+
+    def withdraw_all(self) -> None:
+        """Every connection out of every room, without a word (several nodes: after an
+        outage the node ends its connections and starts its presence afresh)."""
+        for room in self.rooms.values():
+            for key in list(room.users):
+                self.withdraw(room, key)
 
     # --- members on other nodes (chatd/cluster) ------------------------------------------
 
@@ -305,6 +326,17 @@ class RoomManager:
             new = False
         nodes.add(node)
         return new
+
+    def replace_remote(self, room: LiveRoom, remote: dict[str, tuple[str, set[str]]]) -> None:
+        """The room's members on other nodes, as Redis has them now (key -> (display name,
+        nodes)): what this node adopts after it may have missed changes."""
+        for key in list(room.remote):
+            del room.remote[key]
+            if key not in room.users:
+                room._member_out(key)
+        for key, (name, nodes) in remote.items():
+            for node in nodes:
+                self.remote_in(room, node, key, name)
 
     def remote_out(self, room: LiveRoom, node: str, key: str) -> bool:
         """`node` says its user `key` left the room; True when the user is gone from it."""

@@ -89,8 +89,8 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> RoomReply:
     s = req.session
     if s.user_key is not None and not s.closed:
         app.rooms.join(room, s)
-        if (written := app.bus.published()) is not None:
-            await written  # several nodes: a join elsewhere right after this sees the creator
+        if (entering := app.bus.entered(room, s)) is not None:
+            await entering  # several nodes: a join elsewhere right after this sees the creator
     elif room.ephemeral:
         app.leave(room, s, "left")  # nobody in it: an ephemeral room goes at once
     return RoomReply(room=room.info())
@@ -203,8 +203,10 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
     s = req.session
     if app.rooms.join(room, s):
         req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
-        if (written := app.bus.published()) is not None:
-            await written  # several nodes: a join elsewhere right after this one sees it
+    if (entering := app.bus.entered(room, s)) is not None:
+        # Several nodes: recorded in Redis, which announces it if the user is new to the
+        # room on every node (NotFound: the room closed first, as one server would say).
+        await entering
     return RoomJoinReply(room=room.info(), members=_members(room))
 
 
@@ -213,6 +215,8 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
         await wait  # several nodes: member.left only if no other node has the user there
     room = app.rooms.get(cmd.room)
     app.leave(room, req.session, "left")
+    if (written := app.bus.published()) is not None:
+        await written  # several nodes: an emptied room is closed before the reply
     return EMPTY
 
 
