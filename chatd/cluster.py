@@ -344,11 +344,18 @@ class Cluster:
         if self._entering.get((room.id, key)) is outcome:
             del self._entering[(room.id, key)]
         exc = write.exception()
-        if exc is None and write.result() >= 0:
+        if exc is None and write.result()[0] >= 0:
             if key not in room.users and not room.deleted:
                 # Taken out here meanwhile (an outage reset): Redis must not keep it.
                 _logged(self.store.leave_room(room.id, key, "disconnected"))
-            outcome.set_result(None)
+            entry = write.result()[1]
+            if not entry or _id(entry) <= self._applied:
+                outcome.set_result(None)
+                return
+            # The reply waits until this node has read its own entry, so its member list
+            # (which follows the stream) shows the user; bounded, as caught_up.
+            self._catching_up.append((_id(entry), outcome))
+            asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
             return
         # Refused (the room closed first) or unknown (Redis away): the connections that
         # joined for it are out again, and their joins answer so.
@@ -566,7 +573,7 @@ class Cluster:
         if kind.startswith("message"):
             self._message(kind, f)
         elif kind == "in" or kind == "out":
-            self._membership(kind, f, own)
+            self._membership(kind, f)
         elif own:
             return  # this node applied its own change already
         elif kind.startswith("room."):
@@ -608,7 +615,7 @@ class Cluster:
                 app.settle(audience.room)  # departures before this message go first
             self.bus.local(audience, event)
 
-    def _membership(self, kind: str, f: dict[str, str], own: bool) -> None:
+    def _membership(self, kind: str, f: dict[str, str]) -> None:
         """A user entered or left a room on a node (this one too): the member list, and
         the announcement Redis decided on (module doc)."""
         app = self.app
@@ -617,14 +624,14 @@ class Cluster:
             return
         key, name = f["key"], f["name"]
         if kind == "in":
-            if not own:
-                app.rooms.remote_in(room, f["node"], key, name)
+            app.rooms.remote_in(room, f["node"], key, name)
             if f.get("ann"):
                 app.settle(room)
                 self.bus.local(_others(room, key), MemberJoined(room=room.name, user=name))
+            if f["node"] == self.node:
+                app.rooms.admit(room, key)  # members from here on (LiveRoom.entering)
             return
-        if not own:
-            app.rooms.remote_out(room, f["node"], key)
+        app.rooms.remote_out(room, f["node"], key)
         reason = f.get("left")
         if not reason:
             return
@@ -709,6 +716,11 @@ def _others(room: LiveRoom, key: str) -> Audience:
     if key in room.users:
         return ToSessions.of([s for s in room.sessions if s.user_key != key])
     return ToRoom(room)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:

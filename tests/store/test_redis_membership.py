@@ -45,9 +45,10 @@ async def test_a_user_on_two_nodes_is_announced_on_its_first_node_in_and_last_ou
 ) -> None:
     a, b, raw = nodes
     room = await a.create_room(RoomRecord(0, "dev", "", "ann", 1.0, False, False))
-    assert await a.enter_room(room.id, "ula", "Ula") == 1
-    assert await b.enter_room(room.id, "ula", "Ula") == 2
-    assert await b.enter_room(room.id, "ula", "Ula") == 0  # already in on nb
+    n, entry = await a.enter_room(room.id, "ula", "Ula")
+    assert n == 1 and raw.xrange("chatd:changes", entry, entry)[0][1]["kind"] == "in"
+    assert (await b.enter_room(room.id, "ula", "Ula"))[0] == 2
+    assert await b.enter_room(room.id, "ula", "Ula") == (0, "")  # already in on nb
     assert await a.leave_room(room.id, "ula", "disconnected") == 1
     assert await a.leave_room(room.id, "ula", "disconnected") == 0  # not in on na now
     assert await b.leave_room(room.id, "ula", "left") == 1
@@ -70,7 +71,7 @@ async def test_an_ephemeral_room_closes_with_its_last_member_anywhere_and_refuse
     assert await a.leave_room(room.id, "ann", "left") == 1  # Bob is in, on nb
     assert await b.leave_room(room.id, "bob", "left") == 2  # the last: closed with it
     assert membership(raw)[-1] == {"kind": "room.deleted", "node": "", "id": str(room.id), "by": ""}
-    assert await a.enter_room(room.id, "ann", "Ann") == -1
+    assert await a.enter_room(room.id, "ann", "Ann") == (-1, "")
     assert raw.hget("chatd:room_names", "tmp") is None
     again = await b.create_room(RoomRecord(0, "tmp", "", "bob", 2.0, True, False))
     assert again.id != room.id  # the name is free again

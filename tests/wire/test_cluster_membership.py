@@ -108,6 +108,36 @@ async def test_a_user_joining_a_room_on_two_nodes_at_once_is_announced_once(
                 break
 
 
+async def test_a_join_s_member_list_agrees_with_the_arrivals_and_departures_told_after_it(
+    redis_url: str,
+) -> None:
+    """On one server a joiner's member list and the events it gets after are one story:
+    a user in the list is not announced as arriving, one not in it not as leaving. So
+    here, with the other user's join or leave racing on the same node and on the other."""
+    async with two_nodes(redis_url) as (a, b), clients(a.port, a.port, b.port) as (o, u, w):
+        await o.ok("login", user="Obs")
+        await u.ok("login", user="Ula")
+        await w.ok("login", user="Wes")
+        began = time.monotonic()
+        for i in range(ATTEMPTS):
+            room = f"m{i}"
+            await w.ok("room.create", room=room)
+            await u.ok("room.join", room=room)
+            await w.ok("room.members", room=room)
+            joined, _, _ = await asyncio.gather(
+                o.ok("room.join", room=room),
+                u.ok("room.leave", room=room),  # on o's node
+                w.ok("room.leave", room=room),  # on the other
+            )
+            await o.ok("room.members", room=room)  # every event of the race is in by now
+            for user in ("Ula", "Wes"):
+                left = [e for e in named(o.events, "member.left", user) if e["data"]["room"] == room]
+                assert len(left) == (1 if user in joined["members"] else 0), (room, user, joined, left)
+            await o.ok("room.leave", room=room)
+            if time.monotonic() - began > RACE_BUDGET:
+                break
+
+
 async def test_an_ephemeral_room_left_on_one_node_while_joined_on_another_closes_only_if_empty(
     redis_url: str,
 ) -> None:

@@ -526,17 +526,19 @@ end
 """
 
 # A node's user enters a room (its first connection there on that node). ARGV: P, node,
-# room id, user key, display name. Reply: on how many nodes the user is in the room now
-# (1: the first, announced); 0 it already was on this node; -1 the room is gone.
-ROOM_ENTER = _NOTIFY + r"""
+# room id, user key, display name. Reply: {on how many nodes the user is in the room now
+# (1: the first, announced), its entry's id}; {0} it already was on this node; {-1} the
+# room is gone.
+ROOM_ENTER = r"""
 local P, node, room, ukey, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if redis.call('EXISTS', P..'room:'..room) == 0 then return -1 end
-if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 0 then return 0 end
+if redis.call('EXISTS', P..'room:'..room) == 0 then return {-1} end
+if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 0 then return {0} end
 local n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
 local first = ''
 if n == 1 then first = '1' end
-notify('kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
-return n
+local id = redis.call('XADD', P..'changes', 'MAXLEN', '~', """ + str(STREAM_MAXLEN) + r""", '*',
+                      'kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
+return {n, id}
 """
 
 # A node's user leaves a room (its last connection there on that node). ARGV: P, node,
@@ -570,7 +572,7 @@ return {#fields, closed}
 # What a node adopts when it may have missed changes (after an outage or a gap), in one
 # consistent view with the stream position it stands for. ARGV: P, this node. Reply:
 # {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields}...} of the
-# other live nodes' memberships, guests (flat hash), revoked (jti, exp flat)}.
+# live nodes' memberships (this one's too), guests (flat hash), revoked (jti, exp flat)}.
 CLUSTER_VIEW = r"""
 local P, me = ARGV[1], ARGV[2]
 local last, added = '0-0', 0
@@ -588,7 +590,7 @@ for _, id in ipairs(redis.call('SMEMBERS', P..'rooms')) do
 end
 local members = {}
 for _, node in ipairs(redis.call('SMEMBERS', P..'nodes')) do
-  if node ~= me and redis.call('EXISTS', P..'node:'..node) == 1 then
+  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then
     members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m')}
   end
 end

@@ -71,7 +71,7 @@ class ClusterView(msgspec.Struct, frozen=True):
     entries_added: int
     rev: int
     rooms: list[RoomRecord]
-    # room id -> user key -> (display name, the other live nodes it is in the room on)
+    # room id -> user key -> (display name, the live nodes it is in the room on)
     remote: dict[int, dict[str, tuple[str, set[str]]]]
     guests: dict[str, str]  # name key -> GuestHold as JSON
     revoked: dict[str, int]  # jti -> expires_at
@@ -734,10 +734,15 @@ class RedisStore:
 
     # --- the bus (chatd/cluster): writes ordered with every other write ---------------
 
-    def enter_room(self, room_id: int, key: str, name: str) -> Deferred[int]:
-        """This node's user enters a room (scripts.ROOM_ENTER): on how many nodes the user
-        is in it now (1: announced as new), 0 already here, -1 the room is gone."""
-        return self._call("room_enter", self.node, room_id, key, name, decode=int)
+    def enter_room(self, room_id: int, key: str, name: str) -> Deferred[tuple[int, str]]:
+        """This node's user enters a room (scripts.ROOM_ENTER): (on how many nodes the
+        user is in it now (1: announced as new), the stream entry saying so); (0, "") it
+        was already in here, (-1, "") the room is gone."""
+
+        def decode(reply: Any) -> tuple[int, str]:
+            return int(reply[0]), str(reply[1]) if len(reply) > 1 else ""
+
+        return self._call("room_enter", self.node, room_id, key, name, decode=decode)
 
     def leave_room(self, room_id: int, key: str, reason: str) -> Deferred[int]:
         """This node's user leaves a room (scripts.ROOM_LEAVE): 0 it was not in, 1 out,
