@@ -545,7 +545,12 @@ class Cluster:
                     if held is not None and held is not room:
                         rooms.rename(held, f"{held.name}\n{held.id}")
                     rooms.rename(room, rec.name)
-            rooms.replace_remote(room, view.remote.get(rec.id, {}))
+            members = view.remote.get(rec.id, {})
+            rooms.replace_remote(room, members)
+            # Joins since the reset whose entries the view covers (they are not read).
+            for key in {s.user_key for s in room.entering}:
+                if key is not None and self.node in members.get(key, ("", set()))[1]:
+                    rooms.admit(room, key)
         for key in {n.lower() for n in app.accounts.guest_names()} - set(view.guests):
             self._hold(key, "")
         for key, data in view.guests.items():
