@@ -101,6 +101,8 @@ class App:
         # Several nodes (chatd/cluster): departures are announced from the change stream,
         # on every node, so they go to this node's connections only (not back to Redis).
         self.deliver_departures: Callable[[ToRoom, Frame], object] | None = None
+        # Several nodes: whether an ephemeral room nobody is in here goes is Redis's call.
+        self.close_if_unused: Callable[[LiveRoom], None] | None = None
 
     # --- start and stop --------------------------------------------------------------
 
@@ -250,8 +252,11 @@ class App:
     def drop_if_unused(self, room: LiveRoom) -> None:
         """An ephemeral room with no member left goes (with several nodes Redis decides
         that, with the leave: chatd/cluster)."""
-        shared = self.rooms.on_presence is not None
-        if room.ephemeral and room.is_empty() and not room.deleted and not shared:
+        if not (room.ephemeral and room.is_empty() and not room.deleted):
+            return
+        if self.close_if_unused is not None:
+            self.close_if_unused(room)
+        elif self.rooms.on_presence is None:
             self.forget_emptied(room)
             # Queued now, before anything that could reuse the name is (store order).
             self.scheduler.spawn(self._drop_room(room, self.store.delete_room(room.id)))

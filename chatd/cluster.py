@@ -66,6 +66,7 @@ from chatd.store.redis.store import message_from
 
 if TYPE_CHECKING:
     from chatd.app import App
+    from chatd.protocol.models import RoomInfo
     from chatd.rooms import LiveRoom
     from chatd.session import Session
     from chatd.stats import Stats
@@ -73,6 +74,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatd")
 _HOLD = msgspec.json.Decoder(GuestHold)
+# A join's answer as of its entry: the room and its member list (JSON) then.
+Admitted = tuple["RoomInfo", msgspec.Raw]
 _READ_COUNT = 1_000
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
@@ -94,7 +97,7 @@ class RedisBus:
         store: RedisStore,
         caught_up: Callable[[], Awaitable[None]],
         published: Callable[[], Awaitable[None] | None],
-        entered: Callable[[LiveRoom, Session], Awaitable[None] | None],
+        entered: Callable[[LiveRoom, Session], Awaitable[Any] | None],
     ) -> None:
         self._directory = directory
         self._local = LocalBus(directory, stats)
@@ -179,8 +182,9 @@ class Cluster:
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self._last_presence: asyncio.Future[None] | None = None
-        # (room id, user key) -> the outcome of this node's ROOM_ENTER for it, in flight
-        self._entering: dict[tuple[int, str], asyncio.Future[None]] = {}
+        # (room id, user key) -> the outcome of this node's ROOM_ENTER for it until its
+        # entry is read: the room and its members as of that entry (see Bus.entered)
+        self._entering: dict[tuple[int, str], asyncio.Future[Admitted | None]] = {}
         self._resync_reason = ""  # set while applying: start afresh after this batch
         self.down = False
         self._stopping = False
@@ -218,6 +222,7 @@ class Cluster:
             self.last_id, self._ordinal = "0-0", 0
         self._applied = _id(self.last_id)
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
+        app.close_if_unused = self._close_if_unused
         await self._reap()  # dead nodes' members would count as in their rooms
         others = await self._live_nodes()
         for node in others:
@@ -323,7 +328,7 @@ class Cluster:
         write: Any
         if entered:
             write = self.store.enter_room(room.id, key, name)
-            outcome: asyncio.Future[None] = loop.create_future()
+            outcome: asyncio.Future[Admitted | None] = loop.create_future()
             outcome.add_done_callback(_retrieved)
             self._entering[(room.id, key)] = outcome
             write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
@@ -340,23 +345,23 @@ class Cluster:
         write.add_done_callback(settle)
         self._last_presence = written
 
-    def _entered(self, room: LiveRoom, key: str, write: Any, outcome: asyncio.Future[None]) -> None:
-        if self._entering.get((room.id, key)) is outcome:
-            del self._entering[(room.id, key)]
+    def _entered(
+        self, room: LiveRoom, key: str, write: Any, outcome: asyncio.Future[Admitted | None]
+    ) -> None:
         exc = write.exception()
         if exc is None and write.result()[0] >= 0:
             if key not in room.users and not room.deleted:
                 # Taken out here meanwhile (an outage reset): Redis must not keep it.
                 _logged(self.store.leave_room(room.id, key, "disconnected"))
-            entry = write.result()[1]
-            if not entry or _id(entry) <= self._applied:
-                outcome.set_result(None)
-                return
-            # The reply waits until this node has read its own entry, so its member list
-            # (which follows the stream) shows the user; bounded, as caught_up.
-            self._catching_up.append((_id(entry), outcome))
-            asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
+            if not write.result()[1]:  # no entry: it was in here already
+                self._entering.pop((room.id, key), None)
+                _settle(outcome)
+            elif not outcome.done():
+                # Its entry is read soon (_membership: admitted); bounded, as caught_up.
+                asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
             return
+        if self._entering.get((room.id, key)) is outcome:
+            del self._entering[(room.id, key)]
         # Refused (the room closed first) or unknown (Redis away): the connections that
         # joined for it are out again, and their joins answer so.
         self.app.rooms.withdraw(room, key)
@@ -365,6 +370,12 @@ class Cluster:
         elif not isinstance(exc, ChatError):
             log.warning("a room membership was not recorded: %s", exc)
         outcome.set_exception(exc)
+
+    def _close_if_unused(self, room: LiveRoom) -> None:
+        """App.drop_if_unused: nobody is in the room as this node knows it; Redis knows."""
+        if not room.users and not room.entering:
+            write = self.store.close_room_if_empty(room.id)
+            write.add_done_callback(lambda w: self._left(room, w))
 
     def _left(self, room: LiveRoom, write: Any) -> None:
         exc = write.exception()
@@ -377,7 +388,7 @@ class Cluster:
         last = self._last_presence
         return None if last is None or last.done() else last
 
-    def entered(self, room: LiveRoom, session: Session) -> Awaitable[None] | None:
+    def entered(self, room: LiveRoom, session: Session) -> Awaitable[Admitted | None] | None:
         key = session.user_key
         if key is None:
             return None
@@ -521,6 +532,11 @@ class Cluster:
             self.down = True  # again at the next successful read
             return
         self._adopt(view)
+        for (room_id, key), outcome in list(self._entering.items()):
+            room = self.app.rooms.by_id.get(room_id)
+            if room is None or key not in room.users:  # withdrawn by the reset
+                del self._entering[(room_id, key)]
+                _settle(outcome)
         self.app.apply_users(version, users)
 
     def _adopt(self, view: ClusterView) -> None:
@@ -550,7 +566,7 @@ class Cluster:
             # Joins since the reset whose entries the view covers (they are not read).
             for key in {s.user_key for s in room.entering}:
                 if key is not None and self.node in members.get(key, ("", set()))[1]:
-                    rooms.admit(room, key)
+                    self._admit(room, key)
         for key in {n.lower() for n in app.accounts.guest_names()} - set(view.guests):
             self._hold(key, "")
         for key, data in view.guests.items():
@@ -634,7 +650,7 @@ class Cluster:
                 app.settle(room)
                 self.bus.local(_others(room, key), MemberJoined(room=room.name, user=name))
             if f["node"] == self.node:
-                app.rooms.admit(room, key)  # members from here on (LiveRoom.entering)
+                self._admit(room, key)
             return
         app.rooms.remote_out(room, f["node"], key)
         reason = f.get("left")
@@ -647,6 +663,15 @@ class Cluster:
             self.bus.local(_others(room, key), event)
         else:
             app.depart(room, event)  # batched with the room's other departures (app.py)
+
+    def _admit(self, room: LiveRoom, key: str) -> None:
+        """This node's entry for the user is read: its entering connections are members
+        from here on, and their joins answer with the room as of this entry."""
+        self.app.settle(room)  # departures before it are not theirs to hear
+        self.app.rooms.admit(room, key)
+        outcome = self._entering.pop((room.id, key), None)
+        if outcome is not None and not outcome.done():
+            outcome.set_result((room.info(), room.members_json()))
 
     def _room(self, kind: str, f: dict[str, str]) -> None:
         app = self.app
@@ -723,12 +748,12 @@ def _others(room: LiveRoom, key: str) -> Audience:
     return ToRoom(room)
 
 
-def _settle(fut: asyncio.Future[None]) -> None:
+def _settle(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
-def _retrieved(fut: asyncio.Future[None]) -> None:
+def _retrieved(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # a refused join's outcome nobody awaited is not an error to log
 

@@ -90,7 +90,9 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> RoomReply:
     if s.user_key is not None and not s.closed:
         app.rooms.join(room, s)
         if (entering := app.bus.entered(room, s)) is not None:
-            await entering  # several nodes: a join elsewhere right after this sees the creator
+            # Several nodes: a join elsewhere right after this sees the creator.
+            if (seen := await entering) is not None:
+                return RoomReply(room=seen[0])
     elif room.ephemeral:
         app.leave(room, s, "left")  # nobody in it: an ephemeral room goes at once
     return RoomReply(room=room.info())
@@ -205,8 +207,11 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
         req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
     if (entering := app.bus.entered(room, s)) is not None:
         # Several nodes: recorded in Redis, which announces it if the user is new to the
-        # room on every node (NotFound: the room closed first, as one server would say).
-        await entering
+        # room on every node (NotFound: the room closed first, as one server would say);
+        # the answer is the room as of that entry, where this connection's events start.
+        if (seen := await entering) is not None:
+            info, members = seen
+            return RoomJoinReply(room=info, members=cast("list[str]", members))
     return RoomJoinReply(room=room.info(), members=_members(room))
 
 

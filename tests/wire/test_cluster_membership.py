@@ -324,3 +324,30 @@ async def test_a_killed_node_s_user_still_in_on_a_live_node_does_not_leave(
             assert left == {"room": "lobby", "user": "Wes", "reason": "disconnected"}
             assert (await o.ok("room.members", room="lobby"))["members"] == ["Obs", "Ula"]
             assert named(o.events, "member.left", "Ula") == []
+
+
+
+async def test_an_ephemeral_room_whose_creator_went_during_its_create_does_not_stay(
+    redis_url: str,
+) -> None:
+    """On one server an ephemeral room nobody is in goes at once; so it does here when its
+    creator's connection broke while the create was being stored (nobody ever joined)."""
+    import socket
+    import struct
+
+    async with two_nodes(redis_url) as (a, b), clients(b.port) as (o,):
+        await o.ok("login", user="Obs")
+        for i in range(3):
+            c = await Client.connect(a.port)
+            await c.ok("login", user=f"Cid{i}")
+            await c.send({"cmd": "room.create", "id": "c", "room": f"brief{i}", "ephemeral": True})
+            sock = c.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await c.close()  # a reset, at once: the server loses it before the store answers
+        deadline = time.monotonic() + 5
+        while True:
+            rooms = [r["name"] for r in (await o.ok("room.list"))["rooms"]]
+            if not rooms or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert rooms == []

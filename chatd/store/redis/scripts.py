@@ -547,6 +547,13 @@ ROOM_LEAVE = _MEMBERSHIP + r"""
 return go_out(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 
+# An ephemeral room nobody is in on any node goes (one nobody ever entered: its creator's
+# connection broke during the create). ARGV: P, room id. Reply: 2 closed, else 0.
+ROOM_CLOSE_IF_EMPTY = _MEMBERSHIP + r"""
+if drop_if_emptied(ARGV[2]) == 1 then return 2 end
+return 0
+"""
+
 # Every membership of a node goes, as its users' connections would leave (reason
 # `disconnected`): a dead node (its heartbeat key expired; run once, by whichever node won
 # the reap lock; gone "1": it leaves the node set and a `gone` entry follows), or a live
@@ -599,5 +606,6 @@ return {last, added, redis.call('HGET', P..'meta', 'rev') or '0', rooms, members
 """
 
 SCRIPTS.update(
-    room_enter=ROOM_ENTER, room_leave=ROOM_LEAVE, reap=REAP, cluster_view=CLUSTER_VIEW
+    room_enter=ROOM_ENTER, room_leave=ROOM_LEAVE, room_close_if_empty=ROOM_CLOSE_IF_EMPTY,
+    reap=REAP, cluster_view=CLUSTER_VIEW,
 )

@@ -755,6 +755,17 @@ class RedisStore:
 
         return self._call("room_leave", self.node, room_id, key, reason, decode=decode)
 
+    def close_room_if_empty(self, room_id: int) -> Deferred[int]:
+        """An ephemeral room nobody is in on any node goes (scripts.ROOM_CLOSE_IF_EMPTY):
+        2 it did, its messages purged after; 0 it stays (or was gone)."""
+
+        def decode(n: Any) -> int:
+            if int(n) == 2:
+                self._purge_later(room_id)
+            return int(n)
+
+        return self._call("room_close_if_empty", room_id, decode=decode)
+
     def reap(self, node: str, gone: bool = True) -> Deferred[int]:
         """Every membership `node` has in Redis goes (scripts.REAP); with `gone` the node
         leaves the service too (a dead one), else it stays (this node, after an outage).
