@@ -595,6 +595,8 @@ class Cluster:
             self._message(kind, f)
         elif kind == "in" or kind == "out":
             self._membership(kind, f)
+        elif kind == "gone":
+            self._gone(f["node"])  # this node's own too: it was reaped alive
         elif own:
             return  # this node applied its own change already
         elif kind.startswith("room."):
@@ -605,8 +607,6 @@ class Cluster:
             self._revoked(f["jti"], int(f["exp"]))
         elif kind == "hold":
             self._hold(f["key"], f.get("h", ""))
-        elif kind == "gone":
-            self._gone(f["node"])
 
     def _deliver_remote(self, kind: str, raw: dict[bytes, bytes]) -> None:
         where = raw[b"a"].decode()

@@ -351,3 +351,32 @@ async def test_an_ephemeral_room_whose_creator_went_during_its_create_does_not_s
                 break
             await asyncio.sleep(0.05)
         assert rooms == []
+
+
+async def test_a_node_reaped_while_alive_starts_afresh_and_serves_on(redis_url: str) -> None:
+    """Its heartbeat lapsed (Redis was away longer than the TTL, say) and another node
+    reaped it: its users left every room there; it ends its connections, and the clients
+    that come back are members again everywhere."""
+    import redis.asyncio as aioredis
+
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
+            token = (await u.ok("login", user="Ula"))["token"]
+            await o.ok("login", user="Obs")
+            await o.ok("room.create", room="dev")
+            await u.ok("room.join", room="dev")
+            await o.event("member.joined")
+            await raw.delete(f"{a.store.prefix}node:{a.cluster.node}")  # the beat lapsed
+            await b.cluster._reap()
+            left = await o.event("member.left")
+            assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
+            await u.event("server.shutdown")
+            async with clients(a.port) as (u2,):
+                await u2.ok("auth", token=token)
+                assert (await u2.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+                assert (await o.event("member.joined")) == {"room": "dev", "user": "Ula"}
+                assert (await o.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
+                assert await raw.exists(f"{a.store.prefix}node:{a.cluster.node}") == 1
+    finally:
+        await raw.aclose()
