@@ -333,8 +333,7 @@ class Cluster:
             self._entering[(room.id, key)] = outcome
             write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
         else:
-            write = self.store.leave_room(room.id, key, reason or "left")
-            write.add_done_callback(lambda w: self._left(room, w))
+            write = self._leave(room, key, reason or "left", retry=True)
         # Writes complete in order (one pipeline), so the last one stands for all.
         written: asyncio.Future[None] = loop.create_future()
 
@@ -352,7 +351,7 @@ class Cluster:
         if exc is None and write.result()[0] >= 0:
             if key not in room.users and not room.deleted:
                 # Taken out here meanwhile (an outage reset): Redis must not keep it.
-                _logged(self.store.leave_room(room.id, key, "disconnected"))
+                self._leave(room, key, "disconnected")
             if not write.result()[1]:  # no entry: it was in here already
                 self._entering.pop((room.id, key), None)
                 _settle(outcome)
@@ -360,6 +359,8 @@ class Cluster:
                 # Its entry is read soon (_membership: admitted); bounded, as caught_up.
                 asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
             return
+        if outcome.done():
+            return  # its entry was read before this (lost) reply: it is stored, and in
         if self._entering.get((room.id, key)) is outcome:
             del self._entering[(room.id, key)]
         # Refused (the room closed first) or unknown (Redis away): the connections that
@@ -376,6 +377,20 @@ class Cluster:
         if not room.users and not room.entering:
             write = self.store.close_room_if_empty(room.id)
             write.add_done_callback(lambda w: self._left(room, w))
+
+    def _leave(self, room: LiveRoom, key: str, reason: str, retry: bool = False) -> Any:
+        write = self.store.leave_room(room.id, key, reason)
+
+        def done(w: Any) -> None:
+            if w.exception() is not None and retry and key not in room.users:
+                # Unknown whether it ran (ROOM_LEAVE is idempotent): once more, so no
+                # ghost stays after a blip; a longer outage ends in a reset (_resync).
+                self._leave(room, key, reason)
+            else:
+                self._left(room, w)
+
+        write.add_done_callback(done)
+        return write
 
     def _left(self, room: LiveRoom, write: Any) -> None:
         exc = write.exception()
@@ -650,6 +665,10 @@ class Cluster:
                 app.settle(room)
                 self.bus.local(_others(room, key), MemberJoined(room=room.name, user=name))
             if f["node"] == self.node:
+                if key not in room.users:
+                    # Nobody here wants it (its join failed on a lost reply, or left
+                    # already): Redis must not keep it (a repeated leave changes nothing).
+                    self._leave(room, key, "disconnected")
                 self._admit(room, key)
             return
         app.rooms.remote_out(room, f["node"], key)

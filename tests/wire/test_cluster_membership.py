@@ -380,3 +380,44 @@ async def test_a_node_reaped_while_alive_starts_afresh_and_serves_on(redis_url: 
                 assert await raw.exists(f"{a.store.prefix}node:{a.cluster.node}") == 1
     finally:
         await raw.aclose()
+
+
+async def test_a_join_whose_reply_redis_lost_leaves_no_ghost_member(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The membership was stored but its reply lost (the connection to Redis broke right
+    after): the join answers `internal` and the node takes the membership back once it
+    reads its entry, so nobody lists a user who is not in the room for long. (Had the node
+    read the entry before the reply failed, the join would be answered as done.)"""
+    readers = Readers(monkeypatch)
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    pipeline = RedisStore._pipeline
+    lost: list[bool] = []
+
+    async def losing(self: RedisStore, calls: Any) -> Any:
+        replies = await pipeline(self, calls)
+        if not lost and any(script == "room_enter" for script, _, _ in calls):
+            lost.append(True)
+            raise RedisConnectionError("connection lost after the write")
+        return replies
+
+    async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
+        await u.ok("login", user="Ula")
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await o.ok("room.members", room="dev")
+        monkeypatch.setattr(RedisStore, "_pipeline", losing)
+        await readers.hold(a)  # node a reads its entry only after the reply failed
+        await u.error("room.join", "internal", room="dev")
+        readers.release(a)
+        assert lost
+        deadline = time.monotonic() + 5
+        while True:
+            members = (await o.ok("room.members", room="dev"))["members"]
+            if members == ["Obs"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert members == ["Obs"]
+        assert (await u.ok("room.members", room="dev"))["members"] == ["Obs"]
+        assert (await u.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
