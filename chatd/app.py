@@ -31,6 +31,7 @@ from chatd.domain.presence import Presence
 from chatd.errors import Forbidden, StorageFailed, Unauthorized
 from chatd.protocol.events import (
     Batch,
+    Frame,
     Hello,
     MemberLeft,
     SessionExpired,
@@ -78,7 +79,7 @@ class App:
     ) -> None:
         self.config = config
         # True while the host still has closed connections to clean up (their sessions
-        # are still to leave their rooms): waiting departures wait for them (see _depart).
+        # are still to leave their rooms): waiting departures wait for them (see depart).
         self._closing = closing or (lambda: False)
         self.stats = stats or Stats()  # counters for `stats` and /metrics (chatd.stats)
         self.clock = clock
@@ -97,6 +98,11 @@ class App:
         # member.left events waiting to go out, per room (see leave and settle).
         self._departures: dict[LiveRoom, _Departures] = {}
         self._departure_timer: Any = None
+        # Several nodes (chatd/cluster): departures are announced from the change stream,
+        # on every node, so they go to this node's connections only (not back to Redis).
+        self.deliver_departures: Callable[[ToRoom, Frame], object] | None = None
+        # Several nodes: whether an ephemeral room nobody is in here goes is Redis's call.
+        self.close_if_unused: Callable[[LiveRoom], None] | None = None
 
     # --- start and stop --------------------------------------------------------------
 
@@ -239,17 +245,26 @@ class App:
         """Take the connection out of the room at once; its `member.left` (when it was the
         user's last connection) goes out batched with the room's other departures."""
         user = s.user
-        if self.rooms.leave(room, s) and user is not None:
-            self._depart(room, MemberLeft(room=room.name, user=user, reason=reason))
+        if self.rooms.leave(room, s, reason) and user is not None:
+            self.depart(room, MemberLeft(room=room.name, user=user, reason=reason))
         self.drop_if_unused(room)
 
     def drop_if_unused(self, room: LiveRoom) -> None:
-        """An ephemeral room with no member left on any node goes."""
-        if room.ephemeral and room.is_empty() and not room.deleted:
-            self._departures.pop(room, None)  # nobody is left to tell
-            self.rooms.remove(room)
+        """An ephemeral room with no member left goes (with several nodes Redis decides
+        that, with the leave: chatd/cluster)."""
+        if not (room.ephemeral and room.is_empty() and not room.deleted):
+            return
+        if self.close_if_unused is not None:
+            self.close_if_unused(room)
+        elif self.rooms.on_presence is None:
+            self.forget_emptied(room)
             # Queued now, before anything that could reuse the name is (store order).
             self.scheduler.spawn(self._drop_room(room, self.store.delete_room(room.id)))
+
+    def forget_emptied(self, room: LiveRoom) -> None:
+        """An ephemeral room closed because nobody is in it: forget it, telling nobody."""
+        self._departures.pop(room, None)  # nobody is left to tell
+        self.rooms.remove(room)
 
     # Issue 13, item 2: when K members of a room drop at once, sending each departure to
     # the room at once costs O(K²): every member still to be found closed gets all the
@@ -262,7 +277,7 @@ class App:
     # asked (messages, joins, member lists, renames, closing) settles the room first, so
     # each connection still sees a room's events in the order they happened.
 
-    def _depart(self, room: LiveRoom, event: MemberLeft) -> None:
+    def depart(self, room: LiveRoom, event: MemberLeft) -> None:
         pending = self._departures.get(room)
         if pending is None:
             pending = self._departures[room] = _Departures(self.clock.now())
@@ -292,7 +307,8 @@ class App:
         pending = self._departures.pop(room, None)
         if pending is not None:
             events = pending.events
-            self.bus.publish(ToRoom(room), events[0] if len(events) == 1 else Batch(events))
+            send = self.deliver_departures or self.bus.publish
+            send(ToRoom(room), events[0] if len(events) == 1 else Batch(events))
 
     def departures_waiting(self) -> int:
         """Rooms with `member.left` events not yet sent."""

@@ -29,7 +29,7 @@ event's encoding for that format, still once per event and format.)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Collection, Iterable
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 from chatd.protocol.events import Frame
 
@@ -113,8 +113,16 @@ class Bus(Protocol):
 
     def published(self) -> Awaitable[None] | None:
         """Something to await before a reply whose membership change other nodes must
-        already see (a join, a create): done once this node's presence writes so far have
+        already see (a leave): done once this node's presence writes so far have
         reached the other nodes' stream. None when there is nothing to wait for."""
+        ...
+
+    def entered(self, room: LiveRoom, session: Session) -> Awaitable[Any] | None:
+        """Something to await before the reply of a join (or create) of `session`, which
+        is in `room` here already: done once the membership is recorded where every node
+        sees it, with the room's RoomInfo and member list (JSON) as of then, or None;
+        raises NotFound when the room closed first (several nodes: it is gone, and the
+        connection is out of it again). None when there is nothing to wait for."""
         ...
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
@@ -139,6 +147,9 @@ class LocalBus:
         return None
 
     def published(self) -> None:
+        return None
+
+    def entered(self, room: LiveRoom, session: Session) -> None:
         return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:

@@ -13,18 +13,27 @@ entries in stream order:
 - room and account changes (create, rename, delete; register, delete, passwd, logout,
   revocations, guest holds) are appended by their scripts too (kind room.*, user, hold,
   revoked): the other nodes adopt them, as a `chatd user …` is adopted.
-- other events (member.joined/left, room.updated, …) are delivered here at once and
-  appended for the other nodes (kind `ev`, with their audience: a room id or a user), and
-  presence (kind `in`/`out`: a user entered or left a room on a node) keeps every node's
-  member lists whole. Both go through the store's writer, in order with its writes.
+- membership (kind `in`/`out`: a user entered or left a room on a node) is decided by
+  the scripts ROOM_ENTER / ROOM_LEAVE (chatd/store/redis/scripts.py), which count per
+  room and user the nodes it is in: the entry of a user's first node in (`ann`) is its
+  member.joined, of its last node out (`left`) its member.left, and an ephemeral room
+  emptied is deleted in the same step. Every node, the writer's too, announces them as
+  it reads them, so they come in stream order on every node; the other nodes' entries
+  also keep this node's member lists whole (LiveRoom.remote).
+- other events (room.updated, …) are delivered here at once and appended for the other
+  nodes (kind `ev`, with their audience: a room id or a user), through the store's
+  writer, in order with its writes.
 
 Liveness: each node refreshes `P node:<id>` (TTL `--node-ttl`) every third of it; a node
 whose key is gone is reaped once, by whichever node takes `P reap:<id>` first (SET NX):
-its membership goes and a `gone` entry makes every node drop its users (member.left).
+its users leave every room as if disconnected (scripts.REAP), then a `gone` entry.
 
 Outage: when the reader loses Redis, once Redis answers again the node ends every client
 connection with `server.shutdown`: clients reconnect and `sync` (protocol.md). So it does
-when it fell so far behind that the stream was trimmed past its position (a gap).
+when it fell so far behind that the stream was trimmed past its position (a gap). Either
+way it then starts afresh from Redis (_resync): its own memberships go (as a reap), and
+rooms, the other nodes' members, guest holds, revocations and accounts are read again,
+with the stream position that view stands for.
 """
 
 from __future__ import annotations
@@ -43,21 +52,30 @@ from redis.exceptions import RedisError, ResponseError
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
 from chatd.domain.identity import is_guest_jti
-from chatd.errors import Unauthorized
-from chatd.protocol.events import Batch, Frame, MemberLeft, RoomClosed, decode_event
+from chatd.errors import ChatError, NotFound, Unauthorized
+from chatd.protocol.events import (
+    Batch,
+    Frame,
+    MemberJoined,
+    MemberLeft,
+    RoomClosed,
+    decode_event,
+)
 from chatd.store.base import GuestHold, RoomRecord
-from chatd.store.redis.scripts import REAP
 from chatd.store.redis.store import message_from
 
 if TYPE_CHECKING:
     from chatd.app import App
+    from chatd.protocol.models import RoomInfo
     from chatd.rooms import LiveRoom
     from chatd.session import Session
     from chatd.stats import Stats
-    from chatd.store.redis.store import RedisStore
+    from chatd.store.redis.store import ClusterView, RedisStore
 
 log = logging.getLogger("chatd")
 _HOLD = msgspec.json.Decoder(GuestHold)
+# A join's answer as of its entry: the room and its member list (JSON) then.
+Admitted = tuple["RoomInfo", msgspec.Raw]
 _READ_COUNT = 1_000
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
@@ -69,7 +87,7 @@ class RedisBus:
     (``ToSessions`` names connections of this node: local only). Message events it
     delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_local", "_store", "caught_up", "published")
+    __slots__ = ("_directory", "_local", "_store", "caught_up", "entered", "published")
     carries_revisions = True
 
     def __init__(
@@ -79,6 +97,7 @@ class RedisBus:
         store: RedisStore,
         caught_up: Callable[[], Awaitable[None]],
         published: Callable[[], Awaitable[None] | None],
+        entered: Callable[[LiveRoom, Session], Awaitable[Any] | None],
     ) -> None:
         self._directory = directory
         self._local = LocalBus(directory, stats)
@@ -86,9 +105,10 @@ class RedisBus:
         # Read your writes across nodes (see Bus.caught_up): the stream's tail now, then
         # wait for the reader to have applied it.
         self.caught_up = caught_up
-        # A join's reply waits for its presence write (see Bus.published), so a join on
-        # another node right after it sees this member.
+        # A leave's reply waits for its presence write (see Bus.published), a join's for
+        # its membership's (Bus.entered), so a command on another node after it sees it.
         self.published = published
+        self.entered = entered
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         mine = self._local.publish(audience, frame, caller)
@@ -154,12 +174,18 @@ class Cluster:
         self.node = uuid.uuid4().hex[:12]
         self.node_ttl = node_ttl
         self.end_connections = end_connections
-        self.bus = RedisBus(app.presence, app.stats, store, self.caught_up, self.published)
+        self.bus = RedisBus(
+            app.presence, app.stats, store, self.caught_up, self.published, self.entered
+        )
         self.last_id = "0-0"
         self._applied = (0, 0)  # last_id as numbers
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self._last_presence: asyncio.Future[None] | None = None
+        # (room id, user key) -> the outcome of this node's ROOM_ENTER for it until its
+        # entry is read: the room and its members as of that entry (see Bus.entered)
+        self._entering: dict[tuple[int, str], asyncio.Future[Admitted | None]] = {}
+        self._resync_reason = ""  # set while applying: start afresh after this batch
         self.down = False
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -195,13 +221,17 @@ class Cluster:
         except ResponseError:  # no stream yet
             self.last_id, self._ordinal = "0-0", 0
         self._applied = _id(self.last_id)
+        app.deliver_departures = self.bus.local  # announced from the stream (module doc)
+        app.close_if_unused = self._close_if_unused
+        await self._reap()  # dead nodes' members would count as in their rooms
         others = await self._live_nodes()
         for node in others:
             await self._load_members(node)
         if not others:
             # Nobody else is serving: ephemeral rooms left by stopped nodes go (contract).
             for room in [r for r in app.rooms.rooms.values() if r.ephemeral]:
-                app.drop_if_unused(room)
+                app.forget_emptied(room)
+                await store.delete_room(room.id)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._beat_loop())]
         log.info("cluster node %s joined (%d other nodes live)", self.node, len(others),
@@ -226,8 +256,8 @@ class Cluster:
         if self._client is not None:
             try:
                 await self._client.delete(self._key)
-                await self._client.eval(REAP, 0, self.store.prefix, self.node)
-            except (RedisError, OSError) as exc:
+                await asyncio.wait_for(_future(self.store.reap(self.node)), self.store.timeout)
+            except (RedisError, OSError, ChatError, TimeoutError) as exc:
                 log.warning("could not leave the cluster cleanly: %s", exc)
             await self._client.aclose()
         if self._reader is not None:
@@ -285,17 +315,27 @@ class Cluster:
                 continue
             lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=60_000)
             if lock:
-                n = await self._client.eval(REAP, 0, P, node)
+                n = await self.store.reap(node)
                 log.warning("node %s stopped answering: its %s room memberships removed", node, n,
                             extra={"event": "node_reaped", "node": node})  # fmt: skip
 
     # --- presence --------------------------------------------------------------------
 
-    def _presence(self, room: LiveRoom, key: str, name: str, entered: bool) -> None:
-        write = self.store.presence("in" if entered else "out", room.id, key, name)
-        _logged(write)
+    def _presence(self, room: LiveRoom, key: str, name: str, entered: bool, reason: str) -> None:
+        """RoomManager.on_presence: this node's first connection of a user into a room,
+        or its last out, goes to Redis, which decides and announces (module doc)."""
+        loop = asyncio.get_running_loop()
+        write: Any
+        if entered:
+            write = self.store.enter_room(room.id, key, name)
+            outcome: asyncio.Future[Admitted | None] = loop.create_future()
+            outcome.add_done_callback(_retrieved)
+            self._entering[(room.id, key)] = outcome
+            write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
+        else:
+            write = self._leave(room, key, reason or "left", retry=True)
         # Writes complete in order (one pipeline), so the last one stands for all.
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        written: asyncio.Future[None] = loop.create_future()
 
         def settle(_: Any) -> None:
             if not written.done():
@@ -304,9 +344,71 @@ class Cluster:
         write.add_done_callback(settle)
         self._last_presence = written
 
+    def _entered(
+        self, room: LiveRoom, key: str, write: Any, outcome: asyncio.Future[Admitted | None]
+    ) -> None:
+        exc = write.exception()
+        if exc is None and write.result()[0] >= 0:
+            if key not in room.users and not room.deleted:
+                # Taken out here meanwhile (an outage reset): Redis must not keep it.
+                self._leave(room, key, "disconnected")
+            if not write.result()[1]:  # no entry: it was in here already
+                self._entering.pop((room.id, key), None)
+                _settle(outcome)
+            elif not outcome.done():
+                # Its entry is read soon (_membership: admitted); bounded, as caught_up.
+                asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
+            return
+        if outcome.done():
+            return  # its entry was read before this (lost) reply: it is stored, and in
+        if self._entering.get((room.id, key)) is outcome:
+            del self._entering[(room.id, key)]
+        # Refused (the room closed first) or unknown (Redis away): the connections that
+        # joined for it are out again, and their joins answer so.
+        self.app.rooms.withdraw(room, key)
+        if exc is None:
+            exc = NotFound(f"no room {room.name!r}: it was closed")
+        elif not isinstance(exc, ChatError):
+            log.warning("a room membership was not recorded: %s", exc)
+        outcome.set_exception(exc)
+
+    def _close_if_unused(self, room: LiveRoom) -> None:
+        """App.drop_if_unused: nobody is in the room as this node knows it; Redis knows."""
+        if not room.users and not room.entering:
+            write = self.store.close_room_if_empty(room.id)
+            write.add_done_callback(lambda w: self._left(room, w))
+
+    def _leave(self, room: LiveRoom, key: str, reason: str, retry: bool = False) -> Any:
+        write = self.store.leave_room(room.id, key, reason)
+
+        def done(w: Any) -> None:
+            if w.exception() is not None and retry and key not in room.users:
+                # Unknown whether it ran (ROOM_LEAVE is idempotent): once more, so no
+                # ghost stays after a blip; a longer outage ends in a reset (_resync).
+                self._leave(room, key, reason)
+            else:
+                self._left(room, w)
+
+        write.add_done_callback(done)
+        return write
+
+    def _left(self, room: LiveRoom, write: Any) -> None:
+        exc = write.exception()
+        if exc is not None:
+            log.debug("a room departure was not recorded: %s", exc)  # reset after the outage
+        elif write.result() == 2 and not room.deleted:
+            self.app.forget_emptied(room)  # closed in Redis: gone here at once
+
     def published(self) -> Awaitable[None] | None:
         last = self._last_presence
         return None if last is None or last.done() else last
+
+    def entered(self, room: LiveRoom, session: Session) -> Awaitable[Admitted | None] | None:
+        key = session.user_key
+        if key is None:
+            return None
+        outcome = self._entering.get((room.id, key))
+        return None if outcome is None or outcome.done() else outcome
 
     # --- the reader ------------------------------------------------------------------
 
@@ -328,12 +430,17 @@ class Cluster:
                 continue
             backoff = 0.05
             if self.down:
-                await self._recovered()  # ends the connections: a gap then is covered too
-            elif gap:
+                self.down = False
+                log.warning("redis is back: ending client connections so they resync",
+                            extra={"event": "cluster_recovered"})  # fmt: skip
+                await self._resync("lost contact with the other nodes; reconnect and sync")
+                continue  # a gap then is covered too: the view read replaces the entries
+            if gap:
                 log.warning("this node fell behind the change stream's cap and missed changes: "
                             "ending client connections so they resync",
                             extra={"event": "cluster_gap"})  # fmt: skip
-                self.end_connections("missed changes from the other nodes; reconnect and sync")
+                await self._resync("missed changes from the other nodes; reconnect and sync")
+                continue
             if not entries:
                 continue
             me = self.node.encode()
@@ -351,6 +458,8 @@ class Cluster:
                     log.exception("could not apply a change from the stream")
             self._applied = _id(self.last_id)
             self._wake_caught_up()
+            if self._resync_reason:
+                await self._resync(self._resync_reason)
 
     async def _read_batch(self) -> tuple[list[Any], bool]:
         """The entries after `last_id` (waiting up to _BLOCK_MS for some), and whether an
@@ -416,17 +525,78 @@ class Cluster:
                 left.append((target, fut))
         self._catching_up = left
 
-    async def _recovered(self) -> None:
-        """Redis answers again: events may have been lost meanwhile (ours to the others,
-        theirs to us), so every client reconnects and syncs (protocol.md)."""
-        self.down = False
-        log.warning("redis is back: ending client connections so they resync",
-                    extra={"event": "cluster_recovered"})  # fmt: skip
-        self.end_connections("lost contact with the other nodes; reconnect and sync")
+    async def _resync(self, reason: str) -> None:
+        """This node may have missed changes (Redis was away, or the stream was trimmed
+        past its position, or it was reaped), and the others its own: every client
+        reconnects and syncs (protocol.md), and the node starts afresh from Redis. Its
+        memberships go (its connections are ending), then it adopts one consistent view
+        of rooms, the other nodes' members, guest holds and revocations, and reads on
+        from the stream position of that view; accounts are read again too."""
+        self._resync_reason = ""
+        self.end_connections(reason)
+        self.app.rooms.withdraw_all()  # the ending connections, out of their rooms now
+        # Queued now, before any join of a client that reconnects (writer order).
+        reset = self.store.reap(self.node, gone=False)
         try:
             await self._beat()
-        except (RedisError, OSError):
-            self.down = True
+            await reset
+            view = await self.store.cluster_view()
+            version, users = await self.store.reload_users()
+        except (RedisError, OSError, ChatError) as exc:
+            log.warning("could not read the service's state again: %s; retrying", exc)
+            self.down = True  # again at the next successful read
+            return
+        self._adopt(view)
+        for (room_id, key), outcome in list(self._entering.items()):
+            room = self.app.rooms.by_id.get(room_id)
+            if room is None or key not in room.users:  # withdrawn by the reset
+                del self._entering[(room_id, key)]
+                _settle(outcome)
+        self.app.apply_users(version, users)
+
+    def _adopt(self, view: ClusterView) -> None:
+        app = self.app
+        rooms = app.rooms
+        fresh = {rec.id: rec for rec in view.rooms}
+        for gone in list(rooms.by_id.values()):
+            if gone.id not in fresh:
+                app.forget_emptied(gone)  # its connections were taken out (_resync)
+        for rec in fresh.values():
+            known = rooms.by_id.get(rec.id)
+            if known is None:
+                held = rooms.rooms.get(rec.name.lower())
+                if held is not None:  # renamed away meanwhile: out of the name's way
+                    rooms.rename(held, f"{held.name}\n{held.id}")
+                room = rooms.add(rec)
+            else:
+                room = known
+                room.topic = rec.topic
+                if rec.name != room.name:
+                    held = rooms.rooms.get(rec.name.lower())
+                    if held is not None and held is not room:
+                        rooms.rename(held, f"{held.name}\n{held.id}")
+                    rooms.rename(room, rec.name)
+            members = view.remote.get(rec.id, {})
+            rooms.replace_remote(room, members)
+            # Joins since the reset whose entries the view covers (they are not read).
+            for key in {s.user_key for s in room.entering}:
+                if key is not None and self.node in members.get(key, ("", set()))[1]:
+                    self._admit(room, key)
+        for key in {n.lower() for n in app.accounts.guest_names()} - set(view.guests):
+            self._hold(key, "")
+        for key, data in view.guests.items():
+            self._hold(key, data)
+        revoked = [jti for jti, exp in view.revoked.items() if not app.accounts.is_revoked(jti)]
+        for jti in revoked:
+            app.accounts.revoke(jti, view.revoked[jti])
+        if revoked:
+            self._expire_revoked(set(revoked))
+        if view.rev > self.store.rev:
+            self.store.rev = view.rev
+        self.last_id = view.last_id
+        self._applied = _id(view.last_id)
+        self._ordinal = view.entries_added
+        self._wake_caught_up()
 
     def _apply(self, raw: dict[bytes, bytes]) -> None:
         kind = raw[b"kind"].decode()
@@ -438,10 +608,12 @@ class Cluster:
         own = f.get("node") == self.node
         if kind.startswith("message"):
             self._message(kind, f)
+        elif kind == "in" or kind == "out":
+            self._membership(kind, f)
+        elif kind == "gone":
+            self._gone(f["node"])  # this node's own too: it was reaped alive
         elif own:
             return  # this node applied its own change already
-        elif kind == "in" or kind == "out":
-            self._remote_presence(kind, f)
         elif kind.startswith("room."):
             self._room(kind, f)
         elif kind == "user":
@@ -450,8 +622,6 @@ class Cluster:
             self._revoked(f["jti"], int(f["exp"]))
         elif kind == "hold":
             self._hold(f["key"], f.get("h", ""))
-        elif kind == "gone":
-            self._gone(f["node"])
 
     def _deliver_remote(self, kind: str, raw: dict[bytes, bytes]) -> None:
         where = raw[b"a"].decode()
@@ -481,15 +651,46 @@ class Cluster:
                 app.settle(audience.room)  # departures before this message go first
             self.bus.local(audience, event)
 
-    def _remote_presence(self, kind: str, f: dict[str, str]) -> None:
-        rooms = self.app.rooms
-        room = rooms.by_id.get(int(f["room"]))
+    def _membership(self, kind: str, f: dict[str, str]) -> None:
+        """A user entered or left a room on a node (this one too): the member list, and
+        the announcement Redis decided on (module doc)."""
+        app = self.app
+        room = app.rooms.by_id.get(int(f["room"]))
         if room is None:
             return
+        key, name = f["key"], f["name"]
         if kind == "in":
-            rooms.remote_in(room, f["node"], f["key"], f["name"])
-        elif rooms.remote_out(room, f["node"], f["key"]):
-            self.app.drop_if_unused(room)
+            app.rooms.remote_in(room, f["node"], key, name)
+            if f.get("ann"):
+                app.settle(room)
+                self.bus.local(_others(room, key), MemberJoined(room=room.name, user=name))
+            if f["node"] == self.node:
+                if key not in room.users:
+                    # Nobody here wants it (its join failed on a lost reply, or left
+                    # already): Redis must not keep it (a repeated leave changes nothing).
+                    self._leave(room, key, "disconnected")
+                self._admit(room, key)
+            return
+        app.rooms.remote_out(room, f["node"], key)
+        reason = f.get("left")
+        if not reason:
+            return
+        event = MemberLeft(room=room.name, user=name, reason=reason)
+        if key in room.users:
+            # Back in here already (its join raced this entry): it is not told of itself.
+            app.settle(room)
+            self.bus.local(_others(room, key), event)
+        else:
+            app.depart(room, event)  # batched with the room's other departures (app.py)
+
+    def _admit(self, room: LiveRoom, key: str) -> None:
+        """This node's entry for the user is read: its entering connections are members
+        from here on, and their joins answer with the room as of this entry."""
+        self.app.settle(room)  # departures before it are not theirs to hear
+        self.app.rooms.admit(room, key)
+        outcome = self._entering.pop((room.id, key), None)
+        if outcome is not None and not outcome.done():
+            outcome.set_result((room.info(), room.members_json()))
 
     def _room(self, kind: str, f: dict[str, str]) -> None:
         app = self.app
@@ -507,6 +708,8 @@ class Cluster:
             room.topic = f["t"]
             if f["n"] != room.name:
                 app.rooms.rename(room, f["n"])
+        elif kind == "room.deleted" and not f.get("by"):
+            app.forget_emptied(room)  # closed because nobody was in it: nobody to tell
         elif kind == "room.deleted":
             app.settle(room)
             members = app.rooms.remove(room)
@@ -515,11 +718,14 @@ class Cluster:
                 self.bus.local(ToSessions.of(members), event)
 
     def _revoked(self, jti: str, exp: int) -> None:
+        self.app.accounts.revoke(jti, exp)
+        self._expire_revoked({jti})
+
+    def _expire_revoked(self, jtis: set[str]) -> None:
         app = self.app
-        app.accounts.revoke(jti, exp)
         fx = Effects()
         for s in list(app.presence.sessions()):
-            if s.claims is not None and s.claims.jti == jti:
+            if s.claims is not None and s.claims.jti in jtis:
                 app.expire(s, "logout", fx)
         deliver(self.bus, fx)
 
@@ -540,25 +746,35 @@ class Cluster:
             app.accounts.settle_hold(key)  # still connected here: held while connected
 
     def _gone(self, node: str) -> None:
-        app = self.app
         if node == self.node:
             # Reaped while alive (Redis was away longer than the TTL): the others dropped
             # this node's users; clients reconnect and rejoin.
-            self.end_connections("lost contact with the other nodes; reconnect and sync")
+            self._resync_reason = "lost contact with the other nodes; reconnect and sync"
             return
-        for room in list(app.rooms.rooms.values()):
-            left = [k for k, nodes in room.remote.items() if node in nodes]
-            if not left:
-                continue
-            app.settle(room)
-            names = dict(room.members_sorted)
-            for key in left:
-                if app.rooms.remote_out(room, node, key):
-                    event = MemberLeft(
-                        room=room.name, user=names.get(key, key), reason="disconnected"
-                    )
-                    self.bus.local(ToRoom(room), event)
-            app.drop_if_unused(room)
+        # Its users left with the reap's own entries (announced there); anything left of
+        # it here is stale.
+        rooms = self.app.rooms
+        for room in list(rooms.rooms.values()):
+            for key in [k for k, nodes in room.remote.items() if node in nodes]:
+                rooms.remote_out(room, node, key)
+
+
+def _others(room: LiveRoom, key: str) -> Audience:
+    """The room's connections here but the user's own (one server never tells a user of
+    its own arrival or departure: it has no connection in the room then)."""
+    if key in room.users:
+        return ToSessions.of([s for s in room.sessions if s.user_key != key])
+    return ToRoom(room)
+
+
+def _settle(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a refused join's outcome nobody awaited is not an error to log
 
 
 def _str(x: Any) -> str:
@@ -570,7 +786,7 @@ def _id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def _future(x: Awaitable[None]) -> None:
+async def _future(x: Awaitable[Any]) -> None:
     await x
 
 

@@ -28,6 +28,7 @@ class LiveRoom:
         "created_at",
         "deleted",
         "edit_lock",
+        "entering",
         "ephemeral",
         "id",
         "members_sorted",
@@ -50,10 +51,17 @@ class LiveRoom:
         self.open = rec.open
         # Insertion-ordered set of member connections; fan-out walks it.
         self.sessions: dict[Session, None] = {}
+        # Several nodes: connections whose user's entry into the room this node has asked
+        # Redis for and not read back from the change stream yet. They become members
+        # (join `sessions`) at that entry, so they get exactly the room's events after
+        # it, as they would after their join on one server (RoomManager.admit).
+        self.entering: dict[Session, None] = {}
         # user key -> how many of that user's connections are in the room
         self.users: dict[str, int] = {}
-        # Several nodes (chatd/cluster): user key -> the other nodes that user is in the
-        # room on (as they announced it). A user is a member while it is in either map.
+        # Several nodes (chatd/cluster): user key -> the nodes that user is in the room on,
+        # this one too, as the change stream has told this node so far. The member list
+        # is this map then (a local join or leave shows in it once its entry is read), so
+        # that it agrees with the member events every node sends from the stream.
         self.remote: dict[str, set[str]] = {}
         # (user key, display name) of every member user, sorted: kept in step by join and
         # leave (an insort is one memmove), so a member list never sorts (issue 13, item
@@ -131,9 +139,11 @@ class RoomManager:
         # Rooms in case-insensitive name order, with their keys, for paging room.list and
         # channels; rebuilt on the first read after a change.
         self._sorted: tuple[list[str], list[LiveRoom]] | None = None
-        # Several nodes: told when a user enters a room here (first connection on this
-        # node) or leaves it (last), with (room, user key, display name, entered).
-        self.on_presence: Callable[[LiveRoom, str, str, bool], None] | None = None
+        # Several nodes (chatd/cluster): told when a user enters a room here (its first
+        # connection on this node) or leaves it (its last), with (room, user key, display
+        # name, entered, reason). Who is first in or last out on ANY node is then decided
+        # in Redis, which announces it: join and leave announce nothing themselves.
+        self.on_presence: Callable[[LiveRoom, str, str, bool, str], None] | None = None
 
     def load(self, records: list[RoomRecord]) -> None:
         for rec in records:
@@ -216,11 +226,12 @@ class RoomManager:
         if self.on_presence is not None:
             names = dict(room.members_sorted)
             for key in room.users:
-                self.on_presence(room, key, names.get(key, key), False)
+                self.on_presence(room, key, names.get(key, key), False, "")
         members = list(room.sessions)
-        for s in members:
+        for s in (*members, *room.entering):
             self._forget(s, room)
         room.sessions.clear()
+        room.entering.clear()
         room.users.clear()
         room.remote.clear()
         room.members_sorted.clear()
@@ -244,13 +255,19 @@ class RoomManager:
                 self._joined[session] = next(iter(joined))
 
     def join(self, room: LiveRoom, session: Session) -> bool:
-        """Add a connection; True when it is the user's first connection in the room (on
-        any node)."""
-        if session in room.sessions:
+        """Add a connection; True when it is the user's first connection in the room, to
+        be announced (never with several nodes: see on_presence)."""
+        if session in room.sessions or session in room.entering:
             return False
         key = session.user_key
         assert key is not None
-        room.sessions[session] = None
+        n = room.users.get(key, 0)
+        if self.on_presence is None:
+            room.sessions[session] = None
+        elif n == 0 or any(s.user_key == key for s in room.entering):
+            room.entering[session] = None  # a member once its entry is read (admit)
+        else:
+            room.sessions[session] = None  # the user is in here already
         joined = self._joined.get(session)
         if joined is None:
             self._joined[session] = room
@@ -258,24 +275,25 @@ class RoomManager:
             joined[room] = None
         else:
             self._joined[session] = {joined: None, room: None}
-        n = room.users.get(key, 0)
         room.users[key] = n + 1
         if n != 0:
             return False
         name = session.user or key
         if self.on_presence is not None:
-            self.on_presence(room, key, name, True)
-        if key in room.remote:
+            self.on_presence(room, key, name, True, "")  # the list follows the stream
             return False
         room._member_in(key, name)
         return True
 
-    def leave(self, room: LiveRoom, session: Session) -> bool:
-        """Remove a connection; True when it was the user's last connection in the room
-        (on any node)."""
-        if session not in room.sessions:
+    def leave(self, room: LiveRoom, session: Session, reason: str = "left") -> bool:
+        """Remove a connection; True when it was the user's last connection in the room,
+        to be announced with `reason` (never with several nodes: see on_presence)."""
+        if session in room.sessions:
+            del room.sessions[session]
+        elif session in room.entering:
+            del room.entering[session]
+        else:
             return False
-        del room.sessions[session]
         self._forget(session, room)
         key = session.user_key
         assert key is not None
@@ -283,28 +301,62 @@ class RoomManager:
         if n <= 0:
             room.users.pop(key, None)
             if self.on_presence is not None:
-                self.on_presence(room, key, session.user or key, False)
-            if key in room.remote:
+                self.on_presence(room, key, session.user or key, False, reason)
                 return False
             room._member_out(key)
             return True
         room.users[key] = n
         return False
 
-    # --- members on other nodes (chatd/cluster) ------------------------------------------
+    def withdraw(self, room: LiveRoom, key: str) -> list[Session]:
+        """Take the user's connections out of the room without a word (several nodes: their
+        join was refused, the room having closed first; or this node reset its presence).
+        Returns them."""
+        out = [s for s in (*room.sessions, *room.entering) if s.user_key == key]
+        for s in out:
+            room.sessions.pop(s, None)
+            room.entering.pop(s, None)
+            self._forget(s, room)
+        room.users.pop(key, None)
+        return out
+
+    def admit(self, room: LiveRoom, key: str) -> None:
+        """The user's entry into the room is read (several nodes): its connections that
+        were entering are members now."""
+        if room.entering:
+            for s in [s for s in room.entering if s.user_key == key]:
+                del room.entering[s]
+                room.sessions[s] = None
+
+    def withdraw_all(self) -> None:
+        """Every connection out of every room, without a word (several nodes: after an
+        outage the node ends its connections and starts its presence afresh)."""
+        for room in self.rooms.values():
+            for key in list(room.users):
+                self.withdraw(room, key)
+            room.entering.clear()  # (withdrawn above: a user entering is in `users`)
+
+    # --- members as the change stream tells them (several nodes: chatd/cluster) ------
 
     def remote_in(self, room: LiveRoom, node: str, key: str, name: str) -> bool:
         """`node` says its user `key` is in the room; True when the user is new to it."""
         nodes = room.remote.get(key)
+        new = nodes is None
         if nodes is None:
             nodes = room.remote[key] = set()
-            new = key not in room.users
-            if new:
-                room._member_in(key, name)
-        else:
-            new = False
+            room._member_in(key, name)
         nodes.add(node)
         return new
+
+    def replace_remote(self, room: LiveRoom, remote: dict[str, tuple[str, set[str]]]) -> None:
+        """The room's members on every node, as Redis has them now (key -> (display name,
+        nodes)): what this node adopts after it may have missed changes."""
+        for key in list(room.remote):
+            del room.remote[key]
+            room._member_out(key)
+        for key, (name, nodes) in remote.items():
+            for node in nodes:
+                self.remote_in(room, node, key, name)
 
     def remote_out(self, room: LiveRoom, node: str, key: str) -> bool:
         """`node` says its user `key` left the room; True when the user is gone from it."""
@@ -315,7 +367,5 @@ class RoomManager:
         if nodes:
             return False
         del room.remote[key]
-        if key in room.users:
-            return False
         room._member_out(key)
         return True

@@ -89,8 +89,10 @@ async def create(app: App, req: Request, cmd: c.RoomCreate) -> RoomReply:
     s = req.session
     if s.user_key is not None and not s.closed:
         app.rooms.join(room, s)
-        if (written := app.bus.published()) is not None:
-            await written  # several nodes: a join elsewhere right after this sees the creator
+        if (entering := app.bus.entered(room, s)) is not None:
+            # Several nodes: a join elsewhere right after this sees the creator.
+            if (seen := await entering) is not None:
+                return RoomReply(room=seen[0])
     elif room.ephemeral:
         app.leave(room, s, "left")  # nobody in it: an ephemeral room goes at once
     return RoomReply(room=room.info())
@@ -203,8 +205,13 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
     s = req.session
     if app.rooms.join(room, s):
         req.emit(ToRoom(room, skip=s), MemberJoined(room=room.name, user=req.user))
-        if (written := app.bus.published()) is not None:
-            await written  # several nodes: a join elsewhere right after this one sees it
+    if (entering := app.bus.entered(room, s)) is not None:
+        # Several nodes: recorded in Redis, which announces it if the user is new to the
+        # room on every node (NotFound: the room closed first, as one server would say);
+        # the answer is the room as of that entry, where this connection's events start.
+        if (seen := await entering) is not None:
+            info, members = seen
+            return RoomJoinReply(room=info, members=cast("list[str]", members))
     return RoomJoinReply(room=room.info(), members=_members(room))
 
 
@@ -213,6 +220,8 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
         await wait  # several nodes: member.left only if no other node has the user there
     room = app.rooms.get(cmd.room)
     app.leave(room, req.session, "left")
+    if (written := app.bus.published()) is not None:
+        await written  # several nodes: an emptied room is closed before the reply
     return EMPTY
 
 

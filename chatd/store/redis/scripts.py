@@ -250,7 +250,7 @@ local key = P..'room:'..id
 local k = redis.call('HGET', key, 'k')
 local existed = redis.call('EXISTS', key)
 if k and redis.call('HGET', P..'room_names', k) == id then redis.call('HDEL', P..'room_names', k) end
-redis.call('DEL', key)
+redis.call('DEL', key, P..'pm:'..id)
 redis.call('SREM', P..'rooms', id)
 redis.call('SADD', P..'rooms:gone', id)
 if existed == 0 then return 0 end
@@ -457,35 +457,9 @@ notify('kind', 'revoked', 'node', ARGV[4] or '', 'jti', ARGV[2], 'exp', ARGV[3])
 return 1
 """
 
-# A node's user entered (op "in") or left ("out") a room: kept per node in P node:<id>:m
-# (field "<room id>\n<user key>" -> display name) so the node's members can be removed
-# when it dies, and announced to the other nodes. ARGV: P, node, op, room id, key, name.
-PRESENCE = _NOTIFY + r"""
-local P = ARGV[1]
-local h, f = P..'node:'..ARGV[2]..':m', ARGV[4]..'\n'..ARGV[5]
-if ARGV[3] == 'in' then redis.call('HSET', h, f, ARGV[6]) else redis.call('HDEL', h, f) end
-notify('kind', ARGV[3], 'node', ARGV[2], 'room', ARGV[4], 'key', ARGV[5], 'name', ARGV[6])
-return 1
-"""
-
-# A dead node's cleanup (its heartbeat key expired), run once by whichever node won the
-# reap lock: its membership goes, and one `gone` notice tells every node to drop its users.
-# ARGV: P, dead node id. Reply: how many memberships it had.
-REAP = _NOTIFY + r"""
-local P = ARGV[1]
-local h = P..'node:'..ARGV[2]..':m'
-local n = redis.call('HLEN', h)
-redis.call('DEL', h)
-redis.call('SREM', P..'nodes', ARGV[2])
-notify('kind', 'gone', 'node', ARGV[2])
-return n
-"""
-
 SCRIPTS = {
     "hold_new": HOLD_NEW,
     "revoke": REVOKE,
-    "presence": PRESENCE,
-    "reap": REAP,
     "import": IMPORT,
     "send": SEND,
     "change": CHANGE,
@@ -504,3 +478,134 @@ SCRIPTS = {
     "page": PAGE,
     "changes": CHANGES,
 }
+
+
+# --- Room membership across nodes (chatd/cluster.py) ------------------------------------
+# One server announces a user's first connection into a room (member.joined) and its last
+# out (member.left), and closes an ephemeral room when its last member leaves. With several
+# nodes these are decided here, in one atomic step with the change they follow, and the
+# announcement is that step's stream entry (so every node sees it in stream order):
+#   P node:<id>:m   hash: "<room id>\n<user key>" -> display name, the node's users in rooms
+#   P pm:<room>     hash: user key -> on how many nodes that user is in the room; the room
+#                   has a member anywhere while this key exists
+# Entries: kind in/out, node, room, key, name; `ann` "1" on an `in` that is the user's
+# first node in the room (member.joined), `left` the reason on an `out` that was its last
+# (member.left). An ephemeral room emptied goes with a room.deleted entry (node "", by "":
+# every node forgets it quietly; nobody is in it).
+_MEMBERSHIP = _NOTIFY + r"""
+local P = ARGV[1]
+local function drop_if_emptied(room)
+  local key = P..'room:'..room
+  if redis.call('EXISTS', P..'pm:'..room) == 1 or redis.call('HGET', key, 'e') ~= '1' then
+    return 0
+  end
+  local k = redis.call('HGET', key, 'k')
+  if k and redis.call('HGET', P..'room_names', k) == room then redis.call('HDEL', P..'room_names', k) end
+  redis.call('DEL', key)
+  redis.call('SREM', P..'rooms', room)
+  redis.call('SADD', P..'rooms:gone', room)
+  notify('kind', 'room.deleted', 'node', '', 'id', room, 'by', '')
+  return 1
+end
+-- One node's user out of a room. Reply: 0 it was not in, 1 out, 2 out and the room closed.
+local function go_out(node, room, ukey, reason)
+  local h, f = P..'node:'..node..':m', room..'\n'..ukey
+  local name = redis.call('HGET', h, f)
+  if not name then return 0 end
+  redis.call('HDEL', h, f)
+  if redis.call('EXISTS', P..'room:'..room) == 0 then return 0 end
+  local n = redis.call('HINCRBY', P..'pm:'..room, ukey, -1)
+  local said = ''
+  if n <= 0 then
+    redis.call('HDEL', P..'pm:'..room, ukey)
+    said = reason
+  end
+  notify('kind', 'out', 'node', node, 'room', room, 'key', ukey, 'name', name, 'left', said)
+  return 1 + drop_if_emptied(room)
+end
+"""
+
+# A node's user enters a room (its first connection there on that node). ARGV: P, node,
+# room id, user key, display name. Reply: {on how many nodes the user is in the room now
+# (1: the first, announced), its entry's id}; {0} it already was on this node; {-1} the
+# room is gone.
+ROOM_ENTER = r"""
+local P, node, room, ukey, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', P..'room:'..room) == 0 then return {-1} end
+if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 0 then return {0} end
+local n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
+local first = ''
+if n == 1 then first = '1' end
+local id = redis.call('XADD', P..'changes', 'MAXLEN', '~', """ + str(STREAM_MAXLEN) + r""", '*',
+                      'kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
+return {n, id}
+"""
+
+# A node's user leaves a room (its last connection there on that node). ARGV: P, node,
+# room id, user key, reason. Reply: as go_out.
+ROOM_LEAVE = _MEMBERSHIP + r"""
+return go_out(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+
+# An ephemeral room nobody is in on any node goes (one nobody ever entered: its creator's
+# connection broke during the create). ARGV: P, room id. Reply: 2 closed, else 0.
+ROOM_CLOSE_IF_EMPTY = _MEMBERSHIP + r"""
+if drop_if_emptied(ARGV[2]) == 1 then return 2 end
+return 0
+"""
+
+# Every membership of a node goes, as its users' connections would leave (reason
+# `disconnected`): a dead node (its heartbeat key expired; run once, by whichever node won
+# the reap lock; gone "1": it leaves the node set and a `gone` entry follows), or a live
+# node making Redis match what it has after an outage (gone ""). ARGV: P, node, gone.
+# Reply: {how many memberships it had, {ids of the ephemeral rooms that closed}}.
+REAP = _MEMBERSHIP + r"""
+local node = ARGV[2]
+local h = P..'node:'..node..':m'
+local fields = redis.call('HKEYS', h)
+local closed = {}
+for _, f in ipairs(fields) do
+  local room, ukey = string.match(f, '^([^\n]*)\n(.*)$')
+  if room and go_out(node, room, ukey, 'disconnected') == 2 then closed[#closed+1] = room end
+end
+redis.call('DEL', h)
+if ARGV[3] == '1' then
+  redis.call('SREM', P..'nodes', node)
+  notify('kind', 'gone', 'node', node)
+end
+return {#fields, closed}
+"""
+
+# What a node adopts when it may have missed changes (after an outage or a gap), in one
+# consistent view with the stream position it stands for. ARGV: P, this node. Reply:
+# {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields}...} of the
+# live nodes' memberships (this one's too), guests (flat hash), revoked (jti, exp flat)}.
+CLUSTER_VIEW = r"""
+local P, me = ARGV[1], ARGV[2]
+local last, added = '0-0', 0
+local ok, info = pcall(redis.call, 'XINFO', 'STREAM', P..'changes')
+if ok then
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i+1]
+    elseif info[i] == 'entries-added' then added = info[i+1] end
+  end
+end
+local rooms = {}
+for _, id in ipairs(redis.call('SMEMBERS', P..'rooms')) do
+  local h = redis.call('HGETALL', P..'room:'..id)
+  if #h > 0 then rooms[#rooms+1] = {id, h} end
+end
+local members = {}
+for _, node in ipairs(redis.call('SMEMBERS', P..'nodes')) do
+  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then
+    members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m')}
+  end
+end
+return {last, added, redis.call('HGET', P..'meta', 'rev') or '0', rooms, members,
+        redis.call('HGETALL', P..'guests'), redis.call('ZRANGE', P..'revoked', 0, -1, 'WITHSCORES')}
+"""
+
+SCRIPTS.update(
+    room_enter=ROOM_ENTER, room_leave=ROOM_LEAVE, room_close_if_empty=ROOM_CLOSE_IF_EMPTY,
+    reap=REAP, cluster_view=CLUSTER_VIEW,
+)

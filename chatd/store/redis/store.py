@@ -63,6 +63,20 @@ _PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
 
 
+class ClusterView(msgspec.Struct, frozen=True):
+    """Redis as a node that may have missed changes adopts it (chatd/cluster), as of
+    stream entry `last_id` (`entries_added` entries ever added up to it)."""
+
+    last_id: str
+    entries_added: int
+    rev: int
+    rooms: list[RoomRecord]
+    # room id -> user key -> (display name, the live nodes it is in the room on)
+    remote: dict[int, dict[str, tuple[str, set[str]]]]
+    guests: dict[str, str]  # name key -> GuestHold as JSON
+    revoked: dict[str, int]  # jti -> expires_at
+
+
 class RedisStoreError(Exception):
     """Redis cannot be used at open: unreachable, refused, or holding another layout."""
 
@@ -720,9 +734,71 @@ class RedisStore:
 
     # --- the bus (chatd/cluster): writes ordered with every other write ---------------
 
-    def presence(self, op: str, room_id: int, key: str, name: str) -> Deferred[Any]:
-        """This node's user entered ("in") or left ("out") a room (scripts.PRESENCE)."""
-        return self._call("presence", self.node, op, room_id, key, name)
+    def enter_room(self, room_id: int, key: str, name: str) -> Deferred[tuple[int, str]]:
+        """This node's user enters a room (scripts.ROOM_ENTER): (on how many nodes the
+        user is in it now (1: announced as new), the stream entry saying so); (0, "") it
+        was already in here, (-1, "") the room is gone."""
+
+        def decode(reply: Any) -> tuple[int, str]:
+            return int(reply[0]), str(reply[1]) if len(reply) > 1 else ""
+
+        return self._call("room_enter", self.node, room_id, key, name, decode=decode)
+
+    def leave_room(self, room_id: int, key: str, reason: str) -> Deferred[int]:
+        """This node's user leaves a room (scripts.ROOM_LEAVE): 0 it was not in, 1 out,
+        2 out and the (ephemeral) room closed, its messages purged after."""
+
+        def decode(n: Any) -> int:
+            if int(n) == 2:
+                self._purge_later(room_id)
+            return int(n)
+
+        return self._call("room_leave", self.node, room_id, key, reason, decode=decode)
+
+    def close_room_if_empty(self, room_id: int) -> Deferred[int]:
+        """An ephemeral room nobody is in on any node goes (scripts.ROOM_CLOSE_IF_EMPTY):
+        2 it did, its messages purged after; 0 it stays (or was gone)."""
+
+        def decode(n: Any) -> int:
+            if int(n) == 2:
+                self._purge_later(room_id)
+            return int(n)
+
+        return self._call("room_close_if_empty", room_id, decode=decode)
+
+    def reap(self, node: str, gone: bool = True) -> Deferred[int]:
+        """Every membership `node` has in Redis goes (scripts.REAP); with `gone` the node
+        leaves the service too (a dead one), else it stays (this node, after an outage).
+        How many memberships it had."""
+
+        def decode(reply: Any) -> int:
+            for room_id in reply[1]:
+                self._purge_later(int(room_id))
+            return int(reply[0])
+
+        return self._call("reap", node, "1" if gone else "", decode=decode)
+
+    async def cluster_view(self) -> ClusterView:
+        """What this node adopts when it may have missed changes (scripts.CLUSTER_VIEW):
+        one consistent view, with the stream position it stands for."""
+        last, added, rev, rooms, members, guests, revoked = await self._read(
+            "cluster_view", self.node
+        )
+        remote: dict[int, dict[str, tuple[str, set[str]]]] = {}
+        for node, flat in members:
+            for field, name in zip(flat[::2], flat[1::2], strict=True):
+                room_id, _, key = field.partition("\n")
+                entry = remote.setdefault(int(room_id), {}).setdefault(key, (name, set()))
+                entry[1].add(node)
+        return ClusterView(
+            last_id=last,
+            entries_added=int(added),
+            rev=int(rev),
+            rooms=[_room(int(i), dict(zip(h[::2], h[1::2], strict=True))) for i, h in rooms],
+            remote=remote,
+            guests=dict(zip(guests[::2], guests[1::2], strict=True)),
+            revoked={jti: int(float(exp)) for jti, exp in zip(revoked[::2], revoked[1::2], strict=True)},
+        )
 
     def publish(self, fields: tuple[Any, ...]) -> Deferred[Any]:
         """Append an event for the other nodes to the change stream (field, value, ...)."""
