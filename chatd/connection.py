@@ -427,7 +427,7 @@ class Connection:
             self.slots = None  # most connections wait for nothing most of the time
         if self.paused & PAUSE_THROTTLE:
             return  # its timer resumes pump
-        if (self.held is not None or self.splitter.buffered or self.paused & PAUSE_EOF) and (
+        if (self.held is not None or self.splitter.buf or self.paused & PAUSE_EOF) and (
             not slots or self.waiting < MAX_WAITING
         ):
             self.pump()

@@ -160,7 +160,8 @@ class Pending:
         self.tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
-        return self.req.outcome(ok_frame(self.rid, value))
+        req = self.req  # Request.outcome, inlined: every waiting command ends here
+        return Outcome(ok_frame(self.rid, value), req.events or None, req.closes)
 
     def fail(self, exc: BaseException) -> Outcome:
         if isinstance(exc, ChatError):
@@ -341,7 +342,8 @@ class Dispatcher:
                     if cmd.token is None or self._is_bound_token(session, cmd.token):
                         raise
                     return self._after_reading(exc.key, session, cmd, spec, req)
-                _check_grant(spec, req)
+                if spec.grant is not None:
+                    _check_grant(spec, req)
             elif cmd.token is not None and session.user_key is not None:
                 self._not_another_users(session, cmd.token)
             coro = spec.handler(self.app, req, cmd)
