@@ -150,11 +150,14 @@ class LocalBus:
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
         # (deliveries are counted from the audience's size, not one by one).
-        if type(audience) is ToRoom and audience.skip is not None:
-            # The room's own dict, the one left out passed over in the loop (no copy of a
-            # big room's members for every join and leave).
-            return self._publish(audience.room.sessions, frame.json_frame(), caller, audience.skip)
-        sessions = audience.local(self._directory)
+        if type(audience) is ToRoom:
+            # The room's own dict (ToRoom.local, inlined), the one left out passed over in
+            # the loop (no copy of a big room's members for every join and leave).
+            sessions: Collection[Session] = audience.room.sessions
+            if audience.skip is not None:
+                return self._publish(sessions, frame.json_frame(), caller, audience.skip)
+        else:
+            sessions = audience.local(self._directory)
         data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
         if caller is None:
             for s in sessions:

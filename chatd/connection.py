@@ -301,16 +301,16 @@ class Connection:
                 else:
                     self.deliver(result)  # type: ignore[arg-type]
             elif kind is Pending:
-                assert isinstance(result, Pending)
-                slot = _Slot(result.overlap)
+                pending: Pending = result  # type: ignore[assignment]  # (tested above)
+                slot = _Slot(pending.overlap)
                 slots = self.slots
                 if slots is None:
                     slots = self.slots = collections.deque()
                 slots.append(slot)
                 self.waiting += 1
-                if not result.overlap:
+                if not pending.overlap:
                     self.barriers += 1
-                host.driver.start(result, self.finished, slot)
+                host.driver.start(pending, self.finished, slot)
             else:
                 assert isinstance(result, Throttle)
                 self.held = (cmd, spec)
@@ -413,16 +413,13 @@ class Connection:
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
-        slots = self.slots
-        assert slots is not None
+        slots: collections.deque[_Slot] = self.slots  # type: ignore[assignment]  # slot's
         slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
         self.waiting -= 1
         if not slot.overlap:
             self.barriers -= 1
         while slots and slots[0].outcome is not None:
-            done = slots.popleft().outcome
-            assert done is not None
-            self.deliver(done)
+            self.deliver(slots.popleft().outcome)  # type: ignore[arg-type]  # (tested)
         if not slots:
             self.slots = None  # most connections wait for nothing most of the time
         if self.paused & PAUSE_THROTTLE:

@@ -116,20 +116,21 @@ class LineSplitter:
                     return TOO_LARGE
                 self._scan = end
                 return None
-            self.work += nl + 1 - start
-            if nl + 1 == len(buf):  # the last byte: let the read chunk go
+            end = nl + 1
+            self.work += end - start
+            if end == len(buf):  # the last byte: let the read chunk go
                 self.buf = b""
                 if pos:
                     self._pos = self._scan = 0
                 elif start:
                     self._scan = 0
             else:
-                self._pos = self._scan = nl + 1
-            if nl > pos and buf[nl - 1] == 13:
+                self._pos = self._scan = end
+            if buf[nl - 1] == 13 and nl > pos:  # (the usual byte there is "}": one test)
                 nl -= 1  # CRLF tolerated
-            if nl - pos > self.max_frame:
-                return TOO_LARGE
             if nl > pos:
+                if nl - pos > self.max_frame:
+                    return TOO_LARGE
                 line = buf[pos:nl]
                 if line[0] == 123 or not line.isspace():  # "{": the usual frame
                     return line if type(line) is bytes else bytes(line)
