@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
+import msgspec
+
 from chatd.protocol.events import Frame
 
 if TYPE_CHECKING:
@@ -159,11 +161,14 @@ class LocalBus:
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         # The per-recipient loop is the fan-out's whole cost: nothing in it but the send
         # (deliveries are counted from the audience's size, not one by one).
-        if type(audience) is ToRoom and audience.skip is not None:
-            # The room's own dict, the one left out passed over in the loop (no copy of a
-            # big room's members for every join and leave).
-            return self._publish(audience.room.sessions, frame.json_frame(), caller, audience.skip)
-        sessions = audience.local(self._directory)
+        if type(audience) is ToRoom:
+            # The room's own dict (ToRoom.local, inlined), the one left out passed over in
+            # the loop (no copy of a big room's members for every join and leave).
+            sessions: Collection[Session] = audience.room.sessions
+            if audience.skip is not None:
+                return self._publish(sessions, frame.json_frame(), caller, audience.skip)
+        else:
+            sessions = audience.local(self._directory)
         data = frame.json_frame()  # encoded once (and kept on the event), not per recipient
         if caller is None:
             for s in sessions:
@@ -197,15 +202,15 @@ class LocalBus:
         return mine
 
 
-class Effects:
+class Effects(msgspec.Struct, kw_only=True):
     """Events and closes collected while something happens (a command: chatd.dispatch's
-    Request is one; a timer makes its own and hands it to ``deliver``)."""
+    Request is one; a timer makes its own and hands it to ``deliver``).
 
-    __slots__ = ("closes", "events")
+    A msgspec Struct (never encoded) rather than a class with ``__init__``: every command
+    makes one, and a Struct is built in C, with no Python frame (≈0.05 µs of a ping)."""
 
-    def __init__(self) -> None:
-        self.events: Events = []
-        self.closes: list[Audience] | None = None
+    events: Events = []  # msgspec gives each instance a new empty list
+    closes: list[Audience] | None = None
 
     def emit(self, audience: Audience, frame: Frame) -> None:
         self.events.append((audience, frame))

@@ -1,8 +1,9 @@
 """The per-connection pipeline, free of I/O: bytes in → commands; outcomes → bytes out.
 
 A `Connection` is fed what the socket read (`receive_data`, `receive_eof`) and what the
-socket did (`write_paused`, `lost`); it hands back what to send (`data_to_send`) and asks
-its `Edge` to act: flush, pause or resume reading, close, drop. It owns, as plain state:
+socket did (`write_paused`, `lost`); what it has to send it writes, once per loop turn, into
+its `Sink` (`flush`: the transport's own write, so a flush costs one Python call), and it
+asks its `Edge` to act: pause or resume reading, close, drop. It owns, as plain state:
 
 - reply order: commands may finish out of order (a send waits for its group commit while
   a later ping is answered at once), replies go out in frame order (`_Slot`s);
@@ -17,10 +18,11 @@ its `Edge` to act: flush, pause or resume reading, close, drop. It owns, as plai
   limit the edge pauses writing (and this pauses reading), past the hard limit the
   connection is dropped as a slow consumer (protocol.md Limits, outbox).
 
-Nothing here knows of asyncio or a transport: the `Host` (one per server) gives time-based
-scheduling and the shared services, the `Edge` (one per connection) does the I/O. Unit
-tests drive a Connection with fakes of both (tests/unit/test_connection.py); the asyncio
-edge is chatd/server.py's `ConnectionProtocol`.
+Nothing here knows of asyncio: the `Host` (one per server) gives time-based scheduling and
+the shared services, the `Edge` (one per connection) carries out its decisions, the `Sink`
+takes its bytes. Unit tests drive a Connection with fakes of all three
+(tests/unit/test_connection.py); the asyncio edge is chatd/server.py's
+`ConnectionProtocol`, and its transport is the sink.
 """
 
 from __future__ import annotations
@@ -83,6 +85,15 @@ class Host(Protocol):
     @property
     def stats(self) -> Stats: ...
 
+    # Connections with bytes queued this turn. The contract, kept inline in `send` (it runs
+    # for every reply): the first connection into an empty list calls `schedule_flush`; the
+    # host then, at the end of the turn, takes the list whole (a new one in its place),
+    # calls `flush` on each and adds what they wrote to ``stats.bytes_out``.
+    dirty: list[Connection]
+
+    def schedule_flush(self) -> None:
+        """Flush every connection in `dirty` at the end of this loop turn."""
+
     def soon(self, fn: Callable[[], None]) -> None:
         """Call `fn` on the next loop turn (after other connections had theirs)."""
 
@@ -93,15 +104,19 @@ class Host(Protocol):
         """Call `fn` within a few turns, in order, a bounded number per turn (the
         clean-up of closed connections, so a mass disconnect does not stall the rest)."""
 
-    def want_flush(self, conn: Connection) -> None:
-        """`conn` has bytes to send: flush it (once) at the end of this loop turn."""
+
+
+class Sink(Protocol):
+    """Where a connection's bytes go (the asyncio transport itself)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written and not yet sent."""
 
 
 class Edge(Protocol):
     """What one connection asks of its socket side."""
-
-    def flush(self) -> None:
-        """Write `data_to_send()` now and report the bytes still unsent (`unsent`)."""
 
     def set_reading(self, on: bool) -> None:
         """Stop or go on reading the client's input."""
@@ -140,15 +155,17 @@ class Connection:
         "out_bytes",
         "paused",
         "session",
+        "sink",
         "slots",
         "splitter",
         "unsent",
         "waiting",
     )
 
-    def __init__(self, host: Host, edge: Edge, ip: str = "") -> None:
+    def __init__(self, host: Host, edge: Edge, sink: Sink, ip: str = "") -> None:
         self.host = host
         self.edge = edge
+        self.sink = sink
         self.ip = ip
         self.session: Session | None = None
         self.splitter = LineSplitter(host.config.max_frame)
@@ -157,7 +174,7 @@ class Connection:
         self.paused = 0  # PAUSE_* bits; reading is on when none is set
         self.out: list[bytes] = []  # emptied by each flush, kept (fan-out appends per turn)
         self.out_bytes = 0
-        self.unsent = 0  # bytes the edge took and has not sent yet (as it last said)
+        self.unsent = 0  # bytes the sink took and has not sent yet (as it last said)
         self.hard = host.config.outbox_hard  # read on every send: kept at hand
         self.dead = False
         self.waiting = 0  # commands started and not finished
@@ -187,7 +204,11 @@ class Connection:
         # Frames are split out one at a time as pump runs them; while any are left,
         # reading stays paused, so input memory is one read chunk plus one partial line
         # however small the frames are (protocol.md Limits, input memory).
-        self.splitter.push(data)
+        splitter = self.splitter
+        if splitter.buf or splitter.discarding or type(data) is not bytes:
+            splitter.push(data)
+        else:
+            splitter.buf = data  # push's usual case, inlined (LineSplitter's docstring)
         self.pump()
 
     def receive_eof(self) -> bool:
@@ -280,16 +301,16 @@ class Connection:
                 else:
                     self.deliver(result)  # type: ignore[arg-type]
             elif kind is Pending:
-                assert isinstance(result, Pending)
-                slot = _Slot(result.overlap)
+                pending: Pending = result  # type: ignore[assignment]  # (tested above)
+                slot = _Slot(pending.overlap)
                 slots = self.slots
                 if slots is None:
                     slots = self.slots = collections.deque()
                 slots.append(slot)
                 self.waiting += 1
-                if not result.overlap:
+                if not pending.overlap:
                     self.barriers += 1
-                host.driver.start(result, self.finished, slot)
+                host.driver.start(pending, self.finished, slot)
             else:
                 assert isinstance(result, Throttle)
                 self.held = (cmd, spec)
@@ -392,21 +413,18 @@ class Connection:
 
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
-        slots = self.slots
-        assert slots is not None
+        slots: collections.deque[_Slot] = self.slots  # type: ignore[assignment]  # slot's
         slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
         self.waiting -= 1
         if not slot.overlap:
             self.barriers -= 1
         while slots and slots[0].outcome is not None:
-            done = slots.popleft().outcome
-            assert done is not None
-            self.deliver(done)
+            self.deliver(slots.popleft().outcome)  # type: ignore[arg-type]  # (tested)
         if not slots:
             self.slots = None  # most connections wait for nothing most of the time
         if self.paused & PAUSE_THROTTLE:
             return  # its timer resumes pump
-        if (self.held is not None or self.splitter.buffered or self.paused & PAUSE_EOF) and (
+        if (self.held is not None or self.splitter.buf or self.paused & PAUSE_EOF) and (
             not slots or self.waiting < MAX_WAITING
         ):
             self.pump()
@@ -420,33 +438,41 @@ class Connection:
             return
         out = self.out
         if not out:
-            self.host.want_flush(self)
+            dirty = self.host.dirty  # Host.want_flush, inlined (see Host.dirty)
+            if not dirty:
+                self.host.schedule_flush()
+            dirty.append(self)
         out.append(data)
         queued = self.out_bytes = self.out_bytes + len(data)
         if queued + self.unsent > self.hard:
             # A burst within one loop turn (a group commit fanning out many messages) is
-            # not a slow consumer: hand it to the edge first, judge what is left after.
-            self.edge.flush()
+            # not a slow consumer: hand it to the sink first, judge what is left after.
+            self.host.stats.bytes_out += self.flush()
             if self.unsent > self.hard:
                 self.host.stats.slow_consumers += 1
                 self.drop_slow()
 
-    def data_to_send(self) -> bytes:
-        """Everything queued, as one write (b"" when nothing is)."""
+    def flush(self) -> int:
+        """Write everything queued to the sink, as one write, and note what the sink
+        has still not sent (the outbox's other half). Returns the bytes written, for
+        the caller to add to ``stats.bytes_out`` (the host's flush of a turn adds them
+        up and counts once)."""
         out = self.out
         if not out or self.dead:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+            return 0
+        sink = self.sink
+        sink.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
-        self.host.stats.bytes_out += self.out_bytes  # len(data), already counted
+        written = self.out_bytes
         self.out_bytes = 0
-        return data
+        self.unsent = sink.get_write_buffer_size()
+        return written
 
     def close(self) -> None:
         """Flush what is queued, then close (the Peer interface)."""
         if self.dead:
             return
-        self.edge.flush()
+        self.host.stats.bytes_out += self.flush()
         self.dead = True
         self.edge.close()
 

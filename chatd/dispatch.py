@@ -16,6 +16,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Union
 
+import msgspec
+
 from chatd.app import App
 from chatd.bus import Audience, Effects, Events
 from chatd.config import Config
@@ -36,19 +38,15 @@ Handler = Callable[[App, "Request", Any], Any]
 class Request(Effects):
     """One command in flight: who sent it, with which token, and the events and closes it
     causes (Effects: addressed to audiences, delivered through chatd.bus; the caller's own
-    copies after its reply — contract)."""
+    copies after its reply — contract). Made as ``Request(app, session)``; a Struct, as
+    Effects is, for the same reason."""
 
-    __slots__ = ("_identity", "_user", "_user_key", "app", "claims", "session")
-
-    def __init__(self, app: App, session: Session) -> None:
-        self.events: Events = []
-        self.closes: list[Audience] | None = None
-        self.app = app
-        self.session = session
-        self.claims: Any = None
-        self._user: str | None = None
-        self._user_key: str | None = None
-        self._identity: str | None = None
+    app: App
+    session: Session
+    claims: Any = None
+    _user: str | None = None
+    _user_key: str | None = None
+    _identity: str | None = None
 
     def authenticated(self, claims: Any) -> None:
         """Remember who the command runs as: the session may be unbound (closed, expired,
@@ -109,21 +107,19 @@ class Spec:
         return command_name(self.command)
 
 
-class Outcome:
+class Outcome(msgspec.Struct):
     """What running a command gives: its reply, then the events it causes and the
     connections it closes, addressed to audiences (chatd.bus). The edge queues the
     reply, then delivers the events to everyone (``bus.deliver``); a reply that waits
     behind earlier ones has its events sent to everyone else at once
-    (``bus.others_now``) and the caller's own share after it."""
+    (``bus.others_now``) and the caller's own share after it.
 
-    __slots__ = ("closes", "events", "reply")
+    A msgspec Struct (never encoded) rather than a class with ``__init__``: every command
+    makes one, and a Struct is built in C, with no Python frame (≈0.05 µs of a ping)."""
 
-    def __init__(
-        self, reply: bytes, events: Events | None = None, closes: list[Audience] | None = None
-    ) -> None:
-        self.reply = reply
-        self.events = events
-        self.closes = closes
+    reply: bytes
+    events: Events | None = None
+    closes: list[Audience] | None = None
 
 
 class Throttle:
@@ -164,7 +160,8 @@ class Pending:
         self.tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
-        return self.req.outcome(ok_frame(self.rid, value))
+        req = self.req  # Request.outcome, inlined: every waiting command ends here
+        return Outcome(ok_frame(self.rid, value), req.events or None, req.closes)
 
     def fail(self, exc: BaseException) -> Outcome:
         if isinstance(exc, ChatError):
@@ -345,7 +342,8 @@ class Dispatcher:
                     if cmd.token is None or self._is_bound_token(session, cmd.token):
                         raise
                     return self._after_reading(exc.key, session, cmd, spec, req)
-                _check_grant(spec, req)
+                if spec.grant is not None:
+                    _check_grant(spec, req)
             elif cmd.token is not None and session.user_key is not None:
                 self._not_another_users(session, cmd.token)
             coro = spec.handler(self.app, req, cmd)

@@ -52,9 +52,9 @@ _CHORES_PER_TURN = 256
 class ConnectionProtocol(asyncio.Protocol):
     """The asyncio side of one connection, a thin adapter around the sans-I/O pipeline
     (chatd.connection.Connection, ``pipe``): it admits the client, feeds the pipeline what
-    the transport reads, writes what the pipeline has to send (once per loop turn, by
-    ChatServer.flush_all), and carries out its decisions: reading on and off, close, drop.
-    It is the pipeline's `Edge`."""
+    the transport reads, gives it the transport as its `Sink` (the pipeline writes there
+    once per loop turn, when ChatServer.flush_all flushes it), and carries out its
+    decisions: reading on and off, close, drop. It is the pipeline's `Edge`."""
 
     __slots__ = ("accepted", "counted", "ip", "pipe", "srv", "transport")
 
@@ -91,7 +91,7 @@ class ConnectionProtocol(asyncio.Protocol):
         self.transport = t
         c = srv.config
         t.set_write_buffer_limits(high=c.outbox_soft, low=c.outbox_low)
-        pipe = self.pipe = Connection(srv, self, self.ip)
+        pipe = self.pipe = Connection(srv, self, t, self.ip)
         srv.connections[self] = None
         session = pipe.open(accepted)
         srv.watch_idle(session)
@@ -151,16 +151,6 @@ class ConnectionProtocol(asyncio.Protocol):
             self.pipe.write_paused(False)
 
     # --- the pipeline's Edge ---------------------------------------------------------
-
-    def flush(self) -> None:
-        pipe = self.pipe
-        t = self.transport
-        if pipe is None or t is None:
-            return
-        data = pipe.data_to_send()
-        if data:
-            t.write(data)
-            pipe.unsent = t.get_write_buffer_size()
 
     def set_reading(self, on: bool) -> None:
         t = self.transport
@@ -265,8 +255,7 @@ class ChatServer:
         # Connections whose writes are paused: [unsent bytes, since when] (the stuck-writer
         # sweep), here rather than two fields on every connection.
         self.stalled: dict[ConnectionProtocol, list[float]] = {}
-        self.dirty: list[Connection] = []
-        self.flush_scheduled = False
+        self.dirty: list[Connection] = []  # flushed at the end of the turn (Host.dirty)
         self.chores: collections.deque[Callable[[], None]] = collections.deque()
         self._chores_scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -320,11 +309,6 @@ class ChatServer:
     def after(self, delay: float, fn: Callable[[], None]) -> None:
         self.loop.call_later(delay, fn)
 
-    def want_flush(self, conn: Connection) -> None:
-        self.dirty.append(conn)
-        if not self.flush_scheduled:
-            self.schedule_flush()
-
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
@@ -338,15 +322,15 @@ class ChatServer:
     # --- output batching -------------------------------------------------------------
 
     def schedule_flush(self) -> None:
-        self.flush_scheduled = True
         self.loop.call_soon(self.flush_all)
 
     def flush_all(self) -> None:
-        self.flush_scheduled = False
         dirty = self.dirty
         self.dirty = []
+        written = 0
         for conn in dirty:
-            conn.edge.flush()
+            written += conn.flush()
+        self.stats.bytes_out += written
 
     # --- closed connections ----------------------------------------------------------
 

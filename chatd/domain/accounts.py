@@ -22,7 +22,7 @@ import msgspec
 from chatd.auth import Claims
 from chatd.clock import Clock
 from chatd.config import Config
-from chatd.domain.identity import TokenId, account_identity, guest_identity
+from chatd.domain.identity import GUEST_ID, TokenId, account_identity, guest_identity
 from chatd.errors import ChatError, Conflict, Unauthorized
 from chatd.protocol.models import rfc3339
 from chatd.store.base import GuestHold, Snapshot, Store, UserRecord
@@ -124,7 +124,7 @@ class Accounts:
         parsed = TokenId.parse(claims.jti)
         key = claims.sub.lower()
         if parsed is not None:
-            if parsed.is_guest:
+            if parsed.user_id == GUEST_ID:  # parsed.is_guest, without the property's call
                 hold = self.guest_hold(key)
                 if hold is not None and hold.jti == str(parsed.generation):
                     return hold

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Union
 
 import msgspec
 
-from chatd.protocol.frames import event_frame
+from chatd.protocol.frames import encode_json, event_frame
 from chatd.protocol.models import Message, RenamedRoomInfo, RoomInfo
 
 __all__ = [
@@ -88,8 +88,18 @@ class MessagePosted(Event):
     name = "message"
     message: Message
 
-    def data(self) -> Message:
-        return self.message
+    def data(self) -> Any:
+        return self.message_json()
+
+    def message_json(self) -> msgspec.Raw:
+        """The message's JSON, encoded once and kept: the reply to the msg.send or msg.edit
+        that made the event carries these same bytes (a reply Struct takes a Raw as
+        encoded, chatd.protocol.replies)."""
+        cache = self.__dict__
+        raw: msgspec.Raw | None = cache.get("raw_message")
+        if raw is None:
+            raw = cache["raw_message"] = msgspec.Raw(encode_json(self.message))
+        return raw
 
     @classmethod
     def from_data(cls, data: bytes) -> Event:

@@ -31,12 +31,16 @@ class LineSplitter:
     Blank lines are dropped. A trailing ``\\r`` is stripped (CRLF tolerated). What is
     left in the buffer at EOF is a partial frame and is simply never returned.
 
+    A reader may do ``push``'s usual case itself (chatd.connection does, per read chunk):
+    while ``buf`` is empty and not ``discarding``, a ``bytes`` chunk may be stored as
+    ``buf`` unchanged.
+
     Memory: the unconsumed bytes pushed so far. A reader that calls ``next`` until it
     returns None after every ``push`` (or stops reading while frames remain) holds at most
     one partial line (≤ max_frame + 1 bytes) plus one pushed chunk.
     """
 
-    __slots__ = ("_discarding", "_pos", "_scan", "buf", "max_frame", "work")
+    __slots__ = ("_pos", "_scan", "buf", "discarding", "max_frame", "work")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
@@ -48,7 +52,7 @@ class LineSplitter:
         # Bytes before _scan hold no newline: a line that arrives a byte at a time is
         # searched once, so it costs O(n), not O(n²) (h11's lesson).
         self._scan = 0
-        self._discarding = False
+        self.discarding = False
         # Bytes searched so far: tests count it to show the splitter is linear.
         self.work = 0
 
@@ -61,19 +65,19 @@ class LineSplitter:
         """Forget everything buffered (the connection is gone: its input is freed)."""
         self.buf = b""
         self._pos = self._scan = 0
-        self._discarding = False
+        self.discarding = False
 
     def push(self, data: bytes) -> None:
         buf = self.buf
-        if not buf and type(data) is bytes and not self._discarding:
+        if not buf and type(data) is bytes and not self.discarding:
             self.buf = data  # nothing left over (the usual case): work on the chunk itself
             return
-        if self._discarding:
+        if self.discarding:
             nl = data.find(b"\n")
             self.work += len(data) if nl < 0 else nl + 1
             if nl < 0:
                 return
-            self._discarding = False
+            self.discarding = False
             data = data[nl + 1 :]
         if type(data) is not bytes:
             data = bytes(data)  # kept as is below: never a buffer the caller reuses
@@ -108,24 +112,25 @@ class LineSplitter:
                 self.work += end - start
                 if end - pos > self.max_frame + 1:  # max_frame bytes and a "\r" may wait
                     self.clear()
-                    self._discarding = True
+                    self.discarding = True
                     return TOO_LARGE
                 self._scan = end
                 return None
-            self.work += nl + 1 - start
-            if nl + 1 == len(buf):  # the last byte: let the read chunk go
+            end = nl + 1
+            self.work += end - start
+            if end == len(buf):  # the last byte: let the read chunk go
                 self.buf = b""
                 if pos:
                     self._pos = self._scan = 0
                 elif start:
                     self._scan = 0
             else:
-                self._pos = self._scan = nl + 1
-            if nl > pos and buf[nl - 1] == 13:
+                self._pos = self._scan = end
+            if buf[nl - 1] == 13 and nl > pos:  # (the usual byte there is "}": one test)
                 nl -= 1  # CRLF tolerated
-            if nl - pos > self.max_frame:
-                return TOO_LARGE
             if nl > pos:
+                if nl - pos > self.max_frame:
+                    return TOO_LARGE
                 line = buf[pos:nl]
                 if line[0] == 123 or not line.isspace():  # "{": the usual frame
                     return line if type(line) is bytes else bytes(line)

@@ -122,7 +122,9 @@ class FakeTransport:
 
 async def _run(srv: ChatServer, chunks: list[bytes]) -> list[dict[str, Any]]:
     """Feed reads as a transport would (never while reading is paused), then EOF; return
-    every frame sent, up to the close."""
+    every frame sent, up to the close. The byte counters count exactly what was read and
+    written (they are added up per read and per flush, not per frame)."""
+    bytes_in, bytes_out = srv.stats.bytes_in, srv.stats.bytes_out
     conn = ConnectionProtocol(srv)
     t = FakeTransport()
     conn.connection_made(t)  # type: ignore[arg-type]
@@ -139,6 +141,8 @@ async def _run(srv: ChatServer, chunks: list[bytes]) -> list[dict[str, Any]]:
         await asyncio.sleep(0)
     assert t.closed, "the connection must close after answering everything"
     conn.connection_lost(None)
+    assert srv.stats.bytes_in - bytes_in == sum(map(len, chunks))
+    assert srv.stats.bytes_out - bytes_out == len(t.out)
     return [json.loads(line) for line in bytes(t.out).splitlines()]
 
 

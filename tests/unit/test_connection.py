@@ -45,6 +45,7 @@ class Host:
         self.driver = Driver(lambda fn, *a: self.next_turn.append(lambda: fn(*a)))
         self.timers: list[tuple[float, Callable[[], None]]] = []
         self.dirty: list[Connection] = []
+        self.flush_asked = 0  # schedule_flush calls (the test's turn flushes anyway)
 
     def soon(self, fn: Callable[[], None]) -> None:
         self.next_turn.append(fn)
@@ -55,8 +56,8 @@ class Host:
     def later(self, chore: Callable[[], None]) -> None:
         self.next_turn.append(chore)
 
-    def want_flush(self, conn: Connection) -> None:
-        self.dirty.append(conn)
+    def schedule_flush(self) -> None:
+        self.flush_asked += 1
 
     def turn(self) -> None:
         """One loop turn: what was asked for runs, then every dirty connection flushes."""
@@ -68,7 +69,7 @@ class Host:
     def flush(self) -> None:
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
-            conn.edge.flush()
+            self.stats.bytes_out += conn.flush()
 
     def fire_timers(self) -> None:
         timers, self.timers = self.timers, []
@@ -77,7 +78,8 @@ class Host:
 
 
 class Edge:
-    """The socket side: a kernel that takes `drains` bytes a flush (all when None)."""
+    """The socket side (Edge and Sink): a kernel that takes `drains` bytes a write (all
+    when None)."""
 
     def __init__(self) -> None:
         self.conn: Connection | None = None
@@ -88,16 +90,14 @@ class Edge:
         self.closed = False
         self.dropped = False
 
-    def flush(self) -> None:
-        assert self.conn is not None
-        data = self.conn.data_to_send()
-        if not data:
-            return
+    def write(self, data: bytes) -> None:
         self.kernel += len(data)
         sent = self.kernel if self.drains is None else min(self.drains, self.kernel)
         self.kernel -= sent
-        self.wire += data[: len(data)]  # order is all the tests look at
-        self.conn.unsent = self.kernel
+        self.wire += data  # order is all the tests look at
+
+    def get_write_buffer_size(self) -> int:
+        return self.kernel
 
     def set_reading(self, on: bool) -> None:
         self.reading = on
@@ -152,7 +152,7 @@ class Rig:
         self.core = Core(config)
         self.host = Host(self.core, TABLE)
         self.edge = Edge()
-        self.conn = Connection(self.host, self.edge, "127.0.0.1")
+        self.conn = Connection(self.host, self.edge, self.edge, "127.0.0.1")
         self.edge.conn = self.conn
         self.conn.open()
         self.host.flush()

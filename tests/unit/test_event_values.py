@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import chatd.protocol.events as events_mod
+import chatd.protocol.frames as frames_mod
 from chatd import changes
 from chatd.bus import Effects, ToRoom, deliver, others_now
 from chatd.dispatch import Dispatcher, Outcome, Pending
@@ -209,6 +210,46 @@ async def test_a_sent_message_is_encoded_once_for_the_room_and_once_for_a_dm(
     assert [json.loads(b).get("event") for b in peers[0].sent] == [None, "message", None, "message"]
     assert json.loads(peers[1].sent[-1])["data"]["text"] == "hello you"
     assert peers[1].sent[-1] is peers[0].sent[-1]
+
+
+async def test_a_sent_or_edited_message_is_encoded_once_for_its_reply_and_its_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str] = []
+    real = frames_mod._encode
+
+    def counting(value: Any) -> bytes:
+        # A Message encoded alone, as an event's data, or as a reply's `message`.
+        data = getattr(value, "data", value)
+        if isinstance(data, Message) or isinstance(getattr(data, "message", None), Message):
+            made.append(type(value).__name__)
+        return real(value)
+
+    monkeypatch.setattr(frames_mod, "_encode", counting)
+    with core() as k:
+        k.app.store.open()
+        try:
+            sessions, peers = _members(k, 3)
+            await k.app.store.create_room(RoomRecord(0, "big", "", "owner", 0.0, False, False))
+            sender = sessions[0]
+            m0 = k.app.accounts.user("m0")
+            assert m0 is not None
+            editing = k.token(m0, ("msg:edit",))
+            for frame in (
+                {"cmd": "msg.send", "id": 1, "room": "big", "text": "hello all"},
+                {"cmd": "msg.edit", "id": 2, "message_id": 1, "text": "hello, all",
+                 "token": editing},
+            ):
+                out = await _run(k.dispatcher, sender, frame)
+                sender.send(out.reply)
+                others_now(k.app.bus, out, sender)
+                deliver(k.app.bus, out)
+        finally:
+            await k.app.store.close()
+    assert len(made) == 2  # one encoding per message change, not one for each frame
+    reply, event = (json.loads(line) for line in peers[0].sent[-2:])
+    assert reply["data"]["message"] == event["data"]
+    assert event["event"] == "message.edited" and event["data"]["text"] == "hello, all"
 
 
 async def _run(d: Dispatcher, s: Session, frame: dict[str, Any]) -> Outcome:
