@@ -33,6 +33,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
@@ -128,14 +130,12 @@ class Edge(Protocol):
         """Abort at once, with a best-effort ``slow_consumer`` notice ahead of the queue."""
 
 
-class _Slot:
-    """A reply position: commands may finish out of order, replies go out in order."""
+class _Slot(msgspec.Struct, eq=False):
+    """A reply position: commands may finish out of order, replies go out in order.
+    ``_Slot(overlap)``; a Struct, as Outcome is (one per waiting command)."""
 
-    __slots__ = ("outcome", "overlap")
-
-    def __init__(self, overlap: bool) -> None:
-        self.outcome: Outcome | None = None
-        self.overlap = overlap
+    overlap: bool
+    outcome: Outcome | None = None
 
 
 class Connection:

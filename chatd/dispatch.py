@@ -134,30 +134,21 @@ class Throttle:
 Result = Union[Outcome, Throttle, "Pending"]
 
 
-class Pending:
+class Pending(msgspec.Struct, eq=False):
     """A command that waits for the store or a hash: its handler coroutine, stopped at
     its first await (``first``), to be driven by the `Driver`. ``finish`` turns the
-    handler's value into the Outcome, ``fail`` its exception."""
+    handler's value into the Outcome, ``fail`` its exception. Made as
+    ``Pending(handler, first, rid, req, name, overlap)``; a Struct as Outcome is (one per
+    waiting command), compared and hashed by identity (``eq=False``: the Driver's key)."""
 
-    __slots__ = ("done", "first", "handler", "name", "overlap", "req", "rid", "tag")
-
-    def __init__(
-        self,
-        handler: Coroutine[Any, Any, Any],
-        first: Any,
-        rid: RequestId,
-        req: Request,
-        name: str,
-        overlap: bool,
-    ) -> None:
-        self.handler = handler
-        self.first = first
-        self.rid = rid
-        self.req = req
-        self.name = name
-        self.overlap = overlap
-        self.done: Callable[[Any, Outcome], None] | None = None
-        self.tag: Any = None
+    handler: Coroutine[Any, Any, Any]
+    first: Any
+    rid: RequestId
+    req: Request
+    name: str
+    overlap: bool
+    done: Callable[[Any, Outcome], None] | None = None
+    tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
         req = self.req  # Request.outcome, inlined: every waiting command ends here

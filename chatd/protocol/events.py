@@ -89,7 +89,8 @@ class MessagePosted(Event):
     message: Message
 
     def data(self) -> Any:
-        return self.message_json()
+        raw = self.__dict__.get("raw_message")  # message_json's cache, read in place
+        return raw if raw is not None else self.message_json()
 
     def message_json(self) -> msgspec.Raw:
         """The message's JSON, encoded once and kept: the reply to the msg.send or msg.edit

@@ -7,26 +7,29 @@ import logging
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 T = TypeVar("T")
 log = logging.getLogger("chatd")
 
 
-class Deferred(Generic[T]):
+class Deferred(msgspec.Struct, Generic[T], eq=False):
     """The result of one queued write: awaitable like an asyncio.Future, but a callback
     added without a context (the server's command driver) runs at once when the batch is
     delivered, instead of one loop turn later. A group commit then finishes thousands of
     sends in one callback. Tasks (which always pass a context) are scheduled as asyncio
-    does it, so awaiting one from ordinary asyncio code behaves as usual."""
+    does it, so awaiting one from ordinary asyncio code behaves as usual.
 
-    __slots__ = ("_asyncio_future_blocking", "_callbacks", "_done", "_exc", "_loop", "_value")
+    Made as ``Deferred(loop)``. A msgspec Struct (never encoded; ``eq=False``: compared
+    and hashed by identity, as a Future is): one is made per write, and a Struct is built
+    in C, with no Python ``__init__`` frame."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._callbacks: list[tuple[Callable[[Any], None], Any]] = []
-        self._done = False
-        self._value: Any = None
-        self._exc: BaseException | None = None
-        self._asyncio_future_blocking = False
+    _loop: asyncio.AbstractEventLoop
+    _callbacks: list[tuple[Callable[[Any], None], Any]] = []  # a new list each
+    _done: bool = False
+    _value: Any = None
+    _exc: BaseException | None = None
+    _asyncio_future_blocking: bool = False
 
     def __await__(self) -> Generator[Any, None, T]:
         if not self._done:
