@@ -47,7 +47,7 @@ from chatd.errors import Unauthorized
 from chatd.protocol.events import Batch, Frame, MemberLeft, RoomClosed, decode_event
 from chatd.store.base import GuestHold, RoomRecord
 from chatd.store.redis.scripts import REAP
-from chatd.store.redis.store import message_from
+from chatd.store.redis.store import message_from, messages_from
 
 if TYPE_CHECKING:
     from chatd.app import App
@@ -434,11 +434,12 @@ class Cluster:
             if raw.get(b"node") != self.node.encode():
                 self._deliver_remote(kind, raw)
             return
+        if kind.startswith("message"):
+            self._messages(kind, raw)
+            return
         f = {k.decode(): v.decode() for k, v in raw.items()}
         own = f.get("node") == self.node
-        if kind.startswith("message"):
-            self._message(kind, f)
-        elif own:
+        if own:
             return  # this node applied its own change already
         elif kind == "in" or kind == "out":
             self._remote_presence(kind, f)
@@ -470,16 +471,25 @@ class Cluster:
         else:
             self.bus.close_local(audience)
 
-    def _message(self, kind: str, f: dict[str, str]) -> None:
+    def _messages(self, kind: str, raw: dict[bytes, bytes]) -> None:
+        """Message changes (scripts.py): a send script's batch (kind `messages`, its
+        messages packed in `m`), or one edit or delete (kind `message.edited|deleted`)."""
         app = self.app
-        rec = message_from([x for kv in f.items() for x in kv])
-        if rec.rev > self.store.rev:
-            self.store.rev = rec.rev
-        event = changes.message_event(app.rooms, kind, rec, f.get("by") or None)
-        for audience in changes.audiences(app.rooms, rec):  # one encoding for all of them
-            if isinstance(audience, ToRoom):
-                app.settle(audience.room)  # departures before this message go first
-            self.bus.local(audience, event)
+        by = None
+        if kind == "messages":
+            recs, kind = messages_from(raw[b"m"]), "message"
+        else:
+            recs, by = [message_from(raw[b"m"])], raw.get(b"by", b"").decode() or None
+        rev = int(raw[b"rev"])
+        if rev > self.store.rev:
+            self.store.rev = rev
+        rooms = app.rooms
+        for rec in recs:
+            event = changes.message_event(rooms, kind, rec, by)
+            for audience in changes.audiences(rooms, rec):  # one encoding for all of them
+                if isinstance(audience, ToRoom):
+                    app.settle(audience.room)  # departures before this message go first
+                self.bus.local(audience, event)
 
     def _remote_presence(self, kind: str, f: dict[str, str]) -> None:
         rooms = self.app.rooms

@@ -18,7 +18,7 @@ import redis
 from chatd.errors import Conflict, Internal
 from chatd.store.base import GuestHold, NewMessage, RoomRecord
 from chatd.store.redis import RedisStore, RedisStoreError
-from chatd.store.redis.store import describe_persistence
+from chatd.store.redis.store import describe_persistence, message_from, messages_from
 from tests.redisutil import RedisServer
 
 TIMEOUT = 10.0
@@ -60,13 +60,19 @@ async def test_two_stores_writing_at_once_keep_one_order_and_sync_sees_each_chan
     changes, more = await b.changes_since(0, [room.id], "x#1", 500)
     assert not more and [c.rev for c in changes] == list(range(1, 401))
     # The change stream carries every revision once, in revision order (after the
-    # room's own notice, which has no revision: chatd/cluster.py adopts it).
-    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+    # room's own notice, which has no revision: chatd/cluster.py adopts it): each send
+    # script's batch is one entry (kind `messages`, its last revision, its messages packed).
+    with redis.Redis.from_url(redis_url) as r:
         entries = r.xrange("chatd:changes")
-    assert entries[0][1]["kind"] == "room.created" and "rev" not in entries[0][1]
-    entries = [(i, f) for i, f in entries if "rev" in f]
-    assert [int(f["rev"]) for _, f in entries] == list(range(1, 401))
-    assert entries[0][1]["kind"] == "message" and entries[0][1]["r"] == str(room.id)
+    assert entries[0][1][b"kind"] == b"room.created" and b"rev" not in entries[0][1]
+    entries = [(i, f) for i, f in entries if b"rev" in f]
+    assert {f[b"kind"] for _, f in entries} == {b"messages"}
+    streamed = [m for _, f in entries for m in messages_from(f[b"m"])]
+    assert [m.rev for m in streamed] == list(range(1, 401))
+    assert [int(f[b"rev"]) for _, f in entries] == [
+        max(m.rev for m in messages_from(f[b"m"])) for _, f in entries
+    ]
+    assert sorted(streamed, key=lambda m: m.id) == by_id  # the messages as stored
 
 
 async def test_edits_and_deletes_are_in_the_stream_with_their_revision(
@@ -78,13 +84,17 @@ async def test_edits_and_deletes_are_in_the_stream_with_their_revision(
     edited = await b.edit_message(m.id, "hi!", 2.5, "ann")
     gone = await a.delete_message(m.id)
     assert edited is not None and gone is not None and (edited.rev, gone.rev) == (2, 3)
-    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
-        entries = [f for _, f in r.xrange("chatd:changes") if "rev" in f]
-    assert [(e["rev"], e["kind"]) for e in entries] == [
-        ("1", "message"), ("2", "message.edited"), ("3", "message.deleted"),
+    with redis.Redis.from_url(redis_url) as r:
+        entries = [f for _, f in r.xrange("chatd:changes") if b"rev" in f]
+    assert [(e[b"rev"], e[b"kind"]) for e in entries] == [
+        (b"1", b"messages"), (b"2", b"message.edited"), (b"3", b"message.deleted"),
     ]  # fmt: skip
-    assert entries[1]["x"] == "hi!" and entries[1]["et"] == "2.5" and entries[2]["d"] == "1"
-    assert entries[1]["by"] == "ann"  # the editor (a deleter for deletes: message.deleted's by)
+    assert messages_from(entries[0][b"m"]) == [m]
+    assert message_from(entries[1][b"m"]) == edited
+    assert message_from(entries[2][b"m"]) == gone
+    assert (edited.text, edited.edited_ts, edited.edited_by) == ("hi!", 2.5, "ann")
+    assert gone.deleted and gone.text == "" and gone.edited_ts == 2.5
+    assert entries[1][b"by"] == b"ann"  # the editor (a deleter for deletes: message.deleted's by)
 
 
 async def test_a_nonce_retry_on_another_store_answers_the_same_message(

@@ -48,12 +48,14 @@ from chatd.store.base import (
 )
 from chatd.store.deferred import Deferred
 from chatd.store.dump import Dump, MessageRow, UserRow
-from chatd.store.redis.scripts import SCRIPTS, STREAM_MAXLEN
+from chatd.store.redis.scripts import SCRIPTS, STREAM_KEEP_MS, STREAM_MAXLEN
 
 T = TypeVar("T")
 log = logging.getLogger("chatd")
 
-LAYOUT = 1  # the key layout's version (scripts.py); a database of a newer one is refused
+# The key layout's version (scripts.py); a database of another one is refused (layout_error).
+# 2: a message is one packed value (was a hash of fields) and sends share stream entries.
+LAYOUT = 2
 NONCE_KEEP = 24 * 3600.0  # contract: a nonce is kept at least 24 h (as the SQLite store)
 _SEND_CHUNK = 500  # sends per script call: a long script blocks every other Redis client
 _MAX_BATCH = 5_000  # writes per pipeline
@@ -61,6 +63,11 @@ _PURGE_BATCH = 2_000
 _ENC = msgspec.json.Encoder()
 _PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
+_MESSAGE = msgspec.msgpack.Decoder(MessageRecord)
+_MESSAGES = msgspec.msgpack.Decoder(list[MessageRecord])
+_FIELDS = msgspec.msgpack.Decoder(list[Any])
+# Scripts whose replies carry stored messages (msgpack bytes): read undecoded.
+_BINARY = frozenset({"send", "change", "page", "changes"})
 
 
 class RedisStoreError(Exception):
@@ -77,16 +84,44 @@ def _f(x: float) -> str:
     return repr(float(x))  # exact: float(repr(x)) == x
 
 
-def message_from(flat: list[Any]) -> MessageRecord:
-    """A message from a script's HGETALL reply (scripts.py: `P m:<id>`)."""
-    h = dict(zip(flat[::2], flat[1::2], strict=True))
-    room = h.get("r")
-    et = h.get("et")
-    return MessageRecord(
-        int(h["i"]), int(h["v"]), int(room) if room is not None else None, h["s"], h.get("t"),
-        h["x"], float(h["ts"]), float(et) if et is not None else None, h.get("eb"),
-        h.get("d") == "1", h["sk"], h.get("tk"),
-    )  # fmt: skip
+def message_from(value: bytes) -> MessageRecord:
+    """A stored message (scripts.py, MESSAGE: `P m:<id>`, a stream entry's `m`)."""
+    return _MESSAGE.decode(value)
+
+
+def messages_from(value: bytes) -> list[MessageRecord]:
+    """The messages of a stream entry of sends (scripts.py: kind `messages`)."""
+    return _MESSAGES.decode(value)
+
+
+def _packed_fields(
+    room_id: int | None, sender: str, recipient: str | None, text: str, ts: float,
+    edited_ts: float | None, edited_by: str | None, deleted: bool, sender_key: str,
+    recipient_key: str | None, nonce: str | None,
+) -> list[Any]:  # fmt: skip
+    """MESSAGE's elements 3.. (scripts.py), trailing nils left out."""
+    f: list[Any] = [room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted,
+                    sender_key, recipient_key, nonce]  # fmt: skip
+    if room_id is None:  # a DM: what its indexes are named by
+        to, to_key = recipient or "", recipient_key or ""
+        f += [sender.lower(), to.lower(), dm_pair(sender_key, to_key)]
+    while f[-1] is None:
+        f.pop()
+    return f
+
+
+def layout_error(meta: dict[str, str], where: str) -> str | None:
+    """Why a database with this `P meta` cannot be used by this chatd, or None."""
+    found = int(meta.get("layout", LAYOUT))
+    if found > LAYOUT:
+        return (f"the Redis database at {where} has chatd layout {found}, newer than this"
+                f" chatd understands ({LAYOUT}); run a newer chatd")  # fmt: skip
+    if found < LAYOUT:
+        return (f"the Redis database at {where} has chatd layout {found}, an older chatd's,"
+                f" which this chatd does not read (it needs {LAYOUT}); with that chatd, stop"
+                " the nodes and `chatd copy --from REDIS-URL --to FILE.db`, then with this"
+                " one `chatd copy --from FILE.db --to` an empty Redis database")  # fmt: skip
+    return None
 
 
 def _user(flat: list[Any]) -> UserRecord:
@@ -118,24 +153,29 @@ def describe_persistence(config: dict[str, str], info: dict[str, Any]) -> str:
 
 
 class _Send:
-    __slots__ = ("args", "fut", "msg", "recipient_key", "sender_key")
+    """One queued send: its index fields and its packed message but id and revision
+    (scripts.SEND's batch)."""
+
+    __slots__ = ("fields", "fut", "msg", "recipient_key", "sender_key", "tail")
 
     def __init__(self, msg: NewMessage, fut: Deferred[Any]) -> None:
         self.msg = msg
         self.fut = fut
-        self.sender_key = msg.sender_key or msg.sender.lower()
+        sk = self.sender_key = msg.sender_key or msg.sender.lower()
         rk = msg.recipient_key or msg.recipient.lower() if msg.recipient is not None else None
         self.recipient_key = rk
-        room = "" if msg.room_id is None else str(msg.room_id)
-        nonce = "" if msg.nonce is None else "=" + msg.nonce
-        if rk is None or msg.recipient is None:
-            self.args = (room, msg.sender, self.sender_key, "", "", msg.text, _f(msg.ts),
-                         nonce, "", "", "")  # fmt: skip
+        nk = "" if msg.nonce is None else f"{sk}\n{msg.nonce}"
+        self.tail = tail = _PACK.encode(_packed_fields(
+            msg.room_id, msg.sender, msg.recipient, msg.text, msg.ts, None, None, False, sk,
+            rk, msg.nonce,
+        ))  # fmt: skip
+        self.fields: tuple[Any, ...]
+        if msg.room_id is not None:
+            self.fields = (msg.room_id, nk, len(tail))
         else:
-            self.args = (
-                room, msg.sender, self.sender_key, msg.recipient, rk, msg.text, _f(msg.ts),
-                nonce, msg.sender.lower(), msg.recipient.lower(), dm_pair(self.sender_key, rk),
-            )  # fmt: skip
+            assert msg.recipient is not None and rk is not None, "a DM names its recipient"
+            self.fields = ("", nk, len(tail), sk, rk, msg.sender.lower(),
+                           msg.recipient.lower(), dm_pair(sk, rk))  # fmt: skip
 
 
 class _Call:
@@ -231,11 +271,8 @@ class RedisStore:
         r.hsetnx(meta, "epoch", uuid.uuid4().hex)
         r.hsetnx(meta, "layout", str(LAYOUT))
         m = cast(dict[str, str], r.hgetall(meta))
-        if int(m.get("layout", LAYOUT)) > LAYOUT:
-            raise RedisStoreError(
-                f"the Redis database has chatd layout {m['layout']}, newer than this chatd"
-                f" understands ({LAYOUT}); run a newer chatd"
-            )
+        if (why := layout_error(m, self._where())) is not None:
+            raise RedisStoreError(why)
         self.durability = describe_persistence(*self._persistence(r))
         log.info("redis store at %s: %s", self._where(), self.durability,
                  extra={"event": "store_durability", "durability": self.durability})  # fmt: skip
@@ -366,8 +403,13 @@ class RedisStore:
                     break
                 sends.append(s)
                 i += 1
-            blob = _PACK.encode([s.args for s in sends])
-            yield "send", (self.prefix, self.stream_maxlen, blob, self.node), sends
+            fields: list[Any] = []
+            for s in sends:
+                fields += s.fields
+            yield "send", (
+                self.prefix, self.stream_maxlen, _PACK.encode(fields), self.node,
+                b"".join([s.tail for s in sends]), STREAM_KEEP_MS,
+            ), sends  # fmt: skip
 
     def writes_settled(self) -> Awaitable[None]:
         """Resolves once every pipeline sent so far has its replies handled (its futures
@@ -450,22 +492,25 @@ class RedisStore:
     def _queue_call(self, pipe: Any, script: str, args: tuple[Any, ...]) -> None:
         if script == "raw":
             pipe.execute_command(*args)
+        elif script in _BINARY:
+            pipe.execute_command("EVALSHA", self._shas[script], 0, *args, NEVER_DECODE=True)
         else:
             pipe.execute_command("EVALSHA", self._shas[script], 0, *args)
 
     def _deliver_sends(self, sends: list[_Send], reply: list[Any]) -> None:
-        for s, r in zip(sends, reply, strict=True):
-            kind = r[0]
-            if kind == 1:
+        # Two per send (scripts.SEND): id, rev; -1, the original; -2, 0 (room deleted).
+        for s, a, b in zip(sends, reply[::2], reply[1::2], strict=True):
+            if a > 0:
                 m = s.msg
                 rec = MessageRecord(
-                    int(r[1]), int(r[2]), m.room_id, m.sender, m.recipient, m.text, m.ts,
+                    a, b, m.room_id, m.sender, m.recipient, m.text, m.ts,
                     None, None, False, s.sender_key, s.recipient_key,
                 )  # fmt: skip
-                self.rev = max(self.rev, rec.rev)
+                if b > self.rev:
+                    self.rev = b
                 s.fut.set_result((rec, True))
-            elif kind == 2:
-                s.fut.set_result((message_from(r[1]), False))
+            elif a == -1:
+                s.fut.set_result((message_from(b), False))
             else:
                 s.fut.set_exception(NotFound("the room was deleted"))
 
@@ -494,7 +539,12 @@ class RedisStore:
 
     async def _read_now(self, script: str, *args: Any) -> Any:
         try:
-            return await self._aclient().evalsha(self._shas[script], 0, self.prefix, *args)
+            # redis-py reads a reply undecoded when NEVER_DECODE is present at all.
+            raw: dict[str, Any] = {"NEVER_DECODE": True} if script in _BINARY else {}
+            client: Any = self._aclient()
+            return await client.execute_command(
+                "EVALSHA", self._shas[script], 0, self.prefix, *args, **raw
+            )
         except NoScriptError:
             for name, src in SCRIPTS.items():
                 self._shas[name] = await self._aclient().script_load(src)
@@ -518,7 +568,7 @@ class RedisStore:
 
     @staticmethod
     def _page(reply: list[Any]) -> tuple[list[MessageRecord], bool]:
-        return [message_from(x) for x in reply[1:]], reply[0] == 1
+        return [_MESSAGE.decode(x) for x in reply[1:]], reply[0] == 1
 
     # --- accounts --------------------------------------------------------------------
 
@@ -673,8 +723,9 @@ class RedisStore:
         )
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
-        h = await self._cmd(lambda c: c.hgetall(f"{self.prefix}m:{message_id}"))
-        return message_from([x for kv in h.items() for x in kv]) if h else None
+        key = f"{self.prefix}m:{message_id}"
+        value = await self._cmd(lambda c: cast(Any, c).execute_command("GET", key, NEVER_DECODE=True))
+        return None if value is None else message_from(value)
 
     async def count_messages(self) -> int:
         return int(await self._cmd(lambda c: c.zcard(self.prefix + "all")))
@@ -819,6 +870,8 @@ class RedisStore:
             m = cast(dict[str, str], r.hgetall(P + "meta"))
             if not m.get("epoch"):
                 raise RedisStoreError(f"no chatd data in Redis at {self._where()}")
+            if (why := layout_error(m, self._where())) is not None:
+                raise RedisStoreError(why)
             _, users = self._sync_call(r, "all_users")
             rows = []
             for flat in users:
@@ -852,17 +905,16 @@ class RedisStore:
                 ids = cast(list[str], r.zrangebyscore(P + "all", after, "+inf", 0, batch))
                 if not ids:
                     return
-                pipe = r.pipeline(transaction=False)
-                for i in ids:
-                    pipe.hgetall(f"{P}m:{i}")
+                keys = [f"{P}m:{i}" for i in ids]
+                values = cast(Any, r).execute_command("MGET", *keys, NEVER_DECODE=True)
                 out = []
-                for h in pipe.execute():
-                    if not h:
+                for value in values:
+                    if value is None:
                         continue
-                    rec = message_from([x for kv in h.items() for x in kv])
-                    if rec.room_id is not None and rec.room_id not in rooms:
+                    row = _row(value)
+                    if row.room_id is not None and row.room_id not in rooms:
                         continue
-                    out.append(_row(rec, h.get("n")))
+                    out.append(row)
                 yield out
                 after = f"({ids[-1]}"
         finally:
@@ -896,11 +948,8 @@ class RedisStore:
             count = 0
             for rows in messages:
                 for i in range(0, len(rows), _SEND_CHUNK):
-                    args: list[Any] = []
-                    for m in rows[i : i + _SEND_CHUNK]:
-                        args += _import_args(m)
-                    if args:
-                        self._sync_call(r, "import", *args)
+                    if chunk := rows[i : i + _SEND_CHUNK]:
+                        self._sync_call(r, "import", *(_packed(m) for m in chunk))
                 count += len(rows)
             r.hset(P + "meta", mapping={
                 "epoch": dump.epoch, "layout": LAYOUT, "rev": dump.rev,
@@ -913,23 +962,22 @@ class RedisStore:
             r.close()
 
 
-def _row(rec: MessageRecord, nonce: str | None) -> MessageRow:
+def _row(value: bytes) -> MessageRow:
+    """A stored message (scripts.py, MESSAGE) as `chatd copy` moves it."""
+    f = _FIELDS.decode(value)
+    f += [None] * (13 - len(f))
     return MessageRow(
-        rec.id, rec.rev, rec.room_id, rec.sender, rec.sender_key, rec.recipient,
-        rec.recipient_key, rec.text, rec.ts, rec.edited_ts, rec.edited_by, rec.deleted, nonce,
+        f[0], f[1], f[2], f[3], f[10], f[4], f[11], f[5], float(f[6]),
+        None if f[7] is None else float(f[7]), f[8], f[9], f[12],
     )  # fmt: skip
 
 
-def _import_args(m: MessageRow) -> tuple[Any, ...]:
-    dm = m.room_id is None and m.recipient is not None and m.recipient_key is not None
-    return (
-        m.id, m.rev, "" if m.room_id is None else m.room_id, m.sender, m.sender_key,
-        m.recipient or "", m.recipient_key or "", m.text, _f(m.ts),
-        "" if m.edited_ts is None else _f(m.edited_ts), m.edited_by or "",
-        "1" if m.deleted else "", "" if m.nonce is None else "=" + m.nonce,
-        m.sender.lower(), (m.recipient or "").lower(),
-        dm_pair(m.sender_key, m.recipient_key or "") if dm else "",
-    )  # fmt: skip
+def _packed(m: MessageRow) -> bytes:
+    """A copied message as the store keeps it (scripts.py, MESSAGE)."""
+    return _PACK.encode([m.id, m.rev, *_packed_fields(
+        m.room_id, m.sender, m.recipient, m.text, m.ts, m.edited_ts, m.edited_by, m.deleted,
+        m.sender_key, m.recipient_key, m.nonce,
+    )])  # fmt: skip
 
 
 async def _in_task(coro: Coroutine[Any, Any, T]) -> T:
