@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
@@ -59,6 +59,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 _HOLD = msgspec.json.Decoder(GuestHold)
 _READ_COUNT = 1_000
+# The change stream's last entry id ("0-0" none), without the entry: XINFO STREAM would
+# send the first and last entries whole, and an entry of sends holds hundreds of messages.
+_TAIL = """
+local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if e[1] then return e[1][1] end
+return '0-0'
+"""
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
 
@@ -159,6 +166,8 @@ class Cluster:
         self._applied = (0, 0)  # last_id as numbers
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._next_catch_up: asyncio.Future[None] | None = None  # see caught_up
+        self._tail_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
         self.down = False
         self._stopping = False
@@ -195,6 +204,7 @@ class Cluster:
         except ResponseError:  # no stream yet
             self.last_id, self._ordinal = "0-0", 0
         self._applied = _id(self.last_id)
+        self._tail_sha = await self._load_tail_script()
         others = await self._live_nodes()
         for node in others:
             await self._load_members(node)
@@ -384,15 +394,32 @@ class Cluster:
         return entries, gap
 
     def caught_up(self) -> Awaitable[None]:
-        return asyncio.get_running_loop().create_task(self._catch_up())
+        """Done once the reader has applied the stream up to its tail as of this call.
+        Calls made before the tail query is sent share it (one Task, one round trip for a
+        burst of joins, lists or closes); a later call waits for the next query."""
+        shared = self._next_catch_up
+        if shared is None:
+            shared = self._next_catch_up = asyncio.get_running_loop().create_future()
+            self.app.scheduler.spawn(self._catch_up(shared))
+        return asyncio.shield(shared)  # one waiter cancelled never cancels the others
 
-    async def _catch_up(self) -> None:
-        """Wait until the reader has applied the stream up to its tail as of now (bounded:
-        Redis unreachable, or slow, and this answers from what the node has)."""
+    async def _catch_up(self, done: asyncio.Future[None]) -> None:
+        """Ask Redis for the stream's tail, then wait until the reader has applied it
+        (bounded: Redis unreachable, or slow, and this answers from what the node has)."""
+        self._next_catch_up = None  # calls from now on may come after the query is sent
+        try:
+            await self._wait_for_tail()
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    async def _wait_for_tail(self) -> None:
         try:
             assert self._client is not None
-            info: Any = await self._client.xinfo_stream(self._stream)
-            target = _id(_str(info["last-generated-id"]))
+            target = _id(_str(await self._client.evalsha(self._tail_sha, 1, self._stream)))
+        except NoScriptError:
+            self._tail_sha = await self._load_tail_script()
+            return await self._wait_for_tail()
         except (RedisError, OSError):
             return
         if target <= self._applied:
@@ -403,6 +430,10 @@ class Cluster:
             await asyncio.wait_for(fut, self.store.timeout)
         except TimeoutError:
             pass
+
+    async def _load_tail_script(self) -> str:
+        assert self._client is not None
+        return _str(await self._client.script_load(_TAIL))
 
     def _wake_caught_up(self) -> None:
         if not self._catching_up:
