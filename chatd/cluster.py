@@ -347,10 +347,12 @@ class Cluster:
             if not entries:
                 continue
             me = self.node.encode()
-            if any(f.get(b"node") == me and b"rev" in f for _, f in entries):
+            own = [f[b"rev"] for _, f in entries if f.get(b"node") == me and b"rev" in f]
+            if own:
                 # Our own change: its command's reply goes first (bounded wait).
+                settled = self.store.writes_settled(max(int(r) for r in own))
                 try:
-                    await asyncio.wait_for(_future(self.store.writes_settled()), self.store.timeout * 2)
+                    await asyncio.wait_for(_future(settled), self.store.timeout * 2)
                 except TimeoutError:
                     pass
             for entry_id, fields in entries:

@@ -287,8 +287,8 @@ async def test_a_node_s_own_change_reaches_the_caller_after_its_reply(
             await c.ok("room.create", room="dev")
             slow_replies = RedisStore._pipeline
 
-            async def slow(self: RedisStore, calls: Any) -> Any:
-                replies = await slow_replies(self, calls)
+            async def slow(self: RedisStore, *args: Any) -> Any:
+                replies = await slow_replies(self, *args)
                 await asyncio.sleep(0.3)  # the stream reader sees the change meanwhile
                 return replies
 

@@ -196,6 +196,12 @@ def _same(x: Any) -> Any:
     return x
 
 
+# A script call of a batch: (script, args, the items it answers); "raw": a plain command.
+_Command = tuple[str, tuple[Any, ...], list[Any]]
+# A batch Redis answered: its calls and their replies (an exception for an error reply).
+_Answered = tuple[list[_Command], list[Any]]
+
+
 class RedisStore:
     """Store on Redis at ``url`` (redis://, rediss://; password in the URL). ``prefix``
     namespaces every key. ``drop_ephemeral``: ephemeral rooms are deleted at open, as the
@@ -237,7 +243,9 @@ class RedisStore:
         # far to settle (the bus, before delivering this node's own changes: reply first).
         self._sent = 0
         self._settled = 0
-        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._settle_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        # The highest revision of this node's own writes handed out (writes_settled).
+        self._handed_rev = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -376,18 +384,27 @@ class RedisStore:
         return fut
 
     async def _write_loop(self) -> None:
+        """One batch in flight at a time, and Redis never waits for the node: once a
+        batch is answered and more writes are queued, the next batch is sent first and
+        the answered one handed out (its futures resolved, its commands' replies and
+        follow-ups run) while Redis works on it."""
         assert self._wake is not None
+        answered: _Answered | None = None
         while True:
             if not self._queue:
+                if answered is not None:
+                    self._hand_out(answered)  # may queue more writes: look again
+                    answered = None
+                    continue
                 if self._stopping:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            await self._run_batch(batch)
+            answered = await self._run_batch(batch, answered)
 
-    def _commands(self, batch: list[_Send | _Call]) -> Iterator[tuple[str, tuple[Any, ...], list[Any]]]:
+    def _commands(self, batch: list[_Send | _Call]) -> Iterator[_Command]:
         """The batch as script calls: (script, args, the items they answer), in order."""
         i, n = 0, len(batch)
         while i < n:
@@ -411,94 +428,128 @@ class RedisStore:
                 b"".join([s.tail for s in sends]), STREAM_KEEP_MS,
             ), sends  # fmt: skip
 
-    def writes_settled(self) -> Awaitable[None]:
-        """Resolves once every pipeline sent so far has its replies handled (its futures
-        resolved, so the commands that waited on them have answered)."""
+    def writes_settled(self, rev: int = 0) -> Awaitable[None]:
+        """Resolves once this node's write of revision ``rev`` has been handed out (its
+        future resolved, so the command that waited on it has answered), or once every
+        batch sent so far has been (``rev`` 0: that alone)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._settled >= self._sent:
+        if self._settled >= self._sent or (rev and self._handed_rev >= rev):
             fut.set_result(None)
         else:
-            self._settle_waiters.append((self._sent, fut))
+            self._settle_waiters.append((self._sent, rev, fut))
         return fut
 
     def _settle(self) -> None:
         self._settled += 1
         if self._settle_waiters:
             left = []
-            for target, fut in self._settle_waiters:
-                if target <= self._settled:
+            for target, rev, fut in self._settle_waiters:
+                if target <= self._settled or (rev and self._handed_rev >= rev):
                     if not fut.done():
                         fut.set_result(None)
                 else:
-                    left.append((target, fut))
+                    left.append((target, rev, fut))
             self._settle_waiters = left
 
-    async def _run_batch(self, batch: list[_Send | _Call]) -> None:
-        self._sent += 1
-        try:
-            await self._run_batch_now(batch)
-        finally:
-            self._settle()
-
-    async def _run_batch_now(self, batch: list[_Send | _Call]) -> None:
+    async def _run_batch(
+        self, batch: list[_Send | _Call], answered: _Answered | None
+    ) -> _Answered | None:
+        """Send ``batch``, hand out ``answered`` while Redis works on it, then read the
+        replies: the batch answered, to hand out (or its writes failed: None)."""
         calls = list(self._commands(batch))
+        self._sent += 1
+        previous = [answered]
+
+        def meanwhile() -> None:
+            if (done := previous.pop()) is not None:
+                self._hand_out(done)
+
         began = time.perf_counter()
         try:
-            replies = await self._pipeline(calls)
+            replies = await self._pipeline(calls, meanwhile)
         except (RedisError, OSError) as exc:
+            if previous:  # failed before the send: the answered batch still goes out
+                meanwhile()
             self._fail_all(batch, exc)
-            return
+            self._settle()
+            return None
+        except BaseException:
+            if previous:
+                meanwhile()
+            self._settle()
+            raise
         self.commit_times.append(time.perf_counter() - began)
         del self.commit_times[:-1024]
         if self._failing:
             self._failing = False
             log.warning("redis is reachable again", extra={"event": "store_recovered"})
-        for (script, _, items), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, Exception):
-                err = self._error(reply)
-                for item in items:
-                    item.fut.set_exception(err)
-            elif script == "send":
-                self._deliver_sends(items, reply)
-            else:
-                call = items[0]
-                try:
-                    value = call.decode(reply)
-                except ChatError as exc:
-                    call.fut.set_exception(exc)
-                else:
-                    call.fut.set_result(value)
+        return calls, replies
 
-    async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...], list[Any]]]) -> list[Any]:
-        client = self._aclient()
-        pipe = client.pipeline(transaction=False)
-        for script, args, _ in calls:
-            self._queue_call(pipe, script, args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    def _hand_out(self, answered: _Answered) -> None:
+        """Resolve the futures of an answered batch (their commands go on at once)."""
+        calls, replies = answered
+        try:
+            for (script, _, items), reply in zip(calls, replies, strict=True):
+                if isinstance(reply, Exception):
+                    err = self._error(reply)
+                    for item in items:
+                        item.fut.set_exception(err)
+                elif script == "send":
+                    self._deliver_sends(items, reply)
+                else:
+                    call = items[0]
+                    try:
+                        value = call.decode(reply)
+                    except ChatError as exc:
+                        call.fut.set_exception(exc)
+                    else:
+                        call.fut.set_result(value)
+        finally:
+            self._settle()
+
+    async def _pipeline(
+        self, calls: list[_Command], meanwhile: Callable[[], None] = lambda: None
+    ) -> list[Any]:
+        """Send the calls in one write on one connection, run ``meanwhile`` (it must not
+        raise), then read the replies in order (an error reply stands in its place)."""
+        pool: Any = self._aclient().connection_pool
+        conn = await pool.get_connection()
+        try:
+            try:
+                await conn.send_packed_command(
+                    conn.pack_commands([self._command(script, args) for script, args, _ in calls])
+                )
+            finally:
+                meanwhile()
+            replies: list[Any] = []
+            for script, _, _ in calls:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=script in _BINARY))
+                except ResponseError as exc:  # the reply was read whole: still in step
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)  # replies may be left unread: never reused
+            raise
+        finally:
+            await pool.release(conn)
         if any(isinstance(x, NoScriptError) for x in replies):
             # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
             # run, so load the scripts again and run just those calls, in their order.
             for name, src in SCRIPTS.items():
-                self._shas[name] = await client.script_load(src)
+                self._shas[name] = await self._aclient().script_load(src)
             again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
-            pipe = client.pipeline(transaction=False)
-            for i in again:
-                script, args, _ = calls[i]
-                self._queue_call(pipe, script, args)
-            for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+            for i, reply in zip(again, await self._pipeline([calls[i] for i in again]), strict=True):
                 replies[i] = reply
         return replies
 
-    def _queue_call(self, pipe: Any, script: str, args: tuple[Any, ...]) -> None:
+    def _command(self, script: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if script == "raw":
-            pipe.execute_command(*args)
-        elif script in _BINARY:
-            pipe.execute_command("EVALSHA", self._shas[script], 0, *args, NEVER_DECODE=True)
-        else:
-            pipe.execute_command("EVALSHA", self._shas[script], 0, *args)
+            return args
+        return ("EVALSHA", self._shas[script], 0, *args)
 
     def _deliver_sends(self, sends: list[_Send], reply: list[Any]) -> None:
         # Two per send (scripts.SEND): id, rev; -1, the original; -2, 0 (room deleted).
+        last = 0
         for s, a, b in zip(sends, reply[::2], reply[1::2], strict=True):
             if a > 0:
                 m = s.msg
@@ -506,13 +557,16 @@ class RedisStore:
                     a, b, m.room_id, m.sender, m.recipient, m.text, m.ts,
                     None, None, False, s.sender_key, s.recipient_key,
                 )  # fmt: skip
-                if b > self.rev:
-                    self.rev = b
+                last = b
                 s.fut.set_result((rec, True))
             elif a == -1:
                 s.fut.set_result((message_from(b), False))
             else:
                 s.fut.set_exception(NotFound("the room was deleted"))
+        if last > self.rev:
+            self.rev = last
+        if last > self._handed_rev:
+            self._handed_rev = last
 
     def _error(self, exc: BaseException) -> ChatError:
         self.write_errors += 1
@@ -706,6 +760,7 @@ class RedisStore:
             return None
         rec = message_from(reply)
         self.rev = max(self.rev, rec.rev)
+        self._handed_rev = max(self._handed_rev, rec.rev)
         return rec
 
     async def edit_message(
