@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -253,3 +254,62 @@ def test_a_missing_redis_server_fails_in_ci_and_skips_elsewhere(
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="redis-server is not on PATH"):
         redis_server_path()
+
+
+def test_a_database_of_another_layout_is_refused_saying_why(redis_url: str) -> None:
+    """Layout 2 keeps a message as one packed value: a database an older chatd wrote
+    (layout 1: hashes) is refused by the server, the account commands and `chatd copy`,
+    with the way to move it; a newer one asks for a newer chatd. Nothing is written."""
+    from chatd.store.base import StoreOpenError
+    from chatd.store.redis.admin import RedisAdmin
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        r.hset("chatd:meta", mapping={"epoch": "e", "layout": "1", "rev": "7"})
+        with pytest.raises(RedisStoreError, match=r"layout 1, an older chatd's.*chatd copy --from"):
+            RedisStore(redis_url).open()
+        with pytest.raises(StoreOpenError, match="layout 1, an older chatd's"):
+            RedisAdmin(redis_url)
+        with pytest.raises(RedisStoreError, match="layout 1, an older chatd's"):
+            RedisStore(redis_url).export_dump()
+        assert r.hgetall("chatd:meta") == {"epoch": "e", "layout": "1", "rev": "7"}
+        r.hset("chatd:meta", "layout", "3")
+        with pytest.raises(RedisStoreError, match="layout 3, newer than this chatd"):
+            RedisStore(redis_url).open()
+
+
+async def test_the_next_batch_is_sent_before_the_answered_one_is_handed_out(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the commands of an answered batch go on (replies, events), Redis already
+    works on the next one: it is sent first. Seen from inside the first send's hand-out:
+    the second message, queued while the first was in flight, is already in Redis."""
+    from chatd.store.redis.store import RedisStore as Store
+
+    s = Store(redis_url)
+    s.open()
+    room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+    seen: list[bool] = []
+    later: list[asyncio.Future[Any]] = []
+    real = Store._pipeline
+
+    def look(_: Any) -> None:  # runs inside the hand-out (a callback without a context)
+        with redis.Redis.from_url(redis_url) as r:
+            deadline = time.monotonic() + 2.0
+            while not r.exists("chatd:m:2") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(bool(r.exists("chatd:m:2")))
+
+    async def first_in_flight(self: Store, calls: Any, *rest: Any) -> Any:
+        if calls[0][0] == "send" and not later:
+            calls[0][2][0].fut.add_done_callback(look)
+            later.append(asyncio.ensure_future(self.add_message(send(room.id, "second"))))
+        return await real(self, calls, *rest)
+
+    monkeypatch.setattr(Store, "_pipeline", first_in_flight)
+    try:
+        first, _ = await asyncio.wait_for(s.add_message(send(room.id, "first")), TIMEOUT)
+        second, _ = await asyncio.wait_for(later[0], TIMEOUT)
+        assert (first.id, second.id) == (1, 2)
+        assert seen == [True]
+    finally:
+        await s.close()
