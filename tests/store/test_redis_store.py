@@ -313,3 +313,26 @@ async def test_the_next_batch_is_sent_before_the_answered_one_is_handed_out(
         assert seen == [True]
     finally:
         await s.close()
+
+
+async def test_sends_trim_stream_entries_older_than_the_age_cap(redis_url: str) -> None:
+    """An entry of sends may hold hundreds of messages, so the change stream's entry cap
+    alone could keep millions of them: each send also trims entries older than the age cap
+    (approximately: whole stream nodes of old entries)."""
+    s, young = RedisStore(redis_url), RedisStore(redis_url, stream_keep_ms=200)
+    s.open()
+    young.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        for i in range(300):  # one batch each: one entry each
+            await asyncio.wait_for(s.add_message(send(room.id, f"{i}")), TIMEOUT)
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.xlen("chatd:changes") == 301  # the room's notice and 300 sends
+            await asyncio.sleep(0.5)
+            await asyncio.wait_for(young.add_message(send(room.id, "late")), TIMEOUT)
+            assert r.xlen("chatd:changes") <= 101  # whole nodes of old entries are gone
+            assert [int(f[b"rev"]) for _, f in r.xrevrange("chatd:changes", count=1)] == [301]
+        assert await s.count_messages() == 301  # the messages themselves stay
+    finally:
+        await s.close()
+        await young.close()

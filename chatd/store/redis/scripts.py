@@ -223,8 +223,9 @@ if #vals > 0 then
   redis.call('HSET', meta, 'msg_id', id, 'rev', rev)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'kind', 'messages', 'node', node,
              'rev', rev, 'm', header(#vals) .. table.concat(vals))
-  local now = redis.call('TIME')
-  redis.call('XTRIM', stream, 'MINID', '~', tonumber(now[1]) * 1000 - tonumber(ARGV[6]))
+  local now = redis.call('TIME')  -- seconds, microseconds; entry ids are in ms
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XTRIM', stream, 'MINID', '~', ms - tonumber(ARGV[6]))
 end
 return out
 """

@@ -217,6 +217,7 @@ class RedisStore:
         drop_ephemeral: bool = True,
         max_batch: int = _MAX_BATCH,
         stream_maxlen: int = STREAM_MAXLEN,
+        stream_keep_ms: int = STREAM_KEEP_MS,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -224,6 +225,7 @@ class RedisStore:
         self.drop_ephemeral = drop_ephemeral
         self.max_batch = max_batch
         self.stream_maxlen = str(stream_maxlen)
+        self.stream_keep_ms = stream_keep_ms
         self.rev = 0
         self.epoch = ""
         self.durability = ""  # the persistence line logged at open
@@ -425,7 +427,7 @@ class RedisStore:
                 fields += s.fields
             yield "send", (
                 self.prefix, self.stream_maxlen, _PACK.encode(fields), self.node,
-                b"".join([s.tail for s in sends]), STREAM_KEEP_MS,
+                b"".join([s.tail for s in sends]), self.stream_keep_ms,
             ), sends  # fmt: skip
 
     def writes_settled(self, rev: int = 0) -> Awaitable[None]:
