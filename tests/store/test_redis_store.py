@@ -336,3 +336,27 @@ async def test_sends_trim_stream_entries_older_than_the_age_cap(redis_url: str) 
     finally:
         await s.close()
         await young.close()
+
+
+async def test_writes_and_reads_go_on_after_redis_lost_its_scripts(redis_url: str) -> None:
+    """A restarted Redis, or SCRIPT FLUSH, forgets the scripts: the calls answered NOSCRIPT
+    did not run, so the store loads the scripts again and runs just those, in order."""
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        first, _ = await s.add_message(send(room.id, "one"))
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        results = await asyncio.wait_for(asyncio.gather(
+            s.add_message(send(room.id, "two")), s.edit_message(first.id, "one!", 2.0, "ann"),
+            s.add_message(send(room.id, "three")),
+        ), TIMEOUT)  # fmt: skip
+        assert [m.rev for m, _ in (results[0], results[2])] == [2, 4] and results[1].rev == 3
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        page, more = await s.room_history(room.id, None, None, 10)
+        assert [(m.text, m.rev) for m in page] == [("one!", 3), ("two", 2), ("three", 4)]
+        assert not more
+    finally:
+        await s.close()
