@@ -419,8 +419,11 @@ class Cluster:
         try:
             assert self._client is not None
             target = _id(_str(await self._client.evalsha(self._tail_sha, 1, self._stream)))
-        except NoScriptError:
-            self._tail_sha = await self._load_tail_script()
+        except NoScriptError:  # Redis restarted or its scripts were flushed
+            try:
+                self._tail_sha = await self._load_tail_script()
+            except (RedisError, OSError):
+                return
             return await self._wait_for_tail()
         except (RedisError, OSError):
             return
