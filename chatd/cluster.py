@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatd")
 _HOLD = msgspec.json.Decoder(GuestHold)
-_READ_COUNT = 1_000
+# Stream entries per read, applied in one go: an entry of sends holds up to 500 messages,
+# so a node that fell behind delivers at most ~50,000 events before it reads (and lets other
+# work run) again.
+_READ_COUNT = 100
 # The change stream's last entry id ("0-0" none), without the entry: XINFO STREAM would
 # send the first and last entries whole, and an entry of sends holds hundreds of messages.
 _TAIL = """
