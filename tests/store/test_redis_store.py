@@ -360,3 +360,30 @@ async def test_writes_and_reads_go_on_after_redis_lost_its_scripts(redis_url: st
         assert not more
     finally:
         await s.close()
+
+
+async def test_rooms_purged_at_once_do_not_hold_other_writes_behind_them(redis_url: str) -> None:
+    """Each deleted room's messages go in purge scripts of up to 2,000 messages; a batch
+    of writes carries at most one of them, so a send queued while many rooms are being
+    purged is answered after one or two purges, not after all of them."""
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        rooms = [await s.create_room(RoomRecord(0, f"r{i}", "", "ann", 1.0, False, False))
+                 for i in range(20)]  # fmt: skip
+        keep = await s.create_room(RoomRecord(0, "keep", "", "ann", 1.0, False, False))
+        await asyncio.wait_for(asyncio.gather(*(
+            s.add_message(send(r.id, f"{i}")) for r in rooms for i in range(500)
+        )), TIMEOUT)  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*(s.delete_room(r.id) for r in rooms)), TIMEOUT)
+        await asyncio.wait_for(s.add_message(send(keep.id, "now")), TIMEOUT)
+        with redis.Redis.from_url(redis_url) as r:
+            left = r.zcard("chatd:all") - 1
+        assert left >= 10_000 - 5 * 500  # most rooms' messages still there when it was answered
+        for _ in range(200):  # and the purges go on until every one is done
+            if await s.count_messages() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await s.count_messages() == 1
+    finally:
+        await s.close()

@@ -23,6 +23,7 @@ Semantics are the SQLite store's (the conformance suite checks both); how they a
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -237,6 +238,10 @@ class RedisStore:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._purges: list[int] = []
+        # Purge calls wait here, and each batch takes one: a purge removes up to
+        # _PURGE_BATCH messages in one script, and many rooms closing at once must not
+        # hold every other node's writes behind all of theirs.
+        self._purging: collections.deque[_Call] = collections.deque()
         self._stopping = False
         self._failing = False
         # The bus (chatd/cluster) names this node in what it writes to the change stream.
@@ -364,11 +369,15 @@ class RedisStore:
 
     # --- the writer ------------------------------------------------------------------
 
-    def _enqueue(self, item: _Send | _Call) -> None:
+    def _enqueue(self, item: _Send | _Call, *, purge: bool = False) -> None:
         if self._stopping:
             item.fut.set_exception(Internal("the server is shutting down"))
             return
-        self._queue.append(item)
+        if purge:
+            assert isinstance(item, _Call)
+            self._purging.append(item)
+        else:
+            self._queue.append(item)
         if self._writer is None:
             self._wake = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -393,7 +402,7 @@ class RedisStore:
         assert self._wake is not None
         answered: _Answered | None = None
         while True:
-            if not self._queue:
+            if not self._queue and not self._purging:
                 if answered is not None:
                     self._hand_out(answered)  # may queue more writes: look again
                     answered = None
@@ -404,6 +413,8 @@ class RedisStore:
                 await self._wake.wait()
                 continue
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            if self._purging:
+                batch.append(self._purging.popleft())  # one purge per round trip
             answered = await self._run_batch(batch, answered)
 
     def _commands(self, batch: list[_Send | _Call]) -> Iterator[_Command]:
@@ -744,7 +755,8 @@ class RedisStore:
             if fut.exception() is not None:
                 self._purges.append(room_id)  # tried again at the next open
 
-        fut = self._call("purge", room_id, _PURGE_BATCH, decode=decode)
+        fut: Deferred[None] = Deferred(asyncio.get_running_loop())
+        self._enqueue(_Call("purge", (self.prefix, room_id, _PURGE_BATCH), decode, fut), purge=True)
         fut.add_done_callback(failed)
 
     # --- messages --------------------------------------------------------------------
