@@ -290,7 +290,7 @@ async def test_the_next_batch_is_sent_before_the_answered_one_is_handed_out(
     room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
     seen: list[bool] = []
     later: list[asyncio.Future[Any]] = []
-    real = Store._pipeline
+    real = Store._send_batch
 
     def look(_: Any) -> None:  # runs inside the hand-out (a callback without a context)
         with redis.Redis.from_url(redis_url) as r:
@@ -299,13 +299,13 @@ async def test_the_next_batch_is_sent_before_the_answered_one_is_handed_out(
                 time.sleep(0.01)
             seen.append(bool(r.exists("chatd:m:2")))
 
-    async def first_in_flight(self: Store, calls: Any, *rest: Any) -> Any:
-        if calls[0][0] == "send" and not later:
-            calls[0][2][0].fut.add_done_callback(look)
+    async def first_in_flight(self: Store, batch: Any, *rest: Any) -> Any:
+        if not later and any(hasattr(item, "tail") for item in batch):  # the first send
+            batch[0].fut.add_done_callback(look)
             later.append(asyncio.ensure_future(self.add_message(send(room.id, "second"))))
-        return await real(self, calls, *rest)
+        return await real(self, batch, *rest)
 
-    monkeypatch.setattr(Store, "_pipeline", first_in_flight)
+    monkeypatch.setattr(Store, "_send_batch", first_in_flight)
     try:
         first, _ = await asyncio.wait_for(s.add_message(send(room.id, "first")), TIMEOUT)
         second, _ = await asyncio.wait_for(later[0], TIMEOUT)
@@ -385,5 +385,46 @@ async def test_rooms_purged_at_once_do_not_hold_other_writes_behind_them(redis_u
                 break
             await asyncio.sleep(0.05)
         assert await s.count_messages() == 1
+    finally:
+        await s.close()
+
+
+_BUSY = """
+local t0 = redis.call('TIME')
+repeat
+  local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+async def test_a_second_batch_goes_out_while_the_first_is_unanswered(redis_url: str) -> None:
+    """Redis gets the next batch of writes while the node waits for the replies of one
+    (two in flight on the writer's connection, in order), so it never idles while the
+    node hands a batch out. Seen while another client's script keeps Redis busy: both
+    batches are sent, neither answered; then both are, in order."""
+    import threading
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        await s.add_message(send(room.id, "the connection has answered once"))
+
+        def busy() -> None:
+            with redis.Redis.from_url(redis_url) as r:
+                r.eval(_BUSY, 0, 600_000)  # 0.6 s
+
+        blocker = threading.Thread(target=busy)
+        blocker.start()
+        await asyncio.sleep(0.15)  # Redis is inside the script now
+        one = asyncio.ensure_future(s.add_message(send(room.id, "one")))
+        await asyncio.sleep(0.05)
+        two = asyncio.ensure_future(s.add_message(send(room.id, "two")))
+        await asyncio.sleep(0.05)
+        assert s._sent - s._settled == 2  # both batches sent, neither answered
+        (a, _), (b, _) = await asyncio.wait_for(asyncio.gather(one, two), TIMEOUT)
+        assert (a.id, b.id) == (2, 3) and (a.rev, b.rev) == (2, 3)
+        await asyncio.to_thread(blocker.join, TIMEOUT)
     finally:
         await s.close()

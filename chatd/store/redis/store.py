@@ -61,6 +61,7 @@ NONCE_KEEP = 24 * 3600.0  # contract: a nonce is kept at least 24 h (as the SQLi
 _SEND_CHUNK = 500  # sends per script call: a long script blocks every other Redis client
 _MAX_BATCH = 5_000  # writes per pipeline
 _PURGE_BATCH = 2_000
+_IN_FLIGHT = 2  # write batches sent and not answered yet, at most (see _write_loop)
 _ENC = msgspec.json.Encoder()
 _PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
@@ -201,6 +202,8 @@ def _same(x: Any) -> Any:
 _Command = tuple[str, tuple[Any, ...], list[Any]]
 # A batch Redis answered: its calls and their replies (an exception for an error reply).
 _Answered = tuple[list[_Command], list[Any]]
+# A batch sent and not answered yet: its writes, its calls, when it was sent.
+_Flight = tuple[list[Any], list[_Command], float]
 
 
 class RedisStore:
@@ -253,6 +256,9 @@ class RedisStore:
         self._settle_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         # The highest revision of this node's own writes handed out (writes_settled).
         self._handed_rev = 0
+        self._conn: Any = None  # the writer's connection (_connection)
+        self._proven = False  # it has answered a batch
+        self._rerunning = False  # calls answered NOSCRIPT run again: hold the next batch
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -395,27 +401,54 @@ class RedisStore:
         return fut
 
     async def _write_loop(self) -> None:
-        """One batch in flight at a time, and Redis never waits for the node: once a
-        batch is answered and more writes are queued, the next batch is sent first and
-        the answered one handed out (its futures resolved, its commands' replies and
-        follow-ups run) while Redis works on it."""
+        """Writes go to Redis in the order they were queued, on one connection, at most
+        _IN_FLIGHT batches sent and not yet answered: what is queued while the replies of
+        a batch are awaited goes out at once, so Redis has the next batch while the node
+        reads the replies of one and hands it out (its futures resolved, so its commands'
+        replies and follow-ups run), instead of waiting for the node."""
         assert self._wake is not None
+        flight: collections.deque[_Flight] = collections.deque()
         answered: _Answered | None = None
-        while True:
-            if not self._queue and not self._purging:
-                if answered is not None:
+        reading: asyncio.Task[_Answered | None] | None = None
+        try:
+            while True:
+                # Nothing goes out while NOSCRIPT calls run again (_receive_batch).
+                limit = 0 if self._rerunning else _IN_FLIGHT if self._proven else 1
+                if (self._queue or self._purging) and len(flight) < limit:
+                    batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                    if self._purging:
+                        batch.append(self._purging.popleft())  # one purge per round trip
+                    if not await self._send_batch(batch, flight, answered) and reading:
+                        reading.cancel()  # the connection broke: every batch on it failed
+                        await asyncio.wait([reading])
+                        reading = None
+                    answered = None
+                elif answered is not None:
                     self._hand_out(answered)  # may queue more writes: look again
                     answered = None
-                    continue
-                if self._stopping:
+                elif flight:
+                    if reading is None:
+                        reading = asyncio.get_running_loop().create_task(
+                            self._receive_batch(flight)
+                        )
+                    waits: set[asyncio.Future[Any]] = {reading}
+                    if not self._queue and not self._purging and len(flight) < limit:
+                        self._wake.clear()  # a write queued meanwhile is sent at once
+                        waits.add(asyncio.ensure_future(self._wake.wait()))
+                    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for w in pending - {reading}:
+                        w.cancel()
+                    if reading in done:
+                        answered, reading = reading.result(), None
+                elif self._stopping:
                     return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            if self._purging:
-                batch.append(self._purging.popleft())  # one purge per round trip
-            answered = await self._run_batch(batch, answered)
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            if reading is not None:
+                reading.cancel()
+            await self._drop_connection()
 
     def _commands(self, batch: list[_Send | _Call]) -> Iterator[_Command]:
         """The batch as script calls: (script, args, the items they answer), in order."""
@@ -464,39 +497,105 @@ class RedisStore:
                     left.append((target, rev, fut))
             self._settle_waiters = left
 
-    async def _run_batch(
-        self, batch: list[_Send | _Call], answered: _Answered | None
-    ) -> _Answered | None:
-        """Send ``batch``, hand out ``answered`` while Redis works on it, then read the
-        replies: the batch answered, to hand out (or its writes failed: None)."""
+    async def _send_batch(
+        self, batch: list[_Send | _Call], flight: collections.deque[_Flight],
+        answered: _Answered | None,
+    ) -> bool:  # fmt: skip
+        """Send ``batch``, then hand out ``answered`` while Redis works on it. False: the
+        connection broke (every batch sent on it failed, this one too)."""
         calls = list(self._commands(batch))
         self._sent += 1
-        previous = [answered]
-
-        def meanwhile() -> None:
-            if (done := previous.pop()) is not None:
-                self._hand_out(done)
-
-        began = time.perf_counter()
         try:
-            replies = await self._pipeline(calls, meanwhile)
+            conn = await self._connection()
+            await conn.send_packed_command(
+                conn.pack_commands([self._command(script, args) for script, args, _ in calls])
+            )
         except (RedisError, OSError) as exc:
-            if previous:  # failed before the send: the answered batch still goes out
-                meanwhile()
-            self._fail_all(batch, exc)
-            self._settle()
-            return None
+            if answered is not None:
+                self._hand_out(answered)
+            await self._broken(exc, [*flight, (batch, calls, 0.0)])
+            flight.clear()
+            return False
         except BaseException:
-            if previous:
-                meanwhile()
-            self._settle()
+            if answered is not None:
+                self._hand_out(answered)
             raise
+        flight.append((batch, calls, time.perf_counter()))
+        if answered is not None:
+            self._hand_out(answered)
+        return True
+
+    async def _receive_batch(self, flight: collections.deque[_Flight]) -> _Answered | None:
+        """The replies of the oldest batch in flight (an error reply stands in its place),
+        or None when the connection broke (then every batch in flight failed)."""
+        first = flight[0]
+        _, calls, began = first
+        conn = self._conn
+        assert conn is not None
+        replies: list[Any] = []
+        try:
+            for script, _, _ in calls:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=script in _BINARY))
+                except ResponseError as exc:  # the reply was read whole: still in step
+                    replies.append(exc)
+        except (RedisError, OSError) as exc:
+            if flight and flight[0] is first:  # not failed already by a broken send
+                await self._broken(exc, list(flight))
+                flight.clear()
+            return None
+        if not flight or flight[0] is not first:
+            return None  # a send broke the connection meanwhile: this batch failed
+        flight.popleft()
+        self._proven = True
+        if any(isinstance(x, NoScriptError) for x in replies):
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
+            # run. Run just those again, in their order, unless a later batch is already in
+            # Redis (running them now would put them after it): then they fail ("not
+            # saved"). A new connection carries one batch until its first is answered, so
+            # the writes right after a Redis restart are run again.
+            self._rerunning = True
+            try:
+                if flight:
+                    await self._load_scripts()
+                else:
+                    replies = await self._pipeline(calls, replies)
+            except (RedisError, OSError) as exc:
+                log.error("reloading the Redis scripts failed: %s", exc,
+                          extra={"event": "store_error", "error": str(exc)})  # fmt: skip
+            finally:
+                self._rerunning = False
         self.commit_times.append(time.perf_counter() - began)
         del self.commit_times[:-1024]
         if self._failing:
             self._failing = False
             log.warning("redis is reachable again", extra={"event": "store_recovered"})
         return calls, replies
+
+    async def _connection(self) -> Any:
+        """The writer's own connection (a new one is "unproven": see _receive_batch)."""
+        if self._conn is None:
+            pool: Any = self._aclient().connection_pool
+            self._conn = await pool.get_connection()
+            self._proven = False
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)  # replies may be left unread: never reused
+            await self._aclient().connection_pool.release(conn)
+
+    async def _broken(self, exc: BaseException, batches: list[_Flight]) -> None:
+        """The connection failed: every batch sent on it has an unknown outcome."""
+        await self._drop_connection()
+        for batch, _, _ in batches:
+            self._fail_all(batch, exc)
+            self._settle()
+
+    async def _load_scripts(self) -> None:
+        for name, src in SCRIPTS.items():
+            self._shas[name] = await self._aclient().script_load(src)
 
     def _hand_out(self, answered: _Answered) -> None:
         """Resolve the futures of an answered batch (their commands go on at once)."""
@@ -520,40 +619,20 @@ class RedisStore:
         finally:
             self._settle()
 
-    async def _pipeline(
-        self, calls: list[_Command], meanwhile: Callable[[], None] = lambda: None
-    ) -> list[Any]:
-        """Send the calls in one write on one connection, run ``meanwhile`` (it must not
-        raise), then read the replies in order (an error reply stands in its place)."""
-        pool: Any = self._aclient().connection_pool
-        conn = await pool.get_connection()
-        try:
-            try:
-                await conn.send_packed_command(
-                    conn.pack_commands([self._command(script, args) for script, args, _ in calls])
-                )
-            finally:
-                meanwhile()
-            replies: list[Any] = []
-            for script, _, _ in calls:
-                try:
-                    replies.append(await conn.read_response(disable_decoding=script in _BINARY))
-                except ResponseError as exc:  # the reply was read whole: still in step
-                    replies.append(exc)
-        except BaseException:
-            await conn.disconnect(nowait=True)  # replies may be left unread: never reused
-            raise
-        finally:
-            await pool.release(conn)
-        if any(isinstance(x, NoScriptError) for x in replies):
-            # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
-            # run, so load the scripts again and run just those calls, in their order.
-            for name, src in SCRIPTS.items():
-                self._shas[name] = await self._aclient().script_load(src)
-            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
-            for i, reply in zip(again, await self._pipeline([calls[i] for i in again]), strict=True):
-                replies[i] = reply
-        return replies
+    async def _pipeline(self, calls: list[_Command], replies: list[Any]) -> list[Any]:
+        """Load the scripts again and run the calls ``replies`` says got NOSCRIPT, in their
+        order, on a connection of the pool (the writer's has nothing in flight then)."""
+        again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+        await self._load_scripts()
+        pipe = self._aclient().pipeline(transaction=False)
+        for i in again:
+            script, args, _ = calls[i]
+            raw = {"NEVER_DECODE": True} if script in _BINARY else {}
+            pipe.execute_command(*self._command(script, args), **raw)
+        out = list(replies)
+        for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+            out[i] = reply
+        return out
 
     def _command(self, script: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if script == "raw":
