@@ -170,6 +170,8 @@ class Cluster:
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self._next_catch_up: asyncio.Future[None] | None = None  # see caught_up
+        # Account changes being read from Redis (_adopt): part of being caught up.
+        self._adopting: set[asyncio.Future[None]] = set()
         self._tail_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
         self.down = False
@@ -430,14 +432,31 @@ class Cluster:
             return await self._wait_for_tail()
         except (RedisError, OSError):
             return
-        if target <= self._applied:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._catching_up.append((target, fut))
-        try:
-            await asyncio.wait_for(fut, self.store.timeout)
-        except TimeoutError:
-            pass
+        if target > self._applied:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._catching_up.append((target, fut))
+            try:
+                await asyncio.wait_for(fut, self.store.timeout)
+            except TimeoutError:
+                pass
+        if self._adopting:  # an account change applied is adopted once it has been read
+            await asyncio.wait(list(self._adopting), timeout=self.store.timeout)
+
+    def _adopt(self, read: Awaitable[Any]) -> None:
+        """Adopt an account change another node made (read from Redis in a task of its
+        own); caught_up waits for it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._adopting.add(done)
+        done.add_done_callback(self._adopting.discard)
+
+        async def adopt() -> None:
+            try:
+                await _quiet(read)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        self.app.scheduler.spawn(adopt())
 
     async def _load_tail_script(self) -> str:
         assert self._client is not None
@@ -485,7 +504,7 @@ class Cluster:
         elif kind.startswith("room."):
             self._room(kind, f)
         elif kind == "user":
-            self.app.scheduler.spawn(_quiet(self.app.refresh_user(f["key"])))
+            self._adopt(self.app.refresh_user(f["key"]))
         elif kind == "revoked":
             self._revoked(f["jti"], int(f["exp"]))
         elif kind == "hold":

@@ -6,10 +6,11 @@ Semantics are the SQLite store's (the conformance suite checks both); how they a
   revisions are strictly increasing across every node sharing the database, and the
   stream's order is revision order.
 - Writes go through one writer task per store, in the order they were called (as the SQLite
-  writer's FIFO): whatever is queued while a round trip is in flight becomes the next batch,
-  sent as ONE pipeline of script calls, consecutive sends folded into one script call each
-  (group commit). A write's future resolves only after Redis replied, so with `appendfsync
-  always` an acknowledged write is on disk (Redis fsyncs its AOF before it replies).
+  writer's FIFO), on its own connection: whatever is queued meanwhile becomes the next
+  batch, sent as ONE write of script calls, consecutive sends folded into one script call
+  each (group commit), up to two batches in flight (one connection: Redis runs them in
+  order). A write's future resolves only after Redis replied, so with `appendfsync always`
+  an acknowledged write is on disk (Redis fsyncs its AOF before it replies).
 - Reads are single script calls too (one consistent view, one round trip each).
 - `open()` is synchronous (the server runs it in an executor): it uses a synchronous client
   to create the epoch, drop ephemeral rooms and load the Snapshot; the asyncio client is
