@@ -514,8 +514,9 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             if answered is not None:
                 self._hand_out(answered)
-            await self._broken(exc, [*flight, (batch, calls, 0.0)])
-            flight.clear()
+            failed = [*flight, (batch, calls, 0.0)]
+            flight.clear()  # before any await: the reading task must not fail them again
+            await self._broken(exc, failed)
             return False
         except BaseException:
             if answered is not None:
@@ -542,8 +543,9 @@ class RedisStore:
                     replies.append(exc)
         except (RedisError, OSError) as exc:
             if flight and flight[0] is first:  # not failed already by a broken send
-                await self._broken(exc, list(flight))
-                flight.clear()
+                failed = list(flight)
+                flight.clear()  # before any await: a batch sent meanwhile is not among them
+                await self._broken(exc, failed)
             return None
         if not flight or flight[0] is not first:
             return None  # a send broke the connection meanwhile: this batch failed
