@@ -2,7 +2,8 @@
 redis-server with `appendfsync always` against `chatd serve` on SQLite (synchronous=FULL),
 the very same load (bench/persist.py: every client alone in its room, `--window` sends in
 flight each, an ack only after the store has the write). Also: where Redis spent its time
-(INFO commandstats per acknowledged send) and each process's CPU per send.
+(INFO commandstats per acknowledged send), each process's CPU per send and the AOF bytes
+written per send.
 
     python3 dev.py bench redis_persist [--clients 50] [--seconds 5] [--window 32]
         [--appendfsync always|everysec|no]
@@ -20,6 +21,11 @@ from typing import Any
 from bench import persist
 from bench.common import Server, new_loop, pin_self
 from bench.nodes import node, redis_server, stats_delta
+
+
+def _aof_size(redis: Any) -> int:
+    with redis.client() as r:
+        return int(r.info("persistence").get("aof_current_size", 0))
 
 
 def _one(srv: Server, args: argparse.Namespace) -> dict[str, Any]:
@@ -43,9 +49,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     with redis_server(args.appendfsync, core="1") as redis:
         with node(redis, "0") as srv:
-            stats0, cpu0 = redis.commandstats(), redis.cpu()
+            stats0, cpu0, aof0 = redis.commandstats(), redis.cpu(), _aof_size(redis)
             r = _one(srv, args)
             acked = max(1, r["acked"])
+            r["aof_bytes_per_send"] = round((_aof_size(redis) - aof0) / acked, 1)
             r["redis_cpu"] = round((redis.cpu() - cpu0) / r["seconds"], 2)
             r["redis_us_per_send"] = round((redis.cpu() - cpu0) / acked * 1e6, 2)
             r["node_us_per_send"] = round(r["server_cpu"] * r["seconds"] / acked * 1e6, 2)

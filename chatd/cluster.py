@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
@@ -62,7 +62,7 @@ from chatd.protocol.events import (
     decode_event,
 )
 from chatd.store.base import GuestHold, RoomRecord
-from chatd.store.redis.store import message_from
+from chatd.store.redis.store import message_from, messages_from
 
 if TYPE_CHECKING:
     from chatd.app import App
@@ -76,7 +76,17 @@ log = logging.getLogger("chatd")
 _HOLD = msgspec.json.Decoder(GuestHold)
 # A join's answer as of its entry: the room and its member list (JSON) then.
 Admitted = tuple["RoomInfo", msgspec.Raw]
-_READ_COUNT = 1_000
+# Stream entries per read, applied in one go: an entry of sends holds up to 500 messages,
+# so a node that fell behind delivers at most ~50,000 events before it reads (and lets other
+# work run) again.
+_READ_COUNT = 100
+# The change stream's last entry id ("0-0" none), without the entry: XINFO STREAM would
+# send the first and last entries whole, and an entry of sends holds hundreds of messages.
+_TAIL = """
+local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if e[1] then return e[1][1] end
+return '0-0'
+"""
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
 
@@ -181,6 +191,10 @@ class Cluster:
         self._applied = (0, 0)  # last_id as numbers
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._next_catch_up: asyncio.Future[None] | None = None  # see caught_up
+        # Account changes being read from Redis (_adopt_user): part of being caught up.
+        self._adopting: set[asyncio.Future[None]] = set()
+        self._tail_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
         # (room id, user key) -> the outcome of this node's ROOM_ENTER for it until its
         # entry is read: the room and its members as of that entry (see Bus.entered)
@@ -223,6 +237,7 @@ class Cluster:
         self._applied = _id(self.last_id)
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
         app.close_if_unused = self._close_if_unused
+        self._tail_sha = await self._load_tail_script()
         await self._reap()  # dead nodes' members would count as in their rooms
         others = await self._live_nodes()
         for node in others:
@@ -444,10 +459,12 @@ class Cluster:
             if not entries:
                 continue
             me = self.node.encode()
-            if any(f.get(b"node") == me and b"rev" in f for _, f in entries):
+            own = [f[b"rev"] for _, f in entries if f.get(b"node") == me and b"rev" in f]
+            if own:
                 # Our own change: its command's reply goes first (bounded wait).
+                settled = self.store.writes_settled(max(int(r) for r in own))
                 try:
-                    await asyncio.wait_for(_future(self.store.writes_settled()), self.store.timeout * 2)
+                    await asyncio.wait_for(_future(settled), self.store.timeout * 2)
                 except TimeoutError:
                     pass
             for entry_id, fields in entries:
@@ -493,25 +510,66 @@ class Cluster:
         return entries, gap
 
     def caught_up(self) -> Awaitable[None]:
-        return asyncio.get_running_loop().create_task(self._catch_up())
+        """Done once the reader has applied the stream up to its tail as of this call.
+        Calls made before the tail query is sent share it (one Task, one round trip for a
+        burst of joins, lists or closes); a later call waits for the next query."""
+        shared = self._next_catch_up
+        if shared is None:
+            shared = self._next_catch_up = asyncio.get_running_loop().create_future()
+            self.app.scheduler.spawn(self._catch_up(shared))
+        return asyncio.shield(shared)  # one waiter cancelled never cancels the others
 
-    async def _catch_up(self) -> None:
-        """Wait until the reader has applied the stream up to its tail as of now (bounded:
-        Redis unreachable, or slow, and this answers from what the node has)."""
+    async def _catch_up(self, done: asyncio.Future[None]) -> None:
+        """Ask Redis for the stream's tail, then wait until the reader has applied it
+        (bounded: Redis unreachable, or slow, and this answers from what the node has)."""
+        self._next_catch_up = None  # calls from now on may come after the query is sent
+        try:
+            await self._wait_for_tail()
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    async def _wait_for_tail(self) -> None:
         try:
             assert self._client is not None
-            info: Any = await self._client.xinfo_stream(self._stream)
-            target = _id(_str(info["last-generated-id"]))
+            target = _id(_str(await self._client.evalsha(self._tail_sha, 1, self._stream)))
+        except NoScriptError:  # Redis restarted or its scripts were flushed
+            try:
+                self._tail_sha = await self._load_tail_script()
+            except (RedisError, OSError):
+                return
+            return await self._wait_for_tail()
         except (RedisError, OSError):
             return
-        if target <= self._applied:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._catching_up.append((target, fut))
-        try:
-            await asyncio.wait_for(fut, self.store.timeout)
-        except TimeoutError:
-            pass
+        if target > self._applied:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._catching_up.append((target, fut))
+            try:
+                await asyncio.wait_for(fut, self.store.timeout)
+            except TimeoutError:
+                pass
+        if self._adopting:  # an account change applied is adopted once it has been read
+            await asyncio.wait(list(self._adopting), timeout=self.store.timeout)
+
+    def _adopt_user(self, read: Awaitable[Any]) -> None:
+        """Adopt an account change another node made (read from Redis in a task of its
+        own); caught_up waits for it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._adopting.add(done)
+        done.add_done_callback(self._adopting.discard)
+
+        async def adopt() -> None:
+            try:
+                await _quiet(read)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        self.app.scheduler.spawn(adopt())
+
+    async def _load_tail_script(self) -> str:
+        assert self._client is not None
+        return _str(await self._client.script_load(_TAIL))
 
     def _wake_caught_up(self) -> None:
         if not self._catching_up:
@@ -604,11 +662,12 @@ class Cluster:
             if raw.get(b"node") != self.node.encode():
                 self._deliver_remote(kind, raw)
             return
+        if kind.startswith("message"):
+            self._messages(kind, raw)
+            return
         f = {k.decode(): v.decode() for k, v in raw.items()}
         own = f.get("node") == self.node
-        if kind.startswith("message"):
-            self._message(kind, f)
-        elif kind == "in" or kind == "out":
+        if kind == "in" or kind == "out":
             self._membership(kind, f)
         elif kind == "gone":
             self._gone(f["node"])  # this node's own too: it was reaped alive
@@ -617,7 +676,7 @@ class Cluster:
         elif kind.startswith("room."):
             self._room(kind, f)
         elif kind == "user":
-            self.app.scheduler.spawn(_quiet(self.app.refresh_user(f["key"])))
+            self._adopt_user(self.app.refresh_user(f["key"]))
         elif kind == "revoked":
             self._revoked(f["jti"], int(f["exp"]))
         elif kind == "hold":
@@ -640,16 +699,25 @@ class Cluster:
         else:
             self.bus.close_local(audience)
 
-    def _message(self, kind: str, f: dict[str, str]) -> None:
+    def _messages(self, kind: str, raw: dict[bytes, bytes]) -> None:
+        """Message changes (scripts.py): a send script's batch (kind `messages`, its
+        messages packed in `m`), or one edit or delete (kind `message.edited|deleted`)."""
         app = self.app
-        rec = message_from([x for kv in f.items() for x in kv])
-        if rec.rev > self.store.rev:
-            self.store.rev = rec.rev
-        event = changes.message_event(app.rooms, kind, rec, f.get("by") or None)
-        for audience in changes.audiences(app.rooms, rec):  # one encoding for all of them
-            if isinstance(audience, ToRoom):
-                app.settle(audience.room)  # departures before this message go first
-            self.bus.local(audience, event)
+        by = None
+        if kind == "messages":
+            recs, kind = messages_from(raw[b"m"]), "message"
+        else:
+            recs, by = [message_from(raw[b"m"])], raw.get(b"by", b"").decode() or None
+        rev = int(raw[b"rev"])
+        if rev > self.store.rev:
+            self.store.rev = rev
+        rooms = app.rooms
+        for rec in recs:
+            event = changes.message_event(rooms, kind, rec, by)
+            for audience in changes.audiences(rooms, rec):  # one encoding for all of them
+                if isinstance(audience, ToRoom):
+                    app.settle(audience.room)  # departures before this message go first
+                self.bus.local(audience, event)
 
     def _membership(self, kind: str, f: dict[str, str]) -> None:
         """A user entered or left a room on a node (this one too): the member list, and

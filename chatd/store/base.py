@@ -70,7 +70,10 @@ class RoomRecord(msgspec.Struct):
     open: bool
 
 
-class MessageRecord(msgspec.Struct):
+class MessageRecord(msgspec.Struct, array_like=True):
+    # array_like: the Redis store keeps a message as a msgpack array whose first elements
+    # are these fields in this order (chatd/store/redis/scripts.py, MESSAGE), decoded
+    # straight into this type (extra trailing elements are ignored).
     id: int
     rev: int
     room_id: int | None

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ import redis
 from chatd.errors import Conflict, Internal
 from chatd.store.base import GuestHold, NewMessage, RoomRecord
 from chatd.store.redis import RedisStore, RedisStoreError
-from chatd.store.redis.store import describe_persistence
+from chatd.store.redis.store import describe_persistence, message_from, messages_from
 from tests.redisutil import RedisServer
 
 TIMEOUT = 10.0
@@ -60,13 +61,19 @@ async def test_two_stores_writing_at_once_keep_one_order_and_sync_sees_each_chan
     changes, more = await b.changes_since(0, [room.id], "x#1", 500)
     assert not more and [c.rev for c in changes] == list(range(1, 401))
     # The change stream carries every revision once, in revision order (after the
-    # room's own notice, which has no revision: chatd/cluster.py adopts it).
-    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+    # room's own notice, which has no revision: chatd/cluster.py adopts it): each send
+    # script's batch is one entry (kind `messages`, its last revision, its messages packed).
+    with redis.Redis.from_url(redis_url) as r:
         entries = r.xrange("chatd:changes")
-    assert entries[0][1]["kind"] == "room.created" and "rev" not in entries[0][1]
-    entries = [(i, f) for i, f in entries if "rev" in f]
-    assert [int(f["rev"]) for _, f in entries] == list(range(1, 401))
-    assert entries[0][1]["kind"] == "message" and entries[0][1]["r"] == str(room.id)
+    assert entries[0][1][b"kind"] == b"room.created" and b"rev" not in entries[0][1]
+    entries = [(i, f) for i, f in entries if b"rev" in f]
+    assert {f[b"kind"] for _, f in entries} == {b"messages"}
+    streamed = [m for _, f in entries for m in messages_from(f[b"m"])]
+    assert [m.rev for m in streamed] == list(range(1, 401))
+    assert [int(f[b"rev"]) for _, f in entries] == [
+        max(m.rev for m in messages_from(f[b"m"])) for _, f in entries
+    ]
+    assert sorted(streamed, key=lambda m: m.id) == by_id  # the messages as stored
 
 
 async def test_edits_and_deletes_are_in_the_stream_with_their_revision(
@@ -78,13 +85,17 @@ async def test_edits_and_deletes_are_in_the_stream_with_their_revision(
     edited = await b.edit_message(m.id, "hi!", 2.5, "ann")
     gone = await a.delete_message(m.id)
     assert edited is not None and gone is not None and (edited.rev, gone.rev) == (2, 3)
-    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
-        entries = [f for _, f in r.xrange("chatd:changes") if "rev" in f]
-    assert [(e["rev"], e["kind"]) for e in entries] == [
-        ("1", "message"), ("2", "message.edited"), ("3", "message.deleted"),
+    with redis.Redis.from_url(redis_url) as r:
+        entries = [f for _, f in r.xrange("chatd:changes") if b"rev" in f]
+    assert [(e[b"rev"], e[b"kind"]) for e in entries] == [
+        (b"1", b"messages"), (b"2", b"message.edited"), (b"3", b"message.deleted"),
     ]  # fmt: skip
-    assert entries[1]["x"] == "hi!" and entries[1]["et"] == "2.5" and entries[2]["d"] == "1"
-    assert entries[1]["by"] == "ann"  # the editor (a deleter for deletes: message.deleted's by)
+    assert messages_from(entries[0][b"m"]) == [m]
+    assert message_from(entries[1][b"m"]) == edited
+    assert message_from(entries[2][b"m"]) == gone
+    assert (edited.text, edited.edited_ts, edited.edited_by) == ("hi!", 2.5, "ann")
+    assert gone.deleted and gone.text == "" and gone.edited_ts == 2.5
+    assert entries[1][b"by"] == b"ann"  # the editor (a deleter for deletes: message.deleted's by)
 
 
 async def test_a_nonce_retry_on_another_store_answers_the_same_message(
@@ -243,3 +254,177 @@ def test_a_missing_redis_server_fails_in_ci_and_skips_elsewhere(
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="redis-server is not on PATH"):
         redis_server_path()
+
+
+def test_a_database_of_another_layout_is_refused_saying_why(redis_url: str) -> None:
+    """Layout 2 keeps a message as one packed value: a database an older chatd wrote
+    (layout 1: hashes) is refused by the server, the account commands and `chatd copy`,
+    with the way to move it; a newer one asks for a newer chatd. Nothing is written."""
+    from chatd.store.base import StoreOpenError
+    from chatd.store.redis.admin import RedisAdmin
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        r.hset("chatd:meta", mapping={"epoch": "e", "layout": "1", "rev": "7"})
+        with pytest.raises(RedisStoreError, match=r"layout 1, an older chatd's.*chatd copy --from"):
+            RedisStore(redis_url).open()
+        with pytest.raises(StoreOpenError, match="layout 1, an older chatd's"):
+            RedisAdmin(redis_url)
+        with pytest.raises(RedisStoreError, match="layout 1, an older chatd's"):
+            RedisStore(redis_url).export_dump()
+        assert r.hgetall("chatd:meta") == {"epoch": "e", "layout": "1", "rev": "7"}
+        r.hset("chatd:meta", "layout", "3")
+        with pytest.raises(RedisStoreError, match="layout 3, newer than this chatd"):
+            RedisStore(redis_url).open()
+
+
+async def test_the_next_batch_is_sent_before_the_answered_one_is_handed_out(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the commands of an answered batch go on (replies, events), Redis already
+    works on the next one: it is sent first. Seen from inside the first send's hand-out:
+    the second message, queued while the first was in flight, is already in Redis."""
+    from chatd.store.redis.store import RedisStore as Store
+
+    s = Store(redis_url)
+    s.open()
+    room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+    seen: list[bool] = []
+    later: list[asyncio.Future[Any]] = []
+    real = Store._send_batch
+
+    def look(_: Any) -> None:  # runs inside the hand-out (a callback without a context)
+        with redis.Redis.from_url(redis_url) as r:
+            deadline = time.monotonic() + 2.0
+            while not r.exists("chatd:m:2") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(bool(r.exists("chatd:m:2")))
+
+    async def first_in_flight(self: Store, batch: Any, *rest: Any) -> Any:
+        if not later and any(hasattr(item, "tail") for item in batch):  # the first send
+            batch[0].fut.add_done_callback(look)
+            later.append(asyncio.ensure_future(self.add_message(send(room.id, "second"))))
+        return await real(self, batch, *rest)
+
+    monkeypatch.setattr(Store, "_send_batch", first_in_flight)
+    try:
+        first, _ = await asyncio.wait_for(s.add_message(send(room.id, "first")), TIMEOUT)
+        second, _ = await asyncio.wait_for(later[0], TIMEOUT)
+        assert (first.id, second.id) == (1, 2)
+        assert seen == [True]
+    finally:
+        await s.close()
+
+
+async def test_sends_trim_stream_entries_older_than_the_age_cap(redis_url: str) -> None:
+    """An entry of sends may hold hundreds of messages, so the change stream's entry cap
+    alone could keep millions of them: each send also trims entries older than the age cap
+    (approximately: whole stream nodes of old entries)."""
+    s, young = RedisStore(redis_url), RedisStore(redis_url, stream_keep_ms=200)
+    s.open()
+    young.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        for i in range(300):  # one batch each: one entry each
+            await asyncio.wait_for(s.add_message(send(room.id, f"{i}")), TIMEOUT)
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.xlen("chatd:changes") == 301  # the room's notice and 300 sends
+            await asyncio.sleep(0.5)
+            await asyncio.wait_for(young.add_message(send(room.id, "late")), TIMEOUT)
+            assert r.xlen("chatd:changes") <= 101  # whole nodes of old entries are gone
+            assert [int(f[b"rev"]) for _, f in r.xrevrange("chatd:changes", count=1)] == [301]
+        assert await s.count_messages() == 301  # the messages themselves stay
+    finally:
+        await s.close()
+        await young.close()
+
+
+async def test_writes_and_reads_go_on_after_redis_lost_its_scripts(redis_url: str) -> None:
+    """A restarted Redis, or SCRIPT FLUSH, forgets the scripts: the calls answered NOSCRIPT
+    did not run, so the store loads the scripts again and runs just those, in order."""
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        first, _ = await s.add_message(send(room.id, "one"))
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        results = await asyncio.wait_for(asyncio.gather(
+            s.add_message(send(room.id, "two")), s.edit_message(first.id, "one!", 2.0, "ann"),
+            s.add_message(send(room.id, "three")),
+        ), TIMEOUT)  # fmt: skip
+        assert [m.rev for m, _ in (results[0], results[2])] == [2, 4] and results[1].rev == 3
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        page, more = await s.room_history(room.id, None, None, 10)
+        assert [(m.text, m.rev) for m in page] == [("one!", 3), ("two", 2), ("three", 4)]
+        assert not more
+    finally:
+        await s.close()
+
+
+async def test_rooms_purged_at_once_do_not_hold_other_writes_behind_them(redis_url: str) -> None:
+    """Each deleted room's messages go in purge scripts of up to 2,000 messages; a batch
+    of writes carries at most one of them, so a send queued while many rooms are being
+    purged is answered after one or two purges, not after all of them."""
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        rooms = [await s.create_room(RoomRecord(0, f"r{i}", "", "ann", 1.0, False, False))
+                 for i in range(20)]  # fmt: skip
+        keep = await s.create_room(RoomRecord(0, "keep", "", "ann", 1.0, False, False))
+        await asyncio.wait_for(asyncio.gather(*(
+            s.add_message(send(r.id, f"{i}")) for r in rooms for i in range(500)
+        )), TIMEOUT)  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*(s.delete_room(r.id) for r in rooms)), TIMEOUT)
+        await asyncio.wait_for(s.add_message(send(keep.id, "now")), TIMEOUT)
+        with redis.Redis.from_url(redis_url) as r:
+            left = r.zcard("chatd:all") - 1
+        assert left >= 10_000 - 5 * 500  # most rooms' messages still there when it was answered
+        for _ in range(200):  # and the purges go on until every one is done
+            if await s.count_messages() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await s.count_messages() == 1
+    finally:
+        await s.close()
+
+
+_BUSY = """
+local t0 = redis.call('TIME')
+repeat
+  local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1
+"""
+
+
+async def test_a_second_batch_goes_out_while_the_first_is_unanswered(redis_url: str) -> None:
+    """Redis gets the next batch of writes while the node waits for the replies of one
+    (two in flight on the writer's connection, in order), so it never idles while the
+    node hands a batch out. Seen while another client's script keeps Redis busy: both
+    batches are sent, neither answered; then both are, in order."""
+    import threading
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        await s.add_message(send(room.id, "the connection has answered once"))
+
+        def busy() -> None:
+            with redis.Redis.from_url(redis_url) as r:
+                r.eval(_BUSY, 0, 600_000)  # 0.6 s
+
+        blocker = threading.Thread(target=busy)
+        blocker.start()
+        await asyncio.sleep(0.15)  # Redis is inside the script now
+        one = asyncio.ensure_future(s.add_message(send(room.id, "one")))
+        await asyncio.sleep(0.05)
+        two = asyncio.ensure_future(s.add_message(send(room.id, "two")))
+        await asyncio.sleep(0.05)
+        assert s._sent - s._settled == 2  # both batches sent, neither answered
+        (a, _), (b, _) = await asyncio.wait_for(asyncio.gather(one, two), TIMEOUT)
+        assert (a.id, b.id) == (2, 3) and (a.rev, b.rev) == (2, 3)
+        await asyncio.to_thread(blocker.join, TIMEOUT)
+    finally:
+        await s.close()

@@ -285,14 +285,14 @@ async def test_a_node_s_own_change_reaches_the_caller_after_its_reply(
         try:
             await c.ok("login", user="ann")
             await c.ok("room.create", room="dev")
-            slow_replies = RedisStore._pipeline
+            slow_replies = RedisStore._receive_batch
 
-            async def slow(self: RedisStore, calls: Any) -> Any:
-                replies = await slow_replies(self, calls)
+            async def slow(self: RedisStore, *args: Any) -> Any:
+                replies = await slow_replies(self, *args)
                 await asyncio.sleep(0.3)  # the stream reader sees the change meanwhile
                 return replies
 
-            monkeypatch.setattr(RedisStore, "_pipeline", slow)
+            monkeypatch.setattr(RedisStore, "_receive_batch", slow)
             await c.send({"cmd": "msg.send", "id": "s", "room": "dev", "text": "hi"})
             first, second = await c.recv(), await c.recv()
             assert first["type"] == "ok" and first["id"] == "s", first

@@ -24,7 +24,7 @@ from chatd.config import redis_address
 from chatd.errors import Conflict
 from chatd.store.base import NameHeld, StoreMissing, StoreOpenError, UserRecord
 from chatd.store.redis.scripts import ALL_USERS, GET_USER
-from chatd.store.redis.store import LAYOUT, _f, _user
+from chatd.store.redis.store import LAYOUT, _f, _user, layout_error
 
 # ARGV: P, name, name key, pw hash, admin (0/1), now (unix seconds).
 # Reply: {id} created; {0} the name is an account; {-1} a guest holds it while connected;
@@ -66,7 +66,7 @@ class RedisAdmin:
     ``create``: a database with no chatd data yet gets its epoch (as a node's first start
     does), so `chatd user add` may come before any node; without it such a database is
     StoreMissing and nothing is written. StoreOpenError when Redis cannot be reached or
-    holds a newer layout."""
+    holds another layout."""
 
     def __init__(
         self, url: str, *, create: bool = False, prefix: str = "chatd:", timeout: float = 5.0
@@ -99,11 +99,8 @@ class RedisAdmin:
         m = cast(dict[str, str], self._r.hgetall(meta))
         if not m.get("epoch"):
             raise StoreMissing(f"no chatd data in Redis at {self.where}")
-        if int(m.get("layout", LAYOUT)) > LAYOUT:
-            raise StoreOpenError(
-                f"Redis at {self.where} has chatd layout {m['layout']}, newer than this chatd"
-                f" understands ({LAYOUT}); run a newer chatd"
-            )
+        if (why := layout_error(m, self.where)) is not None:
+            raise StoreOpenError(why)
 
     def _run(self, name: str, *args: Any) -> Any:
         try:

@@ -12,7 +12,7 @@ touches keys of many slots):
   P revoked             zset: jti, score = expires_at
   P rooms               set of room ids;  P rooms:gone  set of deleted room ids (never reused)
   P room:<id>           hash: n (name) k (lower name) t o c e op;  P room_names  hash: k -> id
-  P m:<id>              hash, one message: i v s sk x ts [r] [t tk sl tl p] [et eb] [d] [n]
+  P m:<id>              string, one message: a msgpack array (MESSAGE below)
   P all                 zset of every stored message id (tombstones too), score = id
   P nonce               hash: "<sender_key>\\n<nonce>" -> message id
   P r:<room>:ids        zset of the room's live messages, score = id (history pages)
@@ -25,7 +25,20 @@ touches keys of many slots):
   P r:<room>:dead       zset of a room's tombstones, score = id (retention's `keep`)
   P p:<pair>:dead       the same for a DM pair
   P pairs               set of DM pair keys
-  P changes             stream: one entry per revision, fields rev, kind, and the message
+  P changes             stream: one entry per notice (room, account, presence, event), per
+                        edit or delete (kind message.edited/deleted, fields rev, by, m: the
+                        message), and per batch of sends of one script call (kind messages,
+                        rev: its last revision, m: a msgpack array of the messages)
+
+MESSAGE, the stored value and what the stream carries: a msgpack array, in this order
+  1 id  2 rev  3 room id (nil: a DM)  4 sender  5 recipient  6 text  7 ts  8 edited ts
+  9 edited by  10 deleted (bool)  11 sender key  12 recipient key  13 nonce
+  14 sender lower  15 recipient lower  16 DM pair key
+trailing nils left out (a room message without a nonce has 11 elements). The first 12 are
+chatd.store.base.MessageRecord's fields in its order (array_like: decoded straight into
+it). One value instead of a hash of 12 fields: a send is one SET and one slice of one
+stream entry, which is what made Redis the bound of a persisted send (README, "Running
+several nodes").
 """
 
 from __future__ import annotations
@@ -34,6 +47,11 @@ from __future__ import annotations
 # Change stream entries kept (approximately): notices are capped here, and the store
 # passes the same cap to the scripts that take it as an argument.
 STREAM_MAXLEN = 100_000
+# Also kept no longer than this (ms, approximately; trimmed by the send script): an entry
+# of sends holds up to a few hundred messages, so the entry cap alone could keep a lot of
+# them. A node that has not read the stream for this long has been reaped long since (its
+# heartbeat's TTL is seconds): nothing needs the older entries.
+STREAM_KEEP_MS = 60_000
 # notify: append a change or notice to the change stream.
 _NOTIFY = f"""
 local function notify(...)
@@ -51,7 +69,23 @@ local function rev_keys(room, sk, tk)
   if room then return {P..'r:'..room..':revs'} end
   return {P..'d:{'..sk..'}:revs', P..'d:{'..tk..'}:revs'}
 end
-local STATE = {'i', 'd', 'r', 'sk', 'tk', 'sl', 'tl', 'p', 'n', 'ts'}
+-- A msgpack array's header for n elements (n < 65536), and the element count of a stored
+-- message (read from its header: a Lua table with nils has no reliable length).
+local function header(n)
+  if n < 16 then return string.char(0x90 + n) end
+  return string.char(0xdc, math.floor(n / 256), n % 256)
+end
+local function count(v)
+  local b = string.byte(v, 1)
+  if b == 0xdc then return string.byte(v, 2) * 256 + string.byte(v, 3) end
+  return b - 0x90
+end
+-- A message's fields packed again (cmsgpack.pack of several values is their concatenation;
+-- nils stay nils): exact, floats included.
+local function repack(t, n) return header(n) .. cmsgpack.pack(unpack(t, 1, n)) end
+-- What the indexes need of a message (MESSAGE's fields by name):
+-- {id, deleted, room, sk, tk, sl, tl, pair, nonce, ts}.
+local function state(t) return {t[1], t[10], t[3], t[11], t[12], t[14], t[15], t[16], t[13], t[7]} end
 -- A room's or DM pair's tombstones by id (retention's `keep` removes those below its cut).
 local function dead_key(st)
   if st[3] then return P..'r:'..st[3]..':dead' end
@@ -71,91 +105,157 @@ local function drop(id, st)
   redis.call('ZREM', P..'all', id)
   redis.call('DEL', P..'m:'..id)
 end
+-- The stored messages of `ids` (missing ones left out), appended to `out`; MGET in chunks
+-- (a Lua call takes a few thousand arguments at most).
+local function fetch(ids, out)
+  for i = 1, #ids, 1000 do
+    local keys = {}
+    for j = i, math.min(#ids, i + 999) do keys[#keys+1] = P..'m:'..ids[j] end
+    for _, v in ipairs(redis.call('MGET', unpack(keys))) do
+      if v then out[#out+1] = v end
+    end
+  end
+  return out
+end
 """
 
-# ARGV: P, stream maxlen, the batch as msgpack: an array of 11-string arrays, one per
-# message: room, sender, sender_key, recipient, recipient_key, text, ts, nonce ("" none,
-# else "=" .. nonce), sender lower, recipient lower, pair ("" for a room message). One
-# argument instead of 11 per message: packing thousands of arguments was the client's
-# largest cost. The counters are read once and written once per batch.
-# Reply per message: {1, id, rev} stored, {2, fields} the original of a repeated nonce,
-# {3} the room was deleted.
+# A batch of sends. ARGV: P, stream maxlen, the batch's index fields as one msgpack array
+# (per room message: room id, nonce key, tail length; per DM: "", nonce key, tail length,
+# sender key, recipient key, sender lower, recipient lower, pair), node, the tails
+# concatenated (each: MESSAGE's elements 3.. packed by the store as an array; the script
+# puts the id and revision in front), the stream's age cap in ms. The nonce key is
+# "<sender key>\n<nonce>", "" for none. One argument for the whole batch, not several per
+# message: packing thousands of arguments was the client's largest cost.
+# Every write is grouped: one HMGET for the counters and one for the batch's nonces, one
+# MSET, one ZADD per index key, one XADD: per-command costs are per batch, not per send.
+# Reply, flat, two per message: id, rev (stored); -1, the stored original (a nonce used
+# before); -2, 0 (the room was deleted).
 SEND = _PRELUDE + r"""
-local meta, nonces, stream, maxlen, node = P..'meta', P..'nonce', P..'changes', ARGV[2], ARGV[4] or ''
-local batch = cmsgpack.unpack(ARGV[3])
+local meta, stream, maxlen, node = P..'meta', P..'changes', ARGV[2], ARGV[4] or ''
+local b, tails = cmsgpack.unpack(ARGV[3]), ARGV[5]
 local c = redis.call('HMGET', meta, 'msg_id', 'rev')
 local id, rev = tonumber(c[1]) or 0, tonumber(c[2]) or 0
-local out = {}
-for _, a in ipairs(batch) do
-  local room, sender, sk, rcpt, tk, text, ts, nonce = a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]
-  local sl, tl, pair = a[9], a[10], a[11]
-  local orig = nil
-  if nonce ~= '' then
-    nonce = string.sub(nonce, 2)
-    local dup = redis.call('HGET', nonces, sk..'\n'..nonce)
-    if dup then
-      orig = redis.call('HGETALL', P..'m:'..dup)
-      if #orig == 0 then orig = nil end
-    end
+-- The batch's nonces, looked up at once; one used twice in the batch is found in `seen`.
+local seen, nks, i = {}, {}, 1
+while i <= #b do
+  if b[i+1] ~= '' then nks[#nks+1] = b[i+1] end
+  if b[i] == '' then i = i + 8 else i = i + 3 end
+end
+if #nks > 0 then
+  local got = redis.call('HMGET', P..'nonce', unpack(nks))
+  for j = 1, #nks do if got[j] then seen[nks[j]] = got[j] end end
+end
+local made, gone, rkeys, zs, zorder, sets, sorder = {}, {}, {}, {}, {}, {}, {}
+local mset, all, vals, newn, out = {}, {}, {}, {}, {}
+local function zadd(k, score, m)
+  local t = zs[k]
+  if not t then t = {}; zs[k] = t; zorder[#zorder+1] = k end
+  t[#t+1] = score; t[#t+1] = m
+end
+local function sadd(k, m)
+  local t = sets[k]
+  if not t then t = {}; sets[k] = t; sorder[#sorder+1] = k end
+  t[#t+1] = m
+end
+local off = 1
+i = 1
+while i <= #b do
+  local room, nk, len = b[i], b[i+1], b[i+2]
+  local sk, tk, sl, tl, pair
+  if room == '' then
+    sk, tk, sl, tl, pair = b[i+3], b[i+4], b[i+5], b[i+6], b[i+7]
+    room = nil
+    i = i + 8
+  else
+    i = i + 3
+  end
+  local tail = string.sub(tails, off, off + len - 1)
+  off = off + len
+  local orig = false
+  if nk ~= '' and seen[nk] then
+    orig = made[seen[nk]] or redis.call('GET', P..'m:'..seen[nk])
   end
   if orig then
-    out[#out+1] = {2, orig}
-  elseif room ~= '' and redis.call('SISMEMBER', P..'rooms:gone', room) == 1 then
-    out[#out+1] = {3}
+    out[#out+1] = -1; out[#out+1] = orig
   else
-    id = id + 1
-    rev = rev + 1
-    local f = {'i', id, 'v', rev, 's', sender, 'sk', sk, 'x', text, 'ts', ts}
-    local n = #f
-    if room ~= '' then
-      f[n+1] = 'r'; f[n+2] = room
+    if room and gone[room] == nil then
+      gone[room] = redis.call('SISMEMBER', P..'rooms:gone', room) == 1
+    end
+    if room and gone[room] then
+      out[#out+1] = -2; out[#out+1] = 0
     else
-      f[n+1] = 't'; f[n+2] = rcpt; f[n+3] = 'tk'; f[n+4] = tk; f[n+5] = 'sl'; f[n+6] = sl
-      f[n+7] = 'tl'; f[n+8] = tl; f[n+9] = 'p'; f[n+10] = pair
-      room = nil
+      id = id + 1
+      rev = rev + 1
+      local v = header(string.byte(tail, 1) - 0x8e) .. cmsgpack.pack(id, rev) .. string.sub(tail, 2)
+      made[id] = v
+      mset[#mset+1] = P..'m:'..id; mset[#mset+1] = v
+      all[#all+1] = id; all[#all+1] = id
+      vals[#vals+1] = v
+      if room then
+        local k = rkeys[room]
+        if not k then
+          k = {P..'r:'..room..':ids', P..'r:'..room..':revs'}
+          rkeys[room] = k
+        end
+        zadd(k[1], id, id)
+        zadd(k[2], rev, id)
+      else
+        for _, k in ipairs(live_keys(nil, sk, tk, sl, tl, pair)) do zadd(k, id, id) end
+        for _, k in ipairs(rev_keys(nil, sk, tk)) do zadd(k, rev, id) end
+        sadd(P..'pairs', pair)
+        sadd(P..'d:{'..sk..'}:with', tl)
+        sadd(P..'d:{'..tk..'}:with', sl)
+      end
+      if nk ~= '' then
+        newn[#newn+1] = nk; newn[#newn+1] = id
+        seen[nk] = id
+      end
+      out[#out+1] = id; out[#out+1] = rev
     end
-    if nonce ~= '' then
-      f[#f+1] = 'n'; f[#f+1] = nonce
-      redis.call('HSET', nonces, sk..'\n'..nonce, id)
-    end
-    redis.call('HSET', P..'m:'..id, unpack(f))
-    redis.call('ZADD', P..'all', id, id)
-    for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
-    for _, k in ipairs(rev_keys(room, sk, tk)) do redis.call('ZADD', k, rev, id) end
-    if not room then
-      redis.call('SADD', P..'pairs', pair)
-      redis.call('SADD', P..'d:{'..sk..'}:with', tl)
-      redis.call('SADD', P..'d:{'..tk..'}:with', sl)
-    end
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'rev', rev, 'kind', 'message', 'node', node, unpack(f))
-    out[#out+1] = {1, id, rev}
   end
 end
-redis.call('HSET', meta, 'msg_id', id, 'rev', rev)
+if #vals > 0 then
+  redis.call('MSET', unpack(mset))
+  redis.call('ZADD', P..'all', unpack(all))
+  for _, k in ipairs(zorder) do redis.call('ZADD', k, unpack(zs[k])) end
+  for _, k in ipairs(sorder) do redis.call('SADD', k, unpack(sets[k])) end
+  if #newn > 0 then redis.call('HSET', P..'nonce', unpack(newn)) end
+  redis.call('HSET', meta, 'msg_id', id, 'rev', rev)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'kind', 'messages', 'node', node,
+             'rev', rev, 'm', header(#vals) .. table.concat(vals))
+  local now = redis.call('TIME')  -- seconds, microseconds; entry ids are in ms
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XTRIM', stream, 'MINID', '~', ms - tonumber(ARGV[6]))
+end
 return out
 """
 
 # ARGV: P, maxlen, id, kind ("edited" or "deleted"), text, edited ts, by (the editor or
 # the deleter), node (the writing node's id, for the bus: chatd/cluster).
-# Reply: the message's fields after the change, or false when it is missing or deleted.
+# Reply: the message (MESSAGE) after the change, or false when it is missing or deleted.
 CHANGE = _PRELUDE + r"""
 local id, kind = ARGV[3], ARGV[4]
 local key = P..'m:'..id
-local st = redis.call('HMGET', key, unpack(STATE))
-if not st[1] or st[2] then return false end
+local v = redis.call('GET', key)
+if not v then return false end
+local t = cmsgpack.unpack(v)
+if t[10] then return false end
+local st = state(t)
 local rev = redis.call('HINCRBY', P..'meta', 'rev', 1)
+t[2] = rev
 if kind == 'edited' then
-  redis.call('HSET', key, 'x', ARGV[5], 'et', ARGV[6], 'eb', ARGV[7], 'v', rev)
+  t[6] = ARGV[5]; t[8] = tonumber(ARGV[6]); t[9] = ARGV[7]
 else
-  redis.call('HSET', key, 'x', '', 'd', '1', 'v', rev)
+  t[6] = ''; t[10] = true
   unlive(id, st)
   redis.call('ZADD', dead_key(st), id, id)
 end
+v = repack(t, count(v))
+redis.call('SET', key, v)
 for _, k in ipairs(rev_keys(st[3], st[4], st[5])) do redis.call('ZADD', k, rev, id) end
-local all = redis.call('HGETALL', key)
-redis.call('XADD', P..'changes', 'MAXLEN', '~', ARGV[2], '*', 'rev', rev, 'kind', 'message.'..kind,
-           'node', ARGV[8] or '', 'by', ARGV[7], unpack(all))
-return all
+redis.call('XADD', P..'changes', 'MAXLEN', '~', ARGV[2], '*', 'kind', 'message.'..kind,
+           'node', ARGV[8] or '', 'rev', rev, 'by', ARGV[7], 'm', v)
+return v
 """
 
 # One step of retention. ARGV: P, index key suffix ("all" or a live index), after id,
@@ -170,14 +270,17 @@ local ids = redis.call('ZRANGEBYSCORE', index, '('..after, hi, 'LIMIT', 0, batch
 local removed, last, more = 0, tonumber(after), 0
 if #ids == batch then more = 1 end
 for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', P..'m:'..id, unpack(STATE))
-  if st[1] then
-    local ts = tonumber(st[10])
+  local v = redis.call('GET', P..'m:'..id)
+  if v then
+    local t = cmsgpack.unpack(v)
+    local st = state(t)
+    local ts = st[10]
     if older ~= '' and ts >= tonumber(older) then more = 0; break end
     if st[9] and ts > nonce_cut then
       -- Its nonce is younger than the contract's 24 h: blanked, so a retry still finds it.
       if not st[2] then
-        redis.call('HSET', P..'m:'..id, 'x', '', 'd', '1')
+        t[6] = ''; t[10] = true
+        redis.call('SET', P..'m:'..id, repack(t, count(v)))
         unlive(id, st)
         redis.call('ZADD', dead_key(st), id, id)
       end
@@ -200,8 +303,8 @@ local room, batch = ARGV[2], tonumber(ARGV[3])
 local revs = P..'r:'..room..':revs'
 local ids = redis.call('ZRANGE', revs, 0, batch - 1)
 for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', P..'m:'..id, unpack(STATE))
-  if st[1] then drop(id, st) else redis.call('ZREM', revs, id) end
+  local v = redis.call('GET', P..'m:'..id)
+  if v then drop(id, state(cmsgpack.unpack(v))) else redis.call('ZREM', revs, id) end
 end
 if #ids < batch then redis.call('DEL', revs, P..'r:'..room..':ids', P..'r:'..room..':dead') end
 return #ids
@@ -348,30 +451,27 @@ return 1
 """
 
 # A history page. ARGV: P, index key (without P), before ("" none), after ("" none), limit.
-# Newest first without `after`, oldest first with it. Reply: {more, {fields}...}.
-PAGE = r"""
-local P, index, before, after, limit = ARGV[1], ARGV[1]..ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+# Newest first without `after`, oldest first with it. Reply: {more, message...}.
+PAGE = _PRELUDE + r"""
+local index, before, after, limit = P..ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local ids
+local hi = '+inf'
+if before ~= '' then hi = '('..before end
 if after ~= '' then
-  local hi = '+inf'
-  if before ~= '' then hi = '('..before end
   ids = redis.call('ZRANGEBYSCORE', index, '('..after, hi, 'LIMIT', 0, limit + 1)
 else
-  local hi = '+inf'
-  if before ~= '' then hi = '('..before end
   ids = redis.call('ZREVRANGEBYSCORE', index, hi, '-inf', 'LIMIT', 0, limit + 1)
 end
-local out = {0}
-if #ids > limit then out[1] = 1 end
-for i = 1, math.min(#ids, limit) do out[#out+1] = redis.call('HGETALL', P..'m:'..ids[i]) end
-return out
+local more = 0
+if #ids > limit then more = 1; ids[#ids] = nil end
+return fetch(ids, {more})
 """
 
 # Sync. ARGV: P, rev, limit, then the rev-index keys (without P). The limit+1 lowest
 # revisions above `rev` over all of them, in one consistent view.
-# Reply: {more, {fields}...} in revision order.
-CHANGES = r"""
-local P, rev, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+# Reply: {more, message...} in revision order.
+CHANGES = _PRELUDE + r"""
+local rev, limit = ARGV[2], tonumber(ARGV[3])
 local found, seen = {}, {}
 for i = 4, #ARGV do
   local r = redis.call('ZRANGEBYSCORE', P..ARGV[i], '('..rev, '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
@@ -383,48 +483,34 @@ for i = 4, #ARGV do
   end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)
-local out = {0}
-if #found > limit then out[1] = 1 end
-for i = 1, math.min(#found, limit) do out[#out+1] = redis.call('HGETALL', P..'m:'..found[i][2]) end
-return out
+local more = 0
+if #found > limit then more = 1 end
+local ids = {}
+for i = 1, math.min(#found, limit) do ids[i] = found[i][2] end
+return fetch(ids, {more})
 """
 
 # `chatd copy` into Redis: stored messages with their own ids and revisions, indexed as
 # SEND and CHANGE index them (no stream entry: the stream is for live changes).
-# ARGV: P, then 16 per message: id, rev, room ("" = DM), sender, sender_key, recipient,
-# recipient_key, text, ts, edited ts, edited by ("" none), deleted ("1"/""), nonce
-# ("" none, else "=" .. nonce), sender lower, recipient lower, pair.
+# ARGV: P, then one MESSAGE per message, as the store packed it.
 IMPORT = _PRELUDE + r"""
-for i = 2, #ARGV, 16 do
-  local id, rev, room = ARGV[i], ARGV[i+1], ARGV[i+2]
-  local sk, tk, nonce = ARGV[i+4], ARGV[i+6], ARGV[i+12]
-  local sl, tl, pair = ARGV[i+13], ARGV[i+14], ARGV[i+15]
-  local f = {'i', id, 'v', rev, 's', ARGV[i+3], 'sk', sk, 'x', ARGV[i+7], 'ts', ARGV[i+8]}
-  if ARGV[i+9] ~= '' then f[#f+1] = 'et'; f[#f+1] = ARGV[i+9] end
-  if ARGV[i+10] ~= '' then f[#f+1] = 'eb'; f[#f+1] = ARGV[i+10] end
-  if ARGV[i+11] == '1' then f[#f+1] = 'd'; f[#f+1] = '1' end
-  if room ~= '' then
-    f[#f+1] = 'r'; f[#f+1] = room
-  else
-    for _, x in ipairs({'t', ARGV[i+5], 'tk', tk, 'sl', sl, 'tl', tl, 'p', pair}) do f[#f+1] = x end
-    room = nil
+for i = 2, #ARGV do
+  local v = ARGV[i]
+  local t = cmsgpack.unpack(v)
+  local st = state(t)
+  local id, rev, room, sk, tk, sl, tl, pair = t[1], t[2], st[3], st[4], st[5], st[6], st[7], st[8]
+  if not room then
     redis.call('SADD', P..'pairs', pair)
     redis.call('SADD', P..'d:{'..sk..'}:with', tl)
     redis.call('SADD', P..'d:{'..tk..'}:with', sl)
   end
-  if nonce ~= '' then
-    nonce = string.sub(nonce, 2)
-    f[#f+1] = 'n'; f[#f+1] = nonce
-    redis.call('HSET', P..'nonce', sk..'\n'..nonce, id)
-  end
-  redis.call('HSET', P..'m:'..id, unpack(f))
+  if st[9] then redis.call('HSET', P..'nonce', sk..'\n'..st[9], id) end
+  redis.call('SET', P..'m:'..id, v)
   redis.call('ZADD', P..'all', id, id)
-  if ARGV[i+11] ~= '1' then
-    for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
-  elseif room then
-    redis.call('ZADD', P..'r:'..room..':dead', id, id)
+  if st[2] then
+    redis.call('ZADD', dead_key(st), id, id)
   else
-    redis.call('ZADD', P..'p:'..pair..':dead', id, id)
+    for _, k in ipairs(live_keys(room, sk, tk, sl, tl, pair)) do redis.call('ZADD', k, id, id) end
   end
   for _, k in ipairs(rev_keys(room, sk, tk)) do redis.call('ZADD', k, rev, id) end
 end

@@ -6,10 +6,11 @@ Semantics are the SQLite store's (the conformance suite checks both); how they a
   revisions are strictly increasing across every node sharing the database, and the
   stream's order is revision order.
 - Writes go through one writer task per store, in the order they were called (as the SQLite
-  writer's FIFO): whatever is queued while a round trip is in flight becomes the next batch,
-  sent as ONE pipeline of script calls, consecutive sends folded into one script call each
-  (group commit). A write's future resolves only after Redis replied, so with `appendfsync
-  always` an acknowledged write is on disk (Redis fsyncs its AOF before it replies).
+  writer's FIFO), on its own connection: whatever is queued meanwhile becomes the next
+  batch, sent as ONE write of script calls, consecutive sends folded into one script call
+  each (group commit), up to two batches in flight (one connection: Redis runs them in
+  order). A write's future resolves only after Redis replied, so with `appendfsync always`
+  an acknowledged write is on disk (Redis fsyncs its AOF before it replies).
 - Reads are single script calls too (one consistent view, one round trip each).
 - `open()` is synchronous (the server runs it in an executor): it uses a synchronous client
   to create the epoch, drop ephemeral rooms and load the Snapshot; the asyncio client is
@@ -23,6 +24,7 @@ Semantics are the SQLite store's (the conformance suite checks both); how they a
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -48,19 +50,27 @@ from chatd.store.base import (
 )
 from chatd.store.deferred import Deferred
 from chatd.store.dump import Dump, MessageRow, UserRow
-from chatd.store.redis.scripts import SCRIPTS, STREAM_MAXLEN
+from chatd.store.redis.scripts import SCRIPTS, STREAM_KEEP_MS, STREAM_MAXLEN
 
 T = TypeVar("T")
 log = logging.getLogger("chatd")
 
-LAYOUT = 1  # the key layout's version (scripts.py); a database of a newer one is refused
+# The key layout's version (scripts.py); a database of another one is refused (layout_error).
+# 2: a message is one packed value (was a hash of fields) and sends share stream entries.
+LAYOUT = 2
 NONCE_KEEP = 24 * 3600.0  # contract: a nonce is kept at least 24 h (as the SQLite store)
 _SEND_CHUNK = 500  # sends per script call: a long script blocks every other Redis client
 _MAX_BATCH = 5_000  # writes per pipeline
 _PURGE_BATCH = 2_000
+_IN_FLIGHT = 2  # write batches sent and not answered yet, at most (see _write_loop)
 _ENC = msgspec.json.Encoder()
 _PACK = msgspec.msgpack.Encoder()
 _GUEST = msgspec.json.Decoder(GuestHold)
+_MESSAGE = msgspec.msgpack.Decoder(MessageRecord)
+_MESSAGES = msgspec.msgpack.Decoder(list[MessageRecord])
+_FIELDS = msgspec.msgpack.Decoder(list[Any])
+# Scripts whose replies carry stored messages (msgpack bytes): read undecoded.
+_BINARY = frozenset({"send", "change", "page", "changes"})
 
 
 class ClusterView(msgspec.Struct, frozen=True):
@@ -91,16 +101,44 @@ def _f(x: float) -> str:
     return repr(float(x))  # exact: float(repr(x)) == x
 
 
-def message_from(flat: list[Any]) -> MessageRecord:
-    """A message from a script's HGETALL reply (scripts.py: `P m:<id>`)."""
-    h = dict(zip(flat[::2], flat[1::2], strict=True))
-    room = h.get("r")
-    et = h.get("et")
-    return MessageRecord(
-        int(h["i"]), int(h["v"]), int(room) if room is not None else None, h["s"], h.get("t"),
-        h["x"], float(h["ts"]), float(et) if et is not None else None, h.get("eb"),
-        h.get("d") == "1", h["sk"], h.get("tk"),
-    )  # fmt: skip
+def message_from(value: bytes) -> MessageRecord:
+    """A stored message (scripts.py, MESSAGE: `P m:<id>`, a stream entry's `m`)."""
+    return _MESSAGE.decode(value)
+
+
+def messages_from(value: bytes) -> list[MessageRecord]:
+    """The messages of a stream entry of sends (scripts.py: kind `messages`)."""
+    return _MESSAGES.decode(value)
+
+
+def _packed_fields(
+    room_id: int | None, sender: str, recipient: str | None, text: str, ts: float,
+    edited_ts: float | None, edited_by: str | None, deleted: bool, sender_key: str,
+    recipient_key: str | None, nonce: str | None,
+) -> list[Any]:  # fmt: skip
+    """MESSAGE's elements 3.. (scripts.py), trailing nils left out."""
+    f: list[Any] = [room_id, sender, recipient, text, ts, edited_ts, edited_by, deleted,
+                    sender_key, recipient_key, nonce]  # fmt: skip
+    if room_id is None:  # a DM: what its indexes are named by
+        to, to_key = recipient or "", recipient_key or ""
+        f += [sender.lower(), to.lower(), dm_pair(sender_key, to_key)]
+    while f[-1] is None:
+        f.pop()
+    return f
+
+
+def layout_error(meta: dict[str, str], where: str) -> str | None:
+    """Why a database with this `P meta` cannot be used by this chatd, or None."""
+    found = int(meta.get("layout", LAYOUT))
+    if found > LAYOUT:
+        return (f"the Redis database at {where} has chatd layout {found}, newer than this"
+                f" chatd understands ({LAYOUT}); run a newer chatd")  # fmt: skip
+    if found < LAYOUT:
+        return (f"the Redis database at {where} has chatd layout {found}, an older chatd's,"
+                f" which this chatd does not read (it needs {LAYOUT}); with that chatd, stop"
+                " the nodes and `chatd copy --from REDIS-URL --to FILE.db`, then with this"
+                " one `chatd copy --from FILE.db --to` an empty Redis database")  # fmt: skip
+    return None
 
 
 def _user(flat: list[Any]) -> UserRecord:
@@ -132,24 +170,29 @@ def describe_persistence(config: dict[str, str], info: dict[str, Any]) -> str:
 
 
 class _Send:
-    __slots__ = ("args", "fut", "msg", "recipient_key", "sender_key")
+    """One queued send: its index fields and its packed message but id and revision
+    (scripts.SEND's batch)."""
+
+    __slots__ = ("fields", "fut", "msg", "recipient_key", "sender_key", "tail")
 
     def __init__(self, msg: NewMessage, fut: Deferred[Any]) -> None:
         self.msg = msg
         self.fut = fut
-        self.sender_key = msg.sender_key or msg.sender.lower()
+        sk = self.sender_key = msg.sender_key or msg.sender.lower()
         rk = msg.recipient_key or msg.recipient.lower() if msg.recipient is not None else None
         self.recipient_key = rk
-        room = "" if msg.room_id is None else str(msg.room_id)
-        nonce = "" if msg.nonce is None else "=" + msg.nonce
-        if rk is None or msg.recipient is None:
-            self.args = (room, msg.sender, self.sender_key, "", "", msg.text, _f(msg.ts),
-                         nonce, "", "", "")  # fmt: skip
+        nk = "" if msg.nonce is None else f"{sk}\n{msg.nonce}"
+        self.tail = tail = _PACK.encode(_packed_fields(
+            msg.room_id, msg.sender, msg.recipient, msg.text, msg.ts, None, None, False, sk,
+            rk, msg.nonce,
+        ))  # fmt: skip
+        self.fields: tuple[Any, ...]
+        if msg.room_id is not None:
+            self.fields = (msg.room_id, nk, len(tail))
         else:
-            self.args = (
-                room, msg.sender, self.sender_key, msg.recipient, rk, msg.text, _f(msg.ts),
-                nonce, msg.sender.lower(), msg.recipient.lower(), dm_pair(self.sender_key, rk),
-            )  # fmt: skip
+            assert msg.recipient is not None and rk is not None, "a DM names its recipient"
+            self.fields = ("", nk, len(tail), sk, rk, msg.sender.lower(),
+                           msg.recipient.lower(), dm_pair(sk, rk))  # fmt: skip
 
 
 class _Call:
@@ -170,6 +213,14 @@ def _same(x: Any) -> Any:
     return x
 
 
+# A script call of a batch: (script, args, the items it answers); "raw": a plain command.
+_Command = tuple[str, tuple[Any, ...], list[Any]]
+# A batch Redis answered: its calls and their replies (an exception for an error reply).
+_Answered = tuple[list[_Command], list[Any]]
+# A batch sent and not answered yet: its writes, its calls, when it was sent.
+_Flight = tuple[list[Any], list[_Command], float]
+
+
 class RedisStore:
     """Store on Redis at ``url`` (redis://, rediss://; password in the URL). ``prefix``
     namespaces every key. ``drop_ephemeral``: ephemeral rooms are deleted at open, as the
@@ -185,6 +236,7 @@ class RedisStore:
         drop_ephemeral: bool = True,
         max_batch: int = _MAX_BATCH,
         stream_maxlen: int = STREAM_MAXLEN,
+        stream_keep_ms: int = STREAM_KEEP_MS,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -192,6 +244,7 @@ class RedisStore:
         self.drop_ephemeral = drop_ephemeral
         self.max_batch = max_batch
         self.stream_maxlen = str(stream_maxlen)
+        self.stream_keep_ms = stream_keep_ms
         self.rev = 0
         self.epoch = ""
         self.durability = ""  # the persistence line logged at open
@@ -203,6 +256,10 @@ class RedisStore:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._purges: list[int] = []
+        # Purge calls wait here, and each batch takes one: a purge removes up to
+        # _PURGE_BATCH messages in one script, and many rooms closing at once must not
+        # hold every other node's writes behind all of theirs.
+        self._purging: collections.deque[_Call] = collections.deque()
         self._stopping = False
         self._failing = False
         # The bus (chatd/cluster) names this node in what it writes to the change stream.
@@ -211,7 +268,12 @@ class RedisStore:
         # far to settle (the bus, before delivering this node's own changes: reply first).
         self._sent = 0
         self._settled = 0
-        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._settle_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        # The highest revision of this node's own writes handed out (writes_settled).
+        self._handed_rev = 0
+        self._conn: Any = None  # the writer's connection (_connection)
+        self._proven = False  # it has answered a batch
+        self._rerunning = False  # calls answered NOSCRIPT run again: hold the next batch
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -245,11 +307,8 @@ class RedisStore:
         r.hsetnx(meta, "epoch", uuid.uuid4().hex)
         r.hsetnx(meta, "layout", str(LAYOUT))
         m = cast(dict[str, str], r.hgetall(meta))
-        if int(m.get("layout", LAYOUT)) > LAYOUT:
-            raise RedisStoreError(
-                f"the Redis database has chatd layout {m['layout']}, newer than this chatd"
-                f" understands ({LAYOUT}); run a newer chatd"
-            )
+        if (why := layout_error(m, self._where())) is not None:
+            raise RedisStoreError(why)
         self.durability = describe_persistence(*self._persistence(r))
         log.info("redis store at %s: %s", self._where(), self.durability,
                  extra={"event": "store_durability", "durability": self.durability})  # fmt: skip
@@ -331,11 +390,15 @@ class RedisStore:
 
     # --- the writer ------------------------------------------------------------------
 
-    def _enqueue(self, item: _Send | _Call) -> None:
+    def _enqueue(self, item: _Send | _Call, *, purge: bool = False) -> None:
         if self._stopping:
             item.fut.set_exception(Internal("the server is shutting down"))
             return
-        self._queue.append(item)
+        if purge:
+            assert isinstance(item, _Call)
+            self._purging.append(item)
+        else:
+            self._queue.append(item)
         if self._writer is None:
             self._wake = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -353,18 +416,56 @@ class RedisStore:
         return fut
 
     async def _write_loop(self) -> None:
+        """Writes go to Redis in the order they were queued, on one connection, at most
+        _IN_FLIGHT batches sent and not yet answered: what is queued while the replies of
+        a batch are awaited goes out at once, so Redis has the next batch while the node
+        reads the replies of one and hands it out (its futures resolved, so its commands'
+        replies and follow-ups run), instead of waiting for the node."""
         assert self._wake is not None
-        while True:
-            if not self._queue:
-                if self._stopping:
+        flight: collections.deque[_Flight] = collections.deque()
+        answered: _Answered | None = None
+        reading: asyncio.Task[_Answered | None] | None = None
+        try:
+            while True:
+                # Nothing goes out while NOSCRIPT calls run again (_receive_batch).
+                limit = 0 if self._rerunning else _IN_FLIGHT if self._proven else 1
+                if (self._queue or self._purging) and len(flight) < limit:
+                    batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                    if self._purging:
+                        batch.append(self._purging.popleft())  # one purge per round trip
+                    if not await self._send_batch(batch, flight, answered) and reading:
+                        reading.cancel()  # the connection broke: every batch on it failed
+                        await asyncio.wait([reading])
+                        reading = None
+                    answered = None
+                elif answered is not None:
+                    self._hand_out(answered)  # may queue more writes: look again
+                    answered = None
+                elif flight:
+                    if reading is None:
+                        reading = asyncio.get_running_loop().create_task(
+                            self._receive_batch(flight)
+                        )
+                    waits: set[asyncio.Future[Any]] = {reading}
+                    if not self._queue and not self._purging and len(flight) < limit:
+                        self._wake.clear()  # a write queued meanwhile is sent at once
+                        waits.add(asyncio.ensure_future(self._wake.wait()))
+                    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    for w in pending - {reading}:
+                        w.cancel()
+                    if reading in done:
+                        answered, reading = reading.result(), None
+                elif self._stopping:
                     return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            await self._run_batch(batch)
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            if reading is not None:
+                reading.cancel()
+            await self._drop_connection()
 
-    def _commands(self, batch: list[_Send | _Call]) -> Iterator[tuple[str, tuple[Any, ...], list[Any]]]:
+    def _commands(self, batch: list[_Send | _Call]) -> Iterator[_Command]:
         """The batch as script calls: (script, args, the items they answer), in order."""
         i, n = 0, len(batch)
         while i < n:
@@ -380,108 +481,201 @@ class RedisStore:
                     break
                 sends.append(s)
                 i += 1
-            blob = _PACK.encode([s.args for s in sends])
-            yield "send", (self.prefix, self.stream_maxlen, blob, self.node), sends
+            fields: list[Any] = []
+            for s in sends:
+                fields += s.fields
+            yield "send", (
+                self.prefix, self.stream_maxlen, _PACK.encode(fields), self.node,
+                b"".join([s.tail for s in sends]), self.stream_keep_ms,
+            ), sends  # fmt: skip
 
-    def writes_settled(self) -> Awaitable[None]:
-        """Resolves once every pipeline sent so far has its replies handled (its futures
-        resolved, so the commands that waited on them have answered)."""
+    def writes_settled(self, rev: int = 0) -> Awaitable[None]:
+        """Resolves once this node's write of revision ``rev`` has been handed out (its
+        future resolved, so the command that waited on it has answered), or once every
+        batch sent so far has been (``rev`` 0: that alone)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._settled >= self._sent:
+        if self._settled >= self._sent or (rev and self._handed_rev >= rev):
             fut.set_result(None)
         else:
-            self._settle_waiters.append((self._sent, fut))
+            self._settle_waiters.append((self._sent, rev, fut))
         return fut
 
     def _settle(self) -> None:
         self._settled += 1
         if self._settle_waiters:
             left = []
-            for target, fut in self._settle_waiters:
-                if target <= self._settled:
+            for target, rev, fut in self._settle_waiters:
+                if target <= self._settled or (rev and self._handed_rev >= rev):
                     if not fut.done():
                         fut.set_result(None)
                 else:
-                    left.append((target, fut))
+                    left.append((target, rev, fut))
             self._settle_waiters = left
 
-    async def _run_batch(self, batch: list[_Send | _Call]) -> None:
+    async def _send_batch(
+        self, batch: list[_Send | _Call], flight: collections.deque[_Flight],
+        answered: _Answered | None,
+    ) -> bool:  # fmt: skip
+        """Send ``batch``, then hand out ``answered`` while Redis works on it. False: the
+        connection broke (every batch sent on it failed, this one too)."""
+        calls = list(self._commands(batch))
         self._sent += 1
         try:
-            await self._run_batch_now(batch)
-        finally:
-            self._settle()
-
-    async def _run_batch_now(self, batch: list[_Send | _Call]) -> None:
-        calls = list(self._commands(batch))
-        began = time.perf_counter()
-        try:
-            replies = await self._pipeline(calls)
+            conn = await self._connection()
+            await conn.send_packed_command(
+                conn.pack_commands([self._command(script, args) for script, args, _ in calls])
+            )
         except (RedisError, OSError) as exc:
-            self._fail_all(batch, exc)
-            return
+            if answered is not None:
+                self._hand_out(answered)
+            failed = [*flight, (batch, calls, 0.0)]
+            flight.clear()  # before any await: the reading task must not fail them again
+            await self._broken(exc, failed)
+            return False
+        except BaseException:
+            if answered is not None:
+                self._hand_out(answered)
+            raise
+        flight.append((batch, calls, time.perf_counter()))
+        if answered is not None:
+            self._hand_out(answered)
+        return True
+
+    async def _receive_batch(self, flight: collections.deque[_Flight]) -> _Answered | None:
+        """The replies of the oldest batch in flight (an error reply stands in its place),
+        or None when the connection broke (then every batch in flight failed)."""
+        first = flight[0]
+        _, calls, began = first
+        conn = self._conn
+        assert conn is not None
+        replies: list[Any] = []
+        try:
+            for script, _, _ in calls:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=script in _BINARY))
+                except ResponseError as exc:  # the reply was read whole: still in step
+                    replies.append(exc)
+        except (RedisError, OSError) as exc:
+            if flight and flight[0] is first:  # not failed already by a broken send
+                failed = list(flight)
+                flight.clear()  # before any await: a batch sent meanwhile is not among them
+                await self._broken(exc, failed)
+            return None
+        if not flight or flight[0] is not first:
+            return None  # a send broke the connection meanwhile: this batch failed
+        flight.popleft()
+        self._proven = True
+        if any(isinstance(x, NoScriptError) for x in replies):
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
+            # run. Run just those again, in their order, unless a later batch is already in
+            # Redis (running them now would put them after it): then they fail ("not
+            # saved"). A new connection carries one batch until its first is answered, so
+            # the writes right after a Redis restart are run again.
+            self._rerunning = True
+            try:
+                if flight:
+                    await self._load_scripts()
+                else:
+                    replies = await self._pipeline(calls, replies)
+            except (RedisError, OSError) as exc:
+                log.error("reloading the Redis scripts failed: %s", exc,
+                          extra={"event": "store_error", "error": str(exc)})  # fmt: skip
+            finally:
+                self._rerunning = False
         self.commit_times.append(time.perf_counter() - began)
         del self.commit_times[:-1024]
         if self._failing:
             self._failing = False
             log.warning("redis is reachable again", extra={"event": "store_recovered"})
-        for (script, _, items), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, Exception):
-                err = self._error(reply)
-                for item in items:
-                    item.fut.set_exception(err)
-            elif script == "send":
-                self._deliver_sends(items, reply)
-            else:
-                call = items[0]
-                try:
-                    value = call.decode(reply)
-                except ChatError as exc:
-                    call.fut.set_exception(exc)
+        return calls, replies
+
+    async def _connection(self) -> Any:
+        """The writer's own connection (a new one is "unproven": see _receive_batch)."""
+        if self._conn is None:
+            pool: Any = self._aclient().connection_pool
+            self._conn = await pool.get_connection()
+            self._proven = False
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)  # replies may be left unread: never reused
+            await self._aclient().connection_pool.release(conn)
+
+    async def _broken(self, exc: BaseException, batches: list[_Flight]) -> None:
+        """The connection failed: every batch sent on it has an unknown outcome."""
+        await self._drop_connection()
+        for batch, _, _ in batches:
+            self._fail_all(batch, exc)
+            self._settle()
+
+    async def _load_scripts(self) -> None:
+        for name, src in SCRIPTS.items():
+            self._shas[name] = await self._aclient().script_load(src)
+
+    def _hand_out(self, answered: _Answered) -> None:
+        """Resolve the futures of an answered batch (their commands go on at once)."""
+        calls, replies = answered
+        try:
+            for (script, _, items), reply in zip(calls, replies, strict=True):
+                if isinstance(reply, Exception):
+                    err = self._error(reply)
+                    for item in items:
+                        item.fut.set_exception(err)
+                elif script == "send":
+                    self._deliver_sends(items, reply)
                 else:
-                    call.fut.set_result(value)
+                    call = items[0]
+                    try:
+                        value = call.decode(reply)
+                    except ChatError as exc:
+                        call.fut.set_exception(exc)
+                    else:
+                        call.fut.set_result(value)
+        finally:
+            self._settle()
 
-    async def _pipeline(self, calls: list[tuple[str, tuple[Any, ...], list[Any]]]) -> list[Any]:
-        client = self._aclient()
-        pipe = client.pipeline(transaction=False)
-        for script, args, _ in calls:
-            self._queue_call(pipe, script, args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if any(isinstance(x, NoScriptError) for x in replies):
-            # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
-            # run, so load the scripts again and run just those calls, in their order.
-            for name, src in SCRIPTS.items():
-                self._shas[name] = await client.script_load(src)
-            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
-            pipe = client.pipeline(transaction=False)
-            for i in again:
-                script, args, _ = calls[i]
-                self._queue_call(pipe, script, args)
-            for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-        return replies
+    async def _pipeline(self, calls: list[_Command], replies: list[Any]) -> list[Any]:
+        """Load the scripts again and run the calls ``replies`` says got NOSCRIPT, in their
+        order, on a connection of the pool (the writer's has nothing in flight then)."""
+        again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+        await self._load_scripts()
+        pipe = self._aclient().pipeline(transaction=False)
+        for i in again:
+            script, args, _ = calls[i]
+            raw = {"NEVER_DECODE": True} if script in _BINARY else {}
+            pipe.execute_command(*self._command(script, args), **raw)
+        out = list(replies)
+        for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+            out[i] = reply
+        return out
 
-    def _queue_call(self, pipe: Any, script: str, args: tuple[Any, ...]) -> None:
+    def _command(self, script: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if script == "raw":
-            pipe.execute_command(*args)
-        else:
-            pipe.execute_command("EVALSHA", self._shas[script], 0, *args)
+            return args
+        return ("EVALSHA", self._shas[script], 0, *args)
 
     def _deliver_sends(self, sends: list[_Send], reply: list[Any]) -> None:
-        for s, r in zip(sends, reply, strict=True):
-            kind = r[0]
-            if kind == 1:
+        # Two per send (scripts.SEND): id, rev; -1, the original; -2, 0 (room deleted).
+        last = 0
+        for s, a, b in zip(sends, reply[::2], reply[1::2], strict=True):
+            if a > 0:
                 m = s.msg
                 rec = MessageRecord(
-                    int(r[1]), int(r[2]), m.room_id, m.sender, m.recipient, m.text, m.ts,
+                    a, b, m.room_id, m.sender, m.recipient, m.text, m.ts,
                     None, None, False, s.sender_key, s.recipient_key,
                 )  # fmt: skip
-                self.rev = max(self.rev, rec.rev)
+                last = b
                 s.fut.set_result((rec, True))
-            elif kind == 2:
-                s.fut.set_result((message_from(r[1]), False))
+            elif a == -1:
+                s.fut.set_result((message_from(b), False))
             else:
                 s.fut.set_exception(NotFound("the room was deleted"))
+        if last > self.rev:
+            self.rev = last
+        if last > self._handed_rev:
+            self._handed_rev = last
 
     def _error(self, exc: BaseException) -> ChatError:
         self.write_errors += 1
@@ -508,7 +702,12 @@ class RedisStore:
 
     async def _read_now(self, script: str, *args: Any) -> Any:
         try:
-            return await self._aclient().evalsha(self._shas[script], 0, self.prefix, *args)
+            # redis-py reads a reply undecoded when NEVER_DECODE is present at all.
+            raw: dict[str, Any] = {"NEVER_DECODE": True} if script in _BINARY else {}
+            client: Any = self._aclient()
+            return await client.execute_command(
+                "EVALSHA", self._shas[script], 0, self.prefix, *args, **raw
+            )
         except NoScriptError:
             for name, src in SCRIPTS.items():
                 self._shas[name] = await self._aclient().script_load(src)
@@ -532,7 +731,7 @@ class RedisStore:
 
     @staticmethod
     def _page(reply: list[Any]) -> tuple[list[MessageRecord], bool]:
-        return [message_from(x) for x in reply[1:]], reply[0] == 1
+        return [_MESSAGE.decode(x) for x in reply[1:]], reply[0] == 1
 
     # --- accounts --------------------------------------------------------------------
 
@@ -652,7 +851,8 @@ class RedisStore:
             if fut.exception() is not None:
                 self._purges.append(room_id)  # tried again at the next open
 
-        fut = self._call("purge", room_id, _PURGE_BATCH, decode=decode)
+        fut: Deferred[None] = Deferred(asyncio.get_running_loop())
+        self._enqueue(_Call("purge", (self.prefix, room_id, _PURGE_BATCH), decode, fut), purge=True)
         fut.add_done_callback(failed)
 
     # --- messages --------------------------------------------------------------------
@@ -670,6 +870,7 @@ class RedisStore:
             return None
         rec = message_from(reply)
         self.rev = max(self.rev, rec.rev)
+        self._handed_rev = max(self._handed_rev, rec.rev)
         return rec
 
     async def edit_message(
@@ -687,8 +888,9 @@ class RedisStore:
         )
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
-        h = await self._cmd(lambda c: c.hgetall(f"{self.prefix}m:{message_id}"))
-        return message_from([x for kv in h.items() for x in kv]) if h else None
+        key = f"{self.prefix}m:{message_id}"
+        value = await self._cmd(lambda c: cast(Any, c).execute_command("GET", key, NEVER_DECODE=True))
+        return None if value is None else message_from(value)
 
     async def count_messages(self) -> int:
         return int(await self._cmd(lambda c: c.zcard(self.prefix + "all")))
@@ -895,6 +1097,8 @@ class RedisStore:
             m = cast(dict[str, str], r.hgetall(P + "meta"))
             if not m.get("epoch"):
                 raise RedisStoreError(f"no chatd data in Redis at {self._where()}")
+            if (why := layout_error(m, self._where())) is not None:
+                raise RedisStoreError(why)
             _, users = self._sync_call(r, "all_users")
             rows = []
             for flat in users:
@@ -928,17 +1132,16 @@ class RedisStore:
                 ids = cast(list[str], r.zrangebyscore(P + "all", after, "+inf", 0, batch))
                 if not ids:
                     return
-                pipe = r.pipeline(transaction=False)
-                for i in ids:
-                    pipe.hgetall(f"{P}m:{i}")
+                keys = [f"{P}m:{i}" for i in ids]
+                values = cast(Any, r).execute_command("MGET", *keys, NEVER_DECODE=True)
                 out = []
-                for h in pipe.execute():
-                    if not h:
+                for value in values:
+                    if value is None:
                         continue
-                    rec = message_from([x for kv in h.items() for x in kv])
-                    if rec.room_id is not None and rec.room_id not in rooms:
+                    row = _row(value)
+                    if row.room_id is not None and row.room_id not in rooms:
                         continue
-                    out.append(_row(rec, h.get("n")))
+                    out.append(row)
                 yield out
                 after = f"({ids[-1]}"
         finally:
@@ -972,11 +1175,8 @@ class RedisStore:
             count = 0
             for rows in messages:
                 for i in range(0, len(rows), _SEND_CHUNK):
-                    args: list[Any] = []
-                    for m in rows[i : i + _SEND_CHUNK]:
-                        args += _import_args(m)
-                    if args:
-                        self._sync_call(r, "import", *args)
+                    if chunk := rows[i : i + _SEND_CHUNK]:
+                        self._sync_call(r, "import", *(_packed(m) for m in chunk))
                 count += len(rows)
             r.hset(P + "meta", mapping={
                 "epoch": dump.epoch, "layout": LAYOUT, "rev": dump.rev,
@@ -989,23 +1189,22 @@ class RedisStore:
             r.close()
 
 
-def _row(rec: MessageRecord, nonce: str | None) -> MessageRow:
+def _row(value: bytes) -> MessageRow:
+    """A stored message (scripts.py, MESSAGE) as `chatd copy` moves it."""
+    f = _FIELDS.decode(value)
+    f += [None] * (13 - len(f))
     return MessageRow(
-        rec.id, rec.rev, rec.room_id, rec.sender, rec.sender_key, rec.recipient,
-        rec.recipient_key, rec.text, rec.ts, rec.edited_ts, rec.edited_by, rec.deleted, nonce,
+        f[0], f[1], f[2], f[3], f[10], f[4], f[11], f[5], float(f[6]),
+        None if f[7] is None else float(f[7]), f[8], f[9], f[12],
     )  # fmt: skip
 
 
-def _import_args(m: MessageRow) -> tuple[Any, ...]:
-    dm = m.room_id is None and m.recipient is not None and m.recipient_key is not None
-    return (
-        m.id, m.rev, "" if m.room_id is None else m.room_id, m.sender, m.sender_key,
-        m.recipient or "", m.recipient_key or "", m.text, _f(m.ts),
-        "" if m.edited_ts is None else _f(m.edited_ts), m.edited_by or "",
-        "1" if m.deleted else "", "" if m.nonce is None else "=" + m.nonce,
-        m.sender.lower(), (m.recipient or "").lower(),
-        dm_pair(m.sender_key, m.recipient_key or "") if dm else "",
-    )  # fmt: skip
+def _packed(m: MessageRow) -> bytes:
+    """A copied message as the store keeps it (scripts.py, MESSAGE)."""
+    return _PACK.encode([m.id, m.rev, *_packed_fields(
+        m.room_id, m.sender, m.recipient, m.text, m.ts, m.edited_ts, m.edited_by, m.deleted,
+        m.sender_key, m.recipient_key, m.nonce,
+    )])  # fmt: skip
 
 
 async def _in_task(coro: Coroutine[Any, Any, T]) -> T:

@@ -1,0 +1,127 @@
+"""A node's side of the change stream (chatd/cluster.py) with the Redis store's packed
+messages (issue 11): another node's sends, edits and deletes arrive as events with every
+field; read-your-writes (`caught_up`) waits for what another node wrote before the call,
+and a burst of waits shares one tail query. One real node in-process on a real Redis, the
+"other node" writing through a second RedisStore (as a node's store does)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from chatd.store.base import NewMessage
+
+pytestmark = pytest.mark.one_node("drives its own node and a second store on its own Redis")
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def node(redis_url: str) -> AsyncIterator[Any]:
+    from chatd.server import ChatServer
+    from chatd.store.redis.store import RedisStore
+    from tests.helpers import SECRET, TEST_CONFIG
+
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_url), SECRET)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def other(redis_url: str) -> AsyncIterator[Any]:
+    """Another node's store on the same Redis."""
+    from chatd.store.redis.store import RedisStore
+
+    store = RedisStore(redis_url, drop_ephemeral=False)
+    store.open()
+    store.node = "elsewhere"
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_another_node_s_sends_edits_and_deletes_arrive_whole(node: Any, other: Any) -> None:
+    from tests.helpers import Client
+
+    c = await Client.connect(node.port)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        bob = "bob#g1"
+        sent = await asyncio.gather(*(
+            other.add_message(NewMessage(room_id, "bob", None, f"m{i} \u00e9\U0001f600", 1_765_000_000.25 + i, f"n{i}", bob))
+            for i in range(5)
+        ))  # fmt: skip
+        got = [await c.event("message") for _ in range(5)]
+        assert [(m["id"], m["rev"], m["text"], m["from"], m["room"]) for m in got] == [
+            (r.id, r.rev, r.text, "bob", "dev") for r, _ in sent
+        ]
+        assert got[0]["ts"] == "2025-12-06T05:46:40.250Z"
+        first = sent[0][0]
+        edited = await other.edit_message(first.id, "fixed", 1_765_000_100.5, "bob")
+        ev = await c.event("message.edited")
+        assert (ev["id"], ev["rev"], ev["text"], ev["edited_by"]) == (first.id, edited.rev, "fixed", "bob")
+        gone = await other.delete_message(first.id, "bob")
+        ev = await c.event("message.deleted")
+        assert (ev["id"], ev["rev"], ev["room"], ev["by"]) == (first.id, gone.rev, "dev", "bob")
+        assert node.store.rev == gone.rev  # the node's revision follows the stream
+    finally:
+        await c.close()
+
+
+async def test_a_catch_up_waits_for_what_another_node_wrote_before_it(
+    node: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.asyncio as aioredis
+
+    cluster = node.cluster
+    gate = asyncio.Event()
+    gate.set()
+    read_batch = type(cluster)._read_batch
+
+    async def paused(self: Any) -> Any:
+        await asyncio.wait_for(gate.wait(), 20)
+        return await read_batch(self)
+
+    await node.app.bus.caught_up()
+    monkeypatch.setattr(type(cluster), "_read_batch", paused)
+    gate.clear()
+    await asyncio.sleep(1.5)  # the XREAD in flight returns (BLOCK 1 s); the next one waits
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await raw.xadd("chatd:changes", {"kind": "user", "key": "nobody", "node": "elsewhere"})
+        wait = asyncio.ensure_future(node.app.bus.caught_up())
+        await asyncio.sleep(0.3)
+        assert not wait.done()  # the entry is written but this node has not applied it
+        gate.set()
+        await asyncio.wait_for(wait, TIMEOUT)
+        tail = (await raw.xrevrange("chatd:changes", count=1))[0][0].decode()
+        assert cluster.last_id == tail
+    finally:
+        gate.set()
+        await raw.aclose()
+
+
+async def test_a_burst_of_catch_ups_shares_one_tail_query(node: Any, redis_url: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        r.config_resetstat()
+        await asyncio.wait_for(
+            asyncio.gather(*(node.app.bus.caught_up() for _ in range(50))), TIMEOUT
+        )
+        stats = r.info("commandstats")
+    # The tail query, and the XINFO of the reader's own reads (one a second when idle).
+    queries = sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("xrevrange", "xinfo|stream")
+    )
+    assert 1 <= queries <= 3
