@@ -226,6 +226,23 @@ async def test_unreachable_redis_is_a_clear_error_at_once(tmp_path: object) -> N
         server.close()
 
 
+async def test_the_first_write_after_a_redis_restart_while_idle_is_stored() -> None:
+    """A store that wrote nothing while Redis restarted still holds its writer's socket to
+    the old process: its next write must go out on a new one, not fail for nothing."""
+    server = RedisServer(appendfsync="always").start()
+    try:
+        s = RedisStore(server.url, timeout=2.0)
+        s.open()
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        server.stop(kill=True)
+        server.start()
+        m, _ = await asyncio.wait_for(s.add_message(send(room.id, "after")), TIMEOUT)
+        assert (m.id, m.text) == (1, "after")
+        await s.close()
+    finally:
+        server.close()
+
+
 async def test_open_logs_what_an_acknowledgement_means(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

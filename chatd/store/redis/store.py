@@ -521,7 +521,7 @@ class RedisStore:
         calls = list(self._commands(batch))
         self._sent += 1
         try:
-            conn = await self._connection()
+            conn = await self._connection(idle=not flight)
             await conn.send_packed_command(
                 conn.pack_commands([self._command(script, args) for script, args, _ in calls])
             )
@@ -589,8 +589,17 @@ class RedisStore:
             log.warning("redis is reachable again", extra={"event": "store_recovered"})
         return calls, replies
 
-    async def _connection(self) -> Any:
-        """The writer's own connection (a new one is "unproven": see _receive_batch)."""
+    async def _connection(self, idle: bool) -> Any:
+        """The writer's own connection (a new one is "unproven": see _receive_batch). One
+        kept while nothing was in flight is looked at first: Redis may have restarted
+        meanwhile, and a batch written into that dead socket would fail for nothing."""
+        if self._conn is not None and idle:
+            try:
+                stale = await self._conn.can_read()  # data or EOF with nothing asked: dead
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await self._drop_connection()
         if self._conn is None:
             pool: Any = self._aclient().connection_pool
             self._conn = await pool.get_connection()
