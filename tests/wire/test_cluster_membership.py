@@ -392,22 +392,27 @@ async def test_a_join_whose_reply_redis_lost_leaves_no_ghost_member(
     readers = Readers(monkeypatch)
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    pipeline = RedisStore._pipeline
+    receive = RedisStore._receive_batch
     lost: list[bool] = []
 
-    async def losing(self: RedisStore, calls: Any) -> Any:
-        replies = await pipeline(self, calls)
-        if not lost and any(script == "room_enter" for script, _, _ in calls):
+    async def losing(self: RedisStore, flight: Any) -> Any:
+        first = flight[0]
+        hit = not lost and any(script == "room_enter" for script, _, _ in first[1])
+        answered = await receive(self, flight)
+        if hit and answered is not None:  # Redis ran it; the reply is lost with the socket
             lost.append(True)
-            raise RedisConnectionError("connection lost after the write")
-        return replies
+            failed = [first, *flight]
+            flight.clear()
+            await self._broken(RedisConnectionError("connection lost after the write"), failed)
+            return None
+        return answered
 
     async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
         await u.ok("login", user="Ula")
         await o.ok("login", user="Obs")
         await o.ok("room.create", room="dev")
         await o.ok("room.members", room="dev")
-        monkeypatch.setattr(RedisStore, "_pipeline", losing)
+        monkeypatch.setattr(RedisStore, "_receive_batch", losing)
         await readers.hold(a)  # node a reads its entry only after the reply failed
         await u.error("room.join", "internal", room="dev")
         readers.release(a)
