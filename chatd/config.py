@@ -111,6 +111,10 @@ class Config:
     # Several nodes (Redis): how often a node settles its rate budgets with the others
     # (chatd/store/redis/limits.py).
     limits_sync: float = 0.1
+    # Several nodes: how long a password check may wait for checks in flight elsewhere to
+    # free a place before it is answered rate_limited (they take a hash and a store read
+    # each, bounded by the 5 s store timeouts; an unanswered one is released at a settle).
+    login_wait: float = 10.0
     # Retention, off by default (0): drop messages older than this many days, and keep at
     # most this many of the newest per room and per DM pair. Pruning runs at start and then
     # every prune_interval seconds, through the writer, prune_batch rows per write.

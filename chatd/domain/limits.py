@@ -8,13 +8,14 @@ one that logged in a while ago pays nothing more."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from chatd.clock import Clock
 from chatd.config import Config
-from chatd.errors import Internal, RateLimited
+from chatd.errors import Internal, RateLimited, Unauthorized
 from chatd.ratelimit import FailureGate, KeyedBuckets, TokenBucket
 
 if TYPE_CHECKING:
@@ -27,6 +28,12 @@ _LOOPBACK = ("127.0.0.1", "::1")  # as chatd.server: exempt from per-address gue
 # after this long, doubling up to the max (a finish on its own node wakes it at once).
 _RECHECK_FIRST = 0.01
 _RECHECK_MAX = 0.2
+# A check that waited Config.login_wait for a place is told to come back this much later.
+_BUSY_RETRY_AFTER = 1.0
+# Admits that got no answer, waiting to be released: past this many, Redis is evidently not
+# answering and password checks answer `internal` without asking it (so a flood of logins
+# during an outage cannot grow the list without bound).
+_MAX_UNANSWERED = 1024
 
 FailureKeys = Sequence[tuple[Hashable, int]]
 log = logging.getLogger("chatd")
@@ -40,26 +47,33 @@ class SharedBudgets(Protocol):
     ``settle`` adds this node's spends since the last call to the shared buckets, in one
     round trip, and returns each bucket's tokens after that (in order).
 
-    ``admit`` is one password check's admission under ``keys`` (shared key name, limit >
-    0), atomically across every node: failures in the last ``window`` seconds plus checks
-    in flight anywhere must stay under each key's limit. Returns the check's id (a place
-    is now reserved under every key), or the seconds until a key's failures alone fall
-    below its limit (refused), or None (checks in flight fill a key: ask again later).
+    ``admit`` is the admission of password check ``check`` (an id ``<node>:<unique>``)
+    under ``keys`` (shared key name, limit > 0), atomically across every node: failures in
+    the last ``window`` seconds plus checks in flight anywhere must stay under each key's
+    limit. Returns True (a place is now reserved under every key), or the seconds until a
+    key's failures alone fall below its limit (refused), or None (checks in flight fill a
+    key: ask again later), or False (``check`` was released: never reserved again).
     ``finish`` ends an admitted check: its reservation goes, and with ``failed`` it counts
     as a failure under each name; returns each name's failures in the window after it.
-    A reservation lives while its node renews (``renew``) at least every ``lease`` seconds,
-    so one made by a node that died lapses."""
+    ``release`` ends a check whose admit got no answer (it may have reserved, or may still
+    run): its place goes if taken, and a later admit of that id reserves nothing. Both are
+    idempotent (safe to send again). A reservation lives while its node renews
+    (``renew``) at least every ``lease`` seconds, so one made by a node that died lapses."""
 
     node: str
     lease: float
 
     async def settle(self, spent: list[tuple[str, float, float, int]]) -> list[float]: ...
 
-    async def admit(self, keys: list[tuple[str, int]], window: float) -> str | float | None: ...
+    async def admit(
+        self, check: str, keys: list[tuple[str, int]], window: float
+    ) -> bool | float | None: ...
 
     async def finish(
         self, check: str, names: list[str], failed: bool, window: float
     ) -> list[int]: ...
+
+    async def release(self, check: str, names: list[str]) -> None: ...
 
     async def renew(self) -> None: ...
 
@@ -107,10 +121,13 @@ class Limits:
         self.login_gate = FailureGate(60.0, clock)
         # Several nodes: the gate is on the shared store instead. Checks of this node
         # admitted and not finished (its reservations are renewed while there are any),
-        # finishes that could not reach the store (sent again at the next settle), and
-        # checks waiting for a place, by shared key name (a finish here wakes them).
+        # finishes that could not reach the store and admits that got no answer (sent at
+        # the next settle: failed True/False, or None = release), and checks waiting for a
+        # place, by shared key name (a finish here wakes them).
         self._shared_checks = 0
-        self._unfinished: list[tuple[str, list[str], bool]] = []
+        self._check_ids = itertools.count(1)
+        self._unfinished: list[tuple[str, list[str], bool | None]] = []
+        self._unanswered = 0  # the releases (None) among them
         self._login_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Per address: registrations per hour, new guest names per minute (issue 13).
         self._register_ips = KeyedBuckets(config.register_per_ip, _HOUR)
@@ -233,7 +250,9 @@ class Limits:
         running count as failures until proven otherwise (chatd.ratelimit.FailureGate), on
         every node when shared. Raises RateLimited once the failures of a key reach its
         limit; with a shared store that cannot be reached, Internal (the account could not
-        be read either). The caller must `finish_login` the check."""
+        be read either). Shared, a wait is bounded: after Config.login_wait, RateLimited
+        (checks elsewhere hold every place), and once `s` closes, Unauthorized (nobody to
+        answer). The caller must `finish_login` the check."""
         keys = self.failure_keys(s, account)
         shared = self.shared
         if shared is None:
@@ -241,22 +260,44 @@ class Limits:
             return LoginCheck(keys)
         window = self.login_gate.window
         asked = [(_shared_failure_key(key, shared.node), n) for key, n in keys if n > 0]
+        names = [name for name, _ in asked]
+        # Made here, before asking, so that an admit whose answer is lost can be released.
+        check_id = f"{shared.node}:{next(self._check_ids)}"
+        deadline = self._clock.now() + self._config.login_wait
         pause = _RECHECK_FIRST
         while True:
+            if s.closed:
+                raise Unauthorized("the connection closed")  # nobody to answer
+            if self._unanswered >= _MAX_UNANSWERED:
+                raise Internal("storage (Redis) unreachable; try again later")
             try:
-                verdict = await shared.admit(asked, window)
-            except ConnectionError as exc:
+                verdict = await shared.admit(check_id, asked, window)
+            except BaseException as exc:
+                # The script may have run and reserved a place all the same (only its
+                # reply was lost), or may still run: the next settle releases it.
+                self._unfinished.append((check_id, names, None))
+                self._unanswered += 1
+                if not isinstance(exc, ConnectionError):
+                    raise
                 log.warning("could not count a login check with the other nodes: %s", exc,
                             extra={"event": "limits_unshared", "error": str(exc)})  # fmt: skip
                 raise Internal("storage (Redis) unreachable; try again later") from None
-            if isinstance(verdict, str):
+            if verdict is True:
                 self._shared_checks += 1
-                return LoginCheck(keys, [name for name, _ in asked], verdict)
-            if verdict is not None:
+                return LoginCheck(keys, names, check_id)
+            if isinstance(verdict, float):
                 raise RateLimited("too many failed logins; wait before trying again", verdict)
+            left = deadline - self._clock.now()
+            if verdict is False or left <= 0:  # (False: released meanwhile; not expected)
+                raise RateLimited(
+                    "too many password checks for this account or address are running; "
+                    "try again shortly",
+                    _BUSY_RETRY_AFTER,
+                )
             # Checks in flight fill a key: a finish on this node wakes us at once, one on
-            # another node is seen at the next look (sooner the first few times).
-            await self._wait_for_a_finish([name for name, _ in asked], pause)
+            # another node is seen at the next look (sooner the first few times); so does
+            # this connection closing.
+            await self._wait_for_a_finish(names, min(pause, left))
             pause = min(2 * pause, _RECHECK_MAX)
 
     async def _wait_for_a_finish(self, names: list[str], timeout: float) -> None:
@@ -327,7 +368,11 @@ class Limits:
                 await shared.renew()
             while self._unfinished:
                 check_id, names, failed = self._unfinished[0]
-                await shared.finish(check_id, names, failed, self.login_gate.window)
+                if failed is None:
+                    await shared.release(check_id, names)
+                    self._unanswered -= 1
+                else:
+                    await shared.finish(check_id, names, failed, self.login_gate.window)
                 del self._unfinished[0]
         except ConnectionError as exc:
             log.warning("could not share login checks with the other nodes: %s", exc,
@@ -359,6 +404,10 @@ class Limits:
         self._conn_registers.pop(s.id, None)
         self._conn_guests.pop(s.id, None)
         self.login_gate.forget(("conn", s.id))
+        if self.shared is not None:  # its logins waiting for a place stop waiting
+            name = _shared_failure_key(("conn", s.id), self.shared.node)
+            for waiter in self._login_waiters.pop(name, ()):
+                _wake(waiter)
 
     def purge(self, now: float) -> None:
         """Buckets that have refilled hold no state worth keeping: one made afresh on next

@@ -10,11 +10,12 @@ import time
 from typing import Any, cast
 
 import pytest
+import redis.asyncio as aioredis
 
 from chatd.clock import SystemClock
 from chatd.config import Config
 from chatd.domain.limits import Limits
-from chatd.errors import Internal, RateLimited
+from chatd.errors import Internal, RateLimited, Unauthorized
 from chatd.session import Session
 from chatd.store.redis.limits import RedisBudgets
 
@@ -25,17 +26,49 @@ class _Conn:
     def __init__(self, sid: int, ip: str = "192.0.2.7") -> None:
         self.id = sid
         self.ip = ip
+        self.closed = False
 
 
 def conn(sid: int, ip: str = "192.0.2.7") -> Session:
     return cast(Session, _Conn(sid, ip))
 
 
-def node(url: str | None) -> Limits:
-    limits = Limits(CONFIG, SystemClock())
+def node(url: str | None, config: Config = CONFIG) -> Limits:
+    limits = Limits(config, SystemClock())
     if url is not None:
         limits.share(RedisBudgets(url))
     return limits
+
+
+class WatchedBudgets(RedisBudgets):
+    """RedisBudgets that tells the test what its admits answered (`waits` is set at each
+    "wait"), and can lose the reply of the next admit after the script ran
+    (`lose_next_reply`: what a reply timeout looks like to the caller)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.admits = 0
+        self.waits = asyncio.Event()
+        self.lose_next_reply = False
+
+    async def admit(
+        self, check: str, keys: list[tuple[str, int]], window: float
+    ) -> bool | float | None:
+        verdict = await super().admit(check, keys, window)
+        self.admits += 1
+        if verdict is None:
+            self.waits.set()
+        if self.lose_next_reply:
+            self.lose_next_reply = False
+            raise ConnectionError("Redis: Timeout reading from socket")
+        return verdict
+
+
+def watched(url: str, config: Config = CONFIG) -> tuple[Limits, WatchedBudgets]:
+    limits = Limits(config, SystemClock())
+    budgets = WatchedBudgets(url)
+    limits.share(budgets)
+    return limits, budgets
 
 
 async def _hammer(limits: Limits, s: Session, until: float, accepted: list[int]) -> None:
@@ -139,11 +172,12 @@ async def test_simultaneous_checks_on_two_nodes_get_one_limit(redis_url: str) ->
 
 
 async def test_a_correct_password_releases_its_place_on_every_node(redis_url: str) -> None:
-    a, b = node(redis_url), node(redis_url)
+    a = node(redis_url)
+    b, b_budgets = watched(redis_url)
     limit = CONFIG.login_failures_per_minute
     checks = [await a.admit_login(conn(200 + i), "hal") for i in range(limit)]
     waiting = asyncio.ensure_future(b.admit_login(conn(300), "hal"))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(b_budgets.waits.wait(), 5)
     assert not waiting.done()  # the limit is full of checks in flight on node a
     assert await a.finish_login(checks.pop(), failed=False) == [0, 0, 0]  # right password
     check = await asyncio.wait_for(waiting, 2)  # node b's check gets the place
@@ -159,28 +193,124 @@ async def test_a_correct_password_releases_its_place_on_every_node(redis_url: st
 
 
 async def test_a_dead_nodes_reservations_lapse_and_a_live_nodes_do_not(redis_url: str) -> None:
-    lease = 1.0
-    live, dying, other = (RedisBudgets(redis_url, lease=lease) for _ in range(3))
+    live, dying, other = (RedisBudgets(redis_url) for _ in range(3))
+    raw = aioredis.Redis.from_url(redis_url)
     one = [("a:ivy", 1)]  # a limit of one check
-    check = await live.admit(one, 60.0)
-    assert isinstance(check, str)
-    assert await other.admit(one, 60.0) is None  # wait: the place is taken
-    for _ in range(6):  # renewed, as the server's settle does while the check runs
-        await asyncio.sleep(lease / 4)
-        await live.renew()
-        assert await other.admit(one, 60.0) is None
+    check = f"{live.node}:1"
+    assert await live.admit(check, one, 60.0) is True
+    assert await other.admit(f"{other.node}:1", one, 60.0) is None  # wait: the place is taken
+    # The server's settle renews the node's lease while the check runs: a lease nearly out
+    # is back to its full length.
+    alive = f"{live.prefix}lim:node:{live.node}"
+    await raw.pexpire(alive, 50)
+    await live.renew()
+    assert 0.8 * live.lease * 1000 < await raw.pttl(alive) <= live.lease * 1000
+    assert await other.admit(f"{other.node}:2", one, 60.0) is None
     assert await live.finish(check, ["a:ivy"], False, 60.0) == [0]
-    # A node that dies in the middle of a check never finishes it nor renews it.
-    assert isinstance(await dying.admit(one, 60.0), str)
-    assert await other.admit(one, 60.0) is None
-    await asyncio.sleep(lease + 0.1)
-    taken = await other.admit(one, 60.0)
-    assert isinstance(taken, str)  # the dead node's place lapsed
+    # A node that dies in the middle of a check never finishes it nor renews it: its lease
+    # lapses (here at once, instead of after `lease` seconds).
+    assert await dying.admit(f"{dying.node}:1", one, 60.0) is True
+    assert await other.admit(f"{other.node}:3", one, 60.0) is None
+    await raw.delete(f"{dying.prefix}lim:node:{dying.node}")
+    taken = f"{other.node}:4"
+    assert await other.admit(taken, one, 60.0) is True  # the dead node's place lapsed
     assert await other.finish(taken, ["a:ivy"], True, 60.0) == [1]
-    refused = await live.admit(one, 60.0)
+    refused = await live.admit(f"{live.node}:2", one, 60.0)
     assert isinstance(refused, float) and 59 < refused <= 60
+    await raw.aclose()
     for budgets in (live, dying, other):
         await budgets.close()
+
+
+async def test_an_admit_whose_reply_is_lost_is_released_by_the_next_settle(
+    redis_url: str,
+) -> None:
+    """The admit script ran and reserved a place, but its reply never came back (a reply
+    timeout): the check is released at the node's next settle, counting no failure, even
+    while the node keeps renewing its lease for other checks."""
+    a, a_budgets = watched(redis_url)
+    b = node(redis_url)
+    limit = CONFIG.login_failures_per_minute
+    held = [await a.admit_login(conn(500 + i), "jan") for i in range(limit - 1)]
+    a_budgets.lose_next_reply = True
+    with pytest.raises(Internal):
+        await a.admit_login(conn(510), "jan")  # reserved the last place; the reply is lost
+    assert a_budgets.admits == limit
+    other = await a.admit_login(conn(520), "kim")  # node a stays busy: its lease is renewed
+    await a.settle()
+    # Node b's login for jan gets the released place (at once, without waiting).
+    check = await asyncio.wait_for(b.admit_login(conn(530, "198.51.100.9"), "jan"), 5)
+    assert await b.finish_login(check, failed=False) == [0, 0, 0]  # no failure was counted
+    for c in [*held, other]:
+        await a.finish_login(c, failed=False)
+    for n in (a, b):
+        assert n.shared is not None
+        await n.shared.close()
+
+
+async def test_a_released_admit_that_runs_late_reserves_nothing(redis_url: str) -> None:
+    """A release can reach Redis before the admit it releases (the admit was held up on a
+    connection that timed out): the late admit must not take a place for ever."""
+    a, b = RedisBudgets(redis_url), RedisBudgets(redis_url)
+    one = [("a:lou", 1)]
+    lost = f"{a.node}:1"
+    await a.release(lost, ["a:lou"])
+    assert await a.admit(lost, one, 60.0) is False
+    taken = f"{b.node}:1"
+    assert await b.admit(taken, one, 60.0) is True
+    assert await b.finish(taken, ["a:lou"], False, 60.0) == [0]
+    # A release is idempotent, and never touches the failures.
+    assert await b.finish(f"{b.node}:2", ["a:lou"], True, 60.0) == [1]
+    await a.release(lost, ["a:lou"])
+    await a.release(lost, ["a:lou"])
+    assert await b.finish(f"{b.node}:3", ["a:lou"], False, 60.0) == [1]
+    for budgets in (a, b):
+        await budgets.close()
+
+
+async def test_a_login_waiting_for_a_place_gives_up_after_login_wait(redis_url: str) -> None:
+    """Checks in flight on node a hold every place of the account for longer than
+    Config.login_wait: node b's login is answered rate_limited after it, not kept waiting."""
+    a = node(redis_url)
+    b, b_budgets = watched(redis_url, Config(rate_limit=10.0, login_wait=0.3))
+    limit = CONFIG.login_failures_per_minute
+    held = [await a.admit_login(conn(600 + i), "max") for i in range(limit)]
+    started = time.monotonic()
+    with pytest.raises(RateLimited) as refused:
+        await asyncio.wait_for(b.admit_login(conn(610, "198.51.100.3"), "max"), 5)
+    assert 0.3 <= time.monotonic() - started < 3
+    assert refused.value.retry_after == 1.0
+    assert b_budgets.admits >= 2  # it did look again meanwhile
+    for c in held:
+        await a.finish_login(c, failed=False)
+    for n in (a, b):
+        assert n.shared is not None
+        await n.shared.close()
+
+
+async def test_a_closed_connections_waiting_login_stops_at_once(redis_url: str) -> None:
+    a = node(redis_url)
+    b, b_budgets = watched(redis_url)
+    limit = CONFIG.login_failures_per_minute
+    held = [await a.admit_login(conn(700 + i), "ned") for i in range(limit)]
+    s = conn(710, "198.51.100.4")
+    waiting = asyncio.ensure_future(b.admit_login(s, "ned"))
+    while b_budgets.admits < 6:  # by now it looks again every 0.2 s
+        await asyncio.wait_for(b_budgets.waits.wait(), 5)
+        b_budgets.waits.clear()
+    state: Any = s
+    state.closed = True  # as Presence.close, then App.close_session
+    b.forget_connection(s)
+    for _ in range(5):  # woken at once, not left to its next look
+        await asyncio.sleep(0)
+    assert waiting.done()
+    with pytest.raises(Unauthorized):
+        await waiting
+    for c in held:
+        await a.finish_login(c, failed=False)
+    for n in (a, b):
+        assert n.shared is not None
+        await n.shared.close()
 
 
 async def test_spends_wait_for_the_next_settle_when_redis_is_unreachable() -> None:

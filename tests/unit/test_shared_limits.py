@@ -13,7 +13,7 @@ import pytest
 from chatd.clock import FakeClock
 from chatd.config import Config
 from chatd.domain.limits import Limits
-from chatd.errors import RateLimited
+from chatd.errors import Internal, RateLimited
 from chatd.session import Session
 
 CONFIG = Config(rate_limit=1.0)  # burst 3
@@ -23,6 +23,7 @@ class _Conn:
     def __init__(self, sid: int) -> None:
         self.id = sid
         self.ip = "192.0.2.1"
+        self.closed = False
 
 
 S = cast(Session, _Conn(1))
@@ -95,3 +96,50 @@ async def test_alone_nothing_is_recorded_or_settled() -> None:
     await limits.settle()
     state: Any = limits
     assert limits.shared is None and state._unshared == {}
+
+
+class Unanswering(Ledger):
+    """A shared store whose admits get no answer (a reply timeout) while `down`."""
+
+    node = "n1"
+    lease = 5.0
+
+    def __init__(self) -> None:
+        super().__init__(left=3.0)
+        self.down = True
+        self.admits = 0
+        self.released: list[str] = []
+
+    async def admit(self, check: str, keys: list[tuple[str, int]], window: float) -> bool:
+        self.admits += 1
+        if self.down:
+            raise ConnectionError("Redis: Timeout reading from socket")
+        return True
+
+    async def release(self, check: str, names: list[str]) -> None:
+        if self.down:
+            raise ConnectionError("Redis: Connection refused")
+        self.released.append(check)
+
+    async def renew(self) -> None:
+        pass
+
+
+async def test_unanswered_admits_are_released_later_and_bounded_meanwhile() -> None:
+    """Each admit that got no answer is released at the next settle that reaches the store;
+    meanwhile at most 1,024 wait, then checks answer internal without asking (an outage
+    under a flood of logins must not grow memory)."""
+    limits = Limits(CONFIG, FakeClock())
+    shared = Unanswering()
+    limits.share(cast(Any, shared))
+    for i in range(1_100):
+        with pytest.raises(Internal):
+            await limits.admit_login(conn(i), "ann")
+    assert shared.admits == 1_024
+    await limits.settle()  # still down: kept
+    assert shared.released == []
+    shared.down = False
+    await limits.settle()
+    assert shared.released == [f"n1:{i}" for i in range(1, 1_025)]
+    check = await limits.admit_login(conn(2_000), "ann")  # asks the store again
+    assert shared.admits == 1_025 and check.id == "n1:1101"

@@ -19,6 +19,9 @@ every key at once. After the check ONE script (`_FINISH`) turns the reservation 
 failure or releases it. A reservation lives while its node does: the node keeps
 `P lim:node:<node>` alive (every settle while it has checks in flight; TTL `lease`), and a
 reservation whose node key has lapsed no longer counts (a node that died mid-check).
+An admit whose reply was lost (it may have reserved a place, or may still run) is released
+(`release`, the same script): its place goes, and a tombstone makes a late-running admit of
+that id reserve nothing, so an unanswered admit never holds a place past that release.
 
 Keys (P the store's prefix):
   P lim:<bucket>   hash: t (tokens; negative is debt, repaid before the next send), s;
@@ -31,12 +34,13 @@ Keys (P the store's prefix):
                    Redis time; expires an hour after its last reservation (a check is
                    never that long: the hash queue and the store's timeouts bound it).
   P lim:node:<node> this node's reservations are alive (PX lease).
+  P lim:gone:<id>  an admit released unanswered: it must not reserve if it runs later
+                   (EX 3600, the flight keys' life).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -71,10 +75,12 @@ return left
 
 # ARGV: P, node, check id, window, lease (s), then per key (name, limit > 0).
 # Reply: {0} admitted (a place reserved under every key), {1} wait (checks in flight fill
-# a key), {2, retry_after} refused (a key's failures alone reach its limit). As
-# chatd.ratelimit.FailureGate.admit, which it mirrors: a refusal by any key comes first.
+# a key), {2, retry_after} refused (a key's failures alone reach its limit), {3} this id
+# was released already (its caller gave up on it). As chatd.ratelimit.FailureGate.admit,
+# which it mirrors: a refusal by any key comes first.
 _ADMIT = r"""
 local P, node, id = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', P..'lim:gone:'..id) == 1 then return {3} end
 local window, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -114,12 +120,19 @@ redis.call('SET', P..'lim:node:'..node, '1', 'PX', math.ceil(lease * 1000))
 return {0}
 """
 
-# ARGV: P, check id, window, failed (1/0), then the key names the check was admitted under.
-# Reply: each key's failures in the window after this one.
+# ARGV: P, check id, window, outcome (1 failed, 0 released, 2 released unanswered: leave a
+# tombstone), then the key names the check was admitted under. Idempotent: sent again when
+# its reply is lost, it counts a failure once (the member is the check's id).
+# Reply: each key's failures in the window after this one (none for outcome 2).
 _FINISH = r"""
 local P, id, window, failed = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if ARGV[4] == '2' then
+  redis.call('SET', P..'lim:gone:'..id, '1', 'EX', 3600)
+  for i = 5, #ARGV do redis.call('ZREM', P..'flight:'..ARGV[i], id) end
+  return {}
+end
 local counts = {}
 for i = 5, #ARGV do
   redis.call('ZREM', P..'flight:'..ARGV[i], id)
@@ -148,7 +161,6 @@ class RedisBudgets:
         self.node = uuid.uuid4().hex[:12]
         self.lease = lease
         self._alive = f"{prefix}lim:node:{self.node}"
-        self._checks = itertools.count(1)
         self._client = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout,
             socket_connect_timeout=timeout, retry=aioredis.retry.Retry(NoBackoff(), 0),
@@ -164,19 +176,25 @@ class RedisBudgets:
         left = await self._call(lambda: self._settle(args=args))
         return [float(x) for x in left]
 
-    async def admit(self, keys: list[tuple[str, int]], window: float) -> str | float | None:
-        check = f"{self.node}:{next(self._checks)}"
+    async def admit(
+        self, check: str, keys: list[tuple[str, int]], window: float
+    ) -> bool | float | None:
+        assert check.startswith(self.node + ":")  # the script reads its node from the id
         args: list[Any] = [self.prefix, self.node, check, repr(window), repr(self.lease)]
         for name, limit in keys:
             args += (name, limit)
         reply = await self._call(lambda: self._admit(args=args))
-        if reply[0] == 0:
-            return check
-        return float(reply[1]) if reply[0] == 2 else None
+        if reply[0] == 2:
+            return float(reply[1])
+        return True if reply[0] == 0 else False if reply[0] == 3 else None
 
     async def finish(self, check: str, names: list[str], failed: bool, window: float) -> list[int]:
         args: list[Any] = [self.prefix, check, repr(window), 1 if failed else 0, *names]
         return [int(n) for n in await self._call(lambda: self._finish(args=args))]
+
+    async def release(self, check: str, names: list[str]) -> None:
+        args: list[Any] = [self.prefix, check, "0", 2, *names]  # no window: counts nothing
+        await self._call(lambda: self._finish(args=args))
 
     async def renew(self) -> None:
         px = int(self.lease * 1000)
