@@ -17,7 +17,8 @@ entries in stream order:
   the scripts ROOM_ENTER / ROOM_LEAVE (chatd/store/redis/scripts.py), which count per
   room and user the nodes it is in: the entry of a user's first node in (`ann`) is its
   member.joined, of its last node out (`left`) its member.left, and an ephemeral room
-  emptied is deleted in the same step. Every node, the writer's too, announces them as
+  emptied is deleted in the same step. A departure Redis did not take is owed: the
+  node retries it with backoff until Redis does (Cluster._leave). Every node, the writer's too, announces them as
   it reads them, so they come in stream order on every node; the other nodes' entries
   also keep this node's member lists whole (LiveRoom.remote).
 - other events (room.updated, …) are delivered here at once and appended for the other
@@ -182,6 +183,8 @@ class Cluster:
         self._ordinal = 0  # entries added to the stream up to last_id (gaps: _read_batch)
         self._catching_up: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
         self._last_presence: asyncio.Future[None] | None = None
+        # (room id, user key) -> the next try of a departure Redis has not taken yet
+        self._owed: dict[tuple[int, str], asyncio.TimerHandle] = {}
         # (room id, user key) -> the outcome of this node's ROOM_ENTER for it until its
         # entry is read: the room and its members as of that entry (see Bus.entered)
         self._entering: dict[tuple[int, str], asyncio.Future[Admitted | None]] = {}
@@ -244,6 +247,9 @@ class Cluster:
         # redis-py may turn one into a connection error), so the loops also end on this
         # flag, and the wait for them is bounded.
         self._stopping = True
+        for handle in self._owed.values():
+            handle.cancel()  # the reap below takes them all out
+        self._owed.clear()
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -333,7 +339,7 @@ class Cluster:
             self._entering[(room.id, key)] = outcome
             write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
         else:
-            write = self._leave(room, key, reason or "left", retry=True)
+            write = self._leave(room, key, reason or "left")
         # Writes complete in order (one pipeline), so the last one stands for all.
         written: asyncio.Future[None] = loop.create_future()
 
@@ -352,8 +358,8 @@ class Cluster:
             if key not in room.users and not room.deleted:
                 # Taken out here meanwhile (an outage reset): Redis must not keep it.
                 self._leave(room, key, "disconnected")
-            if not write.result()[1]:  # no entry: it was in here already
-                self._entering.pop((room.id, key), None)
+            if not write.result()[1]:  # no entry to wait for: it is in, as Redis has it
+                self._admit(room, key)
                 _settle(outcome)
             elif not outcome.done():
                 # Its entry is read soon (_membership: admitted); bounded, as caught_up.
@@ -378,24 +384,51 @@ class Cluster:
             write = self.store.close_room_if_empty(room.id)
             write.add_done_callback(lambda w: self._left(room, w))
 
-    def _leave(self, room: LiveRoom, key: str, reason: str, retry: bool = False) -> Any:
+    def _leave(self, room: LiveRoom, key: str, reason: str) -> asyncio.Future[None]:
+        """This node's user out of the room in Redis. A failed write is owed: tried again
+        at once, then with backoff until Redis takes it (ROOM_LEAVE is idempotent), while
+        the user stays out here; writer-only failures (a timeout, OOM at maxmemory) end
+        no reset, so without this the user would stay a member on every node. Done once
+        stored or failed twice (a leave's reply waits that long, then the rest is owed)."""
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._owe_leave(room, key, reason, 0, answered)
+        return answered
+
+    def _owe_leave(
+        self, room: LiveRoom, key: str, reason: str, failures: int, answered: asyncio.Future[None]
+    ) -> None:
+        self._owed.pop((room.id, key), None)
+        if failures and key in room.users:
+            # Back in here meanwhile: that entry's ROOM_ENTER, queued after the failed
+            # leave, found it still in and kept it (scripts.ROOM_ENTER); nothing is owed.
+            _settle(answered)
+            return
         write = self.store.leave_room(room.id, key, reason)
 
         def done(w: Any) -> None:
-            if w.exception() is not None and retry and key not in room.users:
-                # Unknown whether it ran (ROOM_LEAVE is idempotent): once more, so no
-                # ghost stays after a blip; a longer outage ends in a reset (_resync).
-                self._leave(room, key, reason)
-            else:
+            if w.exception() is None:
+                _settle(answered)
                 self._left(room, w)
+                return
+            if failures >= 1:
+                _settle(answered)
+            if self._stopping:
+                return  # stop takes every membership of this node out (REAP)
+            if failures == 1:
+                log.warning("a room departure was not recorded (%s); retrying until it is",
+                            w.exception(), extra={"event": "leave_owed"})  # fmt: skip
+            delay = 0.0 if failures == 0 else min(0.05 * 2 ** (failures - 1), _MAX_BACKOFF)
+            loop = asyncio.get_running_loop()
+            self._owed[(room.id, key)] = loop.call_later(
+                delay, self._owe_leave, room, key, reason, failures + 1, answered
+            )
 
         write.add_done_callback(done)
-        return write
 
     def _left(self, room: LiveRoom, write: Any) -> None:
         exc = write.exception()
         if exc is not None:
-            log.debug("a room departure was not recorded: %s", exc)  # reset after the outage
+            log.debug("an emptied room was not closed: %s", exc)  # reset after the outage
         elif write.result() == 2 and not room.deleted:
             self.app.forget_emptied(room)  # closed in Redis: gone here at once
 

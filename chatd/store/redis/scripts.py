@@ -527,15 +527,20 @@ end
 
 # A node's user enters a room (its first connection there on that node). ARGV: P, node,
 # room id, user key, display name. Reply: {on how many nodes the user is in the room now
-# (1: the first, announced), its entry's id}; {0} it already was on this node; {-1} the
-# room is gone.
+# (1: the first, announced), its entry's id}; {-1} the room is gone. A user Redis still
+# has in the room on this node (a departure of it that has not reached Redis yet: the
+# node retries it) stays as it is, not announced again, and gets an entry too: the node
+# admits its connections at that entry, as any other.
 ROOM_ENTER = r"""
 local P, node, room, ukey, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if redis.call('EXISTS', P..'room:'..room) == 0 then return {-1} end
-if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 0 then return {0} end
-local n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
-local first = ''
-if n == 1 then first = '1' end
+local n, first = 0, ''
+if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 1 then
+  n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
+  if n == 1 then first = '1' end
+else
+  n = tonumber(redis.call('HGET', P..'pm:'..room, ukey) or '1')
+end
 local id = redis.call('XADD', P..'changes', 'MAXLEN', '~', """ + str(STREAM_MAXLEN) + r""", '*',
                       'kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
 return {n, id}

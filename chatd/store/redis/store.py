@@ -736,8 +736,8 @@ class RedisStore:
 
     def enter_room(self, room_id: int, key: str, name: str) -> Deferred[tuple[int, str]]:
         """This node's user enters a room (scripts.ROOM_ENTER): (on how many nodes the
-        user is in it now (1: announced as new), the stream entry saying so); (0, "") it
-        was already in here, (-1, "") the room is gone."""
+        user is in it now (1: announced as new), the stream entry saying so), also when
+        Redis had it in here already (a departure still owed); (-1, "") the room is gone."""
 
         def decode(reply: Any) -> tuple[int, str]:
             return int(reply[0]), str(reply[1]) if len(reply) > 1 else ""
