@@ -337,7 +337,10 @@ class Cluster:
             outcome: asyncio.Future[Admitted | None] = loop.create_future()
             outcome.add_done_callback(_retrieved)
             self._entering[(room.id, key)] = outcome
-            write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
+            deadline = loop.time() + self.store.timeout
+            write.add_done_callback(
+                lambda w: self._entered(room, key, name, w, outcome, deadline)
+            )
         else:
             write = self._leave(room, key, reason or "left")
         # Writes complete in order (one pipeline), so the last one stands for all.
@@ -351,7 +354,13 @@ class Cluster:
         self._last_presence = written
 
     def _entered(
-        self, room: LiveRoom, key: str, write: Any, outcome: asyncio.Future[Admitted | None]
+        self,
+        room: LiveRoom,
+        key: str,
+        name: str,
+        write: Any,
+        outcome: asyncio.Future[Admitted | None],
+        deadline: float,
     ) -> None:
         exc = write.exception()
         if exc is None and write.result()[0] >= 0:
@@ -362,8 +371,11 @@ class Cluster:
                 self._admit(room, key)
                 _settle(outcome)
             elif not outcome.done():
-                # Its entry is read soon (_membership: admitted); bounded, as caught_up.
-                asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
+                # Its entry is read soon (_membership: admitted); bounded: one store
+                # timeout from the join's write, then it is admitted anyway.
+                loop = asyncio.get_running_loop()
+                late = max(0.0, deadline - loop.time())
+                loop.call_later(late, self._admit_late, room, key, name, outcome)
             return
         if outcome.done():
             return  # its entry was read before this (lost) reply: it is stored, and in
@@ -724,6 +736,25 @@ class Cluster:
         outcome = self._entering.pop((room.id, key), None)
         if outcome is not None and not outcome.done():
             outcome.set_result((room.info(), room.members_json()))
+
+    def _admit_late(
+        self, room: LiveRoom, key: str, name: str, outcome: asyncio.Future[Admitted | None]
+    ) -> None:
+        """A stored join whose entry this node's reader has not read within the store's
+        timeout (it lags): its connections are members now, so an acknowledged join gets
+        the room's events from its reply on (some written just before it may come too),
+        and its member list shows it; the entry, read later, changes nothing more."""
+        if outcome.done() or self._entering.get((room.id, key)) is not outcome:
+            return
+        if room.deleted or key not in room.users:
+            # Out again meanwhile (its leave, a reset): the entry's reading handles it.
+            del self._entering[(room.id, key)]
+            _settle(outcome)
+            return
+        log.warning("the change stream reader lags: a join answered before its entry was read",
+                    extra={"event": "join_admitted_late"})  # fmt: skip
+        self.app.rooms.remote_in(room, self.node, key, name)
+        self._admit(room, key)
 
     def _room(self, kind: str, f: dict[str, str]) -> None:
         app = self.app

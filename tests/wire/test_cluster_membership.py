@@ -493,3 +493,32 @@ async def test_a_rejoin_while_its_departure_is_still_owed_gets_the_room_s_events
         assert (await o.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
         assert named(o.events, "member.left", "Ula") == []
         assert (await u.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
+
+
+async def test_a_join_answered_before_its_node_read_its_entry_gets_the_room_s_events(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a's reader lags past the store's timeout: the join is answered at that bound,
+    and from then on its connection is a member (events delivered on a at once reach it)."""
+    readers = Readers(monkeypatch)
+    async with two_nodes(redis_url) as (a, b), clients(a.port, a.port, b.port) as (u, w, o):
+        await u.ok("login", user="Ula")
+        await w.ok("login", user="Wes")
+        await o.ok("login", user="Obs")
+        await w.ok("room.create", room="dev")
+        await o.ok("room.join", room="dev")
+        a.store.timeout = 0.3  # the bound of a's waits for its reader (no socket's)
+        await readers.hold(a)
+        began = time.monotonic()
+        joined = await u.ok("room.join", room="dev")
+        assert time.monotonic() - began < 2 * 0.3 + 1  # caught_up's bound, then the entry's
+        assert "Ula" in joined["members"]
+        room = a.app.rooms.get("dev")
+        assert len(room.sessions) == 2 and not room.entering
+        await w.ok("room.edit", room="dev", topic="now")  # delivered on a at once
+        assert (await u.event("room.updated"))["topic"] == "now"
+        readers.release(a)
+        await o.ok("msg.send", room="dev", text="hi")
+        assert (await u.event("message"))["text"] == "hi"
+        assert (await u.ok("room.members", room="dev"))["members"] == ["Obs", "Ula", "Wes"]
+        assert named(u.events, "member.joined", "Ula") == []
