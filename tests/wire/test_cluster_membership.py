@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -82,6 +82,37 @@ class Readers:
     def release(self, server: ChatServer) -> None:
         go, _ = self._held.pop(server.cluster)
         go.set()
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = condition()
+        if not isinstance(done, bool):
+            done = await done
+        if done:
+            return
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def departure_stored(server: ChatServer, room: str, key: str) -> None:
+    """Until `server` has its user out of the room and Redis has it out on that node."""
+    import redis.asyncio as aioredis
+
+    live = server.app.rooms.get(room)
+    raw = aioredis.Redis.from_url(server.store.url)
+    try:
+        await until(lambda: key not in live.users, f"{key} out of {room} on the node")
+        field = f"{live.id}\n{key}"
+        node_hash = f"{server.store.prefix}node:{server.cluster.node}:m"
+        await until(lambda: _false(raw.hexists(node_hash, field)), f"{key}'s departure stored")
+    finally:
+        await raw.aclose()
+
+
+async def _false(x: Awaitable[Any]) -> bool:
+    return not await x
 
 
 def named(events: list[dict[str, Any]], event: str, user: str) -> list[dict[str, Any]]:
@@ -185,7 +216,7 @@ async def test_a_close_while_the_user_is_in_on_another_node_is_not_a_departure(
         await readers.hold(a)  # node a has not heard of Ula's second connection ...
         await u2.ok("room.join", room="dev")
         await u1.close()  # ... when her first one closes there
-        await asyncio.sleep(0.2)  # its departure is written meanwhile
+        await departure_stored(a, "dev", "ula")  # written before a hears of her on b
         readers.release(a)
         assert (await o.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
         assert named(o.events, "member.left", "Ula") == []
@@ -213,7 +244,7 @@ async def test_the_last_connection_out_on_any_node_is_the_departure_even_if_raci
         await readers.hold(a)  # node a has not heard that Ula left on b ...
         await u2.ok("room.leave", room="dev")
         await u1.close()  # ... when her last connection closes there
-        await asyncio.sleep(0.2)
+        await departure_stored(a, "dev", "ula")  # written before a hears she left on b
         readers.release(a)
         left = await o.event("member.left")
         assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
@@ -274,7 +305,8 @@ async def test_after_a_redis_outage_nobody_stays_a_member_for_a_connection_close
                 await o.event("member.joined")
                 redis_server.stop(kill=True)
                 await u.close()  # its departure cannot be written now
-                await asyncio.sleep(0.3)
+                dev = a.app.rooms.get("dev")
+                await until(lambda: not dev.users, "node a has handled the close")
                 redis_server.start()
                 await o.event("server.shutdown", timeout=15)
             async with clients(b.port, a.port) as (o2, w):
