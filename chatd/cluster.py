@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
@@ -215,21 +215,15 @@ class Cluster:
         app.rooms.on_presence = self._presence
         self._client = self.client()
         self._reader = self.client(blocking=True)
-        c = self._client
         await self._beat()
-        try:  # the last id ever given, even if its entry was trimmed (see _read_batch)
-            info: Any = await c.xinfo_stream(self._stream)
-            self.last_id = _str(info["last-generated-id"])
-            self._ordinal = int(info.get("entries-added", 0))
-        except ResponseError:  # no stream yet
-            self.last_id, self._ordinal = "0-0", 0
-        self._applied = _id(self.last_id)
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
         app.close_if_unused = self._close_if_unused
         await self._reap()  # dead nodes' members would count as in their rooms
-        others = await self._live_nodes()
-        for node in others:
-            await self._load_members(node)
+        # One consistent view and the stream position it stands for, adopted as after an
+        # outage (_resync): rooms, the other nodes' members, guest holds, revocations.
+        view = await self.store.cluster_view()
+        self._adopt(view)
+        others = [node for node in view.nodes if node != self.node]
         if not others:
             # Nobody else is serving: ephemeral rooms left by stopped nodes go (contract).
             for room in [r for r in app.rooms.rooms.values() if r.ephemeral]:
@@ -268,26 +262,6 @@ class Cluster:
             await self._client.aclose()
         if self._reader is not None:
             await self._reader.aclose()
-
-    async def _live_nodes(self) -> list[str]:
-        assert self._client is not None
-        P = self.store.prefix
-        found: Any = await self._client.smembers(P + "nodes")
-        nodes = sorted(x.decode() for x in found)
-        live = []
-        for node in nodes:
-            if node != self.node and await self._client.exists(f"{P}node:{node}"):
-                live.append(node)
-        return live
-
-    async def _load_members(self, node: str) -> None:
-        assert self._client is not None
-        members: Any = await self._client.hgetall(f"{self.store.prefix}node:{node}:m")
-        for field, name in members.items():
-            room_id, key = field.decode().split("\n", 1)
-            room = self.app.rooms.by_id.get(int(room_id))
-            if room is not None:
-                self.app.rooms.remote_in(room, node, key, name.decode())
 
     # --- liveness --------------------------------------------------------------------
 

@@ -554,3 +554,37 @@ async def test_a_join_answered_before_its_node_read_its_entry_gets_the_room_s_ev
         assert (await u.event("message"))["text"] == "hi"
         assert (await u.ok("room.members", room="dev"))["members"] == ["Obs", "Ula", "Wes"]
         assert named(u.events, "member.joined", "Ula") == []
+
+
+async def test_a_node_starting_while_another_creates_a_room_and_joins_it_serves_both(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes made between a starting node's snapshot (store.open) and its first read of
+    the stream are in the one view it starts from (CLUSTER_VIEW, as after an outage)."""
+    async with two_nodes(redis_url) as (a, _), clients(a.port) as (o,):
+        await o.ok("login", user="Obs")
+        beat = Cluster._beat
+        made: list[bool] = []
+
+        async def meanwhile(cluster: Cluster) -> None:
+            if not made and cluster.app is not a.app:
+                made.append(True)
+                await o.ok("room.create", room="late", topic="new")
+                await o.ok("msg.send", room="late", text="before c")
+            await beat(cluster)
+
+        monkeypatch.setattr(Cluster, "_beat", meanwhile)
+        c = ChatServer(TEST_CONFIG, RedisStore(redis_url), SECRET)
+        await c.start()
+        try:
+            assert made
+            async with clients(c.port) as (u,):
+                await u.ok("login", user="Ula")
+                rooms = {r["name"]: r for r in (await u.ok("room.list"))["rooms"]}
+                assert rooms["late"]["topic"] == "new"
+                assert (await u.ok("room.join", room="late"))["members"] == ["Obs", "Ula"]
+                assert await o.event("member.joined") == {"room": "late", "user": "Ula"}
+                await o.ok("msg.send", room="late", text="after c")
+                assert (await u.event("message"))["text"] == "after c"
+        finally:
+            await c.stop()

@@ -73,6 +73,7 @@ class ClusterView(msgspec.Struct, frozen=True):
     rooms: list[RoomRecord]
     # room id -> user key -> (display name, the live nodes it is in the room on)
     remote: dict[int, dict[str, tuple[str, set[str]]]]
+    nodes: list[str]  # the live nodes, this one too
     guests: dict[str, str]  # name key -> GuestHold as JSON
     revoked: dict[str, int]  # jti -> expires_at
 
@@ -785,7 +786,9 @@ class RedisStore:
             "cluster_view", self.node
         )
         remote: dict[int, dict[str, tuple[str, set[str]]]] = {}
+        nodes = []
         for node, flat in members:
+            nodes.append(node)
             for field, name in zip(flat[::2], flat[1::2], strict=True):
                 room_id, _, key = field.partition("\n")
                 entry = remote.setdefault(int(room_id), {}).setdefault(key, (name, set()))
@@ -796,6 +799,7 @@ class RedisStore:
             rev=int(rev),
             rooms=[_room(int(i), dict(zip(h[::2], h[1::2], strict=True))) for i, h in rooms],
             remote=remote,
+            nodes=sorted(nodes),
             guests=dict(zip(guests[::2], guests[1::2], strict=True)),
             revoked={jti: int(float(exp)) for jti, exp in zip(revoked[::2], revoked[1::2], strict=True)},
         )
