@@ -557,8 +557,10 @@ class Cluster:
         # Queued now, before any join of a client that reconnects (writer order).
         reset = self.store.reap(self.node, gone=False)
         try:
-            await self._beat()
-            await reset
+            try:
+                await self._beat()
+            finally:
+                await reset  # its outcome is known (and awaited) whatever the beat did
             view = await self.store.cluster_view()
             version, users = await self.store.reload_users()
         except (RedisError, OSError, ChatError) as exc:

@@ -297,9 +297,10 @@ async def test_after_a_redis_outage_nobody_stays_a_member_for_a_connection_close
     redis_server = RedisServer(appendfsync="always").start()
     try:
         async with two_nodes(redis_server.url) as (a, b):
-            async with clients(a.port, b.port) as (u, o):
+            async with clients(a.port, b.port, a.port) as (u, o, v):
                 await u.ok("login", user="Ula")
                 token = (await o.ok("login", user="Obs"))["token"]
+                await v.ok("login", user="Vic")  # tells when node a has started afresh
                 await o.ok("room.create", room="dev")
                 await u.ok("room.join", room="dev")
                 await o.event("member.joined")
@@ -309,6 +310,7 @@ async def test_after_a_redis_outage_nobody_stays_a_member_for_a_connection_close
                 await until(lambda: not dev.users, "node a has handled the close")
                 redis_server.start()
                 await o.event("server.shutdown", timeout=15)
+                await v.event("server.shutdown", timeout=15)
             async with clients(b.port, a.port) as (o2, w):
                 await _retry(o2, "auth", token=token)
                 await _retry(w, "login", user="Wes")

@@ -748,24 +748,25 @@ class RedisStore:
     def leave_room(self, room_id: int, key: str, reason: str) -> Deferred[int]:
         """This node's user leaves a room (scripts.ROOM_LEAVE): 0 it was not in, 1 out,
         2 out and the (ephemeral) room closed, its messages purged after."""
-
-        def decode(n: Any) -> int:
-            if int(n) == 2:
-                self._purge_later(room_id)
-            return int(n)
-
+        decode = self._purged_if_closed(room_id)
         return self._call("room_leave", self.node, room_id, key, reason, decode=decode)
 
     def close_room_if_empty(self, room_id: int) -> Deferred[int]:
         """An ephemeral room nobody is in on any node goes (scripts.ROOM_CLOSE_IF_EMPTY):
         2 it did, its messages purged after; 0 it stays (or was gone)."""
+        decode = self._purged_if_closed(room_id)
+        return self._call("room_close_if_empty", room_id, decode=decode)
+
+    def _purged_if_closed(self, room_id: int) -> Callable[[Any], int]:
+        """A membership script's reply as a number; 2 (the room closed): its messages are
+        purged after."""
 
         def decode(n: Any) -> int:
             if int(n) == 2:
                 self._purge_later(room_id)
             return int(n)
 
-        return self._call("room_close_if_empty", room_id, decode=decode)
+        return decode
 
     def reap(self, node: str, gone: bool = True) -> Deferred[int]:
         """Every membership `node` has in Redis goes (scripts.REAP); with `gone` the node
