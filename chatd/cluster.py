@@ -293,7 +293,10 @@ class Cluster:
             node = raw.decode()
             if node == self.node or await self._client.exists(f"{P}node:{node}"):
                 continue
-            lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=60_000)
+            # Held for one TTL: the reaped node, if alive, beats again after this, so it
+            # cannot lapse again before the lock is gone (reaped again within the TTL).
+            span = int(self.node_ttl * 1000)
+            lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=span)
             if lock:
                 n = await self.store.reap(node)
                 log.warning("node %s stopped answering: its %s room memberships removed", node, n,

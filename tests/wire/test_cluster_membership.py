@@ -30,11 +30,11 @@ RACE_BUDGET = 30.0  # seconds: the tries stop early past this
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(url: str) -> AsyncIterator[tuple[ChatServer, ChatServer]]:
+async def two_nodes(url: str, **config: Any) -> AsyncIterator[tuple[ChatServer, ChatServer]]:
     servers: list[ChatServer] = []
     try:
         for _ in range(2):
-            server = ChatServer(TEST_CONFIG, RedisStore(url), SECRET)
+            server = ChatServer(TEST_CONFIG.replace(**config), RedisStore(url), SECRET)
             await server.start()
             servers.append(server)
         yield servers[0], servers[1]
@@ -590,3 +590,84 @@ async def test_a_node_starting_while_another_creates_a_room_and_joins_it_serves_
                 assert (await u.event("message"))["text"] == "after c"
         finally:
             await c.stop()
+
+
+async def test_a_node_reaped_alive_that_lapses_again_is_reaped_again_within_the_ttl(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reap lock of a node lasts no longer than its heartbeat's TTL: a node reaped
+    while alive, back, and then silent again leaves the rooms again within the TTL (plus
+    a third of it), not when a longer lock lapses."""
+    ttl = 1.0
+    beat = Cluster._beat
+    silent: set[Cluster] = set()
+
+    async def beating(cluster: Cluster) -> None:
+        if cluster not in silent:
+            await beat(cluster)
+
+    monkeypatch.setattr(Cluster, "_beat", beating)
+    async with two_nodes(redis_url, node_ttl=ttl) as (a, b), clients(a.port, b.port) as (u, o):
+        token = (await u.ok("login", user="Ula"))["token"]
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await u.ok("room.join", room="dev")
+        await o.event("member.joined")
+        silent.add(a.cluster)  # its beat lapses: node b reaps it
+        assert (await o.event("member.left", timeout=4 * ttl))["user"] == "Ula"
+        await u.event("server.shutdown", timeout=4 * ttl)
+        silent.discard(a.cluster)
+        async with clients(a.port) as (u2,):
+            await _retry(u2, "auth", token=token)
+            await a.cluster._beat()  # back (its loop would beat within a third of the TTL)
+            assert (await u2.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+            assert (await o.event("member.joined")) == {"room": "dev", "user": "Ula"}
+            silent.add(a.cluster)  # silent again, soon after the first reap
+            began = time.monotonic()
+            left = await o.event("member.left", timeout=4 * ttl)
+            assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
+            assert time.monotonic() - began < 2 * ttl + 1
+            silent.discard(a.cluster)
+
+
+async def test_a_node_starting_afresh_lists_a_dead_node_s_members_until_they_are_reaped(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis counts a dead node's users in their rooms until its reap: a node that starts
+    afresh meanwhile lists them too (as the other nodes do), and announces their leave
+    when the reap comes, so a join of such a user there is neither told nor listed apart."""
+    import redis.asyncio as aioredis
+
+    beat = Cluster._beat
+    silent: set[Cluster] = set()
+
+    async def beating(cluster: Cluster) -> None:
+        if cluster not in silent:
+            await beat(cluster)
+
+    monkeypatch.setattr(Cluster, "_beat", beating)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (w, u):
+            await w.ok("login", user="Wes")
+            await u.ok("login", user="Ula")
+            await w.ok("room.create", room="dev")
+            await u.ok("room.join", room="dev")
+            await w.event("member.joined")
+            silent.add(b.cluster)  # node b "dies": its beat lapses ...
+            P, dead = a.store.prefix, b.cluster.node
+            await raw.delete(f"{P}node:{dead}")
+            await raw.set(f"{P}reap:{dead}", "elsewhere", px=60_000)  # ... not reaped yet
+            await a.cluster._resync("test: start afresh")
+            await w.event("server.shutdown")
+            async with clients(a.port) as (c,):
+                await _retry(c, "login", user="Cid")
+                assert (await c.ok("room.members", room="dev"))["members"] == ["Ula"]
+                assert (await c.ok("room.join", room="dev"))["members"] == ["Cid", "Ula"]
+                await raw.delete(f"{P}reap:{dead}")
+                await a.cluster._reap()  # now it is
+                left = await c.event("member.left")
+                assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
+                assert (await c.ok("room.members", room="dev"))["members"] == ["Cid"]
+    finally:
+        await raw.aclose()

@@ -582,8 +582,10 @@ return {#fields, closed}
 
 # What a node adopts when it may have missed changes (after an outage or a gap), in one
 # consistent view with the stream position it stands for. ARGV: P, this node. Reply:
-# {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields}...} of the
-# live nodes' memberships (this one's too), guests (flat hash), revoked (jti, exp flat)}.
+# {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields, live}...}
+# the nodes' memberships (this one's too; a dead node's until it is reaped: the room
+# counts (pm:) hold them till then, and its reap's entries take them out), guests (flat
+# hash), revoked (jti, exp flat)}.
 CLUSTER_VIEW = r"""
 local P, me = ARGV[1], ARGV[2]
 local last, added = '0-0', 0
@@ -601,9 +603,9 @@ for _, id in ipairs(redis.call('SMEMBERS', P..'rooms')) do
 end
 local members = {}
 for _, node in ipairs(redis.call('SMEMBERS', P..'nodes')) do
-  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then
-    members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m')}
-  end
+  local live = 0
+  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then live = 1 end
+  members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m'), live}
 end
 return {last, added, redis.call('HGET', P..'meta', 'rev') or '0', rooms, members,
         redis.call('HGETALL', P..'guests'), redis.call('ZRANGE', P..'revoked', 0, -1, 'WITHSCORES')}

@@ -71,7 +71,8 @@ class ClusterView(msgspec.Struct, frozen=True):
     entries_added: int
     rev: int
     rooms: list[RoomRecord]
-    # room id -> user key -> (display name, the live nodes it is in the room on)
+    # room id -> user key -> (display name, the nodes it is in the room on: live ones,
+    # and dead ones not reaped yet, whose reap's entries take them out)
     remote: dict[int, dict[str, tuple[str, set[str]]]]
     nodes: list[str]  # the live nodes, this one too
     guests: dict[str, str]  # name key -> GuestHold as JSON
@@ -788,8 +789,9 @@ class RedisStore:
         )
         remote: dict[int, dict[str, tuple[str, set[str]]]] = {}
         nodes = []
-        for node, flat in members:
-            nodes.append(node)
+        for node, flat, live in members:
+            if live:
+                nodes.append(node)
             for field, name in zip(flat[::2], flat[1::2], strict=True):
                 room_id, _, key = field.partition("\n")
                 entry = remote.setdefault(int(room_id), {}).setdefault(key, (name, set()))
