@@ -17,7 +17,8 @@ entries in stream order:
   the scripts ROOM_ENTER / ROOM_LEAVE (chatd/store/redis/scripts.py), which count per
   room and user the nodes it is in: the entry of a user's first node in (`ann`) is its
   member.joined, of its last node out (`left`) its member.left, and an ephemeral room
-  emptied is deleted in the same step. Every node, the writer's too, announces them as
+  emptied is deleted in the same step. A departure Redis did not take is owed: the
+  node retries it with backoff until Redis does (Cluster._leave). Every node, the writer's too, announces them as
   it reads them, so they come in stream order on every node; the other nodes' entries
   also keep this node's member lists whole (LiveRoom.remote).
 - other events (room.updated, …) are delivered here at once and appended for the other
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from chatd import changes
 from chatd.bus import Audience, Effects, LocalBus, ToRoom, ToSessions, ToUser, deliver
@@ -196,6 +197,8 @@ class Cluster:
         self._adopting: set[asyncio.Future[None]] = set()
         self._tail_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
+        # (room id, user key) -> the next try of a departure Redis has not taken yet
+        self._owed: dict[tuple[int, str], asyncio.TimerHandle] = {}
         # (room id, user key) -> the outcome of this node's ROOM_ENTER for it until its
         # entry is read: the room and its members as of that entry (see Bus.entered)
         self._entering: dict[tuple[int, str], asyncio.Future[Admitted | None]] = {}
@@ -226,22 +229,16 @@ class Cluster:
         app.rooms.on_presence = self._presence
         self._client = self.client()
         self._reader = self.client(blocking=True)
-        c = self._client
         await self._beat()
-        try:  # the last id ever given, even if its entry was trimmed (see _read_batch)
-            info: Any = await c.xinfo_stream(self._stream)
-            self.last_id = _str(info["last-generated-id"])
-            self._ordinal = int(info.get("entries-added", 0))
-        except ResponseError:  # no stream yet
-            self.last_id, self._ordinal = "0-0", 0
-        self._applied = _id(self.last_id)
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
         app.close_if_unused = self._close_if_unused
         self._tail_sha = await self._load_tail_script()
         await self._reap()  # dead nodes' members would count as in their rooms
-        others = await self._live_nodes()
-        for node in others:
-            await self._load_members(node)
+        # One consistent view and the stream position it stands for, adopted as after an
+        # outage (_resync): rooms, the other nodes' members, guest holds, revocations.
+        view = await self.store.cluster_view()
+        self._adopt(view)
+        others = [node for node in view.nodes if node != self.node]
         if not others:
             # Nobody else is serving: ephemeral rooms left by stopped nodes go (contract).
             for room in [r for r in app.rooms.rooms.values() if r.ephemeral]:
@@ -259,6 +256,9 @@ class Cluster:
         # redis-py may turn one into a connection error), so the loops also end on this
         # flag, and the wait for them is bounded.
         self._stopping = True
+        for handle in self._owed.values():
+            handle.cancel()  # the reap below takes them all out
+        self._owed.clear()
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -277,26 +277,6 @@ class Cluster:
             await self._client.aclose()
         if self._reader is not None:
             await self._reader.aclose()
-
-    async def _live_nodes(self) -> list[str]:
-        assert self._client is not None
-        P = self.store.prefix
-        found: Any = await self._client.smembers(P + "nodes")
-        nodes = sorted(x.decode() for x in found)
-        live = []
-        for node in nodes:
-            if node != self.node and await self._client.exists(f"{P}node:{node}"):
-                live.append(node)
-        return live
-
-    async def _load_members(self, node: str) -> None:
-        assert self._client is not None
-        members: Any = await self._client.hgetall(f"{self.store.prefix}node:{node}:m")
-        for field, name in members.items():
-            room_id, key = field.decode().split("\n", 1)
-            room = self.app.rooms.by_id.get(int(room_id))
-            if room is not None:
-                self.app.rooms.remote_in(room, node, key, name.decode())
 
     # --- liveness --------------------------------------------------------------------
 
@@ -328,7 +308,10 @@ class Cluster:
             node = raw.decode()
             if node == self.node or await self._client.exists(f"{P}node:{node}"):
                 continue
-            lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=60_000)
+            # Held for one TTL: the reaped node, if alive, beats again after this, so it
+            # cannot lapse again before the lock is gone (reaped again within the TTL).
+            span = int(self.node_ttl * 1000)
+            lock = await self._client.set(f"{P}reap:{node}", self.node, nx=True, px=span)
             if lock:
                 n = await self.store.reap(node)
                 log.warning("node %s stopped answering: its %s room memberships removed", node, n,
@@ -346,9 +329,12 @@ class Cluster:
             outcome: asyncio.Future[Admitted | None] = loop.create_future()
             outcome.add_done_callback(_retrieved)
             self._entering[(room.id, key)] = outcome
-            write.add_done_callback(lambda w: self._entered(room, key, w, outcome))
+            deadline = loop.time() + self.store.timeout
+            write.add_done_callback(
+                lambda w: self._entered(room, key, name, w, outcome, deadline)
+            )
         else:
-            write = self._leave(room, key, reason or "left", retry=True)
+            write = self._leave(room, key, reason or "left")
         # Writes complete in order (one pipeline), so the last one stands for all.
         written: asyncio.Future[None] = loop.create_future()
 
@@ -360,19 +346,28 @@ class Cluster:
         self._last_presence = written
 
     def _entered(
-        self, room: LiveRoom, key: str, write: Any, outcome: asyncio.Future[Admitted | None]
+        self,
+        room: LiveRoom,
+        key: str,
+        name: str,
+        write: Any,
+        outcome: asyncio.Future[Admitted | None],
+        deadline: float,
     ) -> None:
         exc = write.exception()
         if exc is None and write.result()[0] >= 0:
             if key not in room.users and not room.deleted:
                 # Taken out here meanwhile (an outage reset): Redis must not keep it.
                 self._leave(room, key, "disconnected")
-            if not write.result()[1]:  # no entry: it was in here already
-                self._entering.pop((room.id, key), None)
+            if not write.result()[1]:  # no entry to wait for: it is in, as Redis has it
+                self._admit(room, key)
                 _settle(outcome)
             elif not outcome.done():
-                # Its entry is read soon (_membership: admitted); bounded, as caught_up.
-                asyncio.get_running_loop().call_later(self.store.timeout, _settle, outcome)
+                # Its entry is read soon (_membership: admitted); bounded: one store
+                # timeout from the join's write, then it is admitted anyway.
+                loop = asyncio.get_running_loop()
+                late = max(0.0, deadline - loop.time())
+                loop.call_later(late, self._admit_late, room, key, name, outcome)
             return
         if outcome.done():
             return  # its entry was read before this (lost) reply: it is stored, and in
@@ -393,24 +388,51 @@ class Cluster:
             write = self.store.close_room_if_empty(room.id)
             write.add_done_callback(lambda w: self._left(room, w))
 
-    def _leave(self, room: LiveRoom, key: str, reason: str, retry: bool = False) -> Any:
+    def _leave(self, room: LiveRoom, key: str, reason: str) -> asyncio.Future[None]:
+        """This node's user out of the room in Redis. A failed write is owed: tried again
+        at once, then with backoff until Redis takes it (ROOM_LEAVE is idempotent), while
+        the user stays out here; writer-only failures (a timeout, OOM at maxmemory) end
+        no reset, so without this the user would stay a member on every node. Done once
+        stored or failed twice (a leave's reply waits that long, then the rest is owed)."""
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._owe_leave(room, key, reason, 0, answered)
+        return answered
+
+    def _owe_leave(
+        self, room: LiveRoom, key: str, reason: str, failures: int, answered: asyncio.Future[None]
+    ) -> None:
+        self._owed.pop((room.id, key), None)
+        if failures and key in room.users:
+            # Back in here meanwhile: that entry's ROOM_ENTER, queued after the failed
+            # leave, found it still in and kept it (scripts.ROOM_ENTER); nothing is owed.
+            _settle(answered)
+            return
         write = self.store.leave_room(room.id, key, reason)
 
         def done(w: Any) -> None:
-            if w.exception() is not None and retry and key not in room.users:
-                # Unknown whether it ran (ROOM_LEAVE is idempotent): once more, so no
-                # ghost stays after a blip; a longer outage ends in a reset (_resync).
-                self._leave(room, key, reason)
-            else:
+            if w.exception() is None:
+                _settle(answered)
                 self._left(room, w)
+                return
+            if failures >= 1:
+                _settle(answered)
+            if self._stopping:
+                return  # stop takes every membership of this node out (REAP)
+            if failures == 1:
+                log.warning("a room departure was not recorded (%s); retrying until it is",
+                            w.exception(), extra={"event": "leave_owed"})  # fmt: skip
+            delay = 0.0 if failures == 0 else min(0.05 * 2 ** (failures - 1), _MAX_BACKOFF)
+            loop = asyncio.get_running_loop()
+            self._owed[(room.id, key)] = loop.call_later(
+                delay, self._owe_leave, room, key, reason, failures + 1, answered
+            )
 
         write.add_done_callback(done)
-        return write
 
     def _left(self, room: LiveRoom, write: Any) -> None:
         exc = write.exception()
         if exc is not None:
-            log.debug("a room departure was not recorded: %s", exc)  # reset after the outage
+            log.debug("an emptied room was not closed: %s", exc)  # reset after the outage
         elif write.result() == 2 and not room.deleted:
             self.app.forget_emptied(room)  # closed in Redis: gone here at once
 
@@ -596,8 +618,10 @@ class Cluster:
         # Queued now, before any join of a client that reconnects (writer order).
         reset = self.store.reap(self.node, gone=False)
         try:
-            await self._beat()
-            await reset
+            try:
+                await self._beat()
+            finally:
+                await reset  # its outcome is known (and awaited) whatever the beat did
             view = await self.store.cluster_view()
             version, users = await self.store.reload_users()
         except (RedisError, OSError, ChatError) as exc:
@@ -759,6 +783,25 @@ class Cluster:
         outcome = self._entering.pop((room.id, key), None)
         if outcome is not None and not outcome.done():
             outcome.set_result((room.info(), room.members_json()))
+
+    def _admit_late(
+        self, room: LiveRoom, key: str, name: str, outcome: asyncio.Future[Admitted | None]
+    ) -> None:
+        """A stored join whose entry this node's reader has not read within the store's
+        timeout (it lags): its connections are members now, so an acknowledged join gets
+        the room's events from its reply on (some written just before it may come too),
+        and its member list shows it; the entry, read later, changes nothing more."""
+        if outcome.done() or self._entering.get((room.id, key)) is not outcome:
+            return
+        if room.deleted or key not in room.users:
+            # Out again meanwhile (its leave, a reset): the entry's reading handles it.
+            del self._entering[(room.id, key)]
+            _settle(outcome)
+            return
+        log.warning("the change stream reader lags: a join answered before its entry was read",
+                    extra={"event": "join_admitted_late"})  # fmt: skip
+        self.app.rooms.remote_in(room, self.node, key, name)
+        self._admit(room, key)
 
     def _room(self, kind: str, f: dict[str, str]) -> None:
         app = self.app

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -30,11 +30,11 @@ RACE_BUDGET = 30.0  # seconds: the tries stop early past this
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(url: str) -> AsyncIterator[tuple[ChatServer, ChatServer]]:
+async def two_nodes(url: str, **config: Any) -> AsyncIterator[tuple[ChatServer, ChatServer]]:
     servers: list[ChatServer] = []
     try:
         for _ in range(2):
-            server = ChatServer(TEST_CONFIG, RedisStore(url), SECRET)
+            server = ChatServer(TEST_CONFIG.replace(**config), RedisStore(url), SECRET)
             await server.start()
             servers.append(server)
         yield servers[0], servers[1]
@@ -82,6 +82,37 @@ class Readers:
     def release(self, server: ChatServer) -> None:
         go, _ = self._held.pop(server.cluster)
         go.set()
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = condition()
+        if not isinstance(done, bool):
+            done = await done
+        if done:
+            return
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def departure_stored(server: ChatServer, room: str, key: str) -> None:
+    """Until `server` has its user out of the room and Redis has it out on that node."""
+    import redis.asyncio as aioredis
+
+    live = server.app.rooms.get(room)
+    raw = aioredis.Redis.from_url(server.store.url)
+    try:
+        await until(lambda: key not in live.users, f"{key} out of {room} on the node")
+        field = f"{live.id}\n{key}"
+        node_hash = f"{server.store.prefix}node:{server.cluster.node}:m"
+        await until(lambda: _false(raw.hexists(node_hash, field)), f"{key}'s departure stored")
+    finally:
+        await raw.aclose()
+
+
+async def _false(x: Awaitable[Any]) -> bool:
+    return not await x
 
 
 def named(events: list[dict[str, Any]], event: str, user: str) -> list[dict[str, Any]]:
@@ -185,7 +216,7 @@ async def test_a_close_while_the_user_is_in_on_another_node_is_not_a_departure(
         await readers.hold(a)  # node a has not heard of Ula's second connection ...
         await u2.ok("room.join", room="dev")
         await u1.close()  # ... when her first one closes there
-        await asyncio.sleep(0.2)  # its departure is written meanwhile
+        await departure_stored(a, "dev", "ula")  # written before a hears of her on b
         readers.release(a)
         assert (await o.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
         assert named(o.events, "member.left", "Ula") == []
@@ -213,7 +244,7 @@ async def test_the_last_connection_out_on_any_node_is_the_departure_even_if_raci
         await readers.hold(a)  # node a has not heard that Ula left on b ...
         await u2.ok("room.leave", room="dev")
         await u1.close()  # ... when her last connection closes there
-        await asyncio.sleep(0.2)
+        await departure_stored(a, "dev", "ula")  # written before a hears she left on b
         readers.release(a)
         left = await o.event("member.left")
         assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
@@ -266,17 +297,20 @@ async def test_after_a_redis_outage_nobody_stays_a_member_for_a_connection_close
     redis_server = RedisServer(appendfsync="always").start()
     try:
         async with two_nodes(redis_server.url) as (a, b):
-            async with clients(a.port, b.port) as (u, o):
+            async with clients(a.port, b.port, a.port) as (u, o, v):
                 await u.ok("login", user="Ula")
                 token = (await o.ok("login", user="Obs"))["token"]
+                await v.ok("login", user="Vic")  # tells when node a has started afresh
                 await o.ok("room.create", room="dev")
                 await u.ok("room.join", room="dev")
                 await o.event("member.joined")
                 redis_server.stop(kill=True)
                 await u.close()  # its departure cannot be written now
-                await asyncio.sleep(0.3)
+                dev = a.app.rooms.get("dev")
+                await until(lambda: not dev.users, "node a has handled the close")
                 redis_server.start()
                 await o.event("server.shutdown", timeout=15)
+                await v.event("server.shutdown", timeout=15)
             async with clients(b.port, a.port) as (o2, w):
                 await _retry(o2, "auth", token=token)
                 await _retry(w, "login", user="Wes")
@@ -426,3 +460,220 @@ async def test_a_join_whose_reply_redis_lost_leaves_no_ghost_member(
         assert members == ["Obs"]
         assert (await u.ok("room.members", room="dev"))["members"] == ["Obs"]
         assert (await u.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+
+
+class FailingLeaves:
+    """Makes the store's writer batches holding a ROOM_LEAVE fail (as a timeout or OOM at
+    maxmemory would, with the stream reader still fine): `count` of them, or every one
+    while `on`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int = 0) -> None:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        self.left = count
+        self.on = count == 0
+        self.failed = 0
+        command = RedisStore._command
+
+        def failing(store: RedisStore, script: str, args: Any) -> Any:
+            # Raised while the writer packs the batch: the batch fails as a broken send.
+            if script == "room_leave" and (self.on or self.left > 0):
+                self.left -= 1
+                self.failed += 1
+                raise RedisConnectionError("simulated writer failure")
+            return command(store, script, args)
+
+        monkeypatch.setattr(RedisStore, "_command", failing)
+
+
+async def test_a_leave_redis_refused_twice_is_retried_until_no_node_lists_the_user(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
+        await u.ok("login", user="Ula")
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await u.ok("room.join", room="dev")
+        await o.event("member.joined")
+        failing = FailingLeaves(monkeypatch, count=2)  # the leave and its first retry
+        await u.ok("room.leave", room="dev")
+        assert failing.failed == 2
+        # Owed, and stored once Redis takes it: every node sees her leave.
+        assert await o.event("member.left", timeout=5) == {"room": "dev", "user": "Ula", "reason": "left"}
+        assert (await o.ok("room.members", room="dev"))["members"] == ["Obs"]
+        assert (await u.ok("room.members", room="dev"))["members"] == ["Obs"]
+        assert (await u.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+        await o.ok("msg.send", room="dev", text="hi ula")
+        assert (await u.event("message"))["text"] == "hi ula"
+
+
+async def test_a_rejoin_while_its_departure_is_still_owed_gets_the_room_s_events(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
+        await u.ok("login", user="Ula")
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await u.ok("room.join", room="dev")
+        await o.event("member.joined")
+        failing = FailingLeaves(monkeypatch)
+        await u.ok("room.leave", room="dev")
+        # Redis still has her in on node a: the join finds her there and lets her in.
+        assert (await u.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+        await o.ok("msg.send", room="dev", text="one")
+        assert (await u.event("message"))["text"] == "one"
+        failing.on = False
+        retried = failing.failed
+        deadline = time.monotonic() + 5  # the owed leave's next try (backoff) comes meanwhile
+        while a.cluster._owed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not a.cluster._owed and failing.failed == retried
+        await o.ok("msg.send", room="dev", text="two")
+        assert (await u.event("message"))["text"] == "two"  # still in: nothing undid the join
+        assert (await o.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
+        assert named(o.events, "member.left", "Ula") == []
+        assert (await u.ok("room.members", room="dev"))["members"] == ["Obs", "Ula"]
+
+
+async def test_a_join_answered_before_its_node_read_its_entry_gets_the_room_s_events(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a's reader lags past the store's timeout: the join is answered at that bound,
+    and from then on its connection is a member (events delivered on a at once reach it)."""
+    readers = Readers(monkeypatch)
+    async with two_nodes(redis_url) as (a, b), clients(a.port, a.port, b.port) as (u, w, o):
+        await u.ok("login", user="Ula")
+        await w.ok("login", user="Wes")
+        await o.ok("login", user="Obs")
+        await w.ok("room.create", room="dev")
+        await o.ok("room.join", room="dev")
+        a.store.timeout = 0.3  # the bound of a's waits for its reader (no socket's)
+        await readers.hold(a)
+        began = time.monotonic()
+        joined = await u.ok("room.join", room="dev")
+        assert time.monotonic() - began < 2 * 0.3 + 1  # caught_up's bound, then the entry's
+        assert "Ula" in joined["members"]
+        room = a.app.rooms.get("dev")
+        assert len(room.sessions) == 2 and not room.entering
+        await w.ok("room.edit", room="dev", topic="now")  # delivered on a at once
+        assert (await u.event("room.updated"))["topic"] == "now"
+        readers.release(a)
+        await o.ok("msg.send", room="dev", text="hi")
+        assert (await u.event("message"))["text"] == "hi"
+        assert (await u.ok("room.members", room="dev"))["members"] == ["Obs", "Ula", "Wes"]
+        assert named(u.events, "member.joined", "Ula") == []
+
+
+async def test_a_node_starting_while_another_creates_a_room_and_joins_it_serves_both(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes made between a starting node's snapshot (store.open) and its first read of
+    the stream are in the one view it starts from (CLUSTER_VIEW, as after an outage)."""
+    async with two_nodes(redis_url) as (a, _), clients(a.port) as (o,):
+        await o.ok("login", user="Obs")
+        beat = Cluster._beat
+        made: list[bool] = []
+
+        async def meanwhile(cluster: Cluster) -> None:
+            if not made and cluster.app is not a.app:
+                made.append(True)
+                await o.ok("room.create", room="late", topic="new")
+                await o.ok("msg.send", room="late", text="before c")
+            await beat(cluster)
+
+        monkeypatch.setattr(Cluster, "_beat", meanwhile)
+        c = ChatServer(TEST_CONFIG, RedisStore(redis_url), SECRET)
+        await c.start()
+        try:
+            assert made
+            async with clients(c.port) as (u,):
+                await u.ok("login", user="Ula")
+                rooms = {r["name"]: r for r in (await u.ok("room.list"))["rooms"]}
+                assert rooms["late"]["topic"] == "new"
+                assert (await u.ok("room.join", room="late"))["members"] == ["Obs", "Ula"]
+                assert await o.event("member.joined") == {"room": "late", "user": "Ula"}
+                await o.ok("msg.send", room="late", text="after c")
+                assert (await u.event("message"))["text"] == "after c"
+        finally:
+            await c.stop()
+
+
+async def test_a_node_reaped_alive_that_lapses_again_is_reaped_again_within_the_ttl(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reap lock of a node lasts no longer than its heartbeat's TTL: a node reaped
+    while alive, back, and then silent again leaves the rooms again within the TTL (plus
+    a third of it), not when a longer lock lapses."""
+    ttl = 1.0
+    beat = Cluster._beat
+    silent: set[Cluster] = set()
+
+    async def beating(cluster: Cluster) -> None:
+        if cluster not in silent:
+            await beat(cluster)
+
+    monkeypatch.setattr(Cluster, "_beat", beating)
+    async with two_nodes(redis_url, node_ttl=ttl) as (a, b), clients(a.port, b.port) as (u, o):
+        token = (await u.ok("login", user="Ula"))["token"]
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await u.ok("room.join", room="dev")
+        await o.event("member.joined")
+        silent.add(a.cluster)  # its beat lapses: node b reaps it
+        assert (await o.event("member.left", timeout=4 * ttl))["user"] == "Ula"
+        await u.event("server.shutdown", timeout=4 * ttl)
+        silent.discard(a.cluster)
+        async with clients(a.port) as (u2,):
+            await _retry(u2, "auth", token=token)
+            await a.cluster._beat()  # back (its loop would beat within a third of the TTL)
+            assert (await u2.ok("room.join", room="dev"))["members"] == ["Obs", "Ula"]
+            assert (await o.event("member.joined")) == {"room": "dev", "user": "Ula"}
+            silent.add(a.cluster)  # silent again, soon after the first reap
+            began = time.monotonic()
+            left = await o.event("member.left", timeout=4 * ttl)
+            assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
+            assert time.monotonic() - began < 2 * ttl + 1
+            silent.discard(a.cluster)
+
+
+async def test_a_node_starting_afresh_lists_a_dead_node_s_members_until_they_are_reaped(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis counts a dead node's users in their rooms until its reap: a node that starts
+    afresh meanwhile lists them too (as the other nodes do), and announces their leave
+    when the reap comes, so a join of such a user there is neither told nor listed apart."""
+    import redis.asyncio as aioredis
+
+    beat = Cluster._beat
+    silent: set[Cluster] = set()
+
+    async def beating(cluster: Cluster) -> None:
+        if cluster not in silent:
+            await beat(cluster)
+
+    monkeypatch.setattr(Cluster, "_beat", beating)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (w, u):
+            await w.ok("login", user="Wes")
+            await u.ok("login", user="Ula")
+            await w.ok("room.create", room="dev")
+            await u.ok("room.join", room="dev")
+            await w.event("member.joined")
+            silent.add(b.cluster)  # node b "dies": its beat lapses ...
+            P, dead = a.store.prefix, b.cluster.node
+            await raw.delete(f"{P}node:{dead}")
+            await raw.set(f"{P}reap:{dead}", "elsewhere", px=60_000)  # ... not reaped yet
+            await a.cluster._resync("test: start afresh")
+            await w.event("server.shutdown")
+            async with clients(a.port) as (c,):
+                await _retry(c, "login", user="Cid")
+                assert (await c.ok("room.members", room="dev"))["members"] == ["Ula"]
+                assert (await c.ok("room.join", room="dev"))["members"] == ["Cid", "Ula"]
+                await raw.delete(f"{P}reap:{dead}")
+                await a.cluster._reap()  # now it is
+                left = await c.event("member.left")
+                assert left == {"room": "dev", "user": "Ula", "reason": "disconnected"}
+                assert (await c.ok("room.members", room="dev"))["members"] == ["Cid"]
+    finally:
+        await raw.aclose()

@@ -55,7 +55,7 @@ STREAM_KEEP_MS = 60_000
 # notify: append a change or notice to the change stream.
 _NOTIFY = f"""
 local function notify(...)
-  redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', {STREAM_MAXLEN}, '*', ...)
+  return redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', {STREAM_MAXLEN}, '*', ...)
 end
 """
 _PRELUDE = _NOTIFY + r"""
@@ -347,18 +347,25 @@ return 1
 
 # ARGV: P, id, node, by (who deleted it; "" an ephemeral room emptied). The room goes now; its messages follow in PURGE batches.
 # Reply: 1 deleted, 0 it was already gone (no notice then: several nodes may delete it).
-DELETE_ROOM = _NOTIFY + r"""
-local P, id = ARGV[1], ARGV[2]
-local key = P..'room:'..id
-local k = redis.call('HGET', key, 'k')
-local existed = redis.call('EXISTS', key)
-if k and redis.call('HGET', P..'room_names', k) == id then redis.call('HDEL', P..'room_names', k) end
-redis.call('DEL', key, P..'pm:'..id)
-redis.call('SREM', P..'rooms', id)
-redis.call('SADD', P..'rooms:gone', id)
-if existed == 0 then return 0 end
-notify('kind', 'room.deleted', 'node', ARGV[3] or '', 'id', id, 'by', ARGV[4] or '')
-return 1
+# A room goes (DELETE_ROOM; an ephemeral room emptied, _MEMBERSHIP). 1 it was there (its
+# room.deleted entry is added: node, by), 0 it was not.
+_REMOVE_ROOM = _NOTIFY + r"""
+local function remove_room(P, id, node, by)
+  local key = P..'room:'..id
+  local k = redis.call('HGET', key, 'k')
+  local existed = redis.call('EXISTS', key)
+  if k and redis.call('HGET', P..'room_names', k) == id then redis.call('HDEL', P..'room_names', k) end
+  redis.call('DEL', key, P..'pm:'..id)
+  redis.call('SREM', P..'rooms', id)
+  redis.call('SADD', P..'rooms:gone', id)
+  if existed == 0 then return 0 end
+  notify('kind', 'room.deleted', 'node', node, 'id', id, 'by', by)
+  return 1
+end
+"""
+
+DELETE_ROOM = _REMOVE_ROOM + r"""
+return remove_room(ARGV[1], ARGV[2], ARGV[3] or '', ARGV[4] or '')
 """
 
 # ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = taken
@@ -578,20 +585,13 @@ SCRIPTS = {
 # first node in the room (member.joined), `left` the reason on an `out` that was its last
 # (member.left). An ephemeral room emptied goes with a room.deleted entry (node "", by "":
 # every node forgets it quietly; nobody is in it).
-_MEMBERSHIP = _NOTIFY + r"""
+_MEMBERSHIP = _REMOVE_ROOM + r"""
 local P = ARGV[1]
 local function drop_if_emptied(room)
-  local key = P..'room:'..room
-  if redis.call('EXISTS', P..'pm:'..room) == 1 or redis.call('HGET', key, 'e') ~= '1' then
+  if redis.call('EXISTS', P..'pm:'..room) == 1 or redis.call('HGET', P..'room:'..room, 'e') ~= '1' then
     return 0
   end
-  local k = redis.call('HGET', key, 'k')
-  if k and redis.call('HGET', P..'room_names', k) == room then redis.call('HDEL', P..'room_names', k) end
-  redis.call('DEL', key)
-  redis.call('SREM', P..'rooms', room)
-  redis.call('SADD', P..'rooms:gone', room)
-  notify('kind', 'room.deleted', 'node', '', 'id', room, 'by', '')
-  return 1
+  return remove_room(P, room, '', '')
 end
 -- One node's user out of a room. Reply: 0 it was not in, 1 out, 2 out and the room closed.
 local function go_out(node, room, ukey, reason)
@@ -613,17 +613,21 @@ end
 
 # A node's user enters a room (its first connection there on that node). ARGV: P, node,
 # room id, user key, display name. Reply: {on how many nodes the user is in the room now
-# (1: the first, announced), its entry's id}; {0} it already was on this node; {-1} the
-# room is gone.
-ROOM_ENTER = r"""
+# (1: the first, announced), its entry's id}; {-1} the room is gone. A user Redis still
+# has in the room on this node (a departure of it that has not reached Redis yet: the
+# node retries it) stays as it is, not announced again, and gets an entry too: the node
+# admits its connections at that entry, as any other.
+ROOM_ENTER = _NOTIFY + r"""
 local P, node, room, ukey, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if redis.call('EXISTS', P..'room:'..room) == 0 then return {-1} end
-if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 0 then return {0} end
-local n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
-local first = ''
-if n == 1 then first = '1' end
-local id = redis.call('XADD', P..'changes', 'MAXLEN', '~', """ + str(STREAM_MAXLEN) + r""", '*',
-                      'kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
+local n, first = 0, ''
+if redis.call('HSETNX', P..'node:'..node..':m', room..'\n'..ukey, name) == 1 then
+  n = redis.call('HINCRBY', P..'pm:'..room, ukey, 1)
+  if n == 1 then first = '1' end
+else
+  n = tonumber(redis.call('HGET', P..'pm:'..room, ukey) or '1')
+end
+local id = notify('kind', 'in', 'node', node, 'room', room, 'key', ukey, 'name', name, 'ann', first)
 return {n, id}
 """
 
@@ -664,8 +668,10 @@ return {#fields, closed}
 
 # What a node adopts when it may have missed changes (after an outage or a gap), in one
 # consistent view with the stream position it stands for. ARGV: P, this node. Reply:
-# {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields}...} of the
-# live nodes' memberships (this one's too), guests (flat hash), revoked (jti, exp flat)}.
+# {last stream id, entries added, rev, {{room id, fields}...}, {{node, fields, live}...}
+# the nodes' memberships (this one's too; a dead node's until it is reaped: the room
+# counts (pm:) hold them till then, and its reap's entries take them out), guests (flat
+# hash), revoked (jti, exp flat)}.
 CLUSTER_VIEW = r"""
 local P, me = ARGV[1], ARGV[2]
 local last, added = '0-0', 0
@@ -683,9 +689,9 @@ for _, id in ipairs(redis.call('SMEMBERS', P..'rooms')) do
 end
 local members = {}
 for _, node in ipairs(redis.call('SMEMBERS', P..'nodes')) do
-  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then
-    members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m')}
-  end
+  local live = 0
+  if node == me or redis.call('EXISTS', P..'node:'..node) == 1 then live = 1 end
+  members[#members+1] = {node, redis.call('HGETALL', P..'node:'..node..':m'), live}
 end
 return {last, added, redis.call('HGET', P..'meta', 'rev') or '0', rooms, members,
         redis.call('HGETALL', P..'guests'), redis.call('ZRANGE', P..'revoked', 0, -1, 'WITHSCORES')}

@@ -81,8 +81,10 @@ class ClusterView(msgspec.Struct, frozen=True):
     entries_added: int
     rev: int
     rooms: list[RoomRecord]
-    # room id -> user key -> (display name, the live nodes it is in the room on)
+    # room id -> user key -> (display name, the nodes it is in the room on: live ones,
+    # and dead ones not reaped yet, whose reap's entries take them out)
     remote: dict[int, dict[str, tuple[str, set[str]]]]
+    nodes: list[str]  # the live nodes, this one too
     guests: dict[str, str]  # name key -> GuestHold as JSON
     revoked: dict[str, int]  # jti -> expires_at
 
@@ -947,8 +949,8 @@ class RedisStore:
 
     def enter_room(self, room_id: int, key: str, name: str) -> Deferred[tuple[int, str]]:
         """This node's user enters a room (scripts.ROOM_ENTER): (on how many nodes the
-        user is in it now (1: announced as new), the stream entry saying so); (0, "") it
-        was already in here, (-1, "") the room is gone."""
+        user is in it now (1: announced as new), the stream entry saying so), also when
+        Redis had it in here already (a departure still owed); (-1, "") the room is gone."""
 
         def decode(reply: Any) -> tuple[int, str]:
             return int(reply[0]), str(reply[1]) if len(reply) > 1 else ""
@@ -958,24 +960,25 @@ class RedisStore:
     def leave_room(self, room_id: int, key: str, reason: str) -> Deferred[int]:
         """This node's user leaves a room (scripts.ROOM_LEAVE): 0 it was not in, 1 out,
         2 out and the (ephemeral) room closed, its messages purged after."""
-
-        def decode(n: Any) -> int:
-            if int(n) == 2:
-                self._purge_later(room_id)
-            return int(n)
-
+        decode = self._purged_if_closed(room_id)
         return self._call("room_leave", self.node, room_id, key, reason, decode=decode)
 
     def close_room_if_empty(self, room_id: int) -> Deferred[int]:
         """An ephemeral room nobody is in on any node goes (scripts.ROOM_CLOSE_IF_EMPTY):
         2 it did, its messages purged after; 0 it stays (or was gone)."""
+        decode = self._purged_if_closed(room_id)
+        return self._call("room_close_if_empty", room_id, decode=decode)
+
+    def _purged_if_closed(self, room_id: int) -> Callable[[Any], int]:
+        """A membership script's reply as a number; 2 (the room closed): its messages are
+        purged after."""
 
         def decode(n: Any) -> int:
             if int(n) == 2:
                 self._purge_later(room_id)
             return int(n)
 
-        return self._call("room_close_if_empty", room_id, decode=decode)
+        return decode
 
     def reap(self, node: str, gone: bool = True) -> Deferred[int]:
         """Every membership `node` has in Redis goes (scripts.REAP); with `gone` the node
@@ -996,7 +999,10 @@ class RedisStore:
             "cluster_view", self.node
         )
         remote: dict[int, dict[str, tuple[str, set[str]]]] = {}
-        for node, flat in members:
+        nodes = []
+        for node, flat, live in members:
+            if live:
+                nodes.append(node)
             for field, name in zip(flat[::2], flat[1::2], strict=True):
                 room_id, _, key = field.partition("\n")
                 entry = remote.setdefault(int(room_id), {}).setdefault(key, (name, set()))
@@ -1007,6 +1013,7 @@ class RedisStore:
             rev=int(rev),
             rooms=[_room(int(i), dict(zip(h[::2], h[1::2], strict=True))) for i, h in rooms],
             remote=remote,
+            nodes=sorted(nodes),
             guests=dict(zip(guests[::2], guests[1::2], strict=True)),
             revoked={jti: int(float(exp)) for jti, exp in zip(revoked[::2], revoked[1::2], strict=True)},
         )
