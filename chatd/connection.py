@@ -38,6 +38,7 @@ import msgspec
 from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
+from chatd.protocol.decode import one_cmd_per_line
 from chatd.protocol.events import SlowConsumer
 from chatd.protocol.frames import error_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
@@ -151,6 +152,7 @@ class Connection:
         "held",
         "host",
         "ip",
+        "one_cmd",
         "out",
         "out_bytes",
         "paused",
@@ -169,6 +171,9 @@ class Connection:
         self.ip = ip
         self.session: Session | None = None
         self.splitter = LineSplitter(host.config.max_frame)
+        # Every frame still in the splitter is from one read chunk that passed
+        # one_cmd_per_line (so decode skips its per-frame repeated-"cmd" check).
+        self.one_cmd = False
         self.slots: collections.deque[_Slot] | None = None  # made when a command waits
         self.held: tuple[Command, Spec] | None = None
         self.paused = 0  # PAUSE_* bits; reading is on when none is set
@@ -206,9 +211,11 @@ class Connection:
         # however small the frames are (protocol.md Limits, input memory).
         splitter = self.splitter
         if splitter.buf or splitter.discarding or type(data) is not bytes:
+            self.one_cmd = False  # frames may now span two chunks
             splitter.push(data)
         else:
             splitter.buf = data  # push's usual case, inlined (LineSplitter's docstring)
+            self.one_cmd = one_cmd_per_line(data)
         self.pump()
 
     def receive_eof(self) -> bool:
@@ -281,7 +288,7 @@ class Connection:
                     self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(line)  # type: ignore[arg-type]  # bytes here
+                prepared = dispatcher.prepare(line, self.one_cmd)  # type: ignore[arg-type]  # bytes here
                 if type(prepared) is Outcome:
                     self.bad_frame(prepared.reply)
                     self.reply(prepared)

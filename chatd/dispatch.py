@@ -259,10 +259,11 @@ class Dispatcher:
             ))  # fmt: skip
         return HelpReply(commands=out)
 
-    def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
-        """Decode a frame and find its command, or the error frame to answer with."""
+    def prepare(self, line: bytes, one_cmd: bool = False) -> tuple[Command, Spec] | Outcome:
+        """Decode a frame and find its command, or the error frame to answer with.
+        ``one_cmd``: as `decode_command`'s."""
         try:
-            cmd = decode_command(line)
+            cmd = decode_command(line, one_cmd)
         except FrameError as exc:
             self.stats.bad_frames += 1
             return Outcome(error_frame(exc.request_id, exc.error))
