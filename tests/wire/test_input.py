@@ -48,9 +48,9 @@ def _count_prepared(server: ChatServer) -> list[int]:
     count = [0]
     prepare = server.dispatcher.prepare
 
-    def counting(line: bytes) -> Any:
+    def counting(line: bytes, one_cmd: bool = False) -> Any:
         count[0] += 1
-        return prepare(line)
+        return prepare(line, one_cmd)
 
     server.dispatcher.prepare = counting  # type: ignore[method-assign]
     return count
