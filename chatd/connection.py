@@ -421,10 +421,14 @@ class Connection:
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
         slots: collections.deque[_Slot] = self.slots  # type: ignore[assignment]  # slot's
-        slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
         self.waiting -= 1
         if not slot.overlap:
             self.barriers -= 1
+        if slots[0] is slot:  # the first in line (the usual case): its reply goes now
+            slots.popleft()
+            self.deliver(outcome)
+        else:
+            slot.outcome = self._others_now(outcome)
         while slots and slots[0].outcome is not None:
             self.deliver(slots.popleft().outcome)  # type: ignore[arg-type]  # (tested)
         if not slots:

@@ -147,8 +147,6 @@ class Pending(msgspec.Struct, eq=False):
     req: Request
     name: str
     overlap: bool
-    done: Callable[[Any, Outcome], None] | None = None
-    tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
         req = self.req  # Request.outcome, inlined: every waiting command ends here
@@ -183,19 +181,19 @@ class Driver:
       (or any BaseException) is answered ``internal`` and then propagates to whoever
       resolved the future, as asyncio would.
 
-    ``running`` holds every command being driven, so shutdown can wait for them.
+    ``running`` holds every command being driven, so shutdown can wait for them, with
+    its ``(done, tag)`` (kept there, not set on the Pending: a store into a Struct costs
+    more than a dict entry's value).
     """
 
     __slots__ = ("call_soon", "running")
 
     def __init__(self, call_soon: Callable[..., Any]) -> None:
         self.call_soon = call_soon  # loop.call_soon
-        self.running: dict[Pending, None] = {}
+        self.running: dict[Pending, tuple[Callable[[Any, Outcome], None], Any]] = {}
 
     def start(self, pending: Pending, done: Callable[[Any, Outcome], None], tag: Any) -> None:
-        pending.done = done
-        pending.tag = tag
-        self.running[pending] = None
+        self.running[pending] = (done, tag)
         self._wait(pending, pending.first)
 
     def _wait(self, p: Pending, yielded: Any) -> None:
@@ -231,10 +229,8 @@ class Driver:
         self._wait(p, yielded)
 
     def _end(self, p: Pending, outcome: Outcome) -> None:
-        self.running.pop(p, None)
-        done = p.done
-        assert done is not None
-        done(p.tag, outcome)
+        done, tag = self.running.pop(p)
+        done(tag, outcome)
 
 
 class Dispatcher:
