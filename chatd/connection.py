@@ -38,7 +38,7 @@ import msgspec
 from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
-from chatd.protocol.decode import one_cmd_per_line
+from chatd.protocol.decode import ONE_CMD_MIN_CHUNK, one_cmd_per_line
 from chatd.protocol.events import SlowConsumer
 from chatd.protocol.frames import error_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
@@ -205,7 +205,8 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         if self.dead:
             return
-        self.host.stats.bytes_in += len(data)
+        size = len(data)
+        self.host.stats.bytes_in += size
         # Frames are split out one at a time as pump runs them; while any are left,
         # reading stays paused, so input memory is one read chunk plus one partial line
         # however small the frames are (protocol.md Limits, input memory).
@@ -215,7 +216,8 @@ class Connection:
             splitter.push(data)
         else:
             splitter.buf = data  # push's usual case, inlined (LineSplitter's docstring)
-            self.one_cmd = one_cmd_per_line(data)
+            # (the size test inlined: a one-frame chunk, a ping's, pays no call for it)
+            self.one_cmd = size >= ONE_CMD_MIN_CHUNK and one_cmd_per_line(data)
         self.pump()
 
     def receive_eof(self) -> bool:

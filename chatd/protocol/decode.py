@@ -87,7 +87,7 @@ def decode_command(line: bytes, one_cmd: bool = False) -> Command:
 
 # The chunk check below costs about three per-frame checks: worth it only for a chunk
 # that likely holds several frames (a msg.send is ~90 bytes, a ping ~25).
-_ONE_CMD_MIN_CHUNK = 256
+ONE_CMD_MIN_CHUNK = 256
 
 
 def one_cmd_per_line(chunk: bytes) -> bool:
@@ -102,7 +102,7 @@ def one_cmd_per_line(chunk: bytes) -> bool:
     False means only "check each frame", as `decode_command` does by default. A partial
     last line is completed by a later push, which must not keep the vouch."""
     return (
-        len(chunk) >= _ONE_CMD_MIN_CHUNK
+        len(chunk) >= ONE_CMD_MIN_CHUNK
         and chunk.startswith(b'{"cmd"')
         and (92 not in chunk or b"\\u006" not in chunk)
         and chunk.count(b'"cmd"') == chunk.count(b'\n{"cmd"') + 1
