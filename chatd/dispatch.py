@@ -28,6 +28,7 @@ from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import RequestId, error_frame, ok_frame
 from chatd.protocol.replies import CommandHelp, HelpReply
 from chatd.session import Session
+from chatd.store.deferred import Deferred
 
 log = logging.getLogger("chatd")
 
@@ -210,7 +211,12 @@ class Driver:
     def _step(self, p: Pending, fut: Any) -> None:
         handler = p.handler
         try:
-            if fut is None:
+            if type(fut) is Deferred:
+                # A store write's (every send's): its outcome read in place, not through
+                # three method calls (a Deferred is never cancelled).
+                exc = fut._exc
+                yielded = handler.throw(exc) if exc is not None else handler.send(fut._value)
+            elif fut is None:
                 yielded = handler.send(None)
             elif fut.cancelled():
                 yielded = handler.throw(asyncio.CancelledError())
