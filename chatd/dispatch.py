@@ -198,6 +198,12 @@ class Driver:
         self._wait(pending, pending.first)
 
     def _wait(self, p: Pending, yielded: Any) -> None:
+        if type(yielded) is Deferred and not yielded._done:
+            # A store write (every send's): Deferred.add_done_callback inlined. Its
+            # _asyncio_future_blocking stays True: only an asyncio Task reads it, and
+            # Deferred.__await__ sets it True again before one can.
+            yielded._callbacks.append((functools.partial(self._step, p), None))
+            return
         if yielded is None:  # a bare yield (asyncio.sleep(0)): go on next turn
             self.call_soon(self._step, p, None)
             return
