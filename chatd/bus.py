@@ -47,14 +47,14 @@ class Directory(Protocol):
     def sessions_of(self, user_key: str) -> Collection[Session]: ...
 
 
-class ToRoom:
-    """Every connection in the room when the event is delivered (``skip``: but that one)."""
+class ToRoom(msgspec.Struct, eq=False):
+    """Every connection in the room when the event is delivered (``skip``: but that one).
 
-    __slots__ = ("room", "skip")
+    A msgspec Struct (never encoded; eq=False: compared by identity, as before) so that
+    making one, once per message sent, runs no Python ``__init__``."""
 
-    def __init__(self, room: LiveRoom, skip: Session | None = None) -> None:
-        self.room = room
-        self.skip = skip
+    room: LiveRoom
+    skip: Session | None = None
 
     def local(self, directory: Directory) -> Collection[Session]:
         if self.skip is None:

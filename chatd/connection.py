@@ -38,6 +38,7 @@ import msgspec
 from chatd.bus import deliver, others_now
 from chatd.dispatch import Driver, Outcome, Pending, Throttle
 from chatd.errors import FrameTooLarge
+from chatd.protocol.decode import ONE_CMD_MIN_CHUNK, one_cmd_per_line
 from chatd.protocol.events import SlowConsumer
 from chatd.protocol.frames import error_frame
 from chatd.protocol.framing import TOO_LARGE, LineSplitter
@@ -151,6 +152,7 @@ class Connection:
         "held",
         "host",
         "ip",
+        "one_cmd",
         "out",
         "out_bytes",
         "paused",
@@ -169,6 +171,9 @@ class Connection:
         self.ip = ip
         self.session: Session | None = None
         self.splitter = LineSplitter(host.config.max_frame)
+        # Every frame still in the splitter is from one read chunk that passed
+        # one_cmd_per_line (so decode skips its per-frame repeated-"cmd" check).
+        self.one_cmd = False
         self.slots: collections.deque[_Slot] | None = None  # made when a command waits
         self.held: tuple[Command, Spec] | None = None
         self.paused = 0  # PAUSE_* bits; reading is on when none is set
@@ -200,15 +205,19 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         if self.dead:
             return
-        self.host.stats.bytes_in += len(data)
+        size = len(data)
+        self.host.stats.bytes_in += size
         # Frames are split out one at a time as pump runs them; while any are left,
         # reading stays paused, so input memory is one read chunk plus one partial line
         # however small the frames are (protocol.md Limits, input memory).
         splitter = self.splitter
         if splitter.buf or splitter.discarding or type(data) is not bytes:
+            self.one_cmd = False  # frames may now span two chunks
             splitter.push(data)
         else:
             splitter.buf = data  # push's usual case, inlined (LineSplitter's docstring)
+            # (the size test inlined: a one-frame chunk, a ping's, pays no call for it)
+            self.one_cmd = size >= ONE_CMD_MIN_CHUNK and one_cmd_per_line(data)
         self.pump()
 
     def receive_eof(self) -> bool:
@@ -281,7 +290,7 @@ class Connection:
                     self.bad_frame("frame too large")
                     self.reply(Outcome(error_frame(None, _TOO_LARGE_ERR)))
                     continue
-                prepared = dispatcher.prepare(line)  # type: ignore[arg-type]  # bytes here
+                prepared = dispatcher.prepare(line, self.one_cmd)  # type: ignore[arg-type]  # bytes here
                 if type(prepared) is Outcome:
                     self.bad_frame(prepared.reply)
                     self.reply(prepared)
@@ -414,10 +423,14 @@ class Connection:
     def finished(self, slot: _Slot, outcome: Outcome) -> None:
         """A waiting command is done (called by the command driver)."""
         slots: collections.deque[_Slot] = self.slots  # type: ignore[assignment]  # slot's
-        slot.outcome = outcome if slots[0] is slot else self._others_now(outcome)
         self.waiting -= 1
         if not slot.overlap:
             self.barriers -= 1
+        if slots[0] is slot:  # the first in line (the usual case): its reply goes now
+            slots.popleft()
+            self.deliver(outcome)
+        else:
+            slot.outcome = self._others_now(outcome)
         while slots and slots[0].outcome is not None:
             self.deliver(slots.popleft().outcome)  # type: ignore[arg-type]  # (tested)
         if not slots:

@@ -28,6 +28,7 @@ from chatd.protocol.decode import FrameError, decode_command
 from chatd.protocol.frames import RequestId, error_frame, ok_frame
 from chatd.protocol.replies import CommandHelp, HelpReply
 from chatd.session import Session
+from chatd.store.deferred import Deferred
 
 log = logging.getLogger("chatd")
 
@@ -147,8 +148,6 @@ class Pending(msgspec.Struct, eq=False):
     req: Request
     name: str
     overlap: bool
-    done: Callable[[Any, Outcome], None] | None = None
-    tag: Any = None
 
     def finish(self, value: Any) -> Outcome:
         req = self.req  # Request.outcome, inlined: every waiting command ends here
@@ -183,22 +182,28 @@ class Driver:
       (or any BaseException) is answered ``internal`` and then propagates to whoever
       resolved the future, as asyncio would.
 
-    ``running`` holds every command being driven, so shutdown can wait for them.
+    ``running`` holds every command being driven, so shutdown can wait for them, with
+    its ``(done, tag)`` (kept there, not set on the Pending: a store into a Struct costs
+    more than a dict entry's value).
     """
 
     __slots__ = ("call_soon", "running")
 
     def __init__(self, call_soon: Callable[..., Any]) -> None:
         self.call_soon = call_soon  # loop.call_soon
-        self.running: dict[Pending, None] = {}
+        self.running: dict[Pending, tuple[Callable[[Any, Outcome], None], Any]] = {}
 
     def start(self, pending: Pending, done: Callable[[Any, Outcome], None], tag: Any) -> None:
-        pending.done = done
-        pending.tag = tag
-        self.running[pending] = None
+        self.running[pending] = (done, tag)
         self._wait(pending, pending.first)
 
     def _wait(self, p: Pending, yielded: Any) -> None:
+        if type(yielded) is Deferred and not yielded._done:
+            # A store write (every send's): Deferred.add_done_callback inlined. Its
+            # _asyncio_future_blocking stays True: only an asyncio Task reads it, and
+            # Deferred.__await__ sets it True again before one can.
+            yielded._callbacks.append((functools.partial(self._step, p), None))
+            return
         if yielded is None:  # a bare yield (asyncio.sleep(0)): go on next turn
             self.call_soon(self._step, p, None)
             return
@@ -212,7 +217,12 @@ class Driver:
     def _step(self, p: Pending, fut: Any) -> None:
         handler = p.handler
         try:
-            if fut is None:
+            if type(fut) is Deferred:
+                # A store write's (every send's): its outcome read in place, not through
+                # three method calls (a Deferred is never cancelled).
+                exc = fut._exc
+                yielded = handler.throw(exc) if exc is not None else handler.send(fut._value)
+            elif fut is None:
                 yielded = handler.send(None)
             elif fut.cancelled():
                 yielded = handler.throw(asyncio.CancelledError())
@@ -231,10 +241,8 @@ class Driver:
         self._wait(p, yielded)
 
     def _end(self, p: Pending, outcome: Outcome) -> None:
-        self.running.pop(p, None)
-        done = p.done
-        assert done is not None
-        done(p.tag, outcome)
+        done, tag = self.running.pop(p)
+        done(tag, outcome)
 
 
 class Dispatcher:
@@ -259,10 +267,11 @@ class Dispatcher:
             ))  # fmt: skip
         return HelpReply(commands=out)
 
-    def prepare(self, line: bytes) -> tuple[Command, Spec] | Outcome:
-        """Decode a frame and find its command, or the error frame to answer with."""
+    def prepare(self, line: bytes, one_cmd: bool = False) -> tuple[Command, Spec] | Outcome:
+        """Decode a frame and find its command, or the error frame to answer with.
+        ``one_cmd``: as `decode_command`'s."""
         try:
-            cmd = decode_command(line)
+            cmd = decode_command(line, one_cmd)
         except FrameError as exc:
             self.stats.bad_frames += 1
             return Outcome(error_frame(exc.request_id, exc.error))

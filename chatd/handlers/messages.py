@@ -51,6 +51,12 @@ def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -
     order on every node."""
     if app.bus.carries_revisions:
         return
+    if m.room_id is not None:  # changes.audiences' room case, inlined (every room message)
+        room = app.rooms.by_id.get(m.room_id)
+        if room is not None:
+            app.settle(room)  # departures before this message are announced first
+            req.events.append((ToRoom(room), event))  # req.emit, inlined
+        return
     for audience in changes.audiences(app.rooms, m):
         if isinstance(audience, ToRoom):
             app.settle(audience.room)  # departures before this message are announced first

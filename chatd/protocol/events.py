@@ -92,6 +92,18 @@ class MessagePosted(Event):
         raw = self.__dict__.get("raw_message")  # message_json's cache, read in place
         return raw if raw is not None else self.message_json()
 
+    def json_frame(self) -> bytes:
+        # Event.json_frame with ``data`` inlined (one call and one ``__dict__`` fewer per
+        # message event: every send's path).
+        cache = self.__dict__
+        line: bytes | None = cache.get("json")
+        if line is None:
+            raw = cache.get("raw_message")
+            if raw is None:
+                raw = self.message_json()
+            line = cache["json"] = event_frame(self.name, raw)
+        return line
+
     def message_json(self) -> msgspec.Raw:
         """The message's JSON, encoded once and kept: the reply to the msg.send or msg.edit
         that made the event carries these same bytes (a reply Struct takes a Raw as

@@ -22,7 +22,8 @@ class Deferred(msgspec.Struct, Generic[T], eq=False):
 
     Made as ``Deferred(loop)``. A msgspec Struct (never encoded; ``eq=False``: compared
     and hashed by identity, as a Future is): one is made per write, and a Struct is built
-    in C, with no Python ``__init__`` frame."""
+    in C, with no Python ``__init__`` frame. The command Driver (chatd.dispatch) appends
+    to ``_callbacks`` and reads a done one's ``_exc`` and ``_value`` in place."""
 
     _loop: asyncio.AbstractEventLoop
     _callbacks: list[tuple[Callable[[Any], None], Any]] = []  # a new list each

@@ -382,3 +382,25 @@ def test_a_lost_connection_frees_what_it_read_and_queued(rig: Rig) -> None:
     assert rig.conn.session.closed
     gates[1].set_result(1)  # a command that finishes after the close sends nothing
     assert rig.edge.ids() == []
+
+
+PAD = ',"pad":"' + "x" * 300 + '"'  # a chunk this big is checked for repeated "cmd"s at once
+
+
+@pytest.mark.parametrize("in_two_reads", [False, True])
+def test_a_repeated_cmd_is_rejected_in_a_chunk_of_many_frames(rig: Rig, in_two_reads: bool) -> None:
+    # The repeated "cmd" in frame 2 and the missing one in frame 3 even out over the chunk.
+    first = f'{{"cmd":"ping","id":1{PAD}}}\n'.encode()
+    chunk = first + b'{"cmd":"ping","cmd":"ping","id":2}\n{"id":3}\n{"cmd":"ping","id":4}\n'
+    if in_two_reads:  # the first read passes the chunk check and ends inside frame 2
+        split = len(first) + len(b'{"cmd"')
+        rig.conn.receive_data(chunk[:split])
+        assert rig.conn.one_cmd
+        rig.conn.receive_data(chunk[split:])
+    else:
+        rig.conn.receive_data(chunk)
+    rig.host.flush()
+    frames = rig.edge.frames()
+    assert [f.get("id") for f in frames] == [1, 2, 3, 4]
+    assert [f["type"] for f in frames] == ["ok", "error", "error", "ok"]
+    assert "more than once" in frames[1]["message"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from chatd.protocol import commands as c
-from chatd.protocol.decode import FrameError, decode_command
+from chatd.protocol.decode import FrameError, decode_command, one_cmd_per_line
 
 MAX_INT = 2**63 - 1
 
@@ -250,3 +250,43 @@ def test_cmd_given_twice_is_bad_request(line: bytes) -> None:
 )
 def test_cmd_in_texts_or_nested_objects_is_not_a_second_cmd(line: bytes) -> None:
     decode_command(line)
+
+
+PAD = b',"pad":"' + b"x" * 300 + b'"'  # past the size below which no chunk is vouched for
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'{"cmd":"ping","id":1' + PAD + b'}\n{"cmd":"ping","id":2}\n',
+        b'{"cmd":"ping","id":1' + PAD + b'}\r\n{"cmd":"ping","id":2}\r\n{"cmd":"pi',  # partial
+        b'{"cmd":"msg.send","text":"a \\"cmd\\" b"' + PAD + b"}\n",  # quotes escaped
+    ],
+)
+def test_a_chunk_of_lines_with_one_cmd_each_is_vouched_for(chunk: bytes) -> None:
+    assert one_cmd_per_line(chunk)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        # one line has "cmd" twice and another none: the totals match the line count
+        b'{"cmd":"ping","cmd":"ping","id":1' + PAD + b'}\n{"id":2}\n',
+        b'{"id":2' + PAD + b'}\n{"cmd":"ping","cmd":"ping","id":1}\n',
+        b'{"cmd":"ping","id":1' + PAD + b',"\\u0063md":"ping"}\n',  # an escaped key
+        b'{"cmd":"ping","id":1' + PAD + b'}\n{ "cmd":"ping","cmd":"ping"}\n',  # spaced
+        b'{"cmd":"ping","id":1' + PAD + b'}\n\n{"cmd":"ping","text":"cmd"}\n',
+        b'{"cmd":"ping","id":1}\n{"cmd":"ping","id":2}\n',  # small: checked per frame
+    ],
+)
+def test_a_chunk_that_may_hold_a_repeated_cmd_is_not_vouched_for(chunk: bytes) -> None:
+    assert not one_cmd_per_line(chunk)
+
+
+def test_a_vouched_line_skips_only_the_repeated_cmd_check() -> None:
+    line = b'{"cmd":"ping","id":1' + PAD + b"}"
+    assert one_cmd_per_line(line + b"\n")
+    assert isinstance(decode_command(line, one_cmd=True), c.Ping)
+    with pytest.raises(FrameError) as info:  # everything else is still checked
+        decode_command(b'{"cmd":"nope","id":1}', one_cmd=True)
+    assert info.value.error.code == "unknown_command"

@@ -48,9 +48,9 @@ def _count_prepared(server: ChatServer) -> list[int]:
     count = [0]
     prepare = server.dispatcher.prepare
 
-    def counting(line: bytes) -> Any:
+    def counting(line: bytes, one_cmd: bool = False) -> Any:
         count[0] += 1
-        return prepare(line)
+        return prepare(line, one_cmd)
 
     server.dispatcher.prepare = counting  # type: ignore[method-assign]
     return count
@@ -175,5 +175,25 @@ async def test_out_of_range_numbers_and_a_repeated_cmd_are_bad_request_with_the_
             assert frame["type"] == "error" and frame["code"] == "bad_request", (raw, frame)
             assert frame["id"] == rid
         assert (await c.ok("ping")) == {"pong": True}
+    finally:
+        await c.close()
+
+
+async def test_a_repeated_cmd_among_pipelined_frames_is_still_caught(server: ChatServer) -> None:
+    """Pipelined frames are checked for a repeated "cmd" once per read chunk where the
+    chunk proves it exact: a frame with two, evened out by one with none, is still caught."""
+    c = await Client.connect(server.port)
+    try:
+        await c.guest("pipelined")
+        pad = b',"pad":"' + b"x" * 300 + b'"'
+        await c.send_raw(
+            b'{"cmd":"ping","id":1' + pad + b"}\n"
+            b'{"cmd":"ping","cmd":"ping","id":2}\n{"id":3}\n{"cmd":"ping","id":4}\n'
+        )
+        frames = [await c.recv() for _ in range(4)]
+        assert [(f["id"], f["type"]) for f in frames] == [
+            (1, "ok"), (2, "error"), (3, "error"), (4, "ok"),
+        ]  # fmt: skip
+        assert "more than once" in frames[1]["message"]
     finally:
         await c.close()
