@@ -436,14 +436,25 @@ class RedisStore:
                     if self._purging:
                         batch.append(self._purging.popleft())  # one purge per round trip
                     if not await self._send_batch(batch, flight, answered) and reading:
-                        reading.cancel()  # the connection broke: every batch on it failed
+                        # The connection broke: every batch still in flight on it failed.
+                        # One the reading task took off `flight` while the send waited
+                        # was answered by Redis: it is handed out, not dropped (and one
+                        # whose NOSCRIPT calls run again, on a pool connection, finishes).
+                        if not self._rerunning:
+                            reading.cancel()
                         await asyncio.wait([reading])
+                        if not reading.cancelled() and reading.exception() is None:
+                            late = reading.result()
+                            if late is not None:
+                                self._hand_out(late)
                         reading = None
                     answered = None
                 elif answered is not None:
                     self._hand_out(answered)  # may queue more writes: look again
                     answered = None
-                elif flight:
+                elif flight or reading is not None:
+                    # `reading` may run with `flight` empty: it took its batch off and runs
+                    # NOSCRIPT calls again (_receive_batch); it is awaited all the same.
                     if reading is None:
                         reading = asyncio.get_running_loop().create_task(
                             self._receive_batch(flight)
