@@ -520,3 +520,47 @@ async def test_a_write_queued_while_noscript_calls_run_again_is_sent(redis_url: 
         assert (a.id, b.id) == (2, 3)
     finally:
         await s.close()
+
+
+async def test_noscript_calls_run_again_only_when_no_later_call_ran(redis_url: str) -> None:
+    """A call that got NOSCRIPT is run again only when every later call of its batch got
+    NOSCRIPT too; a later call that ran (another client loaded the scripts meanwhile)
+    would come before it, so it is not run (the caller hears "not saved")."""
+    from redis.exceptions import NoScriptError
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        calls: Any = [("raw", ("INCR", "n"), []), ("raw", ("INCR", "n"), [])]
+        refused = NoScriptError("NOSCRIPT")
+        out = await s._pipeline(calls, [refused, 1])
+        assert out[0] is refused and out[1] == 1
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.get("n") is None
+        out = await s._pipeline(calls, [1, refused])
+        assert out == [1, 1]
+    finally:
+        await s.close()
+
+
+async def test_a_noscript_rerun_that_breaks_off_may_have_been_saved(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-run's pipeline was sent and then failed: its calls may have run, so they
+    answer "may not have been saved", not "not saved"."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError
+
+    async def breaks(self: Any, *args: Any, **kw: Any) -> Any:
+        raise RedisConnectionError("a break after sending")
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        monkeypatch.setattr(Pipeline, "execute", breaks)
+        out = await s._pipeline([("raw", ("INCR", "n"), [])], [NoScriptError("NOSCRIPT")])
+        assert isinstance(out[0], Internal) and "may not have been saved" in str(out[0])
+        assert "may not have been saved" in str(s._error(out[0]))
+    finally:
+        await s.close()
