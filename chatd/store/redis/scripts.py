@@ -241,6 +241,8 @@ if not v then return false end
 local t = cmsgpack.unpack(v)
 if t[10] then return false end
 local st = state(t)
+-- A deleted room's messages stay until purged; a change to one is refused (as SEND does).
+if st[3] and redis.call('SISMEMBER', P..'rooms:gone', st[3]) == 1 then return false end
 local rev = redis.call('HINCRBY', P..'meta', 'rev', 1)
 t[2] = rev
 if kind == 'edited' then
