@@ -564,3 +564,16 @@ async def test_a_noscript_rerun_that_breaks_off_may_have_been_saved(
         assert "may not have been saved" in str(s._error(out[0]))
     finally:
         await s.close()
+
+
+def test_the_readers_stream_head_is_three_numbers_not_entries(redis_url: str) -> None:
+    """The reader's gap check asks for the stream's head with every read: entries-added,
+    length and the first entry's id only (XINFO STREAM would send the first and last
+    entries whole); nothing for a missing stream."""
+    from chatd.cluster import _HEAD
+
+    with redis.Redis.from_url(redis_url) as r:
+        ids = [r.xadd("s", {"m": b"x" * 60_000}) for _ in range(3)]
+        r.xtrim("s", maxlen=2)
+        assert r.eval(_HEAD, 1, "s") == [3, 2, ids[1]]
+        assert r.eval(_HEAD, 1, "missing") is None

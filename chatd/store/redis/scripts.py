@@ -49,8 +49,9 @@ from __future__ import annotations
 STREAM_MAXLEN = 100_000
 # Also kept no longer than this (ms, approximately; trimmed by the send script): an entry
 # of sends holds up to a few hundred messages, so the entry cap alone could keep a lot of
-# them. A node that has not read the stream for this long has been reaped long since (its
-# heartbeat's TTL is seconds): nothing needs the older entries.
+# them. A node whose reader lags by more than this (sustained overload; or Redis's clock
+# stepped forward) finds a gap and ends its connections once (server.shutdown; clients
+# reconnect and sync): protocol.md, "Several nodes".
 STREAM_KEEP_MS = 60_000
 # notify: append a change or notice to the change stream.
 _NOTIFY = f"""
