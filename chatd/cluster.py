@@ -88,6 +88,23 @@ local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if e[1] then return e[1][1] end
 return '0-0'
 """
+# What the reader's gap check needs of the change stream, without its entries (XINFO
+# STREAM sends the first and last entries whole, up to hundreds of messages each):
+# {entries-added, length, the first entry's id}, or false (no stream; Redis before 7).
+_HEAD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local added, length, first = nil, nil, nil
+for i = 1, #info, 2 do
+  local k = info[i]
+  if k == 'entries-added' then added = info[i + 1]
+  elseif k == 'length' then length = info[i + 1]
+  elseif k == 'first-entry' and type(info[i + 1]) == 'table' then first = info[i + 1][1] end
+end
+if not added then return false end
+if first then return {added, length, first} end
+return {added, length}
+"""
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
 
@@ -196,6 +213,7 @@ class Cluster:
         # Account changes being read from Redis (_adopt_user): part of being caught up.
         self._adopting: set[asyncio.Future[None]] = set()
         self._tail_sha = ""
+        self._head_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
         # (room id, user key) -> the next try of a departure Redis has not taken yet
         self._owed: dict[tuple[int, str], asyncio.TimerHandle] = {}
@@ -233,6 +251,7 @@ class Cluster:
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
         app.close_if_unused = self._close_if_unused
         self._tail_sha = await self._load_tail_script()
+        self._head_sha = await self._load_head_script()
         await self._reap()  # dead nodes' members would count as in their rooms
         # One consistent view and the stream position it stands for, adopted as after an
         # outage (_resync): rooms, the other nodes' members, guest holds, revocations.
@@ -503,7 +522,7 @@ class Cluster:
     async def _read_batch(self) -> tuple[list[Any], bool]:
         """The entries after `last_id` (waiting up to _BLOCK_MS for some), and whether an
         entry after `last_id` was trimmed away unread (the node fell behind the stream's
-        cap). Same round trip: XINFO STREAM right after the XREAD. Trimming deletes from
+        cap). Same round trip: the stream's head (_HEAD) right after the XREAD. Trimming deletes from
         the head, and `entries-added` (Redis 7) gives the stream's first entry its ordinal
         (`entries-added - length + 1`), so the entries between this node's ordinal and the
         first entry must all be in the batch; one that is not was lost."""
@@ -511,22 +530,27 @@ class Cluster:
         since = _id(self.last_id)
         pipe = self._reader.pipeline(transaction=False)
         pipe.xread({self._stream: self.last_id}, count=_READ_COUNT, block=_BLOCK_MS)
-        pipe.xinfo_stream(self._stream)
-        read, info = await pipe.execute(raise_on_error=False)
+        pipe.evalsha(self._head_sha, 1, self._stream)
+        read, head = await pipe.execute(raise_on_error=False)
         if isinstance(read, BaseException):
             raise read
+        if isinstance(head, NoScriptError):  # Redis restarted or its scripts were flushed
+            self._head_sha = await self._load_head_script()
+            head = await self._reader.evalsha(self._head_sha, 1, self._stream)
+        elif isinstance(head, BaseException):
+            head = None  # as with no stream: cannot tell
         entries: list[Any] = read[0][1] if read else []
         n = len(entries)
-        if isinstance(info, BaseException) or "entries-added" not in info:
+        if not head:
             self._ordinal += n  # no stream (yet), or Redis before 7: cannot tell
             return entries, False
-        first = info.get("first-entry")
-        if first and _id(_str(first[0])) <= since:  # nothing after last_id was trimmed
+        first = head[2] if len(head) > 2 else None
+        if first and _id(_str(first)) <= since:  # nothing after last_id was trimmed
             self._ordinal += n
             return entries, False
-        first_ordinal = int(info["entries-added"]) - int(info["length"]) + 1
+        first_ordinal = int(head[0]) - int(head[1]) + 1
         ids = [e[0] for e in entries]
-        j = ids.index(first[0]) if first and first[0] in ids else n
+        j = ids.index(first) if first and first in ids else n
         gap = first_ordinal - 1 - self._ordinal > j
         self._ordinal = first_ordinal + n - 1 - j
         return entries, gap
@@ -588,6 +612,10 @@ class Cluster:
                     done.set_result(None)
 
         self.app.scheduler.spawn(adopt())
+
+    async def _load_head_script(self) -> str:
+        assert self._client is not None
+        return _str(await self._client.script_load(_HEAD))
 
     async def _load_tail_script(self) -> str:
         assert self._client is not None

@@ -287,6 +287,19 @@ async def test_the_newest_id_is_not_handed_out_again_after_its_deletion(durable:
     assert after.id > sent[-1].id and after.rev == 4
 
 
+
+async def test_a_deleted_rooms_message_is_not_edited_nor_deleted(backend: Opened) -> None:
+    """Its messages are still stored until purged, but a change to one is refused (the
+    room went: not_found), taking no revision."""
+    s = backend.store
+    gone = await room(s, "gone")
+    adds = await asyncio.gather(*(s.add_message(new(gone.id, f"{i}")) for i in range(5000)))
+    sent = [m for m, _ in adds]  # more than one purge step
+    await s.delete_room(gone.id)
+    edits = [s.edit_message(m.id, "y", 1.0, "ann") for m in sent[::2]]
+    deletes = [s.delete_message(m.id) for m in sent[1::2]]
+    assert await asyncio.gather(*edits, *deletes) == [None] * len(sent)
+
 # --- history pages (contract: History pages) -----------------------------------------------
 
 

@@ -445,3 +445,135 @@ async def test_a_second_batch_goes_out_while_the_first_is_unanswered(redis_url: 
         await asyncio.to_thread(blocker.join, TIMEOUT)
     finally:
         await s.close()
+
+
+async def test_a_batch_answered_while_the_next_send_breaks_is_handed_out(redis_url: str) -> None:
+    """Batch A in flight; B's send waits and then fails; meanwhile A's replies were read.
+    A is stored: its command gets its reply (not a hang) and the writer counts it
+    settled; B fails as "may not have been saved"."""
+    import threading
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        await s.add_message(send(room.id, "the connection has answered once"))
+        conn = s._conn
+        real = conn.send_packed_command
+        sends = [0]
+
+        async def breaks_second(cmd: Any, *args: Any, **kw: Any) -> Any:
+            sends[0] += 1
+            if sends[0] == 2:  # B: A's replies are read while this waits, then it breaks
+                await asyncio.sleep(1.0)
+                raise RedisConnectionError("a break while sending B")
+            return await real(cmd, *args, **kw)
+
+        conn.send_packed_command = breaks_second
+
+        def busy() -> None:
+            with redis.Redis.from_url(redis_url) as r:
+                r.eval(_BUSY, 0, 400_000)
+
+        blocker = threading.Thread(target=busy)
+        blocker.start()
+        await asyncio.sleep(0.1)
+        a = asyncio.ensure_future(s.add_message(send(room.id, "A")))
+        await asyncio.sleep(0.1)  # A sent, its reply held up by the busy script
+        b = asyncio.ensure_future(s.add_message(send(room.id, "B")))
+        await asyncio.wait([a, b], timeout=TIMEOUT)
+        assert a.done() and a.result()[0].id == 2
+        assert b.done() and isinstance(b.exception(), Internal)
+        assert "may not have been saved" in str(b.exception())
+        assert s._settled == s._sent
+        await asyncio.wait_for(s.writes_settled(), 1.0)
+        await asyncio.to_thread(blocker.join, TIMEOUT)
+    finally:
+        await s.close()
+
+
+async def test_a_write_queued_while_noscript_calls_run_again_is_sent(redis_url: str) -> None:
+    """After SCRIPT FLUSH the calls answered NOSCRIPT run again; a write queued meanwhile
+    goes out once that is done, without waiting for yet another write."""
+    from chatd.store.redis.store import RedisStore as Store
+
+    s = Store(redis_url)
+    s.open()
+    try:
+        room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
+        await s.add_message(send(room.id, "the connection has answered once"))
+        real = Store._pipeline
+        later: list[asyncio.Future[Any]] = []
+
+        async def slow(self: Store, calls: Any, replies: Any) -> Any:
+            later.append(asyncio.ensure_future(self.add_message(send(room.id, "B"))))
+            await asyncio.sleep(0.3)
+            return await real(self, calls, replies)
+
+        s._pipeline = slow.__get__(s)  # type: ignore[method-assign]
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        a, _ = await asyncio.wait_for(s.add_message(send(room.id, "A")), TIMEOUT)
+        b, _ = await asyncio.wait_for(later[0], TIMEOUT)
+        assert (a.id, b.id) == (2, 3)
+    finally:
+        await s.close()
+
+
+async def test_noscript_calls_run_again_only_when_no_later_call_ran(redis_url: str) -> None:
+    """A call that got NOSCRIPT is run again only when every later call of its batch got
+    NOSCRIPT too; a later call that ran (another client loaded the scripts meanwhile)
+    would come before it, so it is not run (the caller hears "not saved")."""
+    from redis.exceptions import NoScriptError
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        calls: Any = [("raw", ("INCR", "n"), []), ("raw", ("INCR", "n"), [])]
+        refused = NoScriptError("NOSCRIPT")
+        out = await s._pipeline(calls, [refused, 1])
+        assert out[0] is refused and out[1] == 1
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.get("n") is None
+        out = await s._pipeline(calls, [1, refused])
+        assert out == [1, 1]
+    finally:
+        await s.close()
+
+
+async def test_a_noscript_rerun_that_breaks_off_may_have_been_saved(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-run's pipeline was sent and then failed: its calls may have run, so they
+    answer "may not have been saved", not "not saved"."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError
+
+    async def breaks(self: Any, *args: Any, **kw: Any) -> Any:
+        raise RedisConnectionError("a break after sending")
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        monkeypatch.setattr(Pipeline, "execute", breaks)
+        out = await s._pipeline([("raw", ("INCR", "n"), [])], [NoScriptError("NOSCRIPT")])
+        assert isinstance(out[0], Internal) and "may not have been saved" in str(out[0])
+        assert "may not have been saved" in str(s._error(out[0]))
+    finally:
+        await s.close()
+
+
+def test_the_readers_stream_head_is_three_numbers_not_entries(redis_url: str) -> None:
+    """The reader's gap check asks for the stream's head with every read: entries-added,
+    length and the first entry's id only (XINFO STREAM would send the first and last
+    entries whole); nothing for a missing stream."""
+    from chatd.cluster import _HEAD
+
+    with redis.Redis.from_url(redis_url) as r:
+        ids = [r.xadd("s", {"m": b"x" * 60_000}) for _ in range(3)]
+        r.xtrim("s", maxlen=2)
+        assert r.eval(_HEAD, 1, "s") == [3, 2, ids[1]]
+        assert r.eval(_HEAD, 1, "missing") is None

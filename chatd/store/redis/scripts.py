@@ -49,8 +49,9 @@ from __future__ import annotations
 STREAM_MAXLEN = 100_000
 # Also kept no longer than this (ms, approximately; trimmed by the send script): an entry
 # of sends holds up to a few hundred messages, so the entry cap alone could keep a lot of
-# them. A node that has not read the stream for this long has been reaped long since (its
-# heartbeat's TTL is seconds): nothing needs the older entries.
+# them. A node whose reader lags by more than this (sustained overload; or Redis's clock
+# stepped forward) finds a gap and ends its connections once (server.shutdown; clients
+# reconnect and sync): protocol.md, "Several nodes".
 STREAM_KEEP_MS = 60_000
 # notify: append a change or notice to the change stream.
 _NOTIFY = f"""
@@ -241,6 +242,8 @@ if not v then return false end
 local t = cmsgpack.unpack(v)
 if t[10] then return false end
 local st = state(t)
+-- A deleted room's messages stay until purged; a change to one is refused (as SEND does).
+if st[3] and redis.call('SISMEMBER', P..'rooms:gone', st[3]) == 1 then return false end
 local rev = redis.call('HINCRBY', P..'meta', 'rev', 1)
 t[2] = rev
 if kind == 'edited' then

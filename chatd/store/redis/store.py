@@ -436,14 +436,25 @@ class RedisStore:
                     if self._purging:
                         batch.append(self._purging.popleft())  # one purge per round trip
                     if not await self._send_batch(batch, flight, answered) and reading:
-                        reading.cancel()  # the connection broke: every batch on it failed
+                        # The connection broke: every batch still in flight on it failed.
+                        # One the reading task took off `flight` while the send waited
+                        # was answered by Redis: it is handed out, not dropped (and one
+                        # whose NOSCRIPT calls run again, on a pool connection, finishes).
+                        if not self._rerunning:
+                            reading.cancel()
                         await asyncio.wait([reading])
+                        if not reading.cancelled() and reading.exception() is None:
+                            late = reading.result()
+                            if late is not None:
+                                self._hand_out(late)
                         reading = None
                     answered = None
                 elif answered is not None:
                     self._hand_out(answered)  # may queue more writes: look again
                     answered = None
-                elif flight:
+                elif flight or reading is not None:
+                    # `reading` may run with `flight` empty: it took its batch off and runs
+                    # NOSCRIPT calls again (_receive_batch); it is awaited all the same.
                     if reading is None:
                         reading = asyncio.get_running_loop().create_task(
                             self._receive_batch(flight)
@@ -569,9 +580,9 @@ class RedisStore:
         self._proven = True
         if any(isinstance(x, NoScriptError) for x in replies):
             # Redis lost its script cache (a restart, SCRIPT FLUSH): a NOSCRIPT call did not
-            # run. Run just those again, in their order, unless a later batch is already in
-            # Redis (running them now would put them after it): then they fail ("not
-            # saved"). A new connection carries one batch until its first is answered, so
+            # run. Run just those again, in their order (see _pipeline), unless a later
+            # batch is already in Redis (running them now would put them after it): then
+            # they fail ("not saved"). A new connection carries one batch until its first is answered, so
             # the writes right after a Redis restart are run again.
             self._rerunning = True
             try:
@@ -649,16 +660,32 @@ class RedisStore:
 
     async def _pipeline(self, calls: list[_Command], replies: list[Any]) -> list[Any]:
         """Load the scripts again and run the calls ``replies`` says got NOSCRIPT, in their
-        order, on a connection of the pool (the writer's has nothing in flight then)."""
+        order, on a connection of the pool (the writer's has nothing in flight then) -- only
+        if every call from the first NOSCRIPT one on got NOSCRIPT: else a later call ran
+        (another client loaded the scripts meanwhile) and running them now would put them
+        after it; they did not run, so they fail as "not saved". A failed SCRIPT LOAD
+        raises (nothing ran); a re-run whose pipeline fails may have run: its calls answer
+        "may not have been saved"."""
         again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
         await self._load_scripts()
+        if again != list(range(again[0], len(replies))):
+            log.error("a batch got NOSCRIPT for some calls but not later ones: those failed",
+                      extra={"event": "store_error", "error": "NOSCRIPT"})  # fmt: skip
+            return replies
         pipe = self._aclient().pipeline(transaction=False)
         for i in again:
             script, args, _ = calls[i]
             raw = {"NEVER_DECODE": True} if script in _BINARY else {}
             pipe.execute_command(*self._command(script, args), **raw)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.error("running NOSCRIPT calls again failed: %s", exc,
+                      extra={"event": "store_error", "error": str(exc)})  # fmt: skip
+            unknown = Internal("storage (Redis) unreachable; the change may not have been saved")
+            results = [unknown] * len(again)
         out = list(replies)
-        for i, reply in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+        for i, reply in zip(again, results, strict=True):
             out[i] = reply
         return out
 

@@ -252,10 +252,11 @@ def insert_messages(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None
 def change_message(
     db: sqlite3.Connection, assignments: str, params: tuple[Any, ...], message_id: int, rev: int
 ) -> MessageRecord | None:
-    """Change a live message, stamping `rev` on it; None if it is gone or deleted."""
+    """Change a live message, stamping `rev` on it; None if it is gone or deleted, or its
+    room is (a deleted room's messages stay until purged)."""
     row = db.execute(
-        f"UPDATE messages SET {assignments}, rev = ? "
-        f"WHERE id = ? AND deleted = 0 RETURNING {MSG_COLS}",
+        f"UPDATE messages SET {assignments}, rev = ? WHERE id = ? AND deleted = 0 AND "
+        f"(room_id IS NULL OR room_id IN (SELECT id FROM rooms)) RETURNING {MSG_COLS}",
         (*params, rev, message_id),
     ).fetchone()
     return None if row is None else msg(row)
