@@ -491,7 +491,7 @@ async def test_a_batch_answered_while_the_next_send_breaks_is_handed_out(redis_u
         await asyncio.wait_for(s.writes_settled(), 1.0)
         await asyncio.to_thread(blocker.join, TIMEOUT)
     finally:
-        await s.close()
+        await asyncio.wait_for(s.close(), TIMEOUT)  # a stuck writer fails, not hangs
 
 
 async def test_a_write_queued_while_noscript_calls_run_again_is_sent(redis_url: str) -> None:
@@ -519,7 +519,7 @@ async def test_a_write_queued_while_noscript_calls_run_again_is_sent(redis_url: 
         b, _ = await asyncio.wait_for(later[0], TIMEOUT)
         assert (a.id, b.id) == (2, 3)
     finally:
-        await s.close()
+        await asyncio.wait_for(s.close(), TIMEOUT)  # a stuck writer fails, not hangs
 
 
 async def test_noscript_calls_run_again_only_when_no_later_call_ran(redis_url: str) -> None:
