@@ -218,6 +218,19 @@ Connect = Callable[[], Awaitable[Client]]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
+@asynccontextmanager
+async def clients(*ports: int) -> AsyncIterator[list[Client]]:
+    """One client per port, in order (several nodes: one on each); all closed after."""
+    made: list[Client] = []
+    try:
+        for p in ports:
+            made.append(await Client.connect(p))
+        yield made
+    finally:
+        for c in made:
+            await c.close()
+
+
 async def guest(connect: Connect, name: str, **login: Any) -> Client:
     """A new connection logged in as guest `name`."""
     c = await connect()

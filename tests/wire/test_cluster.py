@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Client
+from tests.helpers import Client, clients
 from tests.process import Served, chatd_serving
 from tests.redisutil import RedisServer
 
@@ -32,18 +32,6 @@ async def nodes(url: str, n: int = 2, *extra: str) -> AsyncIterator[list[Served]
             args = ("serve", "--redis", url, "--port", "0", "--secret", SECRET, *extra)
             served.append(await stack.enter_async_context(chatd_serving(*args)))
         yield served
-
-
-@contextlib.asynccontextmanager
-async def clients(*ports: int) -> AsyncIterator[list[Client]]:
-    made: list[Client] = []
-    try:
-        for p in ports:
-            made.append(await Client.connect(p))
-        yield made
-    finally:
-        for c in made:
-            await c.close()
 
 
 async def user(c: Client, name: str, *, register: bool = True) -> None:

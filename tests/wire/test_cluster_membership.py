@@ -19,7 +19,7 @@ import pytest
 from chatd.cluster import Cluster
 from chatd.server import ChatServer
 from chatd.store.redis.store import RedisStore
-from tests.helpers import SECRET, TEST_CONFIG, Client
+from tests.helpers import SECRET, TEST_CONFIG, Client, clients
 from tests.process import Served, chatd_serving
 from tests.redisutil import RedisServer
 
@@ -41,18 +41,6 @@ async def two_nodes(url: str, **config: Any) -> AsyncIterator[tuple[ChatServer, 
     finally:
         for server in reversed(servers):
             await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def clients(*ports: int) -> AsyncIterator[list[Client]]:
-    made: list[Client] = []
-    try:
-        for p in ports:
-            made.append(await Client.connect(p))
-        yield made
-    finally:
-        for c in made:
-            await c.close()
 
 
 class Readers:
