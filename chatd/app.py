@@ -300,6 +300,13 @@ class App:
         if waiting:
             self._departure_timer = self.scheduler.call_later(0, self._flush_departures)
 
+    async def caught_up(self) -> None:
+        """Several nodes: done once this node has applied every change made anywhere
+        before now (a client that acted on another node sees its change); one node: at once."""
+        wait = self.bus.caught_up()
+        if wait is not None:
+            await wait
+
     def settle(self, room: LiveRoom) -> None:
         """Send the room's waiting `member.left` events to its connections now (they
         happened before whatever comes next, so they are nobody's command's own events):

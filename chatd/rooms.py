@@ -333,8 +333,7 @@ class RoomManager:
         outage the node ends its connections and starts its presence afresh)."""
         for room in self.rooms.values():
             for key in list(room.users):
-                self.withdraw(room, key)
-            room.entering.clear()  # (withdrawn above: a user entering is in `users`)
+                self.withdraw(room, key)  # an entering connection too: its user is in `users`
 
     # --- members as the change stream tells them (several nodes: chatd/cluster) ------
 

@@ -673,14 +673,19 @@ class ChatServer:
     def end_connections(self, reason: str) -> None:
         """End every client connection with `server.shutdown` (the node keeps running:
         clients reconnect and sync; chatd/cluster.py, after a Redis outage)."""
+        for conn in self._notify_shutdown(reason):
+            conn.close()
+
+    def _notify_shutdown(self, reason: str) -> list[Any]:
+        """`server.shutdown` to every connection (one frame for all), flushed; the
+        connections it went to."""
         frame = ServerShutdown(reason=reason).json_frame()
         conns = list(self.connections)
         for conn in conns:
             if conn.pipe is not None:
                 conn.pipe.stop(frame)
         self.flush_all()
-        for conn in conns:
-            conn.close()
+        return conns
 
     async def stats_report(self) -> dict[str, Any]:
         """The `stats` figures (for the metrics endpoint; the command builds the same)."""
@@ -702,11 +707,7 @@ class ChatServer:
             task.cancel()  # a half-done TLS handshake gets no notice, just the close
         if shaking:
             await asyncio.wait(shaking, timeout=self.config.shutdown_grace)
-        frame = ServerShutdown(reason=reason).json_frame()  # once, for every connection
-        for conn in list(self.connections):
-            if conn.pipe is not None:
-                conn.pipe.stop(frame)
-        self.flush_all()
+        self._notify_shutdown(reason)
         # Commands already running (a send waiting for its commit) get to finish.
         deadline = time.monotonic() + self.config.shutdown_grace / 2
         while self.commands and time.monotonic() < deadline:

@@ -85,8 +85,7 @@ def _held(app: App, name: str, hold: GuestHold) -> Conflict:
 
 
 async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
-    if (wait := app.bus.caught_up()) is not None:
-        await wait  # several nodes: holds and accounts as every node has changed them
+    await app.caught_up()  # several nodes: holds and accounts as every node has changed them
     accounts = app.accounts
     hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
@@ -192,8 +191,7 @@ async def _guest_login(
     key = cmd.user.lower()
     if not app.config.guests:
         raise Forbidden("guest logins are turned off on this server")
-    if (wait := app.bus.caught_up()) is not None:
-        await wait  # several nodes: holds and accounts as every node has changed them
+    await app.caught_up()  # several nodes: holds and accounts as every node has changed them
     accounts = app.accounts
     if accounts.is_registered(key):
         raise Unauthorized("that name is registered: log in with its password")
@@ -248,8 +246,7 @@ def _own_hold(app: App, session: Session, key: str) -> GuestHold | None:
 
 async def auth(app: App, req: Request, cmd: c.Auth) -> AuthReply:
     assert cmd.token is not None
-    if (wait := app.bus.caught_up()) is not None:
-        await wait  # several nodes: a logout or revocation made elsewhere counts
+    await app.caught_up()  # several nodes: a logout or revocation made elsewhere counts
     claims = app.tokens.verify(cmd.token)
     try:
         app.accounts.check_claims(claims)

@@ -57,9 +57,7 @@ def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -
             app.settle(room)  # departures before this message are announced first
             req.events.append((ToRoom(room), event))  # req.emit, inlined
         return
-    for audience in changes.audiences(app.rooms, m):
-        if isinstance(audience, ToRoom):
-            app.settle(audience.room)  # departures before this message are announced first
+    for audience in changes.audiences(app.rooms, m):  # a DM: its two users
         req.emit(audience, event)
 
 

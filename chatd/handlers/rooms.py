@@ -182,8 +182,7 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> RoomListReply:
     """Rooms in case-insensitive name order, a page at a time: `after` a name, `limit`.
     [chatd] `more` says whether rooms follow; then `next` is the cursor to pass as
     `after`. Without paging fields a small server's reply is every room."""
-    if (wait := app.bus.caught_up()) is not None:
-        await wait
+    await app.caught_up()
     page = _Page(app, _list_limit(app, cmd.limit))
     _, rooms, start = app.rooms.after(cmd.after)
     last = None
@@ -198,8 +197,7 @@ async def list_(app: App, req: Request, cmd: c.RoomList) -> RoomListReply:
 
 
 async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
-    if (wait := app.bus.caught_up()) is not None:
-        await wait  # several nodes: members and rooms as every node has changed them
+    await app.caught_up()  # several nodes: members and rooms as every node has changed them
     room = app.rooms.get(cmd.room)
     app.settle(room)  # a newcomer is not told of departures from before it came
     s = req.session
@@ -216,8 +214,7 @@ async def join(app: App, req: Request, cmd: c.RoomJoin) -> RoomJoinReply:
 
 
 async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
-    if (wait := app.bus.caught_up()) is not None:
-        await wait  # several nodes: member.left only if no other node has the user there
+    await app.caught_up()  # several nodes: member.left only if no other node has the user there
     room = app.rooms.get(cmd.room)
     app.leave(room, req.session, "left")
     if (written := app.bus.published()) is not None:
@@ -226,8 +223,7 @@ async def leave(app: App, req: Request, cmd: c.RoomLeave) -> Empty:
 
 
 async def members(app: App, req: Request, cmd: c.RoomMembers) -> RoomMembersReply:
-    if (wait := app.bus.caught_up()) is not None:
-        await wait
+    await app.caught_up()
     room = app.rooms.get(cmd.room)
     app.settle(room)  # departures the list no longer shows are announced first
     return RoomMembersReply(room=room.name, members=_members(room))
@@ -241,8 +237,7 @@ def _members(room: LiveRoom) -> list[str]:
 async def channels(app: App, req: Request, cmd: c.Channels) -> ChannelsReply:
     """Rooms (name order), then known users (name order), a page at a time. [chatd] The
     cursor names the kind: `after` is "room:NAME" or "user:NAME", as `next` gives it."""
-    if (wait := app.bus.caught_up()) is not None:
-        await wait
+    await app.caught_up()
     kind, name = _channel_cursor(cmd.after) if cmd.after is not None else ("room", None)
     page = _Page(app, _list_limit(app, cmd.limit))
     last: str | None = None
