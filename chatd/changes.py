@@ -20,20 +20,19 @@ if TYPE_CHECKING:
     from chatd.rooms import RoomManager
     from chatd.store.base import MessageRecord
 
-# The change stream's `kind` of each message event (the event's wire name).
-MESSAGE_KINDS = ("message", "message.edited", "message.deleted")
+
+def _room_name(rooms: RoomManager, m: MessageRecord) -> str | None:
+    """The name of the message's room (None: a DM, or a room gone from memory)."""
+    live = rooms.by_id.get(m.room_id) if m.room_id is not None else None
+    return live.name if live is not None else None
 
 
 def message_of(rooms: RoomManager, m: MessageRecord) -> Message:
     """The Message a reply, a page or an event carries."""
-    room = None
-    if m.room_id is not None:
-        live = rooms.by_id.get(m.room_id)
-        room = live.name if live is not None else None
     return Message(
         id=m.id,
         rev=m.rev,
-        room=room,
+        room=_room_name(rooms, m),
         to=m.recipient,
         from_=m.sender,
         text=m.text,
@@ -46,17 +45,15 @@ def message_of(rooms: RoomManager, m: MessageRecord) -> Message:
 
 def deleted(rooms: RoomManager, m: MessageRecord, by: str | None) -> MessageDeleted:
     """``by``: who deleted it (the record does not say; None when nobody knows)."""
-    room = rooms.by_id.get(m.room_id) if m.room_id is not None else None
-    return MessageDeleted(
-        id=m.id, rev=m.rev, room=room.name if room is not None else None, to=m.recipient, by=by
-    )
+    return MessageDeleted(id=m.id, rev=m.rev, room=_room_name(rooms, m), to=m.recipient, by=by)
 
 
 def message_event(
     rooms: RoomManager, kind: str, m: MessageRecord, by: str | None = None
 ) -> Event:
-    """The event of a change by its `kind` (one of ``MESSAGE_KINDS``; `by`: who deleted,
-    for ``message.deleted``); raises ValueError for another kind."""
+    """The event of a change by its `kind`, the change stream's (``message``,
+    ``message.edited`` or ``message.deleted``; `by`: who deleted, for
+    ``message.deleted``); raises ValueError for another kind."""
     if kind == "message":
         return MessagePosted(message_of(rooms, m))
     if kind == "message.edited":

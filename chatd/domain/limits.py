@@ -127,7 +127,6 @@ class Limits:
         self._shared_checks = 0
         self._check_ids = itertools.count(1)
         self._unfinished: list[tuple[str, list[str], bool | None]] = []
-        self._unanswered = 0  # the releases (None) among them
         self._login_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Per address: registrations per hour, new guest names per minute (issue 13).
         self._register_ips = KeyedBuckets(config.register_per_ip, _HOUR)
@@ -268,7 +267,7 @@ class Limits:
         while True:
             if s.closed:
                 raise Unauthorized("the connection closed")  # nobody to answer
-            if self._unanswered >= _MAX_UNANSWERED:
+            if sum(1 for *_, failed in self._unfinished if failed is None) >= _MAX_UNANSWERED:
                 raise Internal("storage (Redis) unreachable; try again later")
             try:
                 verdict = await shared.admit(check_id, asked, window)
@@ -276,7 +275,6 @@ class Limits:
                 # The script may have run and reserved a place all the same (only its
                 # reply was lost), or may still run: the next settle releases it.
                 self._unfinished.append((check_id, names, None))
-                self._unanswered += 1
                 if not isinstance(exc, ConnectionError):
                     raise
                 log.warning("could not count a login check with the other nodes: %s", exc,
@@ -370,7 +368,6 @@ class Limits:
                 check_id, names, failed = self._unfinished[0]
                 if failed is None:
                     await shared.release(check_id, names)
-                    self._unanswered -= 1
                 else:
                     await shared.finish(check_id, names, failed, self.login_gate.window)
                 del self._unfinished[0]

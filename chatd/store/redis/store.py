@@ -413,10 +413,10 @@ class RedisStore:
         self._wake.set()
 
     def _call(
-        self, script: str, *args: Any, decode: Callable[[Any], T] = _same
+        self, script: str, *args: Any, decode: Callable[[Any], T] = _same, purge: bool = False
     ) -> Deferred[T]:
         fut: Deferred[T] = Deferred(asyncio.get_running_loop())
-        self._enqueue(_Call(script, (self.prefix, *args), decode, fut))
+        self._enqueue(_Call(script, (self.prefix, *args), decode, fut), purge=purge)
         return fut
 
     async def _write_loop(self) -> None:
@@ -891,8 +891,7 @@ class RedisStore:
             if fut.exception() is not None:
                 self._purges.append(room_id)  # tried again at the next open
 
-        fut: Deferred[None] = Deferred(asyncio.get_running_loop())
-        self._enqueue(_Call("purge", (self.prefix, room_id, _PURGE_BATCH), decode, fut), purge=True)
+        fut = self._call("purge", room_id, _PURGE_BATCH, decode=decode, purge=True)
         fut.add_done_callback(failed)
 
     # --- messages --------------------------------------------------------------------
