@@ -28,7 +28,7 @@ from chatd.domain.identity import is_guest_jti
 from chatd.domain.limits import Limits
 from chatd.domain.nonces import Nonces
 from chatd.domain.presence import Presence
-from chatd.errors import Forbidden, StorageFailed, Unauthorized
+from chatd.errors import Forbidden, StorageFailed, StoreStopped, Unauthorized
 from chatd.protocol.events import (
     Batch,
     Frame,
@@ -324,7 +324,7 @@ class App:
     async def _drop_room(self, room: LiveRoom, deleting: Awaitable[None]) -> None:
         try:
             await deleting
-        except StorageFailed:
+        except (StorageFailed, StoreStopped):
             pass  # the server is stopping: the room is dropped at the next start
         except Exception:  # logged: the room is gone from memory and is dropped at start
             log.exception("could not delete ephemeral room %s", room.name)

@@ -75,6 +75,11 @@ class StorageFailed(Internal):
     whatever meets this error meanwhile has nothing to add)."""
 
 
+class StoreStopped(Internal):
+    """A write queued after the server began to stop: it is not stored. Nothing is lost
+    that was acknowledged; an ephemeral room it would have deleted is dropped at start."""
+
+
 class RateLimited(ChatError):
     code = "rate_limited"
 

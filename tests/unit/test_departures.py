@@ -197,3 +197,29 @@ async def test_an_emptied_ephemeral_room_drops_its_waiting_departures(k: Core) -
     assert k.app.departures_waiting() == 0 and r.deleted
     settle_all(k)
     assert apeer.sent == []
+
+
+
+@pytest.mark.parametrize("failure, logged", [("stopped", False), ("other", True)])
+def test_an_ephemeral_room_emptied_while_the_server_stops_is_dropped_quietly(
+    k: Core, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    failure: str, logged: bool,
+) -> None:
+    """A delete refused by the stopping store (the room is dropped at the next start) puts
+    no ERROR and traceback per room in the stop's log; any other failure is still logged."""
+    from chatd.errors import Internal, StoreStopped
+
+    async def refused(room_id: int, by: str = "") -> None:
+        raise StoreStopped("the server is shutting down") if failure == "stopped" else OSError
+
+    monkeypatch.setattr(k.app.store, "delete_room", refused)
+    r = room(k, "brief", ephemeral=True)
+    s, _ = member(k, r, "ann")
+    k.app.leave(r, s, "closed")
+    assert r.id not in k.app.rooms.by_id
+    (drop,) = k.scheduler.spawned
+    k.scheduler.spawned.clear()
+    with caplog.at_level("ERROR"), pytest.raises(StopIteration):
+        drop.send(None)
+    assert bool([rec for rec in caplog.records if rec.levelname == "ERROR"]) is logged
+    assert issubclass(StoreStopped, Internal)  # on the wire it is still `internal`

@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
 from chatd.config import redis_address
-from chatd.errors import ChatError, Conflict, Internal, NotFound
+from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -396,7 +396,7 @@ class RedisStore:
 
     def _enqueue(self, item: _Send | _Call, *, purge: bool = False) -> None:
         if self._stopping:
-            item.fut.set_exception(Internal("the server is shutting down"))
+            item.fut.set_exception(StoreStopped("the server is shutting down"))
             return
         if purge:
             assert isinstance(item, _Call)

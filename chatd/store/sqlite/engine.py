@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from chatd.errors import ChatError, Internal, StorageFailed
+from chatd.errors import ChatError, Internal, StorageFailed, StoreStopped
 from chatd.store.deferred import Deferred
 
 T = TypeVar("T")
@@ -129,7 +129,7 @@ class Writer:
         # typing.cast, which is a function call on every write.)
         fut: asyncio.Future[Any] = Deferred(loop)  # type: ignore[assignment]
         if self._stopping:
-            fut.set_exception(Internal("the server is shutting down"))
+            fut.set_exception(StoreStopped("the server is shutting down"))
             return fut
         self.pending.append((fn, fut, multi))
         if self._idle:
