@@ -127,6 +127,12 @@ class Bus(Protocol):
         connection is out of it again). None when there is nothing to wait for."""
         ...
 
+    def posted(self, rev: int, event: Frame) -> None:
+        """A bus that carries revisions: the event a handler made of this node's own write
+        of revision `rev` (the value the stream's entry gives: chatd/changes), for the
+        stream reader to deliver as it is instead of building and encoding it again."""
+        ...
+
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         """Deliver `frame` (an event, or a Batch of them) to every connection of `audience`
         at once, except `caller`; True when `caller` is in the audience (its copy is then
@@ -152,6 +158,9 @@ class LocalBus:
         return None
 
     def entered(self, room: LiveRoom, session: Session) -> None:
+        return None
+
+    def posted(self, rev: int, event: Frame) -> None:
         return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:

@@ -40,6 +40,7 @@ with the stream position that view stands for.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -115,7 +116,7 @@ class RedisBus:
     (``ToSessions`` names connections of this node: local only). Message events it
     delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_local", "_store", "caught_up", "entered", "published")
+    __slots__ = ("_directory", "_local", "_store", "caught_up", "entered", "own", "published")
     carries_revisions = True
 
     def __init__(
@@ -137,6 +138,10 @@ class RedisBus:
         # its membership's (Bus.entered), so a command on another node after it sees it.
         self.published = published
         self.entered = entered
+        # Revision -> the event a handler here made of this node's own message change
+        # (Bus.posted), until the reader applies the change's entry (Cluster._messages):
+        # in revision order, as the writer hands its replies out.
+        self.own: dict[int, Frame] = {}
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         mine = self._local.publish(audience, frame, caller)
@@ -145,6 +150,9 @@ class RedisBus:
             data = frame.json_frame()  # the bytes the local fan-out used (cached)
             _logged(self._store.publish(("kind", "ev", "a", where, "f", data)))
         return mine
+
+    def posted(self, rev: int, event: Frame) -> None:
+        self.own[rev] = event
 
     def local(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         """Deliver to this node's connections only (an event read from the stream)."""
@@ -641,6 +649,7 @@ class Cluster:
         of rooms, the other nodes' members, guest holds and revocations, and reads on
         from the stream position of that view; accounts are read again too."""
         self._resync_reason = ""
+        self.bus.own.clear()  # their entries are read (or not) anew
         self.end_connections(reason)
         self.app.rooms.withdraw_all()  # the ending connections, out of their rooms now
         # Queued now, before any join of a client that reconnects (writer order).
@@ -764,12 +773,23 @@ class Cluster:
         if rev > self.store.rev:
             self.store.rev = rev
         rooms = app.rooms
+        # This node's own change: its handler made the events already (Bus.posted; the
+        # reader applies it after its replies went out, _read_loop), reply and event
+        # sharing one encoding of the message.
+        own = self.bus.own if raw.get(b"node") == self.node.encode() else None
         for rec in recs:
-            event = changes.message_event(rooms, kind, rec, by)
+            event = own.pop(rec.rev, None) if own else None
+            if event is None:
+                event = changes.message_event(rooms, kind, rec, by)
             for audience in changes.audiences(rooms, rec):  # one encoding for all of them
                 if isinstance(audience, ToRoom):
                     app.settle(audience.room)  # departures before this message go first
                 self.bus.local(audience, event)
+        if own:
+            # One whose entry came before its handler ran (the reader's wait for the
+            # replies timed out) is not wanted any more.
+            for stale in list(itertools.takewhile(lambda r: r <= rev, own)):
+                del own[stale]
 
     def _membership(self, kind: str, f: dict[str, str]) -> None:
         """A user entered or left a room on a node (this one too): the member list, and

@@ -48,8 +48,9 @@ def emit_message_event(app: App, req: Request, m: MessageRecord, event: Event) -
     """A message's event goes to the room, or to both identities' connections (a DM: not
     to whoever holds those names now): chatd.changes.audiences. A bus that carries
     revisions (several nodes) delivers it from the change stream instead, in revision
-    order on every node."""
+    order on every node (given this one, it need not build it again)."""
     if app.bus.carries_revisions:
+        app.bus.posted(m.rev, event)
         return
     if m.room_id is not None:  # changes.audiences' room case, inlined (every room message)
         room = app.rooms.by_id.get(m.room_id)

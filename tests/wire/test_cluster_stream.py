@@ -125,3 +125,45 @@ async def test_a_burst_of_catch_ups_shares_one_tail_query(node: Any, redis_url: 
         for name in ("xrevrange", "xinfo|stream")
     )
     assert 1 <= queries <= 3
+
+
+async def test_own_sends_go_out_with_the_events_their_handlers_made(
+    node: Any, other: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader delivers this node's own message changes with the events their handlers
+    made (Bus.posted: not built and encoded again), in order, to every member here; another
+    node's change is built from its entry; none is kept once its entry is applied."""
+    from chatd import changes
+    from tests.helpers import Client
+
+    built: list[str] = []
+    real = changes.message_event
+
+    def counting(rooms: Any, kind: str, *args: Any) -> Any:
+        built.append(kind)
+        return real(rooms, kind, *args)
+
+    monkeypatch.setattr(changes, "message_event", counting)
+    ann, bob = await Client.connect(node.port), await Client.connect(node.port)
+    try:
+        await ann.ok("login", user="ann")
+        await bob.ok("login", user="bob")
+        await ann.ok("room.create", room="dev")
+        await bob.ok("room.join", room="dev")
+        node.app.bus.posted(0, "an event whose entry was applied without it")  # stale
+        sent = [await ann.ok("msg.send", room="dev", text=f"m{i}") for i in range(20)]
+        edited = await ann.ok("msg.edit", message_id=sent[0]["message"]["id"], text="fixed")
+        for c in (ann, bob):
+            got = [await c.event("message") for _ in range(20)]
+            assert [m["text"] for m in got] == [f"m{i}" for i in range(20)]
+            assert got == [r["message"] for r in sent]
+            assert (await c.event("message.edited")) == edited["message"]
+        assert built == []
+        room_id = node.app.rooms.rooms["dev"].id
+        await other.add_message(NewMessage(room_id, "cy", None, "from afar", 1_765_000_000.0, None, "cy#g1"))
+        assert (await bob.event("message"))["text"] == "from afar"
+        assert built == ["message"]
+        assert node.app.bus.own == {}
+    finally:
+        await ann.close()
+        await bob.close()
