@@ -176,10 +176,12 @@ class Store(Protocol):
         ...
 
     # messages
-    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+    def add_message(self, msg: NewMessage) -> Awaitable[tuple[MessageRecord, bool]]:
         """Store a message with the next id and revision: (record, True). A nonce its
         sender already used gives (the original, False) and allocates nothing. NotFound
-        if the room does not exist (deleted, or an ephemeral room ended by a restart)."""
+        if the room does not exist (deleted, or an ephemeral room ended by a restart).
+        Queued at the call; what it returns is the write's own result, not a coroutine
+        around it (the hottest write: one coroutine frame less per send)."""
         ...
     async def edit_message(self, message_id: int, text: str, ts: float, by: str) -> MessageRecord | None:
         """The changed live message with the next revision; None if missing or deleted."""

@@ -896,13 +896,13 @@ class RedisStore:
 
     # --- messages --------------------------------------------------------------------
 
-    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+    def add_message(self, msg: NewMessage) -> Deferred[tuple[MessageRecord, bool]]:
         """Store a message; (record, True). A nonce the sender already used returns the
         original: (original, False), checked inside the script, so racing retries from any
         node post once."""
         fut: Deferred[tuple[MessageRecord, bool]] = Deferred(asyncio.get_running_loop())
         self._enqueue(_Send(msg, fut))
-        return await fut
+        return fut
 
     def _changed(self, reply: Any) -> MessageRecord | None:
         if not reply:

@@ -515,12 +515,11 @@ class SQLiteStore:
 
     # --- messages --------------------------------------------------------------------
 
-    async def add_message(self, msg: NewMessage) -> tuple[MessageRecord, bool]:
+    def add_message(self, msg: NewMessage) -> Awaitable[tuple[MessageRecord, bool]]:
         """Store a message; (record, True). A nonce the sender already used returns the
         original instead: (original, False). Consecutive sends in a batch become one
         executemany (_Ledger.insert_run)."""
-        result: tuple[MessageRecord, bool] = await self._submit(_Insert(msg))
-        return result
+        return self._submit(_Insert(msg))
 
     async def edit_message(
         self, message_id: int, text: str, ts: float, by: str
