@@ -587,3 +587,22 @@ def test_the_readers_stream_head_is_three_numbers_not_entries(redis_url: str) ->
         r.xtrim("s", maxlen=2)
         assert r.eval(_HEAD, 1, "s") == [3, 2, ids[1]]
         assert r.eval(_HEAD, 1, "missing") is None
+
+
+@pytest.mark.parametrize("room, nonce, sender_key", [
+    (7, None, None), (7, "n1", None), (7, None, "Ann#g1"), (7, "n1", "Ann#g1"),
+    (None, None, None), (None, "n1", "Ann#g1"),
+])  # fmt: skip
+def test_a_send_is_packed_as_packed_fields_has_it(
+    room: int | None, nonce: str | None, sender_key: str | None
+) -> None:
+    """_Send packs a room's message inline (every send to a room): byte for byte what
+    _packed_fields gives, which the scripts and message_from read."""
+    from chatd.store.redis.store import _PACK, _packed_fields, _Send
+
+    recipient = None if room is not None else "Bob"
+    s = _Send(NewMessage(room, "Ann", recipient, "hi \u00e9", 1.5, nonce, sender_key, None), None)  # type: ignore[arg-type]
+    assert s.tail == _PACK.encode(_packed_fields(
+        room, "Ann", recipient, "hi \u00e9", 1.5, None, None, False, s.sender_key,
+        s.recipient_key, nonce,
+    ))  # fmt: skip

@@ -185,11 +185,22 @@ class _Send:
         sk = self.sender_key = msg.sender_key or msg.sender.lower()
         rk = msg.recipient_key or msg.recipient.lower() if msg.recipient is not None else None
         self.recipient_key = rk
-        nk = "" if msg.nonce is None else f"{sk}\n{msg.nonce}"
-        self.tail = tail = _PACK.encode(_packed_fields(
-            msg.room_id, msg.sender, msg.recipient, msg.text, msg.ts, None, None, False, sk,
-            rk, msg.nonce,
-        ))  # fmt: skip
+        nonce = msg.nonce
+        nk = "" if nonce is None else f"{sk}\n{nonce}"
+        if msg.room_id is not None and rk is None:
+            # _packed_fields of a room's message, inlined (every send to a room): the
+            # trailing nils end at the sender's key, or at the nonce.
+            tail = _PACK.encode(
+                (msg.room_id, msg.sender, None, msg.text, msg.ts, None, None, False, sk)
+                if nonce is None else
+                (msg.room_id, msg.sender, None, msg.text, msg.ts, None, None, False, sk, None, nonce)
+            )  # fmt: skip
+        else:
+            tail = _PACK.encode(_packed_fields(
+                msg.room_id, msg.sender, msg.recipient, msg.text, msg.ts, None, None, False, sk,
+                rk, nonce,
+            ))  # fmt: skip
+        self.tail = tail
         self.fields: tuple[Any, ...]
         if msg.room_id is not None:
             self.fields = (msg.room_id, nk, len(tail))
