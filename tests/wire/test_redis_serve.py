@@ -9,7 +9,11 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Client
+from chatd.config import redis_address
+from chatd.server import ChatServer
+from chatd.store.redis import RedisStore
+from tests.helpers import SECRET as TEST_SECRET
+from tests.helpers import TEST_CONFIG, Client
 from tests.process import chatd_run, chatd_serving
 
 pytestmark = pytest.mark.one_node(
@@ -36,6 +40,20 @@ async def first_life(port: int) -> dict[str, Any]:
         return {"hello": c.hello["data"], "token": token, "a": a, "b": b}
     finally:
         await c.close()
+
+
+async def test_a_server_on_a_redis_store_names_redis_in_its_start_line(redis_url: str) -> None:
+    """The store says which it is, not --redis in the config (a test may hand a server a
+    Redis store of its own): the start line and the cluster come from one check."""
+    assert TEST_CONFIG.redis is None
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_url), TEST_SECRET)
+    await server.start()
+    try:
+        settings = server.settings()
+        assert settings["redis"] == redis_address(redis_url) and "db" not in settings
+        assert server.cluster is not None
+    finally:
+        await server.stop()
 
 
 async def test_one_node_on_redis_serves_and_a_restart_keeps_everything(redis_url: str) -> None:

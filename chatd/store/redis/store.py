@@ -239,7 +239,6 @@ class RedisStore:
         timeout: float = 5.0,
         drop_ephemeral: bool = True,
         max_batch: int = _MAX_BATCH,
-        stream_maxlen: int = STREAM_MAXLEN,
         stream_keep_ms: int = STREAM_KEEP_MS,
     ) -> None:
         self.url = url
@@ -247,7 +246,9 @@ class RedisStore:
         self.timeout = timeout
         self.drop_ephemeral = drop_ephemeral
         self.max_batch = max_batch
-        self.stream_maxlen = str(stream_maxlen)
+        # The change stream's cap, for the scripts that take it as an argument; the
+        # notices' scripts have it built in (scripts.STREAM_MAXLEN: one value for both).
+        self.stream_maxlen = str(STREAM_MAXLEN)
         self.stream_keep_ms = stream_keep_ms
         self.rev = 0
         self.epoch = ""
