@@ -30,6 +30,7 @@ from chatd.store.base import (
     StoreMissing,
 )
 from chatd.store.redis import RedisStore
+from chatd.store.redis.admin import RedisAdmin
 from chatd.store.sqlite import SQLiteAdmin, SQLiteStore
 from tests.redisutil import fresh_redis_url
 
@@ -60,7 +61,12 @@ def _sqlite_memory(tmp: Path) -> Backend:
 
 def _redis(tmp: Path) -> Backend:
     url = fresh_redis_url()  # a real redis-server (tests/redisutil.py); reopen: same db
-    return Backend(store=lambda: RedisStore(url), durable=True)
+    return Backend(
+        store=lambda: RedisStore(url),
+        durable=True,
+        admin=lambda create: RedisAdmin(url, create=create),
+        missing_admin=lambda: RedisAdmin(url),  # before anything opened it: empty
+    )
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
@@ -69,7 +75,7 @@ BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "redis": _redis,
 }
 DURABLE = ["sqlite-file", "redis"]  # the backends whose data outlives a reopen
-SHARED = ["sqlite-file"]  # the backends an AdminStore can open beside a running Store
+SHARED = ["sqlite-file", "redis"]  # the backends an AdminStore can open beside a running Store
 
 
 class Opened:

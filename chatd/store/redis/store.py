@@ -777,18 +777,18 @@ class RedisStore:
     # --- accounts --------------------------------------------------------------------
 
     async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
-        def decode(uid: int) -> UserRecord:
-            if uid == 0:
+        def decode(reply: list[int]) -> UserRecord:
+            if reply[0] <= 0:  # an account, or a guest's hold that has not lapsed
                 raise Conflict(f"user {name!r} already exists")
-            return UserRecord(uid, name, pw_hash, admin, 0)
+            return UserRecord(reply[0], name, pw_hash, admin, 0)
 
         return await self._call(
             "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), self.node,
-            decode=decode,
-        )
+            "", decode=decode,
+        )  # fmt: skip
 
     async def delete_user(self, name: str) -> bool:
-        return await self._call("delete_user", name.lower(), self.node, decode=bool)
+        return await self._call("delete_user", name.lower(), self.node, "", decode=bool)
 
     async def bump_token_version(self, name: str) -> int:
         return await self._call("bump_token_version", name.lower(), self.node, decode=int)
