@@ -14,8 +14,87 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from bench.common import Line, Server, new_loop, open_line, percentile, pin_self
+
+ROOM = "bench"
+
+
+def latency_probe(latencies: list[float]) -> Callable[[bytes], None]:
+    """A member's line handler: appends each message event's delay (its text starts with
+    its send time, read on the same machine's clock) to ``latencies``."""
+
+    def probe(line: bytes) -> None:
+        if b'"event":"message"' in line:
+            text = json.loads(line)["data"]["text"]
+            latencies.append(time.monotonic() - float(text.split()[0]))
+
+    return probe
+
+
+async def open_members(
+    port: int, count: int, user: str, room: str, *,
+    probe: Callable[[bytes], None] | None = None, create: bool = False,
+) -> list[Line]:  # fmt: skip
+    """``count`` connections, guests ``<user>0``... each in ``room`` (with ``create``, the
+    first makes it, ephemeral); the first gets ``probe``. RuntimeError if one cannot."""
+    conns: list[Line] = []
+    for i in range(count):
+        c = await open_line(port, probe if i == 0 else None)
+        conns.append(c)
+        await c.call({"cmd": "login", "id": 1, "user": f"{user}{i}"})
+        if create and i == 0:
+            reply = await c.call({"cmd": "room.create", "id": 2, "room": room, "ephemeral": True})
+        else:
+            reply = await c.call({"cmd": "room.join", "id": 2, "room": room})
+        if reply["type"] != "ok":
+            close_all(conns)
+            raise RuntimeError(f"{user}{i} cannot join {room} on its node: {reply}")
+    return conns
+
+
+async def publish(publishers: list[Line], room: str, seconds: float, window: int) -> tuple[int, int]:
+    """Each publisher keeps ``window`` sends into ``room`` in flight for ``seconds``, then
+    waits (bounded) for the last replies. Returns (sends answered ok, sends answered)."""
+    ok = answered = 0
+    stop_at = time.monotonic() + seconds
+
+    async def one(c: Line) -> None:
+        nonlocal ok, answered
+        n = 0
+        inflight: set[asyncio.Future[dict[str, Any]]] = set()
+
+        def count(done: set[asyncio.Future[dict[str, Any]]]) -> None:
+            nonlocal ok, answered
+            answered += len(done)
+            ok += sum(1 for f in done if f.result()["type"] == "ok")
+
+        while time.monotonic() < stop_at:
+            while len(inflight) < window:
+                n += 1
+                inflight.add(asyncio.ensure_future(c.call(
+                    {"cmd": "msg.send", "id": n, "room": room,
+                     "text": f"{time.monotonic():.6f} hello fan-out"})))  # fmt: skip
+            done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            count(done)
+        if inflight:
+            done, _ = await asyncio.wait(inflight, timeout=30)
+            count(done)
+
+    await asyncio.gather(*(one(c) for c in publishers))
+    return ok, answered
+
+
+def lines(conns: list[Line]) -> int:
+    """Lines (replies and events) these connections have received so far."""
+    return sum(c.lines for c in conns)
+
+
+def close_all(conns: list[Line]) -> None:
+    for c in conns:
+        assert c.transport is not None
+        c.transport.close()
 
 
 async def run(
@@ -27,66 +106,24 @@ async def run(
     cpu: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     latencies: list[float] = []
-
-    def probe(line: bytes) -> None:
-        if b'"event":"message"' in line:
-            text = json.loads(line)["data"]["text"]
-            latencies.append(time.monotonic() - float(text.split()[0]))
-
-    members: list[Line] = []
-    for i in range(subs):
-        c = await open_line(port, probe if i == 0 else None)
-        await c.call({"cmd": "login", "id": 1, "user": f"sub{i}"})
-        if i == 0:
-            await c.call({"cmd": "room.create", "id": 2, "room": "bench", "ephemeral": True})
-        else:
-            await c.call({"cmd": "room.join", "id": 2, "room": "bench"})
-        members.append(c)
-    publishers: list[Line] = []
-    for i in range(pubs):
-        c = await open_line(port)
-        await c.call({"cmd": "login", "id": 1, "user": f"pub{i}"})
-        await c.call({"cmd": "room.join", "id": 2, "room": "bench"})
-        publishers.append(c)
+    members = await open_members(port, subs, "sub", ROOM, probe=latency_probe(latencies), create=True)
+    publishers = await open_members(port, pubs, "pub", ROOM)
+    everyone = members + publishers
     audience = subs + pubs
-    sent = 0
-    stop_at = time.monotonic() + seconds
-
-    async def publish(c: Line) -> None:
-        nonlocal sent
-        n = 0
-        inflight: set[asyncio.Future[dict[str, object]]] = set()
-        while time.monotonic() < stop_at:
-            while len(inflight) < window:
-                n += 1
-                fut = asyncio.ensure_future(
-                    c.call({"cmd": "msg.send", "id": n, "room": "bench",
-                            "text": f"{time.monotonic():.6f} hello fan-out"})
-                )
-                inflight.add(fut)
-            done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            sent += len(done)
-        if inflight:
-            await asyncio.wait(inflight, timeout=30)
-            sent += len(inflight)
-
-    before = sum(m.lines for m in members) + sum(p.lines for p in publishers)
+    before = lines(everyone)
     cpu0 = cpu() if cpu else 0.0
     t0 = time.monotonic()
-    await asyncio.gather(*(publish(p) for p in publishers))
+    _, sent = await publish(publishers, ROOM, seconds, window)
     # Let the last deliveries land (bounded).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        got = sum(m.lines for m in members) + sum(p.lines for p in publishers)
-        if got - before >= sent * audience + sent:  # + the publishers' ok replies
+        if lines(everyone) - before >= sent * audience + sent:  # + the publishers' replies
             break
         await asyncio.sleep(0.01)
     elapsed = time.monotonic() - t0
     server_cpu = (cpu() - cpu0) / elapsed if cpu else float("nan")
-    got = sum(m.lines for m in members) + sum(p.lines for p in publishers) - before - sent
-    for c in members + publishers:
-        assert c.transport is not None
-        c.transport.close()
+    got = lines(everyone) - before - sent
+    close_all(everyone)
     return {
         "subscribers": subs,
         "publishers": pubs,

@@ -19,7 +19,8 @@ import json
 import time
 from typing import Any
 
-from bench.common import Line, Server, new_loop, open_line, percentile, pin_self
+from bench.common import Server, new_loop, open_line, percentile, pin_self
+from bench.fanout import close_all, latency_probe, lines, open_members, publish
 from bench.nodes import Redis, node, redis_server
 
 ROOM = "fanout"
@@ -39,61 +40,24 @@ async def _run(
     drain: float,
 ) -> dict[str, Any]:  # fmt: skip
     latencies: list[float] = []
-
-    def probe(line: bytes) -> None:
-        if b'"event":"message"' in line:
-            text = json.loads(line)["data"]["text"]
-            latencies.append(time.monotonic() - float(text.split()[0]))
-
-    members: list[Line] = []
-    for i in range(subs):
-        c = await open_line(sub_port, probe if i == 0 else None)
-        await c.call({"cmd": "login", "id": 1, "user": f"sub{i}"})
-        joined = await c.call({"cmd": "room.join", "id": 2, "room": ROOM})
-        if joined["type"] != "ok":
-            raise RuntimeError(f"subscriber cannot join on its node: {joined}")
-        members.append(c)
-    publishers: list[Line] = []
-    for i in range(pubs):
-        c = await open_line(pub_port)
-        await c.call({"cmd": "login", "id": 1, "user": f"pub{i}"})
-        joined = await c.call({"cmd": "room.join", "id": 2, "room": ROOM})
-        if joined["type"] != "ok":
-            raise RuntimeError(f"publisher cannot join on its node: {joined}")
-        publishers.append(c)
+    members = await open_members(sub_port, subs, "sub", ROOM, probe=latency_probe(latencies))
+    try:
+        publishers = await open_members(pub_port, pubs, "pub", ROOM)
+    except RuntimeError:
+        close_all(members)
+        raise
     await asyncio.sleep(0.5)  # member.joined events of the set-up are out of the way
-    sent = 0
-    stop_at = time.monotonic() + seconds
-
-    async def publish(c: Line) -> None:
-        nonlocal sent
-        n = 0
-        inflight: set[asyncio.Future[dict[str, Any]]] = set()
-        while time.monotonic() < stop_at:
-            while len(inflight) < window:
-                n += 1
-                inflight.add(asyncio.ensure_future(c.call(
-                    {"cmd": "msg.send", "id": n, "room": ROOM,
-                     "text": f"{time.monotonic():.6f} hello fan-out"})))  # fmt: skip
-            done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            sent += sum(1 for f in done if f.result()["type"] == "ok")
-        if inflight:
-            done, _ = await asyncio.wait(inflight, timeout=30)
-            sent += sum(1 for f in done if f.result()["type"] == "ok")
-
-    before = sum(m.lines for m in members)
+    before = lines(members)
     t0 = time.monotonic()
-    await asyncio.gather(*(publish(p) for p in publishers))
+    sent, _ = await publish(publishers, ROOM, seconds, window)
     sent_for = time.monotonic() - t0
     expected = sent * subs
     deadline = time.monotonic() + drain  # bounded: events that never cross are not awaited
-    while time.monotonic() < deadline and sum(m.lines for m in members) - before < expected:
+    while time.monotonic() < deadline and lines(members) - before < expected:
         await asyncio.sleep(0.02)
     elapsed = time.monotonic() - t0
-    got = sum(m.lines for m in members) - before
-    for c in members + publishers:
-        assert c.transport is not None
-        c.transport.close()
+    got = lines(members) - before
+    close_all(members + publishers)
     return {
         "messages": sent,
         "deliveries": got,

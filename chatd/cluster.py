@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from chatd import changes
@@ -92,6 +93,10 @@ return '0-0'
 # What the reader's gap check needs of the change stream, without its entries (XINFO
 # STREAM sends the first and last entries whole, up to hundreds of messages each):
 # {entries-added, length, the first entry's id}, or false (no stream; Redis before 7).
+# Loaded by hand (EVALSHA; on NOSCRIPT, SCRIPT LOAD and again), not a redis-py Script: it
+# goes in the reader's pipeline with the XREAD, and a Script in a pipeline costs a SCRIPT
+# EXISTS round trip before every execute (redis-py's Pipeline.load_scripts), one more
+# round trip for every read of the stream.
 _HEAD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
@@ -220,7 +225,7 @@ class Cluster:
         self._next_catch_up: asyncio.Future[None] | None = None  # see caught_up
         # Account changes being read from Redis (_adopt_user): part of being caught up.
         self._adopting: set[asyncio.Future[None]] = set()
-        self._tail_sha = ""
+        self._tail: AsyncScript | None = None  # _TAIL (a Script: it loads it again on NOSCRIPT)
         self._head_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
         # (room id, user key) -> the next try of a departure Redis has not taken yet
@@ -258,7 +263,7 @@ class Cluster:
         await self._beat()
         app.deliver_departures = self.bus.local  # announced from the stream (module doc)
         app.close_if_unused = self._close_if_unused
-        self._tail_sha = await self._load_tail_script()
+        self._tail = self._client.register_script(_TAIL)
         self._head_sha = await self._load_head_script()
         await self._reap()  # dead nodes' members would count as in their rooms
         # One consistent view and the stream position it stands for, adopted as after an
@@ -585,14 +590,8 @@ class Cluster:
 
     async def _wait_for_tail(self) -> None:
         try:
-            assert self._client is not None
-            target = _id(_str(await self._client.evalsha(self._tail_sha, 1, self._stream)))
-        except NoScriptError:  # Redis restarted or its scripts were flushed
-            try:
-                self._tail_sha = await self._load_tail_script()
-            except (RedisError, OSError):
-                return
-            return await self._wait_for_tail()
+            assert self._tail is not None
+            target = _id(_str(await self._tail(keys=[self._stream])))
         except (RedisError, OSError):
             return
         if target > self._applied:
@@ -624,10 +623,6 @@ class Cluster:
     async def _load_head_script(self) -> str:
         assert self._client is not None
         return _str(await self._client.script_load(_HEAD))
-
-    async def _load_tail_script(self) -> str:
-        assert self._client is not None
-        return _str(await self._client.script_load(_TAIL))
 
     def _wake_caught_up(self) -> None:
         if not self._catching_up:

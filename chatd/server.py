@@ -581,7 +581,7 @@ class ChatServer:
     # --- start and stop --------------------------------------------------------------
 
     async def start(self) -> None:
-        clustered = _is_redis(self.store)
+        clustered = _redis_url(self.store) is not None
         if clustered:
             # Ephemeral rooms may have members on other nodes: the cluster decides.
             self.store.drop_ephemeral = False  # type: ignore[attr-defined]
@@ -656,7 +656,8 @@ class ChatServer:
         """What an operator wants to see in the start line."""
         c = self.config
         m = self.metrics
-        store = {"redis": redis_address(c.redis)} if c.redis else {"db": c.db}
+        url = _redis_url(self.store)
+        store = {"redis": redis_address(url)} if url is not None else {"db": c.db}
         return {
             "version": VERSION,
             "tls": "on" if self.tls is not None else "off",
@@ -759,8 +760,12 @@ class ChatServer:
         self.loop.call_later(self.config.shutdown_grace, transport.abort)
 
 
-def _is_redis(store: Store) -> bool:
-    return type(store).__module__.startswith("chatd.store.redis")
+def _redis_url(store: Store) -> str | None:
+    """The Redis store's URL, None for another store: the one test of "is it Redis" (the
+    store, not the config: a test may hand a server a Redis store of its own)."""
+    if type(store).__module__.startswith("chatd.store.redis"):
+        return cast(str, store.url)  # type: ignore[attr-defined]
+    return None
 
 
 def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:

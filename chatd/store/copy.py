@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 from chatd.store.base import GuestHold, RoomRecord
 from chatd.store.dump import Dump, MessageRow, UserRow
+from chatd.store.sqlite.backup import seal_over, temp_beside
 from chatd.store.sqlite.schema import SCHEMA_VERSION
 
 
@@ -272,27 +272,17 @@ def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
 
     if os.path.isdir(dest):
         raise CopyError(f"{dest} is a directory; name the backup file")
-    folder = os.path.dirname(os.path.abspath(dest))
     store = RedisStore(url)
     try:
         for _ in range(attempts):
             before = _change_marks(store)
             dump = store.export_dump()
             dump.epoch = uuid.uuid4().hex
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            try:
+            with temp_beside(dest) as tmp:
                 import_sqlite(tmp, dump, store.export_messages())
                 if _change_marks(store) != before:
                     continue  # a node wrote meanwhile: take it again
-                count = _seal(tmp)
-                os.replace(tmp, dest)
-                _fsync_dir(folder)
-                return count
-            finally:
-                for f in (tmp, tmp + "-wal", tmp + "-shm"):
-                    if os.path.lexists(f):
-                        os.unlink(f)
+                return seal_over(tmp, dest)
     except RedisStoreError as exc:
         raise CopyError(str(exc)) from None
     except sqlite3.Error as exc:
@@ -321,24 +311,3 @@ def _change_marks(store: Any) -> tuple[Any, ...]:
         raise RedisStoreError(f"Redis at {shown(store.url)}: {exc}") from None
     finally:
         r.close()
-
-
-def _seal(path: str) -> int:
-    """One self-contained file on disk; its number of live messages."""
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        db.execute("PRAGMA journal_mode=DELETE")
-        count = int(db.execute("SELECT count(*) FROM messages WHERE deleted = 0").fetchone()[0])
-    finally:
-        db.close()
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return count
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)

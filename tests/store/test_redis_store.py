@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from chatd.errors import Conflict, Internal
-from chatd.store.base import GuestHold, NewMessage, RoomRecord
+from chatd.store.base import NewMessage, RoomRecord
 from chatd.store.redis import RedisStore, RedisStoreError
 from chatd.store.redis.store import _IN_FLIGHT, describe_persistence, message_from, messages_from
 from tests.redisutil import RedisServer
@@ -157,25 +157,6 @@ async def test_ephemeral_rooms_are_dropped_at_open(redis_url: str) -> None:
         assert [(r.name, r.open) for r in snap.rooms] == [("kept", True)]
         await s.create_room(RoomRecord(0, "tmp", "", "bob", 1.0, False, False))  # free again
         assert await s.count_messages() == 0  # purged once the writer ran
-    finally:
-        await s.close()
-
-
-async def test_guest_holds_compare_and_set_on_their_version(redis_url: str) -> None:
-    s = RedisStore(redis_url)
-    s.open()
-    try:
-        hold = GuestHold("Guest1", "j1", None, 1)
-        await s.hold_guest(hold)
-        assert await s.update_hold(GuestHold("Guest1", "j1", 100, 3))
-        assert not await s.update_hold(GuestHold("Guest1", "j1", 50, 2))  # older: ignored
-        assert not await s.update_hold(GuestHold("Guest1", "other", 50, 9))  # another hold
-        assert not await s.release_guest(GuestHold("Guest1", "j1", 100, 3))  # not newer
-        await s.close()
-        s = RedisStore(redis_url)
-        assert s.open().guests == [GuestHold("Guest1", "j1", 100, 3)]
-        assert await s.release_guest(GuestHold("guest1", "j1", None, 4))
-        assert not await s.release_guest(GuestHold("guest1", "j1", None, 5))  # gone
     finally:
         await s.close()
 

@@ -1,5 +1,6 @@
-"""Guest holds without sockets: the App decides (injected clock and scheduler), the SQLite
-store applies each change only over an older version (issue 13 item 7)."""
+"""Guest holds without sockets: the App decides (injected clock and scheduler), and the
+store ends where memory did (issue 13 item 7). That every store applies a hold's change
+only over an older version is tests/store/test_conformance.py's, for each store."""
 
 from __future__ import annotations
 
@@ -111,29 +112,7 @@ async def test_hold_note_says_until_when() -> None:
         )
 
 
-# --- the store: compare-and-set --------------------------------------------------------
-
-
-async def test_the_store_applies_a_hold_change_only_over_an_older_version() -> None:
-    store = SQLiteStore(":memory:")
-    store.open()
-    try:
-        await store.hold_guest(GuestHold("Gus", "9", None, 1))
-        assert await store.update_hold(GuestHold("Gus", "9", 500, 3))
-        # An older decision landing late changes nothing.
-        assert not await store.update_hold(GuestHold("Gus", "9", None, 2))
-        # A release decided before the newest change does not delete it either.
-        assert not await store.release_guest(GuestHold("Gus", "9", None, 3))
-        # Another hold's writes never touch this one.
-        assert not await store.update_hold(GuestHold("Gus", "1", None, 99))
-        assert await store.release_guest(GuestHold("Gus", "9", 500, 4))
-        # Issue 13.7: an extension decided before the release, written after it, does not
-        # bring the hold back.
-        assert not await store.update_hold(GuestHold("Gus", "9", 9999, 3))
-        rows = await store._read(lambda db: db.execute("SELECT * FROM guests").fetchall())
-        assert rows == []
-    finally:
-        await store.close()
+# --- memory and the store --------------------------------------------------------------
 
 
 async def test_memory_and_store_agree_after_a_grace_then_a_release() -> None:

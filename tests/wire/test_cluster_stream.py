@@ -167,3 +167,44 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
     finally:
         await ann.close()
         await bob.close()
+
+
+async def test_the_stream_queries_run_again_after_redis_forgets_its_scripts(
+    node: Any, other: Any, redis_url: str
+) -> None:
+    """SCRIPT FLUSH (or a restarted Redis): a catch-up's tail query and the reader's head
+    query (chatd/cluster.py, _TAIL and _HEAD) are answered NOSCRIPT once, load their
+    script again and go on: the catch-up still waits for another node's write, and the
+    write still arrives."""
+    import hashlib
+
+    import redis.asyncio as aioredis
+
+    from chatd.cluster import _HEAD, _TAIL
+    from tests.helpers import Client, until
+
+    tail, head = (hashlib.sha1(s.encode()).hexdigest() for s in (_TAIL, _HEAD))
+    raw = aioredis.Redis.from_url(redis_url)
+    c = await Client.connect(node.port)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        assert await raw.script_exists(tail, head) == [True, True]
+        await raw.script_flush()
+        assert await raw.script_exists(tail, head) == [False, False]
+        sent, _ = await other.add_message(
+            NewMessage(room_id, "bob", None, "after the flush", 1.0, None, "bob#g1")
+        )
+        await asyncio.wait_for(node.app.bus.caught_up(), TIMEOUT)
+        assert node.store.rev >= sent.rev  # the catch-up waited for the write
+        assert await raw.script_exists(tail) == [True]  # the tail query ran it again
+        assert (await c.event("message", timeout=TIMEOUT))["text"] == "after the flush"
+
+        async def head_loaded() -> bool:
+            return bool((await raw.script_exists(head))[0])
+
+        await until(head_loaded, within=TIMEOUT)  # the reader's next read ran it again
+    finally:
+        await c.close()
+        await raw.aclose()

@@ -5,11 +5,17 @@ redis-server: register, login, room, send, history, sync, and a restart keeps ev
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from tests.helpers import Client
+from chatd.config import redis_address
+from chatd.server import ChatServer
+from chatd.store.redis import RedisStore
+from chatd.store.redis.admin import RedisAdmin
+from tests.helpers import SECRET as TEST_SECRET
+from tests.helpers import TEST_CONFIG, Client
 from tests.process import chatd_run, chatd_serving
 
 pytestmark = pytest.mark.one_node(
@@ -36,6 +42,47 @@ async def first_life(port: int) -> dict[str, Any]:
         return {"hello": c.hello["data"], "token": token, "a": a, "b": b}
     finally:
         await c.close()
+
+
+async def test_a_server_on_a_redis_store_names_redis_in_its_start_line(redis_url: str) -> None:
+    """The store says which it is, not --redis in the config (a test may hand a server a
+    Redis store of its own): the start line and the cluster come from one check."""
+    assert TEST_CONFIG.redis is None
+    server = ChatServer(TEST_CONFIG, RedisStore(redis_url), TEST_SECRET)
+    await server.start()
+    try:
+        settings = server.settings()
+        assert settings["redis"] == redis_address(redis_url) and "db" not in settings
+        assert server.cluster is not None
+    finally:
+        await server.stop()
+
+
+async def test_an_account_deleted_offline_is_closed_on_a_node_before_its_poll(
+    redis_url: str,
+) -> None:
+    """`chatd user delete --redis` (RedisAdmin) runs the nodes' own script: the change goes
+    on the change stream, and a node ends the user's connections at once, not at its
+    users_version poll (an hour away here)."""
+    server = ChatServer(
+        TEST_CONFIG.replace(db_poll_interval=3600.0), RedisStore(redis_url), TEST_SECRET
+    )
+    await server.start()
+    try:
+        c = await Client.connect(server.port)
+        await c.ok("register", user="Frank", password=PASSWORD)
+        await c.ok("login", user="frank", password=PASSWORD)
+        admin = RedisAdmin(redis_url)
+        try:
+            assert await asyncio.to_thread(admin.delete_user, "FRANK")
+        finally:
+            admin.close()
+        with pytest.raises(EOFError):
+            while True:
+                await c.recv(timeout=5)
+        await c.close()
+    finally:
+        await server.stop()
 
 
 async def test_one_node_on_redis_serves_and_a_restart_keeps_everything(redis_url: str) -> None:

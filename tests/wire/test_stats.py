@@ -301,11 +301,13 @@ async def test_start_and_stop_are_logged_with_the_settings(
     caplog.set_level(logging.INFO, logger="chatd")
     async with running_server(idle_timeout=42.0) as srv:
         ports = [node.port for node in nodes_of(srv)]  # one node, or two in the two-node pass
+        on_redis = type(srv.store).__name__ == "RedisStore"  # the two-node pass (helpers.py)
     start = events(caplog, "start")
     assert len(start) == len(ports)
+    store = "redis redis://127.0.0.1:" if on_redis else "db :memory:"  # the store it runs on
     for port, record in zip(ports, start, strict=True):
         msg = record.getMessage()
         assert f"listening on 127.0.0.1:{port}" in msg
-        for part in ("tls off", "db :memory:", "idle_timeout 42.0", "metrics off", VERSION):
+        for part in ("tls off", store, "idle_timeout 42.0", "metrics off", VERSION):
             assert part in msg, msg
     assert len(events(caplog, "stopping")) == len(ports) == len(events(caplog, "stopped"))

@@ -1,14 +1,13 @@
 """The offline account commands on Redis (`AdminStore`, `chatd user|token|stats --redis`).
 
-Each change is one Lua script on the key layout of scripts.py, so it is atomic against the
-nodes' own writes, and it increments `P meta users_version`: every node polls that value
-(`Store.users_version`, every `db_poll_interval`) and reloads the accounts, so `chatd user
-delete` closes the user's connections on every node, as on SQLite. A login right after
-`chatd user add` works at once without the poll: a node reads an account it does not know
-from Redis before it says no (App.refresh_user).
-
-The scripts live here, not in scripts.py, because only this command-line path uses them;
-they touch the same keys as that file's CREATE_USER and DELETE_USER (keep them in step)."""
+Each change is the nodes' own script (scripts.py's CREATE_USER and DELETE_USER, called
+"told"), so it is atomic against the nodes' own writes and cannot drift from them. It goes
+on the change stream, where every running node reads the account again at once (as for
+another node's change: `chatd user delete` closes the user's connections on every node),
+and it increments `P meta users_version`, which every node polls too (`Store.users_version`,
+every `db_poll_interval`), as on SQLite. A login right after `chatd user add` works at once
+either way: a node reads an account it does not know from Redis before it says no
+(App.refresh_user)."""
 
 from __future__ import annotations
 
@@ -23,41 +22,8 @@ from redis.retry import Retry
 from chatd.config import redis_address
 from chatd.errors import Conflict
 from chatd.store.base import NameHeld, StoreMissing, StoreOpenError, UserRecord
-from chatd.store.redis.scripts import ALL_USERS, GET_USER
+from chatd.store.redis.scripts import ALL_USERS, CREATE_USER, DELETE_USER, GET_USER
 from chatd.store.redis.store import LAYOUT, _f, _user, layout_error
-
-# ARGV: P, name, name key, pw hash, admin (0/1), now (unix seconds).
-# Reply: {id} created; {0} the name is an account; {-1} a guest holds it while connected;
-# {-2, held_until} a guest holds it until then. A hold that lapsed before `now` is removed
-# in the same step (no server may be running to release it).
-_CREATE_USER = r"""
-local P = ARGV[1]
-local key = ARGV[3]
-if redis.call('HEXISTS', P..'users', key) == 1 then return {0} end
-local held = redis.call('HGET', P..'guests', key)
-if held then
-  local till = cjson.decode(held)['held_until']
-  if till == nil or till == cjson.null then return {-1} end
-  if till > tonumber(ARGV[6]) then return {-2, till} end
-  redis.call('HDEL', P..'guests', key)
-end
-local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
-redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])
-redis.call('HSET', P..'users', key, id)
-redis.call('HINCRBY', P..'meta', 'users_version', 1)
-return {id}
-"""
-
-# ARGV: P, name key. Reply: 1 deleted, 0 no such account (then nothing changes).
-_DELETE_USER = r"""
-local P = ARGV[1]
-local id = redis.call('HGET', P..'users', ARGV[2])
-if not id then return 0 end
-redis.call('HDEL', P..'users', ARGV[2])
-redis.call('DEL', P..'u:'..id)
-redis.call('HINCRBY', P..'meta', 'users_version', 1)
-return 1
-"""
 
 
 class RedisAdmin:
@@ -80,7 +46,7 @@ class RedisAdmin:
         try:
             self._scripts = {
                 name: self._r.register_script(src)
-                for name, src in (("create", _CREATE_USER), ("delete", _DELETE_USER),
+                for name, src in (("create", CREATE_USER), ("delete", DELETE_USER),
                                   ("get", GET_USER), ("all", ALL_USERS))
             }  # fmt: skip
             self._check(create)
@@ -112,7 +78,8 @@ class RedisAdmin:
         self._r.close()
 
     def create_user(self, name: str, pw_hash: str, admin: bool, now: float) -> UserRecord:
-        reply = self._run("create", name, name.lower(), pw_hash, int(admin), _f(now))
+        # No node of its own ("") and told ("1"): every node applies it (scripts.py).
+        reply = self._run("create", name, name.lower(), pw_hash, int(admin), _f(now), "", "1")
         code = int(reply[0])
         if code == 0:
             raise Conflict(f"user {name!r} already exists")
@@ -123,7 +90,7 @@ class RedisAdmin:
         return UserRecord(code, name, pw_hash, admin, 0)
 
     def delete_user(self, name: str) -> bool:
-        return bool(self._run("delete", name.lower()))
+        return bool(self._run("delete", name.lower(), "", "1"))
 
     def find_user(self, name: str) -> UserRecord | None:
         flat = self._run("get", name.lower())

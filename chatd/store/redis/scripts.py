@@ -371,32 +371,43 @@ DELETE_ROOM = _REMOVE_ROOM + r"""
 return remove_room(ARGV[1], ARGV[2], ARGV[3] or '', ARGV[4] or '')
 """
 
-# ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = taken
-# (by an account, or by a guest's hold that has not lapsed: names are one namespace).
+# The account scripts serve the nodes and the offline commands alike (`chatd user add|delete
+# --redis`, admin.py), so the two cannot drift. `told` is "1" from an offline command: it
+# also moves `P meta users_version`, which every node polls (Store.users_version), as
+# SQLiteAdmin's writes do; a node's own change leaves it (every node would reload every
+# account). Either way the change goes on the stream, and the other nodes read the account.
+
+# ARGV: P, name, name key, pw hash, admin, created_at, node, told. Reply: {id} created;
+# {0} the name is an account; {-1} a guest holds it while connected; {-2, held_until} a
+# guest holds it until then (names are one namespace; decided here, so across nodes too).
+# A hold that lapsed by created_at is removed in the same step (no server may be running
+# to release it).
 CREATE_USER = _NOTIFY + r"""
 local P = ARGV[1]
-if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
--- A guest's hold that has not lapsed keeps the name (decided here, so across nodes too).
+if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return {0} end
 local held = redis.call('HGET', P..'guests', ARGV[3])
 if held and held ~= '' then
-  local o = cjson.decode(held)
-  local lapsed = o.held_until ~= nil and o.held_until ~= cjson.null and o.held_until <= tonumber(ARGV[6])
-  if not lapsed then return 0 end
+  local till = cjson.decode(held).held_until
+  if till == nil or till == cjson.null then return {-1} end
+  if till > tonumber(ARGV[6]) then return {-2, till} end
+  redis.call('HDEL', P..'guests', ARGV[3])
 end
 local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
 redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])
 redis.call('HSET', P..'users', ARGV[3], id)
+if ARGV[8] == '1' then redis.call('HINCRBY', P..'meta', 'users_version', 1) end
 notify('kind', 'user', 'node', ARGV[7] or '', 'key', ARGV[3])
-return id
+return {id}
 """
 
-# ARGV: P, name key, node. Reply: 1 deleted, 0 none.
+# ARGV: P, name key, node, told. Reply: 1 deleted, 0 none (then nothing changes).
 DELETE_USER = _NOTIFY + r"""
 local P = ARGV[1]
 local id = redis.call('HGET', P..'users', ARGV[2])
 if not id then return 0 end
 redis.call('HDEL', P..'users', ARGV[2])
 redis.call('DEL', P..'u:'..id)
+if ARGV[4] == '1' then redis.call('HINCRBY', P..'meta', 'users_version', 1) end
 notify('kind', 'user', 'node', ARGV[3] or '', 'key', ARGV[2])
 return 1
 """

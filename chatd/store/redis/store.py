@@ -250,7 +250,6 @@ class RedisStore:
         timeout: float = 5.0,
         drop_ephemeral: bool = True,
         max_batch: int = _MAX_BATCH,
-        stream_maxlen: int = STREAM_MAXLEN,
         stream_keep_ms: int = STREAM_KEEP_MS,
     ) -> None:
         self.url = url
@@ -258,7 +257,9 @@ class RedisStore:
         self.timeout = timeout
         self.drop_ephemeral = drop_ephemeral
         self.max_batch = max_batch
-        self.stream_maxlen = str(stream_maxlen)
+        # The change stream's cap, for the scripts that take it as an argument; the
+        # notices' scripts have it built in (scripts.STREAM_MAXLEN: one value for both).
+        self.stream_maxlen = str(STREAM_MAXLEN)
         self.stream_keep_ms = stream_keep_ms
         self.rev = 0
         self.epoch = ""
@@ -787,18 +788,18 @@ class RedisStore:
     # --- accounts --------------------------------------------------------------------
 
     async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
-        def decode(uid: int) -> UserRecord:
-            if uid == 0:
+        def decode(reply: list[int]) -> UserRecord:
+            if reply[0] <= 0:  # an account, or a guest's hold that has not lapsed
                 raise Conflict(f"user {name!r} already exists")
-            return UserRecord(uid, name, pw_hash, admin, 0)
+            return UserRecord(reply[0], name, pw_hash, admin, 0)
 
         return await self._call(
             "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), self.node,
-            decode=decode,
-        )
+            "", decode=decode,
+        )  # fmt: skip
 
     async def delete_user(self, name: str) -> bool:
-        return await self._call("delete_user", name.lower(), self.node, decode=bool)
+        return await self._call("delete_user", name.lower(), self.node, "", decode=bool)
 
     async def bump_token_version(self, name: str) -> int:
         return await self._call("bump_token_version", name.lower(), self.node, decode=int)
