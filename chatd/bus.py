@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import msgspec
 
-from chatd.protocol.events import Frame
+from chatd.protocol.events import Event, Frame
 
 if TYPE_CHECKING:
     from chatd.rooms import LiveRoom
@@ -127,10 +127,11 @@ class Bus(Protocol):
         connection is out of it again). None when there is nothing to wait for."""
         ...
 
-    def posted(self, rev: int, event: Frame) -> None:
+    def posted(self, rev: int, event: Event) -> None:
         """A bus that carries revisions: the event a handler made of this node's own write
-        of revision `rev` (the value the stream's entry gives: chatd/changes), for the
-        stream reader to deliver as it is instead of building and encoding it again."""
+        of revision `rev` (chatd/changes, from the record the store answered), for the
+        stream reader to deliver as it is instead of building and encoding it again
+        (unless a rename since makes it name the room otherwise)."""
         ...
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
@@ -160,7 +161,7 @@ class LocalBus:
     def entered(self, room: LiveRoom, session: Session) -> None:
         return None
 
-    def posted(self, rev: int, event: Frame) -> None:
+    def posted(self, rev: int, event: Event) -> None:
         return None
 
     def __init__(self, directory: Directory, stats: Stats) -> None:

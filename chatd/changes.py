@@ -43,6 +43,13 @@ def message_of(rooms: RoomManager, m: MessageRecord) -> Message:
     )
 
 
+def names_room_as_now(rooms: RoomManager, m: MessageRecord, event: Event) -> bool:
+    """Whether `event`, made of `m` a moment ago, still names m's room as this node does
+    (a rename applied since: it does not, and is made again)."""
+    said = event.message.room if isinstance(event, MessagePosted) else getattr(event, "room", None)
+    return said == _room_name(rooms, m)
+
+
 def deleted(rooms: RoomManager, m: MessageRecord, by: str | None) -> MessageDeleted:
     """``by``: who deleted it (the record does not say; None when nobody knows)."""
     return MessageDeleted(id=m.id, rev=m.rev, room=_room_name(rooms, m), to=m.recipient, by=by)

@@ -58,6 +58,7 @@ from chatd.domain.identity import is_guest_jti
 from chatd.errors import ChatError, NotFound, Unauthorized
 from chatd.protocol.events import (
     Batch,
+    Event,
     Frame,
     MemberJoined,
     MemberLeft,
@@ -113,6 +114,8 @@ return {added, length}
 """
 _BLOCK_MS = 1_000
 _MAX_BACKOFF = 2.0
+# RedisBus.own's bound: far above the writes one node has in flight (4 batches of 400).
+_OWN_EVENTS = 65_536
 
 
 class RedisBus:
@@ -121,7 +124,10 @@ class RedisBus:
     (``ToSessions`` names connections of this node: local only). Message events it
     delivers itself from the stream."""
 
-    __slots__ = ("_directory", "_local", "_store", "caught_up", "entered", "own", "published")
+    __slots__ = (
+        "_directory", "_local", "_store", "applied_rev", "caught_up", "entered", "own",
+        "published",
+    )  # fmt: skip
     carries_revisions = True
 
     def __init__(
@@ -145,8 +151,12 @@ class RedisBus:
         self.entered = entered
         # Revision -> the event a handler here made of this node's own message change
         # (Bus.posted), until the reader applies the change's entry (Cluster._messages):
-        # in revision order, as the writer hands its replies out.
-        self.own: dict[int, Frame] = {}
+        # in revision order, as the writer hands its replies out. At most _OWN_EVENTS
+        # (past that the reader builds them, as for another node's changes).
+        self.own: dict[int, Event] = {}
+        # The highest message revision the reader has applied: an event posted for one
+        # at or below it came too late to be used (the reader's wait for it timed out).
+        self.applied_rev = 0
 
     def publish(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         mine = self._local.publish(audience, frame, caller)
@@ -156,8 +166,9 @@ class RedisBus:
             _logged(self._store.publish(("kind", "ev", "a", where, "f", data)))
         return mine
 
-    def posted(self, rev: int, event: Frame) -> None:
-        self.own[rev] = event
+    def posted(self, rev: int, event: Event) -> None:
+        if rev > self.applied_rev and len(self.own) < _OWN_EVENTS:
+            self.own[rev] = event
 
     def local(self, audience: Audience, frame: Frame, caller: Session | None = None) -> bool:
         """Deliver to this node's connections only (an event read from the stream)."""
@@ -773,18 +784,21 @@ class Cluster:
         # sharing one encoding of the message.
         own = self.bus.own if raw.get(b"node") == self.node.encode() else None
         for rec in recs:
-            event = own.pop(rec.rev, None) if own else None
-            if event is None:
+            event: Event | None = own.pop(rec.rev, None) if own else None
+            if event is None or not changes.names_room_as_now(rooms, rec, event):
                 event = changes.message_event(rooms, kind, rec, by)
             for audience in changes.audiences(rooms, rec):  # one encoding for all of them
                 if isinstance(audience, ToRoom):
                     app.settle(audience.room)  # departures before this message go first
                 self.bus.local(audience, event)
-        if own:
+        if rev > self.bus.applied_rev:
+            self.bus.applied_rev = rev
+        if self.bus.own:
             # One whose entry came before its handler ran (the reader's wait for the
             # replies timed out) is not wanted any more.
-            for stale in list(itertools.takewhile(lambda r: r <= rev, own)):
-                del own[stale]
+            stale = list(itertools.takewhile(lambda r: r <= rev, self.bus.own))
+            for r in stale:
+                del self.bus.own[r]
 
     def _membership(self, kind: str, f: dict[str, str]) -> None:
         """A user entered or left a room on a node (this one too): the member list, and

@@ -341,7 +341,11 @@ class Accounts:
 
     def hold_note(self, hold: GuestHold) -> str:
         """Until when a name is held, for a `conflict` message (contract)."""
-        if hold.held_until is None:
+        return self.held_note(hold.held_until)
+
+    def held_note(self, held_until: float | None) -> str:
+        """hold_note of a hold ending at ``held_until`` (None: while connected)."""
+        if held_until is None:
             return "while connected"
-        left = max(0, math.ceil(hold.held_until - self._clock.now()))
-        return f"until {rfc3339(hold.held_until)} (in {left} s)"
+        left = max(0, math.ceil(held_until - self._clock.now()))
+        return f"until {rfc3339(held_until)} (in {left} s)"

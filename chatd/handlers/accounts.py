@@ -30,7 +30,7 @@ from chatd.protocol.replies import (
     UserListReply,
     WhoAmIReply,
 )
-from chatd.store.base import GuestHold, UserRecord
+from chatd.store.base import GuestHold, NameHeld, UserRecord
 
 if TYPE_CHECKING:
     from chatd.app import App
@@ -99,6 +99,10 @@ async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
     try:
         pw_hash = await app.hasher.hash(cmd.password)
         user = await app.store.create_user(cmd.user, pw_hash, admin=False)
+    except NameHeld as held:  # a hold the store knows and this node did not yet
+        accounts.end_register(key, None)
+        note = accounts.held_note(held.held_until)
+        raise Conflict(f"the name {cmd.user!r} is held by a guest {note}") from None
     except BaseException:
         accounts.end_register(key, None)
         raise

@@ -24,6 +24,7 @@ from typing import Any
 from chatd.store.base import GuestHold, RoomRecord
 from chatd.store.dump import Dump, MessageRow, UserRow
 from chatd.store.sqlite.backup import seal_over, temp_beside
+from chatd.store.sqlite.dbfiles import held_by_a_server
 from chatd.store.sqlite.schema import SCHEMA_VERSION
 
 
@@ -272,6 +273,11 @@ def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
 
     if os.path.isdir(dest):
         raise CopyError(f"{dest} is a directory; name the backup file")
+    if held_by_a_server(dest):
+        raise CopyError(
+            f"{dest} is the database of a running chatd server; replacing it would cut that "
+            "server off its file: name another file"
+        )
     store = RedisStore(url)
     try:
         for _ in range(attempts):
@@ -296,8 +302,17 @@ def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
     )
 
 
+_LAST_CHANGE = """
+local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if e[1] then return e[1][1] end
+return false
+"""
+
+
 def _change_marks(store: Any) -> tuple[Any, ...]:
-    """What any message, room or account change, or a revocation, moves (RedisStore)."""
+    """What any message, room or account change, or a revocation, moves (RedisStore): the
+    counters, and the change stream's last entry (every change script appends one; a
+    rename, a user.delete or a passwd moves no counter)."""
     from redis.exceptions import RedisError
 
     from chatd.store.redis import RedisStoreError
@@ -306,7 +321,8 @@ def _change_marks(store: Any) -> tuple[Any, ...]:
     r = store.sync_client()
     try:
         marks = r.hmget(P + "meta", "epoch", "rev", "msg_id", "room_id", "user_id", "users_version")
-        return (*marks, r.zcard(P + "revoked"))
+        last = r.eval(_LAST_CHANGE, 1, P + "changes")  # the id alone, not the entry's data
+        return (*marks, r.zcard(P + "revoked"), last)
     except RedisError as exc:
         raise RedisStoreError(f"Redis at {shown(store.url)}: {exc}") from None
     finally:

@@ -44,3 +44,77 @@ def test_a_copy_taken_while_nothing_changes_is_kept(redis_url: str, tmp_path: Pa
     dest = tmp_path / "b.db"
     assert backup_redis(redis_url, str(dest)) == 0
     assert os.listdir(tmp_path) == ["b.db"]
+
+
+def test_a_backup_onto_a_running_server_s_database_is_refused(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """`chatd backup --redis URL FILE` renames its copy over FILE: when FILE is the
+    database of a running chatd server (on SQLite), under any spelling, that server would
+    be cut off its file. Refused; FILE untouched."""
+    from chatd.store.sqlite.dbfiles import ServerLock, create_private
+
+    RedisStore(redis_url).open()
+    live = tmp_path / "live.db"
+    create_private(str(live))
+    live.write_bytes(b"the live database")
+    (tmp_path / "alias.db").symlink_to(live)
+    lock = ServerLock(str(live))
+    lock.acquire()
+    try:
+        for spelling in (live, tmp_path / "alias.db", tmp_path / "." / "live.db"):
+            with pytest.raises(CopyError, match="running chatd server"):
+                backup_redis(redis_url, str(spelling))
+        assert live.read_bytes() == b"the live database"
+    finally:
+        lock.release()
+    assert backup_redis(redis_url, str(tmp_path / "alias.db")) == 0  # no server: replaced
+
+
+def test_a_rename_during_the_copy_makes_it_taken_again(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename moves no counter (revision, ids, users_version), only the change stream:
+    a copy that a rename overlapped is thrown away and taken again, and the kept one has
+    the new name."""
+    import asyncio
+    import sqlite3
+
+    from chatd.store.base import RoomRecord
+
+    async def make_room() -> RoomRecord:
+        s = RedisStore(redis_url)
+        s.open()
+        try:
+            return await s.create_room(RoomRecord(0, "dev", "", "ann", 1.0, False, False))
+        finally:
+            await s.close()
+
+    async def rename() -> None:
+        s = RedisStore(redis_url)
+        s.open()
+        try:
+            await s.update_room(room.id, "hall", "")
+        finally:
+            await s.close()
+
+    room = asyncio.run(make_room())
+    real = copy_module.import_sqlite
+    copies: list[str] = []
+
+    def import_then_rename(path: str, *args: Any) -> Any:
+        out = real(path, *args)
+        copies.append(path)
+        if len(copies) == 1:
+            asyncio.run(rename())  # a node renames the room while the copy is taken
+        return out
+
+    monkeypatch.setattr(copy_module, "import_sqlite", import_then_rename)
+    dest = tmp_path / "b.db"
+    backup_redis(redis_url, str(dest))
+    assert len(copies) == 2
+    db = sqlite3.connect(dest)
+    try:
+        assert db.execute("SELECT name FROM rooms").fetchall() == [("hall",)]
+    finally:
+        db.close()

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from chatd.errors import Conflict, Internal
-from chatd.store.base import NewMessage, RoomRecord
+from chatd.store.base import GuestHold, NewMessage, RoomRecord
 from chatd.store.redis import RedisStore, RedisStoreError
 from chatd.store.redis.store import _IN_FLIGHT, describe_persistence, message_from, messages_from
 from tests.redisutil import RedisServer
@@ -217,9 +217,10 @@ async def test_the_first_write_after_a_redis_restart_while_idle_is_stored() -> N
         room = await s.create_room(RoomRecord(0, "r", "", "ann", 1.0, False, False))
         server.stop(kill=True)
         server.start()
-        # Idle meanwhile: the loop polls the old socket and finds it closed (the store
-        # learns of a closed socket only that way; a restart takes longer than this).
-        await asyncio.sleep(0.05)
+        # Idle meanwhile: one loop turn, in which the loop polls the old socket and finds
+        # it closed (the store learns of a closed socket only that way; a client's frame
+        # always comes in a later turn than the close).
+        await asyncio.sleep(0)
         m, _ = await asyncio.wait_for(s.add_message(send(room.id, "after")), TIMEOUT)
         assert (m.id, m.text) == (1, "after")
         await s.close()
@@ -587,3 +588,25 @@ def test_a_send_is_packed_as_packed_fields_has_it(
         room, "Ann", recipient, "hi \u00e9", 1.5, None, None, False, s.sender_key,
         s.recipient_key, nonce,
     ))  # fmt: skip
+
+
+async def test_creating_an_account_on_a_held_name_says_until_when(redis_url: str) -> None:
+    """A node that has not yet read another node's hold learns of it from the script:
+    NameHeld with the hold's end (None: while the guest is connected), which `register`
+    turns into the contract's conflict message."""
+    from chatd.store.base import NameHeld
+
+    s = RedisStore(redis_url)
+    s.open()
+    try:
+        await s.hold_guest(GuestHold("Gus", "1", None, 1))
+        with pytest.raises(NameHeld) as held:
+            await s.create_user("gus", "hash", admin=False)
+        assert held.value.held_until is None
+        till = int(time.time()) + 300
+        await s.hold_guest(GuestHold("Ida", "2", till, 1))
+        with pytest.raises(NameHeld) as held:
+            await s.create_user("IDA", "hash", admin=False)
+        assert held.value.held_until == till
+    finally:
+        await s.close()

@@ -14,7 +14,9 @@ from chatd.store.sqlite.backup import seal_over, temp_beside
 
 
 def _wal_db(path: str) -> None:
-    """A small database left in WAL mode with its -wal beside it (as a copy may be)."""
+    """A small database left in WAL mode (as a copy may be): its -wal is checkpointed
+    away when the last connection closes, but the file still says WAL, which seal_over
+    turns back to a self-contained rollback-journal file."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, deleted INTEGER)")

@@ -159,3 +159,28 @@ async def test_a_schema_2_database_keeps_its_guest_holds_after_the_migration(
         assert await store.update_hold(GuestHold("Jo", "42", 1700000120, 1))
     finally:
         await store.close()
+
+
+async def test_register_on_a_hold_only_the_store_knows_says_until_when(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several nodes: the hold was taken on another node a moment ago; the store refuses
+    the account with NameHeld, and the reply is the contract's conflict, saying until when."""
+    from chatd.dispatch import Pending
+    from chatd.protocol import commands as c
+    from chatd.store.base import NameHeld
+    from tests.unit.fakes import drive
+
+    with core(GRACE) as k:
+        async def held(name: str, pw_hash: str, admin: bool) -> None:
+            raise NameHeld(name, 1_700_000_120)
+
+        monkeypatch.setattr(k.app.store, "create_user", held)
+        s, _ = k.session()
+        cmd = c.Register(user="ida", password="a long password")
+        pending = k.dispatcher.execute(s, cmd, k.dispatcher.specs[c.Register])
+        assert isinstance(pending, Pending)  # it hashes the password first
+        frame = (await drive(pending)).reply
+        assert b'"conflict"' in frame, frame
+        assert b"held by a guest until 2023-11-14T22:15:20.000Z (in 120 s)" in frame, frame
+        assert not k.app.accounts.is_registering("ida")

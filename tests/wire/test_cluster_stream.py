@@ -150,7 +150,7 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
         await bob.ok("login", user="bob")
         await ann.ok("room.create", room="dev")
         await bob.ok("room.join", room="dev")
-        node.app.bus.posted(0, "an event whose entry was applied without it")  # stale
+        node.app.bus.own[0] = "an event whose entry was applied without it"  # stale
         sent = [await ann.ok("msg.send", room="dev", text=f"m{i}") for i in range(20)]
         edited = await ann.ok("msg.edit", message_id=sent[0]["message"]["id"], text="fixed")
         for c in (ann, bob):
@@ -164,6 +164,8 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
         assert (await bob.event("message"))["text"] == "from afar"
         assert built == ["message"]
         assert node.app.bus.own == {}
+        node.app.bus.posted(edited["message"]["rev"], "made after its entry was applied")
+        assert node.app.bus.own == {}  # too late to be used: not kept
     finally:
         await ann.close()
         await bob.close()
@@ -208,3 +210,44 @@ async def test_the_stream_queries_run_again_after_redis_forgets_its_scripts(
     finally:
         await c.close()
         await raw.aclose()
+
+
+async def test_an_own_send_read_after_a_rename_names_the_room_as_it_is_now(
+    node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event a handler made (Bus.posted) names the room as it was then; a rename
+    applied before the reader gets to the send's entry makes the reader build it again,
+    so a member hears `room.updated` and then the message under the new name."""
+    from tests.helpers import Client
+
+    cluster = node.cluster
+    gate, parked = asyncio.Event(), asyncio.Event()
+    gate.set()
+    read_batch = type(cluster)._read_batch
+
+    async def paused(self: Any) -> Any:
+        if not gate.is_set():
+            parked.set()
+        await asyncio.wait_for(gate.wait(), 20)
+        return await read_batch(self)
+
+    ann, bob = await Client.connect(node.port), await Client.connect(node.port)
+    try:
+        await ann.ok("login", user="ann")
+        await bob.ok("login", user="bob")
+        await ann.ok("room.create", room="dev")
+        await bob.ok("room.join", room="dev")
+        monkeypatch.setattr(type(cluster), "_read_batch", paused)
+        gate.clear()
+        await asyncio.wait_for(parked.wait(), TIMEOUT)  # the XREAD in flight came back
+        sent = await ann.ok("msg.send", room="dev", text="hello")
+        assert sent["message"]["room"] == "dev" and sent["message"]["rev"] in node.app.bus.own
+        node.app.rooms.rename(node.app.rooms.rooms["dev"], "r0")  # as a rename applied here
+        gate.set()
+        got = await bob.event("message")
+        assert (got["id"], got["room"]) == (sent["message"]["id"], "r0")
+        assert node.app.bus.own == {}
+    finally:
+        gate.set()
+        await ann.close()
+        await bob.close()

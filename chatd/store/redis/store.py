@@ -43,6 +43,7 @@ from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
+    NameHeld,
     NewMessage,
     RoomRecord,
     Snapshot,
@@ -789,8 +790,10 @@ class RedisStore:
 
     async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
         def decode(reply: list[int]) -> UserRecord:
-            if reply[0] <= 0:  # an account, or a guest's hold that has not lapsed
+            if reply[0] == 0:
                 raise Conflict(f"user {name!r} already exists")
+            if reply[0] < 0:  # a guest's hold that has not lapsed (-1: while connected)
+                raise NameHeld(name, int(reply[1]) if reply[0] == -2 else None)
             return UserRecord(reply[0], name, pw_hash, admin, 0)
 
         return await self._call(

@@ -78,7 +78,8 @@ def seal_over(tmp: str, dest: str) -> int:
     """The SQLite database at ``tmp`` made one self-contained file (no -wal), flushed to
     disk and renamed over ``dest``, the rename flushed too: ``dest`` is the old file or
     the whole new one, even across a power loss. Returns its number of live messages.
-    The caller has refused a ``dest`` that is a live database (`backup`: is_part_of)."""
+    The caller has refused a ``dest`` that is a live database (`backup`: is_part_of;
+    `backup_redis`: held_by_a_server)."""
     db = sqlite3.connect(tmp, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=DELETE")

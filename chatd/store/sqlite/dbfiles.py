@@ -64,6 +64,24 @@ def is_part_of(db: str, target: str) -> bool:
     return False
 
 
+def held_by_a_server(path: str) -> bool:
+    """Whether a running chatd server holds ``path`` as its database (ServerLock's flock
+    on the file, however the path is spelled: the lock is on the inode)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False  # no such file (or unreadable: then nobody's database we can see)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # the shared lock, if taken, goes with it
+    return False
+
+
 def create_private(path: str) -> None:
     """Create an empty database file with mode 0600 if there is none (it will hold password
     hashes and direct messages; SQLite gives its -wal and -shm the same mode). A planted
