@@ -125,3 +125,106 @@ async def test_a_burst_of_catch_ups_shares_one_tail_query(node: Any, redis_url: 
         for name in ("xrevrange", "xinfo|stream")
     )
     assert 1 <= queries <= 3
+
+
+class HeldReader:
+    """Parks the node's change-stream reader before its next read until released."""
+
+    def __init__(self, node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.go, self.parked = asyncio.Event(), asyncio.Event()
+        self.go.set()
+        read_batch = type(node.cluster)._read_batch
+        gate = self
+
+        async def gated(cluster: Any) -> Any:
+            if not gate.go.is_set():
+                gate.parked.set()
+                await asyncio.wait_for(gate.go.wait(), 20)
+            return await read_batch(cluster)
+
+        monkeypatch.setattr(type(node.cluster), "_read_batch", gated)
+
+    async def hold(self) -> None:
+        self.parked.clear()
+        self.go.clear()
+        await asyncio.wait_for(self.parked.wait(), 10)  # the read in flight has finished
+
+    def release(self) -> None:
+        self.go.set()
+
+
+async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
+    node: Any, other: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCRIPT FLUSH (or a Redis restart) empties the script cache under a running node:
+    its reader's head query (_HEAD) and its catch-up's tail query (_TAIL) answer NOSCRIPT
+    once, are loaded again, and the node goes on: a catch-up still waits for what another
+    node wrote before it, that node's messages and its own arrive, and no connection is
+    ended (a NOSCRIPT taken for a lost Redis would end them all)."""
+    import redis.asyncio as aioredis
+
+    from tests.helpers import Client
+
+    reader = HeldReader(node, monkeypatch)
+    c = await Client.connect(node.port)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        await reader.hold()
+        await raw.script_flush()
+        # Written elsewhere while the node's reader is parked: a catch-up waits for it.
+        await other.add_message(NewMessage(room_id, "bob", None, "early", 1_765_000_000.0, None, "bob#g1"))
+        wait = asyncio.ensure_future(node.app.bus.caught_up())
+        await asyncio.sleep(0.5)
+        assert not wait.done()  # the tail query ran again (NOSCRIPT) and found the entry
+        reader.release()
+        await asyncio.wait_for(wait, TIMEOUT)
+        assert (await c.event("message"))["text"] == "early"
+        assert (await raw.script_exists(node.cluster._head_sha)) == [True]  # loaded again
+        await other.add_message(NewMessage(room_id, "bob", None, "later", 1_765_000_001.0, None, "bob#g1"))
+        assert (await c.event("message"))["text"] == "later"
+        sent = await c.ok("msg.send", room="dev", text="mine")
+        assert (await c.event("message")) == sent["message"]
+        assert (await c.ok("room.members", room="dev"))["members"] == ["ann"]
+        assert not node.cluster.down
+        assert [e for e in c.events if e["event"] == "server.shutdown"] == []
+    finally:
+        reader.release()
+        await raw.aclose()
+        await c.close()
+
+
+async def test_a_gap_is_found_by_the_read_that_finds_the_scripts_flushed(
+    node: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's gap check (_HEAD) must survive a script flush: entries this node had
+    not read were trimmed away, and the very read that gets NOSCRIPT for its head query
+    must still see that it missed them (its clients get `server.shutdown` and resync),
+    not read on as if nothing was lost."""
+    import redis.asyncio as aioredis
+
+    from tests.helpers import Client
+
+    reader = HeldReader(node, monkeypatch)
+    c = await Client.connect(node.port)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        await reader.hold()
+        stream = node.store.prefix + "changes"
+        for name in ("Zed", "Yan"):
+            await raw.xadd(stream, {"kind": "in", "room": str(room_id), "key": name.lower(),
+                                    "name": name, "node": "elsewhere"})  # fmt: skip
+        await raw.xtrim(stream, maxlen=0, approximate=False)
+        await raw.script_flush()
+        reader.release()
+        shutdown = await c.event("server.shutdown", timeout=TIMEOUT)
+        assert shutdown["reason"] == "missed changes from the other nodes; reconnect and sync"
+    finally:
+        reader.release()
+        await raw.aclose()
+        await c.close()
