@@ -371,8 +371,9 @@ DELETE_ROOM = _REMOVE_ROOM + r"""
 return remove_room(ARGV[1], ARGV[2], ARGV[3] or '', ARGV[4] or '')
 """
 
-# ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = taken
-# (by an account, or by a guest's hold that has not lapsed: names are one namespace).
+# ARGV: P, name, name key, pw hash, admin, created_at, node. Reply: the new id, 0 = an
+# account has the name, -1 = a guest's hold that has not lapsed has it (names are one
+# namespace).
 CREATE_USER = _NOTIFY + r"""
 local P = ARGV[1]
 if redis.call('HEXISTS', P..'users', ARGV[3]) == 1 then return 0 end
@@ -381,7 +382,7 @@ local held = redis.call('HGET', P..'guests', ARGV[3])
 if held and held ~= '' then
   local o = cjson.decode(held)
   local lapsed = o.held_until ~= nil and o.held_until ~= cjson.null and o.held_until <= tonumber(ARGV[6])
-  if not lapsed then return 0 end
+  if not lapsed then return -1 end
 end
 local id = redis.call('HINCRBY', P..'meta', 'user_id', 1)
 redis.call('HSET', P..'u:'..id, 'i', id, 'n', ARGV[2], 'h', ARGV[4], 'a', ARGV[5], 'tv', 0, 'c', ARGV[6])

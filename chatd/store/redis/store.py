@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
 from chatd.config import redis_address
-from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped
+from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped, Unauthorized
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -777,8 +777,11 @@ class RedisStore:
 
     async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
         def decode(uid: int) -> UserRecord:
+            # Decided here, whatever this node has read of the other nodes' changes yet.
             if uid == 0:
                 raise Conflict(f"user {name!r} already exists")
+            if uid == -1:
+                raise Conflict(f"the name {name!r} is held by a guest")
             return UserRecord(uid, name, pw_hash, admin, 0)
 
         return await self._call(
@@ -813,12 +816,13 @@ class RedisStore:
         )
 
     async def hold_guest(self, hold: GuestHold) -> None:
-        """Decided in Redis (one script), so a name is one guest's across nodes: Conflict
-        when an account has it or another guest's hold has not lapsed."""
+        """Decided in Redis (one script), so a name is one guest's across nodes:
+        Unauthorized when an account has it (as a node that has read that account answers
+        a guest login), Conflict when another guest's hold has not lapsed."""
 
         def decode(ok: int) -> None:
             if ok == 0:
-                raise Conflict(f"the name {hold.name!r} is taken")
+                raise Unauthorized("that name is registered: log in with its password")
             if ok == 2:
                 raise Conflict(f"the name {hold.name!r} is held by a guest")
 
