@@ -355,6 +355,9 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
         raise NotFound(f"no user {cmd.user!r}")
     if not await app.store.delete_user(cmd.user):
         raise NotFound(f"no user {cmd.user!r}")
+    # Its connections here, closed below, first get what was written anywhere before the
+    # delete (several nodes; as `logout`).
+    await app.caught_up()
     # Its tokens stop working now; its connections leave their rooms (member.left goes
     # out batched, as for any departure) and are closed as part of this outcome: after
     # the caller's reply when the caller is one of them (contract: reply first).

@@ -1,6 +1,7 @@
 """A connection's session ends across nodes as on one server (issue 11): what was written
-anywhere before a `logout` (plain, `all`, a guest's), a `passwd` or the token's expiry
-reaches the connections it unbinds before their reply or `session.expired`. On one
+anywhere before a `logout` (plain, `all`, a guest's), a `passwd`, a `user.delete` or the
+token's expiry reaches the connections it ends before their reply, `session.expired` or
+close. On one
 server those events went out as they were stored, before the session ended; on several
 nodes the node ending it first applies the change stream up to then (App.caught_up).
 Two in-process nodes on one real redis-server; the race is made certain by holding the
@@ -100,3 +101,30 @@ async def test_what_another_node_wrote_before_a_token_expired_arrives_before_ses
         assert ended[-1]["data"] == {}
         left = await o.event("member.left")
         assert left == {"room": "dev", "user": "Ula", "reason": "expired"}
+
+
+async def test_what_another_node_wrote_before_a_user_delete_arrives_before_the_close(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readers = Readers(monkeypatch)
+    async with two_nodes(redis_url) as (a, b), clients(a.port, a.port, b.port) as (adm, u, o):
+        admin = await a.store.create_user("warden", a.hasher.hash_sync(PASSWORD), admin=True)
+        assert admin is not None
+        await adm.ok("login", user="warden", password=PASSWORD)
+        await u.ok("register", user="Ula", password=PASSWORD)
+        await u.ok("login", user="Ula", password=PASSWORD)
+        await o.ok("login", user="Obs")
+        await o.ok("room.create", room="dev")
+        await u.ok("room.join", room="dev")
+        await readers.hold(a)
+        await o.ok("msg.send", room="dev", text="before")
+        await adm.send({"cmd": "user.delete", "id": "del", "user": "Ula"})
+        await asyncio.sleep(HELD)
+        readers.release(a)
+        assert (await adm.reply("del"))["type"] == "ok"
+        got: list[dict[str, Any]] = []
+        with pytest.raises(EOFError):  # closed (contract: no session.expired)
+            while True:
+                got.append(await u.recv())
+        assert texts(got) == ["before"], got
+        assert (await o.event("member.left"))["reason"] == "deleted"
