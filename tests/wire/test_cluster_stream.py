@@ -17,6 +17,7 @@ from chatd.store.base import NewMessage
 pytestmark = pytest.mark.one_node("drives its own node and a second store on its own Redis")
 
 TIMEOUT = 10.0
+PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
@@ -166,12 +167,14 @@ async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
     from tests.helpers import Client
 
     reader = HeldReader(node, monkeypatch)
-    c = await Client.connect(node.port)
+    c, d = await Client.connect(node.port), await Client.connect(node.port)
     raw = aioredis.Redis.from_url(redis_url)
     try:
         await c.ok("login", user="ann")
         await c.ok("room.create", room="dev")
         room_id = node.app.rooms.rooms["dev"].id
+        await d.ok("register", user="dee", password=PASSWORD)
+        await d.ok("login", user="dee", password=PASSWORD)
         await reader.hold()
         await raw.script_flush()
         # Written elsewhere while the node's reader is parked: a catch-up waits for it.
@@ -188,12 +191,16 @@ async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
         sent = await c.ok("msg.send", room="dev", text="mine")
         assert (await c.event("message")) == sent["message"]
         assert (await c.ok("room.members", room="dev"))["members"] == ["ann"]
+        # The login gate's scripts (chatd/store/redis/limits.py), loaded before the flush.
+        await d.error("login", "unauthorized", user="dee", password="wrong horse battery")
+        await d.ok("login", user="dee", password=PASSWORD)
         assert not node.cluster.down
-        assert [e for e in c.events if e["event"] == "server.shutdown"] == []
+        assert [e for e in c.events + d.events if e["event"] == "server.shutdown"] == []
     finally:
         reader.release()
         await raw.aclose()
         await c.close()
+        await d.close()
 
 
 async def test_a_gap_is_found_by_the_read_that_finds_the_scripts_flushed(
