@@ -128,3 +128,48 @@ async def test_what_another_node_wrote_before_a_user_delete_arrives_before_the_c
                 got.append(await u.recv())
         assert texts(got) == ["before"], got
         assert (await o.event("member.left"))["reason"] == "deleted"
+
+
+@pytest.mark.parametrize("how", ["logout all", "passwd", "user.delete"])
+async def test_what_another_node_wrote_after_it_ended_a_session_does_not_reach_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The mirror case: a session ended on another node (its account's tokens revoked, or
+    the account deleted) gets nothing written after that, as on one server, even while
+    its node still reads the account from Redis (made slow here)."""
+    from chatd.store.redis.store import RedisStore
+
+    readers = Readers(monkeypatch)
+    async with two_nodes(redis_url) as (a, b), clients(b.port, a.port, b.port) as (u1, u2, o):
+        admin = await b.store.create_user("warden", b.hasher.hash_sync(PASSWORD), admin=True)
+        assert admin is not None
+        await u1.ok("register", user="Ula", password=PASSWORD)
+        await u1.ok("login", user="Ula", password=PASSWORD)
+        await u2.ok("login", user="Ula", password=PASSWORD)  # on node a
+        await o.ok("login", user="warden", password=PASSWORD)
+        await o.ok("room.create", room="dev")
+        await u2.ok("room.join", room="dev")
+        get_user = RedisStore.get_user
+
+        async def slow_get_user(self: RedisStore, name: str) -> Any:
+            await asyncio.sleep(0.5)
+            return await get_user(self, name)
+
+        await readers.hold(a)
+        monkeypatch.setattr(RedisStore, "get_user", slow_get_user)
+        if how == "logout all":
+            await u1.ok("logout", all=True)
+        elif how == "passwd":
+            await u1.ok("passwd", password=PASSWORD, new_password=PASSWORD + "!")
+        else:
+            await o.ok("user.delete", user="Ula")
+        await o.ok("msg.send", room="dev", text="after")
+        readers.release(a)  # a reads both entries now, the account's change first
+        if how == "user.delete":
+            got: list[dict[str, Any]] = []
+            with pytest.raises(EOFError):
+                while True:
+                    got.append(await u2.recv())
+        else:
+            got = await frames_until(u2, expired)
+        assert texts(got) == [], got
