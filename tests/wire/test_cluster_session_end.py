@@ -89,7 +89,7 @@ async def test_what_another_node_wrote_before_a_token_expired_arrives_before_ses
     async with two_nodes(redis_url) as (a, b), clients(a.port, b.port) as (u, o):
         await o.ok("login", user="Obs")
         await o.ok("room.create", room="dev")
-        expires_at = (await u.ok("login", user="Ula", ttl=4))["expires_at"]
+        expires_at = (await u.ok("login", user="Ula", ttl=6))["expires_at"]
         await u.ok("room.join", room="dev")
         await readers.hold(a)
         await o.ok("msg.send", room="dev", text="before")
