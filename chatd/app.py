@@ -203,12 +203,24 @@ class App:
     def _token_due(self, s: Session, claims: Claims, expired: bool) -> None:
         """Presence's expiry heap: the notice, then the expiry of a bound token (a timer's
         outcome, delivered through the bus)."""
+        if expired and (wait := self.bus.caught_up()) is not None:
+            # Several nodes: what was written anywhere before the token expired reaches
+            # the connection before its session.expired, as on one server (protocol.md).
+            self.scheduler.spawn(self._expire_when_caught_up(s, claims, wait))
+            return
         fx = Effects()
         if expired:
             self.expire(s, None, fx)
         else:
             fx.emit(ToSessions(s), SessionExpiring(expires_at=claims.exp))
         deliver(self.bus, fx)
+
+    async def _expire_when_caught_up(self, s: Session, claims: Claims, wait: Awaitable[None]) -> None:
+        await wait
+        if s.claims is claims:  # not unbound, rebound or closed meanwhile
+            fx = Effects()
+            self.expire(s, None, fx)
+            deliver(self.bus, fx)
 
     def expire(self, s: Session, reason: str | None, fx: Effects) -> None:
         """The bound token expired or was revoked elsewhere: tell the client, leave rooms,

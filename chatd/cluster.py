@@ -538,6 +538,11 @@ class Cluster:
                     self._apply(fields)
                 except Exception:
                     log.exception("could not apply a change from the stream")
+                if self._adopting:
+                    # An account change ends sessions here once its account is read
+                    # (logout all, passwd, delete): the entries after it wait for that
+                    # (bounded), so those sessions get nothing written after it.
+                    await asyncio.wait(list(self._adopting), timeout=self.store.timeout)
             self._applied = _id(self.last_id)
             self._wake_caught_up()
             if self._resync_reason:

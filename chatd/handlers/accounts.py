@@ -292,13 +292,19 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
 
 
 async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
+    """The connections it unbinds get what was written before it first, on any node: on
+    one server those events went out as they were stored, before the logout ran (guest:
+    before it was read; account: before its revocation was stored, the same writer's
+    order). Several nodes: this node first applies the change stream up to then."""
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
     if is_guest_jti(claims.jti):
+        await app.caught_up()
         # A guest that logs out gives its name back; its other tokens die with the hold.
-        # Decided at once, before anything waits (issue 13.7: a refresh or login racing
-        # this logout finds the hold gone, and no later write brings it back).
+        # Decided at once, with nothing awaited from here to the unbind (issue 13.7: a
+        # refresh or login racing this logout finds the hold gone, and no later write
+        # brings it back).
         hold = app.accounts.guest_hold(key)
         written = app.accounts.release_hold(hold) if hold is not None else None
         app.unbind(s, "logout")
@@ -310,6 +316,7 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     app.accounts.revoke(claims.jti, claims.exp)
     if cmd.all:
         app.accounts.new_generation(key, await app.store.bump_token_version(key))
+    await app.caught_up()  # the stream up to past the revocation (this node's own entry)
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
     return EMPTY
@@ -326,6 +333,9 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
     user = await check_user_password(app, s, key, cmd.password)
     pw_hash = await app.hasher.hash(cmd.new_password)
     version = await app.store.set_password(user.id, pw_hash)
+    # The account's other connections here, unbound below, first get what was written
+    # anywhere before the change (as `logout all`).
+    await app.caught_up()
     if version is None or not app.accounts.password_changed(key, user.id, pw_hash, version):
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
@@ -349,6 +359,9 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
         raise NotFound(f"no user {cmd.user!r}")
     if not await app.store.delete_user(cmd.user):
         raise NotFound(f"no user {cmd.user!r}")
+    # Its connections here, closed below, first get what was written anywhere before the
+    # delete (several nodes; as `logout`).
+    await app.caught_up()
     # Its tokens stop working now; its connections leave their rooms (member.left goes
     # out batched, as for any departure) and are closed as part of this outcome: after
     # the caller's reply when the caller is one of them (contract: reply first).

@@ -1266,3 +1266,26 @@ async def test_user_delete_reply_comes_before_the_callers_member_left(
     first, second = await admin.recv(), await admin.recv()
     assert first == {"type": "ok", "id": "del", "data": {}}, first
     assert second["event"] == "member.left" and second["data"]["reason"] == "deleted", second
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["guest", "account"])
+async def test_a_message_stored_before_a_logout_reaches_the_connection_before_its_reply(
+    connect: Connect, registered: bool
+) -> None:
+    """Contract: a logout unbinds the connection from then on; what was stored before it
+    (in the two-node pass: on the other node) still reaches it, before the reply."""
+    ann, bob = await connect(), await connect()
+    if registered:
+        await account(ann, "ann-l")
+    else:
+        await ann.guest("ann-l")
+    await bob.guest("bob-l")
+    await ann.ok("room.create", room="bye")
+    await bob.ok("room.join", room="bye")
+    await bob.ok("msg.send", room="bye", text="last words")
+    await ann.send({"cmd": "logout", "id": "out"})
+    frames = []
+    while not frames or frames[-1].get("id") != "out":
+        frames.append(await ann.recv())
+    texts = [f["data"]["text"] for f in frames if f.get("event") == "message"]
+    assert texts == ["last words"], frames

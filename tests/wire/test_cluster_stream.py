@@ -17,6 +17,7 @@ from chatd.store.base import NewMessage
 pytestmark = pytest.mark.one_node("drives its own node and a second store on its own Redis")
 
 TIMEOUT = 10.0
+PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
@@ -171,45 +172,30 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
         await bob.close()
 
 
-async def test_the_stream_queries_run_again_after_redis_forgets_its_scripts(
-    node: Any, other: Any, redis_url: str
-) -> None:
-    """SCRIPT FLUSH (or a restarted Redis): a catch-up's tail query and the reader's head
-    query (chatd/cluster.py, _TAIL and _HEAD) are answered NOSCRIPT once, load their
-    script again and go on: the catch-up still waits for another node's write, and the
-    write still arrives."""
-    import hashlib
+class HeldReader:
+    """Parks the node's change-stream reader before its next read until released."""
 
-    import redis.asyncio as aioredis
+    def __init__(self, node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.go, self.parked = asyncio.Event(), asyncio.Event()
+        self.go.set()
+        read_batch = type(node.cluster)._read_batch
+        gate = self
 
-    from chatd.cluster import _HEAD, _TAIL
-    from tests.helpers import Client, until
+        async def gated(cluster: Any) -> Any:
+            if not gate.go.is_set():
+                gate.parked.set()
+                await asyncio.wait_for(gate.go.wait(), 20)
+            return await read_batch(cluster)
 
-    tail, head = (hashlib.sha1(s.encode()).hexdigest() for s in (_TAIL, _HEAD))
-    raw = aioredis.Redis.from_url(redis_url)
-    c = await Client.connect(node.port)
-    try:
-        await c.ok("login", user="ann")
-        await c.ok("room.create", room="dev")
-        room_id = node.app.rooms.rooms["dev"].id
-        assert await raw.script_exists(tail, head) == [True, True]
-        await raw.script_flush()
-        assert await raw.script_exists(tail, head) == [False, False]
-        sent, _ = await other.add_message(
-            NewMessage(room_id, "bob", None, "after the flush", 1.0, None, "bob#g1")
-        )
-        await asyncio.wait_for(node.app.bus.caught_up(), TIMEOUT)
-        assert node.store.rev >= sent.rev  # the catch-up waited for the write
-        assert await raw.script_exists(tail) == [True]  # the tail query ran it again
-        assert (await c.event("message", timeout=TIMEOUT))["text"] == "after the flush"
+        monkeypatch.setattr(type(node.cluster), "_read_batch", gated)
 
-        async def head_loaded() -> bool:
-            return bool((await raw.script_exists(head))[0])
+    async def hold(self) -> None:
+        self.parked.clear()
+        self.go.clear()
+        await asyncio.wait_for(self.parked.wait(), 10)  # the read in flight has finished
 
-        await until(head_loaded, within=TIMEOUT)  # the reader's next read ran it again
-    finally:
-        await c.close()
-        await raw.aclose()
+    def release(self) -> None:
+        self.go.set()
 
 
 async def test_an_own_send_read_after_a_rename_names_the_room_as_it_is_now(
@@ -220,34 +206,105 @@ async def test_an_own_send_read_after_a_rename_names_the_room_as_it_is_now(
     so a member hears `room.updated` and then the message under the new name."""
     from tests.helpers import Client
 
-    cluster = node.cluster
-    gate, parked = asyncio.Event(), asyncio.Event()
-    gate.set()
-    read_batch = type(cluster)._read_batch
-
-    async def paused(self: Any) -> Any:
-        if not gate.is_set():
-            parked.set()
-        await asyncio.wait_for(gate.wait(), 20)
-        return await read_batch(self)
-
+    reader = HeldReader(node, monkeypatch)
     ann, bob = await Client.connect(node.port), await Client.connect(node.port)
     try:
         await ann.ok("login", user="ann")
         await bob.ok("login", user="bob")
         await ann.ok("room.create", room="dev")
         await bob.ok("room.join", room="dev")
-        monkeypatch.setattr(type(cluster), "_read_batch", paused)
-        gate.clear()
-        await asyncio.wait_for(parked.wait(), TIMEOUT)  # the XREAD in flight came back
+        await reader.hold()
         sent = await ann.ok("msg.send", room="dev", text="hello")
         assert sent["message"]["room"] == "dev" and sent["message"]["rev"] in node.app.bus.own
         node.app.rooms.rename(node.app.rooms.rooms["dev"], "r0")  # as a rename applied here
-        gate.set()
+        reader.release()
         got = await bob.event("message")
         assert (got["id"], got["room"]) == (sent["message"]["id"], "r0")
         assert node.app.bus.own == {}
     finally:
-        gate.set()
+        reader.release()
         await ann.close()
         await bob.close()
+
+
+async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
+    node: Any, other: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCRIPT FLUSH (or a Redis restart) empties the script cache under a running node:
+    its reader's head query (_HEAD) and its catch-up's tail query (_TAIL) answer NOSCRIPT
+    once, are loaded again, and the node goes on: a catch-up still waits for what another
+    node wrote before it, that node's messages and its own arrive, and no connection is
+    ended (a NOSCRIPT taken for a lost Redis would end them all)."""
+    import redis.asyncio as aioredis
+
+    from tests.helpers import Client
+
+    reader = HeldReader(node, monkeypatch)
+    c, d = await Client.connect(node.port), await Client.connect(node.port)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        await d.ok("register", user="dee", password=PASSWORD)
+        await d.ok("login", user="dee", password=PASSWORD)
+        await reader.hold()
+        await raw.script_flush()
+        # Written elsewhere while the node's reader is parked: a catch-up waits for it.
+        await other.add_message(NewMessage(room_id, "bob", None, "early", 1_765_000_000.0, None, "bob#g1"))
+        wait = asyncio.ensure_future(node.app.bus.caught_up())
+        await asyncio.sleep(0.5)
+        assert not wait.done()  # the tail query ran again (NOSCRIPT) and found the entry
+        reader.release()
+        await asyncio.wait_for(wait, TIMEOUT)
+        assert (await c.event("message"))["text"] == "early"
+        assert (await raw.script_exists(node.cluster._head_sha)) == [True]  # loaded again
+        await other.add_message(NewMessage(room_id, "bob", None, "later", 1_765_000_001.0, None, "bob#g1"))
+        assert (await c.event("message"))["text"] == "later"
+        sent = await c.ok("msg.send", room="dev", text="mine")
+        assert (await c.event("message")) == sent["message"]
+        assert (await c.ok("room.members", room="dev"))["members"] == ["ann"]
+        # The login gate's scripts (chatd/store/redis/limits.py), loaded before the flush.
+        await d.error("login", "unauthorized", user="dee", password="wrong horse battery")
+        await d.ok("login", user="dee", password=PASSWORD)
+        assert not node.cluster.down
+        assert [e for e in c.events + d.events if e["event"] == "server.shutdown"] == []
+    finally:
+        reader.release()
+        await raw.aclose()
+        await c.close()
+        await d.close()
+
+
+async def test_a_gap_is_found_by_the_read_that_finds_the_scripts_flushed(
+    node: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's gap check (_HEAD) must survive a script flush: entries this node had
+    not read were trimmed away, and the very read that gets NOSCRIPT for its head query
+    must still see that it missed them (its clients get `server.shutdown` and resync),
+    not read on as if nothing was lost."""
+    import redis.asyncio as aioredis
+
+    from tests.helpers import Client
+
+    reader = HeldReader(node, monkeypatch)
+    c = await Client.connect(node.port)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await c.ok("login", user="ann")
+        await c.ok("room.create", room="dev")
+        room_id = node.app.rooms.rooms["dev"].id
+        await reader.hold()
+        stream = node.store.prefix + "changes"
+        for name in ("Zed", "Yan"):
+            await raw.xadd(stream, {"kind": "in", "room": str(room_id), "key": name.lower(),
+                                    "name": name, "node": "elsewhere"})  # fmt: skip
+        await raw.xtrim(stream, maxlen=0, approximate=False)
+        await raw.script_flush()
+        reader.release()
+        shutdown = await c.event("server.shutdown", timeout=TIMEOUT)
+        assert shutdown["reason"] == "missed changes from the other nodes; reconnect and sync"
+    finally:
+        reader.release()
+        await raw.aclose()
+        await c.close()

@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
 from chatd.config import redis_address
-from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped
+from chatd.errors import ChatError, Conflict, Internal, NotFound, StoreStopped, Unauthorized
 from chatd.store.base import (
     GuestHold,
     MessageRecord,
@@ -828,12 +828,13 @@ class RedisStore:
         )
 
     async def hold_guest(self, hold: GuestHold) -> None:
-        """Decided in Redis (one script), so a name is one guest's across nodes: Conflict
-        when an account has it or another guest's hold has not lapsed."""
+        """Decided in Redis (one script), so a name is one guest's across nodes:
+        Unauthorized when an account has it (as a node that has read that account answers
+        a guest login), Conflict when another guest's hold has not lapsed."""
 
         def decode(ok: int) -> None:
             if ok == 0:
-                raise Conflict(f"the name {hold.name!r} is taken")
+                raise Unauthorized("that name is registered: log in with its password")
             if ok == 2:
                 raise Conflict(f"the name {hold.name!r} is held by a guest")
 
