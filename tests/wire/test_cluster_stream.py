@@ -128,6 +128,18 @@ async def test_a_burst_of_catch_ups_shares_one_tail_query(node: Any, redis_url: 
     assert 1 <= queries <= 3
 
 
+async def ann_and_bob_in(node: Any, room: str) -> tuple[Any, Any]:
+    """Two connections to the node, logged in as guests ann and bob, both in ``room``."""
+    from tests.helpers import Client
+
+    ann, bob = await Client.connect(node.port), await Client.connect(node.port)
+    await ann.ok("login", user="ann")
+    await bob.ok("login", user="bob")
+    await ann.ok("room.create", room=room)
+    await bob.ok("room.join", room=room)
+    return ann, bob
+
+
 async def test_own_sends_go_out_with_the_events_their_handlers_made(
     node: Any, other: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,7 +147,6 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
     made (Bus.posted: not built and encoded again), in order, to every member here; another
     node's change is built from its entry; none is kept once its entry is applied."""
     from chatd import changes
-    from tests.helpers import Client
 
     built: list[str] = []
     real = changes.message_event
@@ -145,12 +156,8 @@ async def test_own_sends_go_out_with_the_events_their_handlers_made(
         return real(rooms, kind, *args)
 
     monkeypatch.setattr(changes, "message_event", counting)
-    ann, bob = await Client.connect(node.port), await Client.connect(node.port)
+    ann, bob = await ann_and_bob_in(node, "dev")
     try:
-        await ann.ok("login", user="ann")
-        await bob.ok("login", user="bob")
-        await ann.ok("room.create", room="dev")
-        await bob.ok("room.join", room="dev")
         node.app.bus.own[0] = "an event whose entry was applied without it"  # stale
         sent = [await ann.ok("msg.send", room="dev", text=f"m{i}") for i in range(20)]
         edited = await ann.ok("msg.edit", message_id=sent[0]["message"]["id"], text="fixed")
@@ -204,15 +211,10 @@ async def test_an_own_send_read_after_a_rename_names_the_room_as_it_is_now(
     """The event a handler made (Bus.posted) names the room as it was then; a rename
     applied before the reader gets to the send's entry makes the reader build it again,
     so a member hears `room.updated` and then the message under the new name."""
-    from tests.helpers import Client
 
     reader = HeldReader(node, monkeypatch)
-    ann, bob = await Client.connect(node.port), await Client.connect(node.port)
+    ann, bob = await ann_and_bob_in(node, "dev")
     try:
-        await ann.ok("login", user="ann")
-        await bob.ok("login", user="bob")
-        await ann.ok("room.create", room="dev")
-        await bob.ok("room.join", room="dev")
         await reader.hold()
         sent = await ann.ok("msg.send", room="dev", text="hello")
         assert sent["message"]["room"] == "dev" and sent["message"]["rev"] in node.app.bus.own
