@@ -236,6 +236,9 @@ class Cluster:
         self._next_catch_up: asyncio.Future[None] | None = None  # see caught_up
         # Account changes being read from Redis (_adopt_user): part of being caught up.
         self._adopting: set[asyncio.Future[None]] = set()
+        # Those of them that may end sessions here (the account has connections on this
+        # node): the reader applies no later entry until they are done (_read_loop).
+        self._ending: set[asyncio.Future[None]] = set()
         self._tail: AsyncScript | None = None  # _TAIL (a Script: it loads it again on NOSCRIPT)
         self._head_sha = ""
         self._last_presence: asyncio.Future[None] | None = None
@@ -538,11 +541,12 @@ class Cluster:
                     self._apply(fields)
                 except Exception:
                     log.exception("could not apply a change from the stream")
-                if self._adopting:
+                if self._ending:
                     # An account change ends sessions here once its account is read
                     # (logout all, passwd, delete): the entries after it wait for that
-                    # (bounded), so those sessions get nothing written after it.
-                    await asyncio.wait(list(self._adopting), timeout=self.store.timeout)
+                    # (each read bounded from its start: _adopt_user), so those sessions
+                    # get nothing written after it.
+                    await asyncio.wait(list(self._ending))
             self._applied = _id(self.last_id)
             self._wake_caught_up()
             if self._resync_reason:
@@ -599,7 +603,11 @@ class Cluster:
         (bounded: Redis unreachable, or slow, and this answers from what the node has)."""
         self._next_catch_up = None  # calls from now on may come after the query is sent
         try:
-            await self._wait_for_tail()
+            # One bound for the whole wait (the tail query, the reader, account reads), so
+            # every caller waits at most the store's timeout (protocol.md, "Timing").
+            await asyncio.wait_for(self._wait_for_tail(), self.store.timeout)
+        except TimeoutError:
+            pass
         finally:
             if not done.done():
                 done.set_result(None)
@@ -620,19 +628,27 @@ class Cluster:
         if self._adopting:  # an account change applied is adopted once it has been read
             await asyncio.wait(list(self._adopting), timeout=self.store.timeout)
 
-    def _adopt_user(self, read: Awaitable[Any]) -> None:
+    def _adopt_user(self, key: str) -> None:
         """Adopt an account change another node made (read from Redis in a task of its
-        own); caught_up waits for it."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        own); caught_up waits for it, and so does the reader when the account has
+        connections here (a register elsewhere holds up nothing). Waiting on it ends at
+        the store's timeout from the read's start, whatever the read does."""
+        loop = asyncio.get_running_loop()
+        read = self.app.refresh_user(key)
+        done: asyncio.Future[None] = loop.create_future()
         self._adopting.add(done)
         done.add_done_callback(self._adopting.discard)
+        if self.app.sessions_of(key):
+            self._ending.add(done)
+            done.add_done_callback(self._ending.discard)
+        deadline = loop.call_later(self.store.timeout, _settle, done)
 
         async def adopt() -> None:
             try:
                 await _quiet(read)
             finally:
-                if not done.done():
-                    done.set_result(None)
+                deadline.cancel()
+                _settle(done)
 
         self.app.scheduler.spawn(adopt())
 
@@ -748,7 +764,7 @@ class Cluster:
         elif kind.startswith("room."):
             self._room(kind, f)
         elif kind == "user":
-            self._adopt_user(self.app.refresh_user(f["key"]))
+            self._adopt_user(f["key"])
         elif kind == "revoked":
             self._revoked(f["jti"], int(f["exp"]))
         elif kind == "hold":

@@ -225,6 +225,10 @@ async def _guest_login(
     )
     try:
         await app.store.hold_guest(hold)
+    except NameHeld as other:  # a hold taken on a node whose change this one had not read
+        accounts.drop_hold(hold)
+        note = accounts.held_note(other.held_until)
+        raise Conflict(f"the name {cmd.user!r} is held by a guest {note}") from None
     except BaseException:
         accounts.drop_hold(hold)
         raise
@@ -293,14 +297,16 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
 
 async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     """The connections it unbinds get what was written before it first, on any node: on
-    one server those events went out as they were stored, before the logout ran (guest:
-    before it was read; account: before its revocation was stored, the same writer's
-    order). Several nodes: this node first applies the change stream up to then."""
+    one server those events went out as they were stored, before the logout ran. Several
+    nodes: this node first applies the change stream up to the logout's arrival, then
+    decides, as the guest case must (issue 13.7: nothing awaited between the decision and
+    the unbind), and as the account case does so that memory and Redis never disagree
+    while it waits (a refresh, a login or a command meanwhile sees the old state whole)."""
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
+    await app.caught_up()
     if is_guest_jti(claims.jti):
-        await app.caught_up()
         # A guest that logs out gives its name back; its other tokens die with the hold.
         # Decided at once, with nothing awaited from here to the unbind (issue 13.7: a
         # refresh or login racing this logout finds the hold gone, and no later write
@@ -316,7 +322,6 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     app.accounts.revoke(claims.jti, claims.exp)
     if cmd.all:
         app.accounts.new_generation(key, await app.store.bump_token_version(key))
-    await app.caught_up()  # the stream up to past the revocation (this node's own entry)
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
     return EMPTY
@@ -332,10 +337,11 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
         raise Forbidden("a guest has no password; register an account first")
     user = await check_user_password(app, s, key, cmd.password)
     pw_hash = await app.hasher.hash(cmd.new_password)
-    version = await app.store.set_password(user.id, pw_hash)
     # The account's other connections here, unbound below, first get what was written
-    # anywhere before the change (as `logout all`).
+    # anywhere before the change (as `logout all`); nothing is awaited from the write to
+    # the new generation in memory, so nothing adopts it meanwhile and ends this one.
     await app.caught_up()
+    version = await app.store.set_password(user.id, pw_hash)
     if version is None or not app.accounts.password_changed(key, user.id, pw_hash, version):
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
@@ -355,13 +361,14 @@ async def user_list(app: App, req: Request, cmd: c.UserList) -> UserListReply:
 
 async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
     key = cmd.user.lower()
+    # Its connections here, closed below, first get what was written anywhere before the
+    # delete (several nodes; as `logout`): caught up before the write, so the account in
+    # memory is the one deleted (not one registered again elsewhere meanwhile).
+    await app.caught_up()
     if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
     if not await app.store.delete_user(cmd.user):
         raise NotFound(f"no user {cmd.user!r}")
-    # Its connections here, closed below, first get what was written anywhere before the
-    # delete (several nodes; as `logout`).
-    await app.caught_up()
     # Its tokens stop working now; its connections leave their rooms (member.left goes
     # out batched, as for any departure) and are closed as part of this outcome: after
     # the caller's reply when the caller is one of them (contract: reply first).

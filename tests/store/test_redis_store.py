@@ -590,7 +590,7 @@ def test_a_send_is_packed_as_packed_fields_has_it(
     ))  # fmt: skip
 
 
-async def test_creating_an_account_on_a_held_name_says_until_when(redis_url: str) -> None:
+async def test_an_account_or_a_guest_on_a_held_name_is_told_until_when(redis_url: str) -> None:
     """A node that has not yet read another node's hold learns of it from the script:
     NameHeld with the hold's end (None: while the guest is connected), which `register`
     turns into the contract's conflict message."""
@@ -608,5 +608,10 @@ async def test_creating_an_account_on_a_held_name_says_until_when(redis_url: str
         with pytest.raises(NameHeld) as held:
             await s.create_user("IDA", "hash", admin=False)
         assert held.value.held_until == till
+        # A guest login racing on a node that had not read the hold: the same answer.
+        for name, until in (("gus", None), ("ida", till)):
+            with pytest.raises(NameHeld) as held:
+                await s.hold_guest(GuestHold(name, "9", None, 1))
+            assert held.value.held_until == until
     finally:
         await s.close()

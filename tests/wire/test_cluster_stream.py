@@ -239,7 +239,7 @@ async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
     ended (a NOSCRIPT taken for a lost Redis would end them all)."""
     import redis.asyncio as aioredis
 
-    from tests.helpers import Client
+    from tests.helpers import Client, until
 
     reader = HeldReader(node, monkeypatch)
     c, d = await Client.connect(node.port), await Client.connect(node.port)
@@ -252,15 +252,22 @@ async def test_after_redis_flushes_its_scripts_a_node_reads_on_and_ends_nothing(
         await d.ok("login", user="dee", password=PASSWORD)
         await reader.hold()
         await raw.script_flush()
+        assert (await raw.script_exists(node.cluster._head_sha, node.cluster._tail.sha)) == [False, False]
         # Written elsewhere while the node's reader is parked: a catch-up waits for it.
         await other.add_message(NewMessage(room_id, "bob", None, "early", 1_765_000_000.0, None, "bob#g1"))
         wait = asyncio.ensure_future(node.app.bus.caught_up())
-        await asyncio.sleep(0.5)
-        assert not wait.done()  # the tail query ran again (NOSCRIPT) and found the entry
+
+        async def waiting() -> bool:  # the tail query ran again (NOSCRIPT), found the entry
+            return bool(node.cluster._catching_up)
+
+        await until(waiting, within=TIMEOUT)
+        assert not wait.done()
         reader.release()
         await asyncio.wait_for(wait, TIMEOUT)
         assert (await c.event("message"))["text"] == "early"
-        assert (await raw.script_exists(node.cluster._head_sha)) == [True]  # loaded again
+        # Both loaded again (the flush emptied the cache: the catch-up's wait proves the
+        # tail query ran after it).
+        assert (await raw.script_exists(node.cluster._head_sha, node.cluster._tail.sha)) == [True, True]
         await other.add_message(NewMessage(room_id, "bob", None, "later", 1_765_000_001.0, None, "bob#g1"))
         assert (await c.event("message"))["text"] == "later"
         sent = await c.ok("msg.send", room="dev", text="mine")

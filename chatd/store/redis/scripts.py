@@ -539,8 +539,8 @@ return 1
 """
 
 # A new guest hold, decided here so that a name is one guest's across nodes. ARGV: P, name
-# key, hold JSON, now, node. Reply: 1 held; 0 the name is an account's; 2 another guest's
-# hold that has not lapsed (its held_until is null or later than now).
+# key, hold JSON, now, node. Reply: 1 held; 0 the name is an account's; {2} another guest's
+# hold while that guest is connected, {2, held_until} one whose grace has not ended.
 HOLD_NEW = _NOTIFY + r"""
 local P = ARGV[1]
 if redis.call('HEXISTS', P..'users', ARGV[2]) == 1 then return 0 end
@@ -549,7 +549,10 @@ if old then
   local o = cjson.decode(old)
   local new = cjson.decode(ARGV[3])
   local lapsed = o.held_until ~= nil and o.held_until ~= cjson.null and o.held_until <= tonumber(ARGV[4])
-  if o.jti ~= new.jti and not lapsed then return 2 end
+  if o.jti ~= new.jti and not lapsed then
+    if o.held_until == nil or o.held_until == cjson.null then return {2} end
+    return {2, o.held_until}
+  end
 end
 redis.call('HSET', P..'guests', ARGV[2], ARGV[3])
 notify('kind', 'hold', 'node', ARGV[5] or '', 'key', ARGV[2], 'h', ARGV[3])

@@ -830,13 +830,13 @@ class RedisStore:
     async def hold_guest(self, hold: GuestHold) -> None:
         """Decided in Redis (one script), so a name is one guest's across nodes:
         Unauthorized when an account has it (as a node that has read that account answers
-        a guest login), Conflict when another guest's hold has not lapsed."""
+        a guest login), NameHeld (until when) when another guest's hold has not lapsed."""
 
         def decode(ok: int) -> None:
             if ok == 0:
                 raise Unauthorized("that name is registered: log in with its password")
-            if ok == 2:
-                raise Conflict(f"the name {hold.name!r} is held by a guest")
+            if isinstance(ok, list):  # {2[, held_until]}: another guest's hold has it
+                raise NameHeld(hold.name, int(ok[1]) if len(ok) > 1 else None)
 
         await self._call(
             "hold_new", hold.name.lower(), _ENC.encode(hold), _f(time.time()), self.node,
