@@ -10,7 +10,9 @@ import asyncio
 from typing import Any
 
 from chatd.bus import LocalBus
-from tests.unit.fakes import Core, core
+from chatd.session import Session
+from chatd.store.base import UserRecord
+from tests.unit.fakes import Core, FakePeer, core
 
 
 class WaitingBus(LocalBus):
@@ -34,17 +36,23 @@ def fire_due(c: Core) -> None:
         timer.fire()
 
 
+def expiry_waiting(c: Core) -> tuple[WaitingBus, UserRecord, Session, FakePeer]:
+    """ann's connection, whose bound token has come due while the catch-up waits."""
+    bus = c.app.bus = WaitingBus(c)
+    user = c.add_user("ann", 1)
+    s, peer = c.session()
+    c.app.authenticate(s, c.token(user, ttl=120))
+    fire_due(c)
+    return bus, user, s, peer
+
+
 def events(peer: Any) -> list[str]:
     return [f["event"] for f in peer.frames() if f.get("type") == "event"]
 
 
 async def test_an_expiry_waits_for_the_catch_up_before_session_expired() -> None:
     with core() as c:
-        bus = c.app.bus = WaitingBus(c)
-        user = c.add_user("ann", 1)
-        s, peer = c.session()
-        c.app.authenticate(s, c.token(user, ttl=120))
-        fire_due(c)
+        bus, user, s, peer = expiry_waiting(c)
         assert s.claims is not None  # due, but not before the catch-up
         assert events(peer) == ["session.expiring"]
         assert len(bus.waits) == 1 and len(c.scheduler.spawned) == 1
@@ -56,11 +64,7 @@ async def test_an_expiry_waits_for_the_catch_up_before_session_expired() -> None
 
 async def test_a_connection_rebound_while_its_expiry_waits_is_not_expired() -> None:
     with core() as c:
-        bus = c.app.bus = WaitingBus(c)
-        user = c.add_user("ann", 1)
-        s, peer = c.session()
-        c.app.authenticate(s, c.token(user, ttl=120))
-        fire_due(c)
+        bus, user, s, peer = expiry_waiting(c)
         assert len(c.scheduler.spawned) == 1
         c.app.bind(s, c.tokens.verify(c.token(user, ttl=3600)))  # `auth` anew meanwhile
         bound = s.claims
