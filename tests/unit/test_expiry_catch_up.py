@@ -52,7 +52,7 @@ def events(peer: Any) -> list[str]:
 
 async def test_an_expiry_waits_for_the_catch_up_before_session_expired() -> None:
     with core() as c:
-        bus, user, s, peer = expiry_waiting(c)
+        bus, _, s, peer = expiry_waiting(c)
         assert s.claims is not None  # due, but not before the catch-up
         assert events(peer) == ["session.expiring"]
         assert len(bus.waits) == 1 and len(c.scheduler.spawned) == 1
