@@ -295,6 +295,18 @@ async def refresh(app: App, req: Request, cmd: c.Refresh) -> RefreshReply:
     return RefreshReply(token=token, expires_at=claims.exp)
 
 
+async def _caught_up_and_still_valid(app: App, req: Request) -> None:
+    """Several nodes: apply every change made anywhere before the command first (its
+    effects then reach the connections the command ends before their end), then check
+    the command's token again, as the dispatcher did on its arrival: a change applied
+    meanwhile (a logout, a passwd or a delete on another node; the guest's name released
+    and taken by another guest) makes it `unauthorized`, as on one server, where that
+    change came first. One node: nothing to wait for, and the check stands."""
+    if app.bus.carries_revisions:
+        await app.caught_up()
+        app.accounts.check_claims(req.claims)
+
+
 async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     """The connections it unbinds get what was written before it first, on any node: on
     one server those events went out as they were stored, before the logout ran. Several
@@ -305,7 +317,7 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
     claims: Claims = req.claims
     key = req.user_key
     s = req.session
-    await app.caught_up()
+    await _caught_up_and_still_valid(app, req)
     if is_guest_jti(claims.jti):
         # A guest that logs out gives its name back; its other tokens die with the hold.
         # Decided at once, with nothing awaited from here to the unbind (issue 13.7: a
@@ -318,10 +330,14 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
         if written is not None:
             await written  # acknowledged only once the release is durable
         return EMPTY
-    await app.store.revoke(claims.jti, claims.exp)
-    app.accounts.revoke(claims.jti, claims.exp)
-    if cmd.all:
-        app.accounts.new_generation(key, await app.store.bump_token_version(key))
+    app.begin_account_change(key)
+    try:
+        await app.store.revoke(claims.jti, claims.exp)
+        app.accounts.revoke(claims.jti, claims.exp)
+        if cmd.all:
+            app.accounts.new_generation(key, await app.store.bump_token_version(key))
+    finally:
+        app.end_account_change(key)
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
     return EMPTY
@@ -338,11 +354,16 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
     user = await check_user_password(app, s, key, cmd.password)
     pw_hash = await app.hasher.hash(cmd.new_password)
     # The account's other connections here, unbound below, first get what was written
-    # anywhere before the change (as `logout all`); nothing is awaited from the write to
-    # the new generation in memory, so nothing adopts it meanwhile and ends this one.
-    await app.caught_up()
-    version = await app.store.set_password(user.id, pw_hash)
-    if version is None or not app.accounts.password_changed(key, user.id, pw_hash, version):
+    # anywhere before the change (as `logout all`); no read adopts the new generation
+    # before this handler does (begin_account_change), so none ends this connection.
+    await _caught_up_and_still_valid(app, req)
+    app.begin_account_change(key)
+    try:
+        version = await app.store.set_password(user.id, pw_hash)
+        changed = version is not None and app.accounts.password_changed(key, user.id, pw_hash, version)
+    finally:
+        app.end_account_change(key)
+    if version is None or not changed:
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
     if s.user_key == key:
@@ -364,14 +385,19 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
     # Its connections here, closed below, first get what was written anywhere before the
     # delete (several nodes; as `logout`): caught up before the write, so the account in
     # memory is the one deleted (not one registered again elsewhere meanwhile).
-    await app.caught_up()
+    await _caught_up_and_still_valid(app, req)
     if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
-    if not await app.store.delete_user(cmd.user):
-        raise NotFound(f"no user {cmd.user!r}")
+    app.begin_account_change(key)
+    try:
+        if not await app.store.delete_user(cmd.user):
+            raise NotFound(f"no user {cmd.user!r}")
+        forgotten = app.accounts.forget_user(key) is not None
+    finally:
+        app.end_account_change(key)
     # Its tokens stop working now; its connections leave their rooms (member.left goes
     # out batched, as for any departure) and are closed as part of this outcome: after
     # the caller's reply when the caller is one of them (contract: reply first).
-    if app.accounts.forget_user(key) is not None:
+    if forgotten:
         app.drop_user(key, "deleted", req)
     return EMPTY

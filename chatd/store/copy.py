@@ -262,10 +262,13 @@ def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
     private beside it, then renamed over it, so ``dest`` is always whole), while nodes run.
 
     Redis gives no snapshot across many reads, so the copy is checked instead: the
-    counters every message, room and account change moves (revision, ids, users_version)
-    and the number of revocations are read before and after; if any moved, the copy is
-    thrown away and taken again, up to ``attempts`` times, then refused (the message points
-    to Redis's own online backup). Guest holds are as read during the copy. As
+    counters every message, room and account change and revocation moves (revision, ids,
+    users_version, `changes`) and the number of revocations are read before and after; if
+    any moved, the copy is thrown away and taken again, up to ``attempts`` times, then
+    refused (the message points to Redis's own online backup). Joins, leaves and guest
+    holds move none of them, so a busy service is backed up all the same; guest holds are
+    as read during the copy. A ``dest`` that a running chatd server holds as its database
+    is refused. As
     `chatd backup`, the copy gets a new epoch: restored (`chatd copy --from PATH --to
     redis://...`), ids and revisions rewind, and clients must know their cursors are void.
     Returns the number of live messages in the copy."""
@@ -302,17 +305,11 @@ def backup_redis(url: str, dest: str, *, attempts: int = 3) -> int:
     )
 
 
-_LAST_CHANGE = """
-local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if e[1] then return e[1][1] end
-return false
-"""
-
-
 def _change_marks(store: Any) -> tuple[Any, ...]:
     """What any message, room or account change, or a revocation, moves (RedisStore): the
-    counters, and the change stream's last entry (every change script appends one; a
-    rename, a user.delete or a passwd moves no counter)."""
+    counters, and `changes`, which every room and account change and revocation moves
+    (scripts.py, notify: a rename, a user.delete or a passwd moves no other counter);
+    joins, leaves and guest holds move none of them (a busy service can be backed up)."""
     from redis.exceptions import RedisError
 
     from chatd.store.redis import RedisStoreError
@@ -320,9 +317,10 @@ def _change_marks(store: Any) -> tuple[Any, ...]:
     P = store.prefix
     r = store.sync_client()
     try:
-        marks = r.hmget(P + "meta", "epoch", "rev", "msg_id", "room_id", "user_id", "users_version")
-        last = r.eval(_LAST_CHANGE, 1, P + "changes")  # the id alone, not the entry's data
-        return (*marks, r.zcard(P + "revoked"), last)
+        marks = r.hmget(
+            P + "meta", "epoch", "rev", "msg_id", "room_id", "user_id", "users_version", "changes"
+        )
+        return (*marks, r.zcard(P + "revoked"))
     except RedisError as exc:
         raise RedisStoreError(f"Redis at {shown(store.url)}: {exc}") from None
     finally:

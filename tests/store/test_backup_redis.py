@@ -118,3 +118,34 @@ def test_a_rename_during_the_copy_makes_it_taken_again(
         assert db.execute("SELECT name FROM rooms").fetchall() == [("hall",)]
     finally:
         db.close()
+
+
+def test_guest_logins_during_the_copy_do_not_make_it_taken_again(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy service is always having guests come and go (and members join and leave):
+    none of that is what a backup copies, so it does not void the copy."""
+    import asyncio
+
+    from chatd.store.base import GuestHold
+
+    async def guest_comes() -> None:
+        s = RedisStore(redis_url)
+        s.open()
+        try:
+            await s.hold_guest(GuestHold("gus", "1", None, 1))
+        finally:
+            await s.close()
+
+    RedisStore(redis_url).open()
+    real = copy_module.import_sqlite
+    copies: list[str] = []
+
+    def import_while_a_guest_comes(path: str, *args: Any) -> Any:
+        copies.append(path)
+        asyncio.run(guest_comes())
+        return real(path, *args)
+
+    monkeypatch.setattr(copy_module, "import_sqlite", import_while_a_guest_comes)
+    backup_redis(redis_url, str(tmp_path / "b.db"))
+    assert len(copies) == 1

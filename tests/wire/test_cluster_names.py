@@ -49,7 +49,7 @@ async def test_a_register_of_a_name_held_on_a_node_not_yet_read_is_a_held_confli
         assert (await cb.ok("register", user="Jade", password=PASSWORD)) == {"user": "Jade"}
 
 
-async def test_a_guest_login_of_a_name_held_on_a_node_not_yet_read_says_until_when(
+async def test_a_guest_login_of_a_name_held_on_a_node_not_yet_read_says_how_long_it_is_held(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Contract: a conflict for a held name says until when; a lagging node learns of the

@@ -183,3 +183,29 @@ async def test_what_another_node_wrote_after_it_ended_a_session_does_not_reach_i
         else:
             got = await frames_until(u2, expired)
         assert texts(got) == [], got
+
+
+async def test_a_guest_logout_whose_session_ended_meanwhile_releases_nobody_s_hold(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guest zed is on node a and node b (one token). b logs zed out and another guest
+    takes the name there; a `logout` on a, sent before a has read that, is checked again
+    once a has caught up: its session ended (session.expired), so it is `unauthorized`
+    and the new guest's hold stays, as on one server, where the other logout came first."""
+    readers = Readers(monkeypatch)
+    async with two_nodes(redis_url) as (a, b), clients(a.port, b.port, b.port) as (z1, z2, new):
+        token = (await z1.ok("login", user="zed"))["token"]
+        await z2.ok("auth", token=token)
+        await readers.hold(a)  # a hears nothing from b for now
+        await z2.ok("logout")
+        await new.ok("login", user="Zed")  # the name, taken again on b
+        await z1.send({"cmd": "logout", "id": "late"})
+        await until(catching_up(a))
+        readers.release(a)
+        frames = await frames_until(z1, lambda f: f.get("id") == "late")
+        assert [f.get("event") for f in frames if f.get("type") == "event"] == ["session.expired"]
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "unauthorized", frames
+        await new.ok("room.create", room="still-mine")  # the new guest is still logged in
+        assert (await z1.error("login", "conflict", user="zed"))["message"].startswith(
+            "the name 'zed' is held by a guest while connected"
+        )

@@ -54,8 +54,16 @@ STREAM_MAXLEN = 100_000
 # reconnect and sync): protocol.md, "Several nodes".
 STREAM_KEEP_MS = 60_000
 # notify: append a change or notice to the change stream.
+# Every change but a send, an edit or a delete (those move the revision) goes on the stream
+# through notify. One that changes what a backup copies (a room, an account, a revocation:
+# not a membership, a guest hold or a node's end) also moves `P meta changes`, which
+# `chatd backup --redis` compares before and after its copy (chatd/store/copy.py).
 _NOTIFY = f"""
 local function notify(...)
+  local kind = select(2, ...)
+  if kind ~= 'in' and kind ~= 'out' and kind ~= 'hold' and kind ~= 'gone' then
+    redis.call('HINCRBY', ARGV[1]..'meta', 'changes', 1)
+  end
   return redis.call('XADD', ARGV[1]..'changes', 'MAXLEN', '~', {STREAM_MAXLEN}, '*', ...)
 end
 """
