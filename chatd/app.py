@@ -17,8 +17,9 @@ Where state lives:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from chatd.bus import Bus, Effects, LocalBus, ToRoom, ToSessions, deliver
@@ -99,7 +100,7 @@ class App:
         # member.left events waiting to go out, per room (see leave and settle).
         self._departures: dict[LiveRoom, _Departures] = {}
         # Accounts whose change this node is writing (passwd, logout all, user.delete), and
-        # how many such writes: refresh_user waits for them (begin_account_change).
+        # how many such writes: refresh_user waits for them (account_change).
         self._account_changes: dict[str, tuple[int, asyncio.Event]] = {}
         self._departure_timer: Any = None
         # Several nodes (chatd/cluster): departures are announced from the change stream,
@@ -390,26 +391,28 @@ class App:
                 if s.claims is not None and is_guest_jti(s.claims.jti):
                     self.expire(s, None, fx)
 
-    def begin_account_change(self, key: str) -> None:
+    @contextlib.contextmanager
+    def account_change(self, key: str) -> Iterator[None]:
         """This node is writing a change of account `key` that its handler then makes in
-        memory: until end_account_change, refresh_user waits, so no read (a login, an
-        `auth`, another node's change read from the stream) adopts the store's new state
-        first and ends the sessions the handler itself answers or ends."""
+        memory, inside the `with`: until it ends, refresh_user waits, so no read (a login,
+        an `auth`, another node's change read from the stream) adopts the store's new
+        state first and ends the sessions the handler itself answers or ends."""
         n, done = self._account_changes.get(key, (0, None))
         self._account_changes[key] = (n + 1, done or asyncio.Event())
-
-    def end_account_change(self, key: str) -> None:
-        n, done = self._account_changes[key]
-        if n > 1:
-            self._account_changes[key] = (n - 1, done)
-            return
-        del self._account_changes[key]
-        done.set()
+        try:
+            yield
+        finally:
+            n, done = self._account_changes[key]
+            if n > 1:
+                self._account_changes[key] = (n - 1, done)
+            else:
+                del self._account_changes[key]
+                done.set()
 
     async def refresh_user(self, key: str) -> UserRecord | None:
         """Read one account from the store and adopt it: `chatd user add` (or delete) of a
         moment ago counts at once, not at the next poll (contract). After any change of it
-        this node is writing (begin_account_change)."""
+        this node is writing (account_change)."""
         changing = self._account_changes.get(key)
         if changing is not None:
             await changing[1].wait()  # bounded: a store write answers within its timeout

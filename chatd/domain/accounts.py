@@ -339,12 +339,9 @@ class Accounts:
         for key in list(self._guests):
             self.guest_hold(key)
 
-    def hold_note(self, hold: GuestHold) -> str:
-        """Until when a name is held, for a `conflict` message (contract)."""
-        return self.held_note(hold.held_until)
-
     def held_note(self, held_until: float | None) -> str:
-        """hold_note of a hold ending at ``held_until`` (None: while connected)."""
+        """Until when a name is held, for a `conflict` message (contract): a hold ending
+        at ``held_until`` (None: while its guest is connected)."""
         if held_until is None:
             return "while connected"
         left = max(0, math.ceil(held_until - self._clock.now()))

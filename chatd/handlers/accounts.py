@@ -79,9 +79,10 @@ def check_passwd(cmd: c.Passwd, config: Config) -> None:
     check_password(cmd.new_password, config)
 
 
-def _held(app: App, name: str, hold: GuestHold) -> Conflict:
-    """Contract: a conflict for a held name says until when it is held."""
-    return Conflict(f"the name {name!r} is held by a guest {app.accounts.hold_note(hold)}")
+def _held(app: App, name: str, held_until: float | None) -> Conflict:
+    """Contract: a conflict for a held name says until when it is held (None: while
+    its guest is connected)."""
+    return Conflict(f"the name {name!r} is held by a guest {app.accounts.held_note(held_until)}")
 
 
 async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
@@ -89,7 +90,7 @@ async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
     accounts = app.accounts
     hold = accounts.guest_hold(cmd.user.lower())
     if hold is not None:
-        raise _held(app, cmd.user, hold)
+        raise _held(app, cmd.user, hold.held_until)
     if accounts.is_registered(cmd.user.lower()) or accounts.is_registering(cmd.user.lower()):
         raise Conflict(f"the name {cmd.user!r} is taken")
     # Counted only when a hash is about to run (a taken name or a bad password costs
@@ -101,8 +102,7 @@ async def register(app: App, req: Request, cmd: c.Register) -> RegisterReply:
         user = await app.store.create_user(cmd.user, pw_hash, admin=False)
     except NameHeld as held:  # a hold the store knows and this node did not yet
         accounts.end_register(key, None)
-        note = accounts.held_note(held.held_until)
-        raise Conflict(f"the name {cmd.user!r} is held by a guest {note}") from None
+        raise _held(app, cmd.user, held.held_until) from None
     except BaseException:
         accounts.end_register(key, None)
         raise
@@ -202,7 +202,7 @@ async def _guest_login(
     own = _own_hold(app, req.session, key)
     held = accounts.guest_hold(key)
     if own is None and held is not None:
-        raise _held(app, cmd.user, held)
+        raise _held(app, cmd.user, held.held_until)
     if accounts.is_registering(key):
         raise Conflict(f"the name {cmd.user!r} is being registered")
     # Contract, "Guest grants": --guest-grants (never admin, whatever the Config says),
@@ -227,8 +227,7 @@ async def _guest_login(
         await app.store.hold_guest(hold)
     except NameHeld as other:  # a hold taken on a node whose change this one had not read
         accounts.drop_hold(hold)
-        note = accounts.held_note(other.held_until)
-        raise Conflict(f"the name {cmd.user!r} is held by a guest {note}") from None
+        raise _held(app, cmd.user, other.held_until) from None
     except BaseException:
         accounts.drop_hold(hold)
         raise
@@ -330,14 +329,11 @@ async def logout(app: App, req: Request, cmd: c.Logout) -> Empty:
         if written is not None:
             await written  # acknowledged only once the release is durable
         return EMPTY
-    app.begin_account_change(key)
-    try:
+    with app.account_change(key):
         await app.store.revoke(claims.jti, claims.exp)
         app.accounts.revoke(claims.jti, claims.exp)
         if cmd.all:
             app.accounts.new_generation(key, await app.store.bump_token_version(key))
-    finally:
-        app.end_account_change(key)
     app.unbind(s, "logout")
     app.end_revoked_sessions(key, req)
     return EMPTY
@@ -355,14 +351,11 @@ async def passwd(app: App, req: Request, cmd: c.Passwd) -> PasswdReply:
     pw_hash = await app.hasher.hash(cmd.new_password)
     # The account's other connections here, unbound below, first get what was written
     # anywhere before the change (as `logout all`); no read adopts the new generation
-    # before this handler does (begin_account_change), so none ends this connection.
+    # before this handler does (App.account_change), so none ends this connection.
     await _caught_up_and_still_valid(app, req)
-    app.begin_account_change(key)
-    try:
+    with app.account_change(key):
         version = await app.store.set_password(user.id, pw_hash)
         changed = version is not None and app.accounts.password_changed(key, user.id, pw_hash, version)
-    finally:
-        app.end_account_change(key)
     if version is None or not changed:
         raise Unauthorized("the token's account no longer exists")
     token, claims = app.tokens.renew(old, account_jti(user.id, version), app.config.token_ttl)
@@ -388,13 +381,10 @@ async def user_delete(app: App, req: Request, cmd: c.UserDelete) -> Empty:
     await _caught_up_and_still_valid(app, req)
     if not app.accounts.is_registered(key):
         raise NotFound(f"no user {cmd.user!r}")
-    app.begin_account_change(key)
-    try:
+    with app.account_change(key):
         if not await app.store.delete_user(cmd.user):
             raise NotFound(f"no user {cmd.user!r}")
         forgotten = app.accounts.forget_user(key) is not None
-    finally:
-        app.end_account_change(key)
     # Its tokens stop working now; its connections leave their rooms (member.left goes
     # out batched, as for any departure) and are closed as part of this outcome: after
     # the caller's reply when the caller is one of them (contract: reply first).

@@ -186,7 +186,7 @@ async def test_a_hold_is_held_while_online_then_for_the_grace() -> None:
     acc, clock, sched = accounts(online)
     hold = acc.new_hold("Gus")
     acc.settle_hold("gus")
-    assert acc.guest_hold("gus") is hold and acc.hold_note(hold) == "while connected"
+    assert acc.guest_hold("gus") is hold and acc.held_note(hold.held_until) == "while connected"
     online.clear()
     acc.settle_hold("gus")  # the last connection went: the grace starts
     held = acc.guest_hold("gus")

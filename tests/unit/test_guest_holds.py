@@ -103,11 +103,11 @@ async def test_a_restart_gives_every_hold_a_fresh_grace() -> None:
         assert sorted(live_hold_timers(k)) == [120, 120]
 
 
-async def test_hold_note_says_until_when() -> None:
+async def test_held_note_says_until_when() -> None:
     with core(GRACE) as k:
-        assert k.app.accounts.hold_note(GuestHold("a", "1", None, 1)) == "while connected"
+        assert k.app.accounts.held_note(GuestHold("a", "1", None, 1).held_until) == "while connected"
         assert k.clock.now() == 1_700_000_000
-        assert k.app.accounts.hold_note(GuestHold("a", "1", 1_700_000_120, 2)) == (
+        assert k.app.accounts.held_note(GuestHold("a", "1", 1_700_000_120, 2).held_until) == (
             "until 2023-11-14T22:15:20.000Z (in 120 s)"
         )
 

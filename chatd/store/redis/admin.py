@@ -20,10 +20,9 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from chatd.config import redis_address
-from chatd.errors import Conflict
-from chatd.store.base import NameHeld, StoreMissing, StoreOpenError, UserRecord
+from chatd.store.base import StoreMissing, StoreOpenError, UserRecord
 from chatd.store.redis.scripts import ALL_USERS, CREATE_USER, DELETE_USER, GET_USER
-from chatd.store.redis.store import LAYOUT, _f, _user, layout_error
+from chatd.store.redis.store import LAYOUT, _f, _user, created_user, layout_error
 
 
 class RedisAdmin:
@@ -80,14 +79,7 @@ class RedisAdmin:
     def create_user(self, name: str, pw_hash: str, admin: bool, now: float) -> UserRecord:
         # No node of its own ("") and told ("1"): every node applies it (scripts.py).
         reply = self._run("create", name, name.lower(), pw_hash, int(admin), _f(now), "", "1")
-        code = int(reply[0])
-        if code == 0:
-            raise Conflict(f"user {name!r} already exists")
-        if code == -1:
-            raise NameHeld(name, None)
-        if code == -2:
-            raise NameHeld(name, int(reply[1]))
-        return UserRecord(code, name, pw_hash, admin, 0)
+        return created_user(reply, name, pw_hash, admin)
 
     def delete_user(self, name: str) -> bool:
         return bool(self._run("delete", name.lower(), "", "1"))

@@ -132,6 +132,18 @@ def _packed_fields(
     return f
 
 
+def created_user(reply: list[Any], name: str, pw_hash: str, admin: bool) -> UserRecord:
+    """The account CREATE_USER made (scripts.py), for the nodes and `chatd user add`
+    alike; Conflict when an account has the name, NameHeld when a guest's hold that has
+    not lapsed has it ({-1}: while connected; {-2, held_until})."""
+    code = int(reply[0])
+    if code == 0:
+        raise Conflict(f"user {name!r} already exists")
+    if code < 0:
+        raise NameHeld(name, int(reply[1]) if code == -2 else None)
+    return UserRecord(code, name, pw_hash, admin, 0)
+
+
 def layout_error(meta: dict[str, str], where: str) -> str | None:
     """Why a database with this `P meta` cannot be used by this chatd, or None."""
     found = int(meta.get("layout", LAYOUT))
@@ -789,12 +801,8 @@ class RedisStore:
     # --- accounts --------------------------------------------------------------------
 
     async def create_user(self, name: str, pw_hash: str, admin: bool) -> UserRecord:
-        def decode(reply: list[int]) -> UserRecord:
-            if reply[0] == 0:
-                raise Conflict(f"user {name!r} already exists")
-            if reply[0] < 0:  # a guest's hold that has not lapsed (-1: while connected)
-                raise NameHeld(name, int(reply[1]) if reply[0] == -2 else None)
-            return UserRecord(reply[0], name, pw_hash, admin, 0)
+        def decode(reply: list[Any]) -> UserRecord:
+            return created_user(reply, name, pw_hash, admin)
 
         return await self._call(
             "create_user", name, name.lower(), pw_hash, int(admin), _f(time.time()), self.node,
